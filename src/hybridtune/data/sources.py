@@ -1,0 +1,126 @@
+"""Read a table of examples from csv / tsv / jsonl / json / parquet or a saved HF dataset dir.
+
+Every row keeps where it came from (`_where`, e.g. `train.csv:row 7`, `train.jsonl:line 3`) so that a
+bad row is reported by file and row. CSV rows are numbered as a spreadsheet shows them (the header is
+row 1); JSON Lines by line. Text is read as text: "NA" or "null" in a review stays a word.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from hybridtune.errors import UserError
+
+SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+
+def read_table(path_text: str, where: str) -> pd.DataFrame | dict[str, pd.DataFrame]:
+    """A DataFrame with a `_where` column; a dict of them for a saved DatasetDict (split -> frame)."""
+    path = Path(path_text)
+    if not path.exists():
+        raise UserError(where, f"'{path_text}' (no such file or directory)", "a csv/tsv/jsonl/parquet file or a saved HF dataset dir")
+    if path.is_dir():
+        return _read_hf_dir(path, where)
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise UserError(where, f"'{path.name}'", "a file ending in " + ", ".join(SUFFIXES))
+    if path.stat().st_size == 0:
+        raise UserError(str(path), "an empty file", "a header and at least one row")
+    try:
+        if suffix in (".csv", ".tsv"):
+            frame = _read_csv(path, "\t" if suffix == ".tsv" else ",")
+        elif suffix == ".parquet":
+            frame = _read_parquet(path)
+        else:
+            frame = _read_json(path)
+    except UnicodeDecodeError as e:
+        raise UserError(str(path), f"bytes that are not UTF-8 at byte {e.start}", "a UTF-8 text file") from None
+    if frame.empty:
+        raise UserError(str(path), "no rows", "at least one example")
+    return frame
+
+
+def _read_csv(path: Path, sep: str) -> pd.DataFrame:
+    # csv module, not pandas: it tells exactly which record is malformed, and keeps every value a string
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=sep, strict=True)
+        try:
+            header = next(reader, None)
+            if not header or all(not h.strip() for h in header):
+                raise UserError(f"{path}:row 1", "no header", "a header row naming the columns")
+            header = [h.strip() for h in header]
+            rows, places = [], []
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise UserError(f"{path}:row {reader.line_num}", f"{len(row)} fields", f"{len(header)} fields, as in the header")
+                rows.append(row)
+                places.append(f"{path}:row {reader.line_num}")
+        except csv.Error as e:
+            raise UserError(f"{path}:row {reader.line_num}", f"malformed CSV ({e})", "well-formed CSV") from None
+    frame = pd.DataFrame(rows, columns=header, dtype=object)
+    frame["_where"] = places
+    return frame
+
+
+def _read_json(path: Path) -> pd.DataFrame:
+    text = path.read_text(encoding="utf-8-sig")
+    records, places = [], []
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:line {e.lineno}", f"invalid JSON ({e.msg})", "a JSON array of objects") from None
+        for i, item in enumerate(data):
+            if not isinstance(item, dict):
+                raise UserError(f"{path}:item {i + 1}", f"a {type(item).__name__}", "a JSON object")
+            records.append(item)
+            places.append(f"{path}:item {i + 1}")
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:line {lineno}", f"invalid JSON ({e.msg})", "one JSON object per line") from None
+            if not isinstance(item, dict):
+                raise UserError(f"{path}:line {lineno}", f"a JSON {type(item).__name__}", "a JSON object per line")
+            records.append(item)
+            places.append(f"{path}:line {lineno}")
+    frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
+    frame["_where"] = places
+    return frame
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises many types for a corrupt file
+        raise UserError(str(path), f"an unreadable parquet file ({type(e).__name__})", "a parquet file") from None
+    frame["_where"] = [f"{path}:row {i + 1}" for i in range(len(frame))]
+    return frame
+
+
+def _read_hf_dir(path: Path, where: str) -> pd.DataFrame | dict[str, pd.DataFrame]:
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise UserError(where, f"'{path}', not a saved HF dataset ({type(e).__name__})", "a dir written by Dataset.save_to_disk") from None
+
+    def frame_of(ds, split: str | None) -> pd.DataFrame:
+        frame = ds.to_pandas()
+        label = f"{path}[{split}]" if split else str(path)
+        frame["_where"] = [f"{label}:row {i + 1}" for i in range(len(frame))]
+        return frame
+
+    if isinstance(loaded, datasets.DatasetDict):
+        return {split: frame_of(ds, split) for split, ds in loaded.items()}
+    return frame_of(loaded, None)

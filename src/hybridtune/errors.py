@@ -1,0 +1,30 @@
+"""The one error type users see.
+
+Anything the user can fix (a recipe key, a data row, a path) raises `UserError` with a message that
+names *where* (key path or file:row), *what was found* and *what was expected*. The CLI prints the
+message and exits with code 2, without a traceback. Everything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem in the user's input: recipe, data, model path or output dir."""
+
+    def __init__(self, where: str, found: str, expected: str, hint: str | None = None):
+        self.where, self.found, self.expected, self.hint = where, found, expected, hint
+        message = f"{where}: found {found}; expected {expected}"
+        if hint:
+            message += f" ({hint})"
+        super().__init__(message)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
+    """'did you mean X?' for a misspelt key or value, or None when nothing is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None

@@ -1,0 +1,243 @@
+"""The recipe: one pydantic schema, the single source of truth of the YAML.
+
+Defaults, allowed values and help text live here (and in the strategy parts' own config classes,
+which this module imports); error messages are derived from the schema, never written twice.
+A recipe with no keys at all is the default recipe: MiniLM, fully fine-tuned on Rotten Tomatoes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hybridtune.errors import UserError, did_you_mean
+from hybridtune.strategy.freeze import FreezeConfig
+from hybridtune.strategy.peft import PeftConfig
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str = Field("bundled:minilm", description="bundled:minilm, a local model dir, or a hub id")
+    revision: str | None = Field(None, description="hub revision (only for hub ids)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+class SplitConfig(Section):
+    """How a single source is split into train / validation / test (stratified, seeded, de-duplicated)."""
+
+    validation: float = Field(0.1, gt=0, lt=0.5)
+    test: float = Field(0.1, gt=0, lt=0.5)
+    seed: int = 42
+
+
+class DataConfig(Section):
+    source: str | None = Field(
+        "bundled:rotten_tomatoes",
+        description="bundled:rotten_tomatoes | bundled:imdb | a csv/tsv/jsonl/parquet file | a saved HF dataset dir; "
+        "split into train/validation/test by `split`",
+    )
+    train: str | None = Field(None, description="explicit train file (instead of `source`)")
+    validation: str | None = None
+    test: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = Field(None, description="second text for sentence-pair tasks")
+    label_column: str = "label"
+    split: SplitConfig = SplitConfig()
+    max_length: int = Field(128, ge=8, le=32768, description="tokens per example (longer ones are truncated)")
+    max_train_samples: int | None = Field(None, ge=1, description="use only the first N training examples")
+    max_eval_samples: int | None = Field(None, ge=1, description="use only the first N validation/test examples")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"source": value}
+        if isinstance(value, dict) and value.get("train") and "source" not in value:
+            value = {**value, "source": None}  # explicit files replace the default source
+        return value
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> DataConfig:
+        if self.source and self.train:
+            raise ValueError("give either `source` (split automatically) or `train` (+ validation/test), not both")
+        if not self.source and not self.train:
+            raise ValueError("give `source` or `train`")
+        return self
+
+
+class EarlyStoppingConfig(Section):
+    metric: Literal["accuracy", "f1_macro", "loss"] = "accuracy"
+    patience: int | None = Field(2, ge=1, description="evaluations without improvement before stopping; null = off")
+
+
+class TrainConfig(Section):
+    epochs: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.06, ge=0, lt=1, description="fraction of the steps spent warming up")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
+    )
+    seed: int = 42
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: every epoch)")
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
+    logging_steps: int = Field(20, ge=1)
+
+
+class OutputConfig(Section):
+    dir: str = "runs"
+    name: str | None = Field(None, description="run dir name (default: <recipe name>-<timestamp>)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (the best is always kept)")
+
+
+class Recipe(Section):
+    name: str = "default"
+    task: Literal["classification"] = "classification"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    # strategy parts, applied in the fixed order of hybridtune.strategy.PARTS
+    freeze: FreezeConfig | None = None
+    peft: PeftConfig | None = None
+    train: TrainConfig = TrainConfig()
+    output: OutputConfig = OutputConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError("a name of letters, digits, '.', '_' or '-'")
+        return value
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or the default when `path` is None), apply `key.path=value` overrides, validate."""
+    origin = str(path) if path else "default recipe"
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(str(path), "no such file", "a recipe YAML file")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+        except UnicodeDecodeError as e:
+            raise UserError(str(path), f"bytes that are not UTF-8 ({e.reason})", "a UTF-8 text file") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise UserError(where, f"invalid YAML ({getattr(e, 'problem', e)})", "a YAML mapping") from None
+        if not isinstance(raw, dict):
+            raise UserError(str(path), f"a YAML {type(raw).__name__}", "a mapping of recipe keys")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_recipe(raw, origin)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b.c=value` in the nested dict; the value is parsed as YAML (so 3 is an int, [1,2] a list)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+        raise UserError(f"override '{item}'", "no key=value", "key.path=value, e.g. train.epochs=1")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str):  # shorthand such as `model: bundled:minilm`
+            child = {"name" if part == "model" else "source": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_recipe(raw: dict, origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise _user_error(e, origin) from None
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the last key of `loc` (for did-you-mean on unknown keys)."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = candidates[0] if candidates else None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _user_error(e: ValidationError, origin: str) -> UserError:
+    err = e.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
+    where = f"{origin}: {_key_path(loc)}"
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        allowed = sorted(owner.model_fields) if owner else []
+        key = loc[-1]
+        return UserError(
+            where,
+            f"unknown key '{key}'",
+            "one of " + ", ".join(allowed) if allowed else "no such key",
+            did_you_mean(str(key), allowed),
+        )
+    found = err.get("input")
+    found_text = "nothing" if found is None else f"{found!r} ({type(found).__name__})"
+    if err["type"] == "missing":
+        found_text = "nothing"
+    expected = err["msg"]
+    ctx = err.get("ctx") or {}
+    if err["type"] == "literal_error" and "expected" in ctx:
+        expected = "one of " + ctx["expected"]
+        hint = did_you_mean(str(found), re.findall(r"'([^']+)'", ctx["expected"]))
+        return UserError(where, found_text, expected, hint)
+    expected = re.sub(r"^(Value error, |Input should be )", "", expected)
+    more = len(e.errors()) - 1
+    return UserError(where, found_text, expected, f"and {more} more problem(s)" if more else None)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,39 @@
+"""Rich tables for the terminal: evaluation results and the per-layer parameter table."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def eval_tables(report: dict, title: str = "test") -> list[Table]:
+    summary = Table(title=f"{title}: {report['n']} examples")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    summary.add_row("accuracy", f"{100 * report['accuracy']:.2f} %")
+    summary.add_row("macro-F1", f"{100 * report['f1_macro']:.2f} %")
+
+    per_class = Table(title="per class")
+    for col in ("label", "precision", "recall", "F1", "support"):
+        per_class.add_column(col, justify="left" if col == "label" else "right")
+    for name, row in report["per_class"].items():
+        per_class.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1-score']:.3f}", str(int(row["support"])))
+
+    confusion = Table(title="confusion matrix (rows: true, columns: predicted)")
+    confusion.add_column("")
+    for name in report["labels"]:
+        confusion.add_column(name, justify="right")
+    for name, row in zip(report["labels"], report["confusion_matrix"], strict=True):
+        confusion.add_row(name, *map(str, row))
+    return [summary, per_class, confusion]
+
+
+def params_table(table: dict) -> Table:
+    out = Table(title=f"parameters: {table['trainable']:,} of {table['total']:,} trainable ({table['trainable_pct']:.3f} %)")
+    for col in ("layer", "total", "trainable", "%", "added"):
+        out.add_column(col, justify="left" if col == "layer" else "right")
+    for row in table["rows"]:
+        out.add_row(row["slot"], f"{row['total']:,}", f"{row['trainable']:,}", f"{row['trainable_pct']:.2f}", f"{row['added']:,}")
+    return out

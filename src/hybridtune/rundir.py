@@ -1,0 +1,83 @@
+"""The run dir: what one training run leaves behind, written so that nothing is ever half-written.
+
+    runs/<name>/
+      recipe.yaml     the resolved recipe (every default filled in)
+      run.json        task, labels, base model, format of final/ ("model" or "peft")
+      params.json     per-layer trainable-parameter table
+      metrics.jsonl   every train / eval log line
+      checkpoints/    Trainer checkpoints (the last N and the best)
+      final/          the result in standard HF / PEFT format, with its tokenizer
+      eval.json       test-split metrics: accuracy, macro-F1, per-class report, confusion matrix
+      report.json     summary: metrics, parameters, time, throughput
+
+Files are written to a temporary name and renamed into place; a directory likewise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from hybridtune.errors import UserError
+
+
+def new_run_dir(out_dir: str, name: str | None, recipe_name: str) -> Path:
+    """Create the run dir (checked: writable, not an existing run)."""
+    root = Path(out_dir)
+    run = root / (name or f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run.exists():
+        raise UserError("output.name", f"'{run}', which already exists", "a new run name (or remove the old run)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+        run.mkdir()
+    except OSError as e:
+        raise UserError("output.dir", f"'{root}' that cannot be written ({e.strerror})", "a writable directory") from None
+    return run
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_dir_atomically(target: Path, save) -> None:
+    """Call `save(tmp_dir)` then rename the finished dir to `target` (replacing an older one)."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_run_dir(path: str) -> Path:
+    run = Path(path)
+    if not (run / "run.json").is_file() or not (run / "final").is_dir():
+        raise UserError(str(path), "no finished run (run.json and final/ missing)", "a run dir written by `hybridtune train`")
+    return run

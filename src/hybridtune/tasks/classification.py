@@ -1,0 +1,138 @@
+"""Sequence classification: binary or multi-class, integer or string labels, one text or a text pair.
+
+Owns its preprocessing (label ids, tokenization), its head (AutoModelForSequenceClassification adds
+a new classifier on top of any backbone), its loss (the model's cross-entropy) and its metrics
+(accuracy, macro-F1; per-class report and confusion matrix from scikit-learn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+
+from hybridtune.errors import UserError
+
+NAME = "classification"
+peft_task_type = "SEQ_CLS"
+
+
+@dataclass
+class Labels:
+    values: list  # the label values as found in the data, in id order
+    names: list[str]
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+
+def columns(data_cfg) -> dict[str, str]:
+    cols = {"text_column": data_cfg.text_column}
+    if data_cfg.text_pair_column:
+        cols["text_pair_column"] = data_cfg.text_pair_column
+    cols["label_column"] = data_cfg.label_column
+    return cols
+
+
+def _as_label(value, where: str):
+    """An int for integer-like labels (1, "1", 1.0), the stripped string otherwise."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip()):
+        raise UserError(where, "no label", "a label in every row")
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        if float(value).is_integer():
+            return int(value)
+        raise UserError(where, f"label {value!r}", "an integer or a class name")
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def normalise_labels(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    values = [_as_label(v, w) for v, w in zip(frame[column], frame["_where"], strict=True)]
+    first_kind = isinstance(values[0], int)
+    for value, where in zip(values, frame["_where"], strict=True):
+        if isinstance(value, int) != first_kind:
+            kinds = ("integers", "a name") if first_kind else ("names", "an integer")
+            raise UserError(where, f"label {value!r}, {kinds[1]}, among {kinds[0]}", f"labels that are all {kinds[0]}")
+    frame = frame.copy()
+    frame[column] = values
+    return frame
+
+
+def label_space(splits, column: str) -> Labels:
+    """Labels seen in training, sorted; validation/test labels must be among them."""
+    for name in ("train", "validation", "test"):
+        setattr(splits, name, normalise_labels(splits[name], column))
+    values = sorted(set(splits.train[column]))
+    if len(values) < 2:
+        raise UserError(f"data.{column} (train split)", f"{len(values)} distinct label(s) {values}", "at least 2 classes")
+    for name in ("validation", "test"):
+        for value, where in zip(splits[name][column], splits[name]["_where"], strict=True):
+            if value not in values:
+                raise UserError(where, f"label {value!r}, never seen in training", "one of " + ", ".join(map(repr, values)))
+    known = splits.label_names
+    names = [known[v] if known and isinstance(v, int) and 0 <= v < len(known) else str(v) for v in values]
+    return Labels(values=values, names=names)
+
+
+def encode(frame: pd.DataFrame, tokenizer, labels: Labels | None, data_cfg):
+    """A datasets.Dataset of input_ids / attention_mask (/ token_type_ids) and `labels` ids."""
+    import datasets
+
+    texts = frame[data_cfg.text_column].tolist()
+    pairs = frame[data_cfg.text_pair_column].tolist() if data_cfg.text_pair_column else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=data_cfg.max_length)
+    columns = dict(enc)
+    if labels is not None and data_cfg.label_column in frame:
+        index = {v: i for i, v in enumerate(labels.values)}
+        columns["labels"] = [index[v] for v in frame[data_cfg.label_column]]
+    return datasets.Dataset.from_dict(columns)
+
+
+def load_model(path: str, tokenizer, labels: Labels):
+    from transformers import AutoModelForSequenceClassification
+
+    from hybridtune.model.loading import load_model as load
+
+    return load(
+        AutoModelForSequenceClassification, path, tokenizer,
+        num_labels=len(labels.names), id2label=labels.id2label, label2id=labels.label2id,
+    )
+
+
+def compute_metrics(eval_pred) -> dict[str, float]:
+    logits, y_true = eval_pred
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    y_pred = np.asarray(logits).argmax(-1)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro")),
+    }
+
+
+def full_report(y_true: np.ndarray, logits: np.ndarray, labels: Labels) -> dict:
+    """accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
+    y_pred = logits.argmax(-1)
+    ids = list(range(len(labels.names)))
+    per_class = classification_report(y_true, y_pred, labels=ids, target_names=labels.names, output_dict=True, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "f1_macro": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
+        "n": int(len(y_true)),
+        "per_class": {name: per_class[name] for name in labels.names},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
+        "labels": labels.names,
+    }

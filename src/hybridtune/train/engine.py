@@ -1,0 +1,95 @@
+"""The engine: transformers.Trainer, configured from the recipe, plus small callbacks.
+
+The loop, the optimizer (AdamW, no weight decay on biases and norms), warmup + decay, gradient
+accumulation, bf16 autocast, checkpointing and early stopping are all Trainer's; hybridtune only
+translates the recipe into TrainingArguments and writes `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+
+
+def native_bf16() -> bool:
+    """True where bf16 matmuls run natively: CUDA GPUs that support it, CPUs with AVX512-BF16 / AMX."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return precision
+
+
+class MetricsJsonl(TrainerCallback):
+    """Every log line Trainer emits (train loss, lr, eval metrics) as one JSON object per line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.start = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                  "time_s": round(time.perf_counter() - self.start, 3), **logs}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArguments:
+    every = {"eval_strategy": "steps", "eval_steps": train.eval_steps, "save_strategy": "steps",
+             "save_steps": train.eval_steps} if train.eval_steps else {"eval_strategy": "epoch", "save_strategy": "epoch"}
+    metric = train.early_stopping.metric
+    return TrainingArguments(
+        output_dir=str(checkpoints_dir),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.eval_batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        learning_rate=train.lr,
+        weight_decay=train.weight_decay,
+        warmup_steps=train.warmup,
+        lr_scheduler_type=train.scheduler,
+        max_grad_norm=train.max_grad_norm,
+        bf16=resolve_precision(train.precision) == "bf16",
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        save_total_limit=output.keep_checkpoints,
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+        greater_is_better=metric != "loss",
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        report_to="none",
+        dataloader_num_workers=0,
+        **every,
+    )
+
+
+def make_trainer(model, tokenizer, datasets: dict, recipe, run_dir: Path, compute_metrics) -> Trainer:
+    args = training_arguments(recipe.train, recipe.output, run_dir / "checkpoints")
+    callbacks: list[TrainerCallback] = [MetricsJsonl(run_dir / "metrics.jsonl")]
+    if recipe.train.early_stopping.patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping.patience))
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets["validation"],
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        callbacks=callbacks,
+    )
