@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import set_seed
 
 from hybridtune import rundir, strategy
 from hybridtune.data import Splits, check_columns, check_texts, load_splits
@@ -50,10 +51,11 @@ class Prepared:
 def prepare(recipe: Recipe) -> Prepared:
     task = TASKS[recipe.task]
     data_cfg = recipe.data
-    splits = load_splits(data_cfg, task.columns(data_cfg), stratify=data_cfg.label_column)
+    splits = load_splits(data_cfg, task.columns(data_cfg), data_cfg.label_column, task.row_checker(data_cfg))
     labels = task.label_space(splits, data_cfg.label_column)
     path = resolve(recipe.model.name)
     tokenizer = load_tokenizer(path)
+    set_seed(recipe.train.seed)  # the new head's initialisation is part of the run's reproducibility
     model, new_params = task.load_model(path, tokenizer, labels)
     anatomy = Anatomy.of(model)
     base_ids = {id(p) for p in model.parameters()}
@@ -72,11 +74,13 @@ def params(recipe: Recipe) -> dict:
 
 def train(recipe: Recipe | None = None) -> dict:
     """Train one recipe end to end; returns the summary written to `report.json`."""
-    from hybridtune.train.engine import make_trainer, resolve_precision
+    from hybridtune.train.engine import make_trainer, resolve_precision, training_arguments
 
     recipe = recipe or load_recipe()
     prep = prepare(recipe)
-    run = rundir.new_run_dir(recipe.output.dir, recipe.output.name, recipe.name)
+    run = rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
+    args = training_arguments(recipe.train, recipe.output, run / "checkpoints")
+    rundir.new_run_dir(run)
     is_peft = hasattr(prep.model, "peft_config")
     rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
     rundir.write_json(run / "run.json", {
@@ -85,7 +89,7 @@ def train(recipe: Recipe | None = None) -> dict:
     })
     rundir.write_json(run / "params.json", prep.params)
 
-    trainer = make_trainer(prep.model, prep.tokenizer, prep.datasets, recipe, run, prep.task.compute_metrics)
+    trainer = make_trainer(prep.model, prep.tokenizer, prep.datasets, recipe, args, run, prep.task.compute_metrics)
     started = time.perf_counter()
     out = trainer.train()
     train_seconds = time.perf_counter() - started
@@ -172,8 +176,7 @@ def evaluate(run_dir: str, data: str | None = None) -> dict:
     recipe, task = loaded.recipe, classification
     data_cfg = recipe.data
     if data is None:
-        splits = load_splits(data_cfg, task.columns(data_cfg), stratify=data_cfg.label_column)
-        frame = splits.test
+        frame = load_splits(data_cfg, task.columns(data_cfg), data_cfg.label_column, task.row_checker(data_cfg)).test
     else:
         frame = read_table(data, "--data")
         if isinstance(frame, dict):

@@ -210,6 +210,15 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
+# the names users bring from transformers.TrainingArguments, for did-you-mean
+FAMILIAR_NAMES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "epoch": "epochs",
+    "per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum", "warmup_ratio": "warmup", "warmup_steps": "warmup",
+    "lr_scheduler_type": "scheduler", "bf16": "precision", "fp16": "precision", "output_dir": "dir",
+}
+
+
 def _user_error(e: ValidationError, origin: str) -> UserError:
     err = e.errors()[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
@@ -217,13 +226,10 @@ def _user_error(e: ValidationError, origin: str) -> UserError:
     if err["type"] == "extra_forbidden":
         owner = _model_at(loc)
         allowed = sorted(owner.model_fields) if owner else []
-        key = loc[-1]
-        return UserError(
-            where,
-            f"unknown key '{key}'",
-            "one of " + ", ".join(allowed) if allowed else "no such key",
-            did_you_mean(str(key), allowed),
-        )
+        key = str(loc[-1])
+        familiar = FAMILIAR_NAMES.get(key)
+        hint = f"did you mean '{familiar}'?" if familiar in allowed else did_you_mean(key, allowed)
+        return UserError(where, f"unknown key '{key}'", "one of " + ", ".join(allowed) if allowed else "no such key", hint)
     found = err.get("input")
     found_text = "nothing" if found is None else f"{found!r} ({type(found).__name__})"
     if err["type"] == "missing":

@@ -25,10 +25,13 @@ from typing import Any
 from hybridtune.errors import UserError
 
 
-def new_run_dir(out_dir: str, name: str | None, recipe_name: str) -> Path:
+def run_dir_path(out_dir: str, name: str | None, recipe_name: str) -> Path:
+    return Path(out_dir) / (name or f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def new_run_dir(run: Path) -> Path:
     """Create the run dir (checked: writable, not an existing run)."""
-    root = Path(out_dir)
-    run = root / (name or f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    root = run.parent
     if run.exists():
         raise UserError("output.name", f"'{run}', which already exists", "a new run name (or remove the old run)")
     try:

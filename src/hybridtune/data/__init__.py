@@ -47,8 +47,11 @@ def check_texts(frame: pd.DataFrame, text_columns: list[str]) -> None:
                 raise UserError(f"{where}", f"an empty text in column '{column}'", "a non-empty text")
 
 
-def load_splits(cfg, columns: dict[str, str], stratify: str | None) -> Splits:
-    """Read `cfg.source` (split automatically) or `cfg.train/validation/test`; check columns and texts."""
+def load_splits(cfg, columns: dict[str, str], stratify: str | None, check_rows=None) -> Splits:
+    """Read `cfg.source` (split automatically) or `cfg.train/validation/test`; check columns and texts.
+
+    `check_rows(frame) -> frame` is the task's own check and normalisation of each file's rows (labels),
+    run in file order before any split, so the first bad row of a file is the one reported."""
     label_names = None
     frames: dict[str, pd.DataFrame] = {}
     if cfg.source:
@@ -75,7 +78,7 @@ def load_splits(cfg, columns: dict[str, str], stratify: str | None) -> Splits:
         check_columns(frame, columns, str(origin))
         frame = frame[[*columns.values(), "_where"]]
         check_texts(frame, text_columns)
-        frames[name] = frame
+        frames[name] = check_rows(frame) if check_rows else frame
     # split off what was not given, seeded and stratified, with duplicates dropped first
     seed = cfg.split.seed
     if "validation" not in frames or "test" not in frames:

@@ -60,6 +60,11 @@ def _as_label(value, where: str):
         return text
 
 
+def row_checker(data_cfg):
+    """The per-file check `load_splits` runs before splitting: labels present, of one kind, normalised."""
+    return lambda frame: normalise_labels(frame, data_cfg.label_column)
+
+
 def normalise_labels(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     values = [_as_label(v, w) for v, w in zip(frame[column], frame["_where"], strict=True)]
     first_kind = isinstance(values[0], int)
@@ -74,8 +79,6 @@ def normalise_labels(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 
 def label_space(splits, column: str) -> Labels:
     """Labels seen in training, sorted; validation/test labels must be among them."""
-    for name in ("train", "validation", "test"):
-        setattr(splits, name, normalise_labels(splits[name], column))
     values = sorted(set(splits.train[column]))
     if len(values) < 2:
         raise UserError(f"data.{column} (train split)", f"{len(values)} distinct label(s) {values}", "at least 2 classes")

