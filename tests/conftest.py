@@ -56,12 +56,24 @@ def _save_tiny(kind: str, out: Path, tokenizer_dir: str) -> str:
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if kind == "bert":
-        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=128)
+        config = BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+        )
         model = BertModel(config)
     else:
-        config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                            pad_token_id=tokenizer.pad_token_id)
+        config = GPT2Config(
+            vocab_size=tokenizer.vocab_size,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=128,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = GPT2Model(config)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

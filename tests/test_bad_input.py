@@ -34,8 +34,14 @@ def _assert_clean_failure(result, out_dir: Path, *words: str) -> str:
 @pytest.fixture
 def base(tmp_path, tiny_bert):
     def make(data: str, *extra: str) -> list[str]:
-        return ["train", f"model={tiny_bert}", f"data.source={data}", "train.max_steps=2",
-                f"output.dir={tmp_path / 'runs'}", *extra]
+        return [
+            "train",
+            f"model={tiny_bert}",
+            f"data.source={data}",
+            "train.max_steps=2",
+            f"output.dir={tmp_path / 'runs'}",
+            *extra,
+        ]
 
     return make
 
@@ -83,12 +89,16 @@ def test_empty_text(base, tmp_path, text, word):
 def test_null_text_in_jsonl(base, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "good", "label": 1}\n{"text": null, "label": 0}\n')
-    _assert_clean_failure(_cli(base(str(path))), tmp_path / "runs", "d.jsonl:line 2", "no value in column 'text'")
+    _assert_clean_failure(
+        _cli(base(str(path))), tmp_path / "runs", "d.jsonl:line 2", "no value in column 'text'"
+    )
 
 
 def test_unknown_recipe_key_with_did_you_mean(base, tmp_path, sentiment_csv):
     result = _cli(base(sentiment_csv, "train.learning_rate=0.1"))
-    _assert_clean_failure(result, tmp_path / "runs", "train.learning_rate", "unknown key", "did you mean 'lr'")
+    _assert_clean_failure(
+        result, tmp_path / "runs", "train.learning_rate", "unknown key", "did you mean 'lr'"
+    )
 
 
 def test_unknown_key_in_recipe_file(tmp_path, sentiment_csv):
@@ -105,7 +115,9 @@ def test_value_of_the_wrong_type(base, tmp_path, sentiment_csv):
 
 def test_k_larger_than_the_number_of_blocks(base, tmp_path, sentiment_csv):
     result = _cli(base(sentiment_csv, "freeze.trainable=[{top_k: 9}]"))
-    _assert_clean_failure(result, tmp_path / "runs", "freeze.trainable[0].top_k", "9", "at most 2", "2 blocks")
+    _assert_clean_failure(
+        result, tmp_path / "runs", "freeze.trainable[0].top_k", "9", "at most 2", "2 blocks"
+    )
 
 
 def test_model_dir_that_does_not_exist(base, tmp_path, sentiment_csv):
@@ -120,7 +132,9 @@ def test_model_dir_without_config(base, tmp_path, sentiment_csv):
 
 
 def test_mixed_numeric_and_string_labels(base, tmp_path):
-    path = write_csv(tmp_path / "d.csv", [("a good film", "1"), ("a bad film", "0"), ("so so", "meh")] + sentiment_rows(10))
+    path = write_csv(
+        tmp_path / "d.csv", [("a good film", "1"), ("a bad film", "0"), ("so so", "meh")] + sentiment_rows(10)
+    )
     _assert_clean_failure(_cli(base(str(path))), tmp_path / "runs", "d.csv:row 4", "'meh'")
 
 
@@ -133,7 +147,9 @@ def test_real_process_exit_code_and_stderr(tmp_path):
     """The installed console entry point: code 2, one line on stderr, nothing on stdout, no traceback."""
     proc = subprocess.run(
         [sys.executable, "-m", "hybridtune", "train", "train.epochs=-1", f"output.dir={tmp_path / 'runs'}"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -59,10 +59,14 @@ def test_formats_read_the_same(tmp_path, suffix):
 def test_saved_hf_dataset_dir_with_its_own_splits(tmp_path):
     import datasets
 
-    dd = datasets.DatasetDict({
-        name: datasets.Dataset.from_dict({"text": [f"{name} {i}" for i in range(10)], "label": [i % 2 for i in range(10)]})
-        for name in ("train", "validation", "test")
-    })
+    dd = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict(
+                {"text": [f"{name} {i}" for i in range(10)], "label": [i % 2 for i in range(10)]}
+            )
+            for name in ("train", "validation", "test")
+        }
+    )
     dd.save_to_disk(tmp_path / "ds")
     splits = load_splits(DataConfig(source=str(tmp_path / "ds")), COLUMNS, stratify="label")
     assert len(splits.train) == 10 and splits.test["text"].iloc[0] == "test 0"
@@ -71,7 +75,9 @@ def test_saved_hf_dataset_dir_with_its_own_splits(tmp_path):
 def test_explicit_files_and_a_split_off_validation(tmp_path):
     train = tmp_path / "train.csv"
     test = tmp_path / "test.csv"
-    pd.DataFrame({"text": [f"t{i}" for i in range(40)], "label": [i % 2 for i in range(40)]}).to_csv(train, index=False)
+    pd.DataFrame({"text": [f"t{i}" for i in range(40)], "label": [i % 2 for i in range(40)]}).to_csv(
+        train, index=False
+    )
     pd.DataFrame({"text": ["x", "y"], "label": [0, 1]}).to_csv(test, index=False)
     splits = load_splits(DataConfig(train=str(train), test=str(test)), COLUMNS, stratify="label")
     assert len(splits.test) == 2 and len(splits.validation) == 4 and len(splits.train) == 36

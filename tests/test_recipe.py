@@ -15,7 +15,9 @@ def test_default_recipe_is_minilm_full_finetuning_on_rotten_tomatoes():
 
 
 def test_overrides_are_parsed_as_yaml_and_nested():
-    recipe = load_recipe(None, ["train.epochs=1", "train.lr=1e-4", "peft.method=lora", "peft.r=4", "model=some/dir/x"])
+    recipe = load_recipe(
+        None, ["train.epochs=1", "train.lr=1e-4", "peft.method=lora", "peft.r=4", "model=some/dir/x"]
+    )
     assert recipe.train.epochs == 1 and recipe.train.lr == 1e-4
     assert recipe.peft.method == "lora" and recipe.peft.kwargs()["r"] == 4
     assert recipe.model.name == "some/dir/x"
@@ -29,7 +31,9 @@ def test_override_into_string_shorthand():
 
 def test_yaml_file_with_shorthands(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("name: mine\nmodel: bundled:minilm\ndata: bundled:imdb\nfreeze:\n  trainable: [head, {top_k: 2}]\n")
+    path.write_text(
+        "name: mine\nmodel: bundled:minilm\ndata: bundled:imdb\nfreeze:\n  trainable: [head, {top_k: 2}]\n"
+    )
     recipe = load_recipe(path)
     assert recipe.data.source == "bundled:imdb"
     assert recipe.freeze.trainable == ["head", {"top_k": 2}]

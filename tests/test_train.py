@@ -35,7 +35,15 @@ def _ours(run: Path, texts) -> torch.Tensor:
 
 def test_full_finetuning_writes_a_complete_run_dir_that_plain_transformers_loads(quick):
     run = _train(quick(None, "name=full-tiny"))
-    for name in ("recipe.yaml", "run.json", "params.json", "metrics.jsonl", "eval.json", "report.json", "final/config.json"):
+    for name in (
+        "recipe.yaml",
+        "run.json",
+        "params.json",
+        "metrics.jsonl",
+        "eval.json",
+        "report.json",
+        "final/config.json",
+    ):
         assert (run / name).exists(), name
     assert not list(run.glob(".*tmp"))
     report = json.loads((run / "eval.json").read_text())
@@ -68,7 +76,10 @@ def test_freeze_top_block_changes_only_that_block_and_the_head(quick, tiny_bert)
     params = json.loads((run / "params.json").read_text())
     rows = {r["slot"]: r for r in params["rows"]}
     assert rows["block.0"]["trainable"] == 0 and rows["embeddings"]["trainable"] == 0
-    assert rows["block.1"]["trainable"] == rows["block.1"]["total"] and rows["head"]["trainable"] == rows["head"]["total"]
+    assert (
+        rows["block.1"]["trainable"] == rows["block.1"]["total"]
+        and rows["head"]["trainable"] == rows["head"]["total"]
+    )
 
 
 def test_lora_adapter_loads_with_plain_peft_and_predicts_the_same(quick, tiny_bert):
@@ -96,13 +107,27 @@ def test_decoder_gpt2_trains_with_each_first_cut_strategy(quick, tiny_gpt2, stra
 def test_text_pairs_and_string_labels_three_classes(tmp_path, tiny_bert):
     import pandas as pd
 
-    rows = [{"premise": f"a sentence {i}", "hypothesis": f"another {i % 7}", "label": ["yes", "no", "maybe"][i % 3]}
-            for i in range(90)]
+    rows = [
+        {
+            "premise": f"a sentence {i}",
+            "hypothesis": f"another {i % 7}",
+            "label": ["yes", "no", "maybe"][i % 3],
+        }
+        for i in range(90)
+    ]
     path = tmp_path / "pairs.jsonl"
     pd.DataFrame(rows).to_json(path, orient="records", lines=True)
-    run = _train([f"model={tiny_bert}", f"data.source={path}", "data.text_column=premise",
-                  "data.text_pair_column=hypothesis", "train.max_steps=3", "train.precision=fp32",
-                  f"output.dir={tmp_path / 'runs'}"])
+    run = _train(
+        [
+            f"model={tiny_bert}",
+            f"data.source={path}",
+            "data.text_column=premise",
+            "data.text_pair_column=hypothesis",
+            "train.max_steps=3",
+            "train.precision=fp32",
+            f"output.dir={tmp_path / 'runs'}",
+        ]
+    )
     info = json.loads((run / "run.json").read_text())
     assert info["labels"] == ["maybe", "no", "yes"]
     assert (run / "eval.json").exists()

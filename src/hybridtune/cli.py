@@ -48,14 +48,18 @@ def _recipe(args: list[str] | None):
 @app.command()
 @friendly
 def train(
-    args: list[str] = typer.Argument(None, help="[RECIPE.yaml] [key.path=value ...]; no recipe = the default recipe"),
+    args: list[str] = typer.Argument(
+        None, help="[RECIPE.yaml] [key.path=value ...]; no recipe = the default recipe"
+    ),
 ) -> None:
     """Train a recipe (default: MiniLM fully fine-tuned on Rotten Tomatoes) and evaluate it on the test split."""
     from hybridtune import api
     from hybridtune.report.console import console, eval_tables, params_table
 
     recipe = _recipe(args)
-    console.print(f"[bold]recipe[/] {recipe.name}: model {recipe.model.name}, data {recipe.data.source or recipe.data.train}")
+    console.print(
+        f"[bold]recipe[/] {recipe.name}: model {recipe.model.name}, data {recipe.data.source or recipe.data.train}"
+    )
     summary = api.train(recipe)
     run = Path(summary["run_dir"])
     console.print(params_table(json.loads((run / "params.json").read_text())))
@@ -71,7 +75,9 @@ def train(
 @friendly
 def eval_(
     run_dir: str = typer.Argument(..., help="a run dir written by `hybridtune train`"),
-    data: str = typer.Option(None, "--data", help="evaluate on every row of this file / dataset dir instead of the test split"),
+    data: str = typer.Option(
+        None, "--data", help="evaluate on every row of this file / dataset dir instead of the test split"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Evaluate a finished run: accuracy, macro-F1, per-class report, confusion matrix."""

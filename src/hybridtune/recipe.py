@@ -58,7 +58,9 @@ class DataConfig(Section):
     split: SplitConfig = SplitConfig()
     max_length: int = Field(128, ge=8, le=32768, description="tokens per example (longer ones are truncated)")
     max_train_samples: int | None = Field(None, ge=1, description="use only the first N training examples")
-    max_eval_samples: int | None = Field(None, ge=1, description="use only the first N validation/test examples")
+    max_eval_samples: int | None = Field(
+        None, ge=1, description="use only the first N validation/test examples"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -72,7 +74,9 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _one_origin(self) -> DataConfig:
         if self.source and self.train:
-            raise ValueError("give either `source` (split automatically) or `train` (+ validation/test), not both")
+            raise ValueError(
+                "give either `source` (split automatically) or `train` (+ validation/test), not both"
+            )
         if not self.source and not self.train:
             raise ValueError("give `source` or `train`")
         return self
@@ -80,7 +84,9 @@ class DataConfig(Section):
 
 class EarlyStoppingConfig(Section):
     metric: Literal["accuracy", "f1_macro", "loss"] = "accuracy"
-    patience: int | None = Field(2, ge=1, description="evaluations without improvement before stopping; null = off")
+    patience: int | None = Field(
+        2, ge=1, description="evaluations without improvement before stopping; null = off"
+    )
 
 
 class TrainConfig(Section):
@@ -144,7 +150,9 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
         except UnicodeDecodeError as e:
-            raise UserError(str(path), f"bytes that are not UTF-8 ({e.reason})", "a UTF-8 text file") from None
+            raise UserError(
+                str(path), f"bytes that are not UTF-8 ({e.reason})", "a UTF-8 text file"
+            ) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -205,23 +213,36 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        candidates = [
+            a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         model = candidates[0] if candidates else None
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
 # the names users bring from transformers.TrainingArguments, for did-you-mean
 FAMILIAR_NAMES = {
-    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "epoch": "epochs",
-    "per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
-    "gradient_accumulation_steps": "grad_accum", "warmup_ratio": "warmup", "warmup_steps": "warmup",
-    "lr_scheduler_type": "scheduler", "bf16": "precision", "fp16": "precision", "output_dir": "dir",
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "epoch": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "warmup_ratio": "warmup",
+    "warmup_steps": "warmup",
+    "lr_scheduler_type": "scheduler",
+    "bf16": "precision",
+    "fp16": "precision",
+    "output_dir": "dir",
 }
 
 
 def _user_error(e: ValidationError, origin: str) -> UserError:
     err = e.errors()[0]
-    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union"))))
+    loc = tuple(
+        p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union")))
+    )
     where = f"{origin}: {_key_path(loc)}"
     if err["type"] == "extra_forbidden":
         owner = _model_at(loc)
@@ -229,7 +250,9 @@ def _user_error(e: ValidationError, origin: str) -> UserError:
         key = str(loc[-1])
         familiar = FAMILIAR_NAMES.get(key)
         hint = f"did you mean '{familiar}'?" if familiar in allowed else did_you_mean(key, allowed)
-        return UserError(where, f"unknown key '{key}'", "one of " + ", ".join(allowed) if allowed else "no such key", hint)
+        return UserError(
+            where, f"unknown key '{key}'", "one of " + ", ".join(allowed) if allowed else "no such key", hint
+        )
     found = err.get("input")
     found_text = "nothing" if found is None else f"{found!r} ({type(found).__name__})"
     if err["type"] == "missing":

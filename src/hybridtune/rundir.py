@@ -33,7 +33,9 @@ def new_run_dir(run: Path) -> Path:
     """Create the run dir (checked: writable, not an existing run)."""
     root = run.parent
     if run.exists():
-        raise UserError("output.name", f"'{run}', which already exists", "a new run name (or remove the old run)")
+        raise UserError(
+            "output.name", f"'{run}', which already exists", "a new run name (or remove the old run)"
+        )
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{os.getpid()}"
@@ -41,7 +43,9 @@ def new_run_dir(run: Path) -> Path:
         probe.unlink()
         run.mkdir()
     except OSError as e:
-        raise UserError("output.dir", f"'{root}' that cannot be written ({e.strerror})", "a writable directory") from None
+        raise UserError(
+            "output.dir", f"'{root}' that cannot be written ({e.strerror})", "a writable directory"
+        ) from None
     return run
 
 
@@ -82,5 +86,9 @@ def read_json(path: Path) -> Any:
 def check_run_dir(path: str) -> Path:
     run = Path(path)
     if not (run / "run.json").is_file() or not (run / "final").is_dir():
-        raise UserError(str(path), "no finished run (run.json and final/ missing)", "a run dir written by `hybridtune train`")
+        raise UserError(
+            str(path),
+            "no finished run (run.json and final/ missing)",
+            "a run dir written by `hybridtune train`",
+        )
     return run

@@ -31,8 +31,10 @@ def check_columns(frame: pd.DataFrame, columns: dict[str, str], origin: str) -> 
     for key, column in columns.items():
         if column not in present:
             raise UserError(
-                f"{origin} (data.{key})", f"no column '{column}' (columns: {', '.join(map(str, present))})",
-                f"a column named '{column}'", did_you_mean(column, map(str, present)),
+                f"{origin} (data.{key})",
+                f"no column '{column}' (columns: {', '.join(map(str, present))})",
+                f"a column named '{column}'",
+                did_you_mean(column, map(str, present)),
             )
 
 
@@ -42,7 +44,9 @@ def check_texts(frame: pd.DataFrame, text_columns: list[str]) -> None:
             if value is None or (isinstance(value, float) and pd.isna(value)):
                 raise UserError(f"{where}", f"no value in column '{column}'", "a non-empty text")
             if not isinstance(value, str):
-                raise UserError(f"{where}", f"{value!r} ({type(value).__name__}) in column '{column}'", "a text")
+                raise UserError(
+                    f"{where}", f"{value!r} ({type(value).__name__}) in column '{column}'", "a text"
+                )
             if not value.strip():
                 raise UserError(f"{where}", f"an empty text in column '{column}'", "a non-empty text")
 
@@ -71,7 +75,9 @@ def load_splits(cfg, columns: dict[str, str], stratify: str | None, check_rows=N
             if path:
                 frames[name] = read_table(path, f"data.{name}")
                 if isinstance(frames[name], dict):
-                    raise UserError(f"data.{name}", "a dataset dict", "a single split (file or saved Dataset)")
+                    raise UserError(
+                        f"data.{name}", "a dataset dict", "a single split (file or saved Dataset)"
+                    )
     text_columns = [c for k, c in columns.items() if k != "label_column"]
     for name, frame in frames.items():
         origin = getattr(cfg, name) or cfg.source or name

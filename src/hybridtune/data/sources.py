@@ -22,7 +22,11 @@ def read_table(path_text: str, where: str) -> pd.DataFrame | dict[str, pd.DataFr
     """A DataFrame with a `_where` column; a dict of them for a saved DatasetDict (split -> frame)."""
     path = Path(path_text)
     if not path.exists():
-        raise UserError(where, f"'{path_text}' (no such file or directory)", "a csv/tsv/jsonl/parquet file or a saved HF dataset dir")
+        raise UserError(
+            where,
+            f"'{path_text}' (no such file or directory)",
+            "a csv/tsv/jsonl/parquet file or a saved HF dataset dir",
+        )
     if path.is_dir():
         return _read_hf_dir(path, where)
     suffix = path.suffix.lower()
@@ -38,7 +42,9 @@ def read_table(path_text: str, where: str) -> pd.DataFrame | dict[str, pd.DataFr
         else:
             frame = _read_json(path)
     except UnicodeDecodeError as e:
-        raise UserError(str(path), f"bytes that are not UTF-8 at byte {e.start}", "a UTF-8 text file") from None
+        raise UserError(
+            str(path), f"bytes that are not UTF-8 at byte {e.start}", "a UTF-8 text file"
+        ) from None
     if frame.empty:
         raise UserError(str(path), "no rows", "at least one example")
     return frame
@@ -58,11 +64,17 @@ def _read_csv(path: Path, sep: str) -> pd.DataFrame:
                 if not row:
                     continue
                 if len(row) != len(header):
-                    raise UserError(f"{path}:row {reader.line_num}", f"{len(row)} fields", f"{len(header)} fields, as in the header")
+                    raise UserError(
+                        f"{path}:row {reader.line_num}",
+                        f"{len(row)} fields",
+                        f"{len(header)} fields, as in the header",
+                    )
                 rows.append(row)
                 places.append(f"{path}:row {reader.line_num}")
         except csv.Error as e:
-            raise UserError(f"{path}:row {reader.line_num}", f"malformed CSV ({e})", "well-formed CSV") from None
+            raise UserError(
+                f"{path}:row {reader.line_num}", f"malformed CSV ({e})", "well-formed CSV"
+            ) from None
     frame = pd.DataFrame(rows, columns=header, dtype=object)
     frame["_where"] = places
     return frame
@@ -75,7 +87,9 @@ def _read_json(path: Path) -> pd.DataFrame:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:line {e.lineno}", f"invalid JSON ({e.msg})", "a JSON array of objects") from None
+            raise UserError(
+                f"{path}:line {e.lineno}", f"invalid JSON ({e.msg})", "a JSON array of objects"
+            ) from None
         for i, item in enumerate(data):
             if not isinstance(item, dict):
                 raise UserError(f"{path}:item {i + 1}", f"a {type(item).__name__}", "a JSON object")
@@ -88,9 +102,13 @@ def _read_json(path: Path) -> pd.DataFrame:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UserError(f"{path}:line {lineno}", f"invalid JSON ({e.msg})", "one JSON object per line") from None
+                raise UserError(
+                    f"{path}:line {lineno}", f"invalid JSON ({e.msg})", "one JSON object per line"
+                ) from None
             if not isinstance(item, dict):
-                raise UserError(f"{path}:line {lineno}", f"a JSON {type(item).__name__}", "a JSON object per line")
+                raise UserError(
+                    f"{path}:line {lineno}", f"a JSON {type(item).__name__}", "a JSON object per line"
+                )
             records.append(item)
             places.append(f"{path}:line {lineno}")
     frame = pd.DataFrame.from_records(records) if records else pd.DataFrame()
@@ -102,7 +120,9 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     try:
         frame = pd.read_parquet(path)
     except Exception as e:  # pyarrow raises many types for a corrupt file
-        raise UserError(str(path), f"an unreadable parquet file ({type(e).__name__})", "a parquet file") from None
+        raise UserError(
+            str(path), f"an unreadable parquet file ({type(e).__name__})", "a parquet file"
+        ) from None
     frame["_where"] = [f"{path}:row {i + 1}" for i in range(len(frame))]
     return frame
 
@@ -113,7 +133,11 @@ def _read_hf_dir(path: Path, where: str) -> pd.DataFrame | dict[str, pd.DataFram
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise UserError(where, f"'{path}', not a saved HF dataset ({type(e).__name__})", "a dir written by Dataset.save_to_disk") from None
+        raise UserError(
+            where,
+            f"'{path}', not a saved HF dataset ({type(e).__name__})",
+            "a dir written by Dataset.save_to_disk",
+        ) from None
 
     def frame_of(ds, split: str | None) -> pd.DataFrame:
         frame = ds.to_pandas()

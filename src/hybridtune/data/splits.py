@@ -17,7 +17,9 @@ def drop_duplicates(frame: pd.DataFrame, text_columns: list[str]) -> pd.DataFram
     return frame.loc[~key.duplicated(keep="first")].reset_index(drop=True)
 
 
-def cut(frame: pd.DataFrame, fraction: float, stratify: str | None, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def cut(
+    frame: pd.DataFrame, fraction: float, stratify: str | None, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(rest, part) with `part` about `fraction` of the rows."""
     labels = frame[stratify].astype(str) if stratify else None
     n_part = max(1, round(len(frame) * fraction))
@@ -28,7 +30,9 @@ def cut(frame: pd.DataFrame, fraction: float, stratify: str | None, seed: int) -
     return rest.reset_index(drop=True), part.reset_index(drop=True)
 
 
-def split(frame: pd.DataFrame, validation: float, test: float, seed: int, stratify: str | None) -> dict[str, pd.DataFrame]:
+def split(
+    frame: pd.DataFrame, validation: float, test: float, seed: int, stratify: str | None
+) -> dict[str, pd.DataFrame]:
     rest, test_part = cut(frame, test, stratify, seed)
     train, val = cut(rest, validation / (1 - test), stratify, seed)
     return {"train": train, "validation": val, "test": test_part}

@@ -52,7 +52,9 @@ class Anatomy:
         model = unwrap(model)
         blocks_path, blocks = _find_blocks(model)
         prefix = getattr(model, "base_model_prefix", "")
-        backbone = prefix + "." if prefix and hasattr(model, prefix) and getattr(model, prefix) is not model else ""
+        backbone = (
+            prefix + "." if prefix and hasattr(model, prefix) and getattr(model, prefix) is not model else ""
+        )
         owners = {name: module for name, module in model.named_modules()}
         slots: dict[str, str] = {f"{blocks_path}.{i}": f"block.{i}" for i in range(len(blocks))}
         seen_block = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,9 @@ def resolve(name: str) -> str:
     if bundled.is_bundled(name):
         return bundled.model_path(name, WHERE)
     path = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1 or os.sep + os.sep in name
+    looks_local = (
+        name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1 or os.sep + os.sep in name
+    )
     if not looks_local:
         return name  # a hub id: transformers fetches it when a network exists
     if not path.is_dir():
@@ -32,6 +35,8 @@ def _quiet_transformers() -> None:
 
     transformers.logging.set_verbosity_error()  # the load report would list the new head as "MISSING"
     transformers.logging.disable_progress_bar()
+    # peft calls transformers' deprecated alias; the warning is theirs, not the user's
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def load_tokenizer(path: str, where: str = WHERE):
@@ -40,7 +45,11 @@ def load_tokenizer(path: str, where: str = WHERE):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise UserError(where, f"'{path}' whose tokenizer could not be loaded ({_first_line(e)})", "a model dir with tokenizer files, or a reachable hub id") from None
+        raise UserError(
+            where,
+            f"'{path}' whose tokenizer could not be loaded ({_first_line(e)})",
+            "a model dir with tokenizer files, or a reachable hub id",
+        ) from None
     if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship without one
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
@@ -52,7 +61,9 @@ def load_model(auto_class: Any, path: str, tokenizer, where: str = WHERE, **kwar
     try:
         model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
     except Exception as e:
-        raise UserError(where, f"'{path}' that could not be loaded ({_first_line(e)})", "a loadable transformers model") from None
+        raise UserError(
+            where, f"'{path}' that could not be loaded ({_first_line(e)})", "a loadable transformers model"
+        ) from None
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, set(info.get("missing_keys", ()))

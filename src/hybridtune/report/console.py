@@ -19,7 +19,13 @@ def eval_tables(report: dict, title: str = "test") -> list[Table]:
     for col in ("label", "precision", "recall", "F1", "support"):
         per_class.add_column(col, justify="left" if col == "label" else "right")
     for name, row in report["per_class"].items():
-        per_class.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1-score']:.3f}", str(int(row["support"])))
+        per_class.add_row(
+            name,
+            f"{row['precision']:.3f}",
+            f"{row['recall']:.3f}",
+            f"{row['f1-score']:.3f}",
+            str(int(row["support"])),
+        )
 
     confusion = Table(title="confusion matrix (rows: true, columns: predicted)")
     confusion.add_column("")
@@ -31,9 +37,17 @@ def eval_tables(report: dict, title: str = "test") -> list[Table]:
 
 
 def params_table(table: dict) -> Table:
-    out = Table(title=f"parameters: {table['trainable']:,} of {table['total']:,} trainable ({table['trainable_pct']:.3f} %)")
+    out = Table(
+        title=f"parameters: {table['trainable']:,} of {table['total']:,} trainable ({table['trainable_pct']:.3f} %)"
+    )
     for col in ("layer", "total", "trainable", "%", "added"):
         out.add_column(col, justify="left" if col == "layer" else "right")
     for row in table["rows"]:
-        out.add_row(row["slot"], f"{row['total']:,}", f"{row['trainable']:,}", f"{row['trainable_pct']:.2f}", f"{row['added']:,}")
+        out.add_row(
+            row["slot"],
+            f"{row['total']:,}",
+            f"{row['trainable']:,}",
+            f"{row['trainable_pct']:.2f}",
+            f"{row['added']:,}",
+        )
     return out

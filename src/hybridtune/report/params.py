@@ -14,7 +14,9 @@ from hybridtune.model.anatomy import Anatomy
 
 
 def param_table(model: nn.Module, anatomy: Anatomy, base_ids: set[int] | None = None) -> dict:
-    rows = {slot: {"slot": slot, "total": 0, "trainable": 0, "added": 0} for slot in [*anatomy.slots, "added"]}
+    rows = {
+        slot: {"slot": slot, "total": 0, "trainable": 0, "added": 0} for slot in [*anatomy.slots, "added"]
+    }
     for name, p in model.named_parameters():
         row = rows[anatomy.slot_of(name)]
         row["total"] += p.numel()
@@ -25,5 +27,9 @@ def param_table(model: nn.Module, anatomy: Anatomy, base_ids: set[int] | None = 
     trainable = sum(r["trainable"] for r in table)
     for r in table:
         r["trainable_pct"] = round(100 * r["trainable"] / r["total"], 4) if r["total"] else 0.0
-    return {"rows": table, "total": total, "trainable": trainable,
-            "trainable_pct": round(100 * trainable / total, 4) if total else 0.0}
+    return {
+        "rows": table,
+        "total": total,
+        "trainable": trainable,
+        "trainable_pct": round(100 * trainable / total, 4) if total else 0.0,
+    }

@@ -1,8 +1,9 @@
 """Strategy parts: one file each, registered here under its recipe key, applied in one fixed order.
 
-A part is a module with a pydantic config class and `apply(model, config, build) -> model`. No part
-knows about another; this file alone decides the order (freeze -> peft -> ...) and how their
-effects combine.
+A part is a module with a pydantic config class and `apply(model, config, build) -> model`; it may
+also define `callbacks(model, config, build) -> list[TrainerCallback]` for work during training
+(e.g. AdaLoRA's rank allocation). No part knows about another; this file alone decides the order
+(freeze -> peft -> ...) and how their effects combine.
 """
 
 from __future__ import annotations
@@ -44,8 +45,22 @@ def apply(model: nn.Module, recipe, build: Build) -> nn.Module:
         model = part.apply(model, config, build)
         if key == "freeze":
             # the head is peft's business (modules_to_save); keep the rest of the selection
-            kept_trainable = [p for n, p in model.named_parameters() if p.requires_grad and build.anatomy.slot_of(n) != "head"]
+            kept_trainable = [
+                p
+                for n, p in model.named_parameters()
+                if p.requires_grad and build.anatomy.slot_of(n) != "head"
+            ]
     if kept_trainable is not None and recipe.peft is not None:
         for p in kept_trainable:
             p.requires_grad_(True)
     return model
+
+
+def callbacks(model: nn.Module, recipe, build: Build) -> list:
+    """The training-time callbacks of every configured part that has some."""
+    out: list = []
+    for key, part in PARTS.items():
+        config = getattr(recipe, key, None)
+        if config is not None and hasattr(part, "callbacks"):
+            out += part.callbacks(model, config, build)
+    return out

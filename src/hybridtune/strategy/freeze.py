@@ -40,7 +40,9 @@ def parse_selector(value: Any) -> list[str | dict]:
                     raise ValueError(f"{key} takes a whole number >= 0, got {arg!r}")
             elif key == "layers":
                 arg = [arg] if isinstance(arg, int) else arg
-                if not isinstance(arg, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in arg):
+                if not isinstance(arg, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in arg
+                ):
                     raise ValueError(f"layers takes a list of block indices, got {arg!r}")
             else:
                 arg = [arg] if isinstance(arg, str) else arg
@@ -53,7 +55,9 @@ def parse_selector(value: Any) -> list[str | dict]:
                         raise ValueError(f"pattern {pattern!r} is not a regular expression ({e})") from None
             out.append({key: arg})
         else:
-            raise ValueError(f"a selector: one of {', '.join(NAMED)} or {{{': N}, {'.join(KEYED)}: ...}}, got {atom!r}")
+            raise ValueError(
+                f"a selector: one of {', '.join(NAMED)} or {{{': N}, {'.join(KEYED)}: ...}}, got {atom!r}"
+            )
     return out
 
 
@@ -95,14 +99,22 @@ def select(model: nn.Module, anatomy, selector: list[str | dict], where: str) ->
             elif key == "layers":
                 bad = [b for b in arg if not -n_blocks <= b < n_blocks]
                 if bad:
-                    raise UserError(at, str(bad[0]), f"a block index in 0..{n_blocks - 1} (the model has {n_blocks} blocks)")
+                    raise UserError(
+                        at,
+                        str(bad[0]),
+                        f"a block index in 0..{n_blocks - 1} (the model has {n_blocks} blocks)",
+                    )
                 wanted = {b % n_blocks for b in arg}
                 picked |= {n for n in names if anatomy.block_of(n) in wanted}
             else:
                 for pattern in arg:
                     hits = {n for n in names if re.search(pattern, n)}
                     if not hits:
-                        raise UserError(at, f"pattern {pattern!r} matching no parameter", "a pattern matching a parameter name (see `hybridtune params`)")
+                        raise UserError(
+                            at,
+                            f"pattern {pattern!r} matching no parameter",
+                            "a pattern matching a parameter name (see `hybridtune params`)",
+                        )
                     picked |= hits
         elif atom == "all":
             picked |= set(names)

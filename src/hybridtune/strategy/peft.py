@@ -28,7 +28,20 @@ ALIASES = {"dora": ("lora", {"use_dora": True})}
 # set by the task, never by the user
 RESERVED = {"task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
 # attention projections LoRA targets when peft has no default for the architecture
-QV_NAMES = ("query", "value", "q_lin", "v_lin", "q", "v", "q_proj", "v_proj", "c_attn", "query_key_value", "Wqkv", "qkv_proj")
+QV_NAMES = (
+    "query",
+    "value",
+    "q_lin",
+    "v_lin",
+    "q",
+    "v",
+    "q_proj",
+    "v_proj",
+    "c_attn",
+    "query_key_value",
+    "Wqkv",
+    "qkv_proj",
+)
 DEFAULTS = {"lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}}
 
 
@@ -54,7 +67,10 @@ class PeftConfig(BaseModel):
         methods = peft_methods()
         if self.method not in methods:
             hint = did_you_mean(self.method, methods)
-            raise ValueError(f"method {self.method!r} is not a peft method; one of {', '.join(sorted(methods))}" + (f" ({hint})" if hint else ""))
+            raise ValueError(
+                f"method {self.method!r} is not a peft method; one of {', '.join(sorted(methods))}"
+                + (f" ({hint})" if hint else "")
+            )
         cls = methods[self.method]
         fields = {f.name for f in dataclasses.fields(cls)} - RESERVED
         hints = typing.get_type_hints(cls)
@@ -98,7 +114,9 @@ def apply(model: nn.Module, config: PeftConfig, build) -> nn.Module:
 
     cls = peft_methods()[config.method]
     kwargs = config.kwargs()
-    if kwargs.get("target_modules") == "auto" or ("target_modules" in {f.name for f in dataclasses.fields(cls)} and "target_modules" not in kwargs):
+    if kwargs.get("target_modules") == "auto" or (
+        "target_modules" in {f.name for f in dataclasses.fields(cls)} and "target_modules" not in kwargs
+    ):
         kwargs["target_modules"] = default_target_modules(model, build.anatomy)
         if kwargs["target_modules"] is None:
             kwargs.pop("target_modules")
@@ -106,4 +124,6 @@ def apply(model: nn.Module, config: PeftConfig, build) -> nn.Module:
         peft_config = cls(task_type=build.task.peft_task_type, **kwargs)
         return get_peft_model(model, peft_config)
     except (ValueError, TypeError) as e:
-        raise UserError("peft", f"a configuration peft refuses ({e})", f"valid {cls.__name__} arguments") from None
+        raise UserError(
+            "peft", f"a configuration peft refuses ({e})", f"valid {cls.__name__} arguments"
+        ) from None

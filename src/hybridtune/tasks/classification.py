@@ -43,7 +43,11 @@ def columns(data_cfg) -> dict[str, str]:
 
 def _as_label(value, where: str):
     """An int for integer-like labels (1, "1", 1.0), the stripped string otherwise."""
-    if value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip()):
+    if (
+        value is None
+        or (isinstance(value, float) and np.isnan(value))
+        or (isinstance(value, str) and not value.strip())
+    ):
         raise UserError(where, "no label", "a label in every row")
     if isinstance(value, bool):
         return str(value)
@@ -71,7 +75,9 @@ def normalise_labels(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     for value, where in zip(values, frame["_where"], strict=True):
         if isinstance(value, int) != first_kind:
             kinds = ("integers", "a name") if first_kind else ("names", "an integer")
-            raise UserError(where, f"label {value!r}, {kinds[1]}, among {kinds[0]}", f"labels that are all {kinds[0]}")
+            raise UserError(
+                where, f"label {value!r}, {kinds[1]}, among {kinds[0]}", f"labels that are all {kinds[0]}"
+            )
     frame = frame.copy()
     frame[column] = values
     return frame
@@ -81,11 +87,17 @@ def label_space(splits, column: str) -> Labels:
     """Labels seen in training, sorted; validation/test labels must be among them."""
     values = sorted(set(splits.train[column]))
     if len(values) < 2:
-        raise UserError(f"data.{column} (train split)", f"{len(values)} distinct label(s) {values}", "at least 2 classes")
+        raise UserError(
+            f"data.{column} (train split)", f"{len(values)} distinct label(s) {values}", "at least 2 classes"
+        )
     for name in ("validation", "test"):
         for value, where in zip(splits[name][column], splits[name]["_where"], strict=True):
             if value not in values:
-                raise UserError(where, f"label {value!r}, never seen in training", "one of " + ", ".join(map(repr, values)))
+                raise UserError(
+                    where,
+                    f"label {value!r}, never seen in training",
+                    "one of " + ", ".join(map(repr, values)),
+                )
     known = splits.label_names
     names = [known[v] if known and isinstance(v, int) and 0 <= v < len(known) else str(v) for v in values]
     return Labels(values=values, names=names)
@@ -111,8 +123,12 @@ def load_model(path: str, tokenizer, labels: Labels):
     from hybridtune.model.loading import load_model as load
 
     return load(
-        AutoModelForSequenceClassification, path, tokenizer,
-        num_labels=len(labels.names), id2label=labels.id2label, label2id=labels.label2id,
+        AutoModelForSequenceClassification,
+        path,
+        tokenizer,
+        num_labels=len(labels.names),
+        id2label=labels.id2label,
+        label2id=labels.label2id,
     )
 
 
@@ -130,7 +146,9 @@ def full_report(y_true: np.ndarray, logits: np.ndarray, labels: Labels) -> dict:
     """accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
     y_pred = logits.argmax(-1)
     ids = list(range(len(labels.names)))
-    per_class = classification_report(y_true, y_pred, labels=ids, target_names=labels.names, output_dict=True, zero_division=0)
+    per_class = classification_report(
+        y_true, y_pred, labels=ids, target_names=labels.names, output_dict=True, zero_division=0
+    )
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "f1_macro": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),

@@ -19,6 +19,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 
 def native_bf16() -> bool:
@@ -47,15 +48,44 @@ class MetricsJsonl(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
-                  "time_s": round(time.perf_counter() - self.start, 3), **logs}
+        record = {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0.0, 4),
+            "time_s": round(time.perf_counter() - self.start, 3),
+            **logs,
+        }
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
 
+class Progress(ProgressCallback):
+    """Trainer's progress bar, with the train loss on the bar and one short line per evaluation
+    (the full log goes to metrics.jsonl) instead of a dict per logging step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+        evals = {k[5:]: v for k, v in logs.items() if k.startswith("eval_") and isinstance(v, float)}
+        if "loss" in evals:
+            shown = [f"{k} {100 * v:.2f} %" for k, v in evals.items() if k in ("accuracy", "f1_macro", "f1")]
+            self.training_bar.write(
+                f"epoch {state.epoch:.2f} · validation " + " · ".join([*shown, f"loss {evals['loss']:.4f}"])
+            )
+
+
 def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArguments:
-    every = {"eval_strategy": "steps", "eval_steps": train.eval_steps, "save_strategy": "steps",
-             "save_steps": train.eval_steps} if train.eval_steps else {"eval_strategy": "epoch", "save_strategy": "epoch"}
+    every = (
+        {
+            "eval_strategy": "steps",
+            "eval_steps": train.eval_steps,
+            "save_strategy": "steps",
+            "save_steps": train.eval_steps,
+        }
+        if train.eval_steps
+        else {"eval_strategy": "epoch", "save_strategy": "epoch"}
+    )
     metric = train.early_stopping.metric
     return TrainingArguments(
         output_dir=str(checkpoints_dir),
@@ -80,16 +110,26 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
         greater_is_better=metric != "loss",
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         report_to="none",
+        disable_tqdm=False,
         dataloader_num_workers=0,
         **every,
     )
 
 
-def make_trainer(model, tokenizer, datasets: dict, recipe, args: TrainingArguments, run_dir: Path, compute_metrics) -> Trainer:
-    callbacks: list[TrainerCallback] = [MetricsJsonl(run_dir / "metrics.jsonl")]
+def make_trainer(
+    model,
+    tokenizer,
+    datasets: dict,
+    recipe,
+    args: TrainingArguments,
+    run_dir: Path,
+    compute_metrics,
+    callbacks: list[TrainerCallback] = (),
+) -> Trainer:
+    callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), *callbacks]
     if recipe.train.early_stopping.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping.patience))
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=datasets["train"],
@@ -99,3 +139,7 @@ def make_trainer(model, tokenizer, datasets: dict, recipe, args: TrainingArgumen
         compute_metrics=compute_metrics,
         callbacks=callbacks,
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(Progress())
+    return trainer
