@@ -28,6 +28,7 @@ from hybridtune.model.anatomy import Anatomy
 from hybridtune.model.loading import load_tokenizer, resolve
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from hybridtune.report.params import param_table
+from hybridtune.strategy.plan import Plan, make_plan
 from hybridtune.tasks import classification
 
 TASKS = {"classification": classification}
@@ -45,6 +46,7 @@ class Prepared:
     model: torch.nn.Module
     anatomy: Anatomy
     build: strategy.Build
+    plan: Plan
     params: dict
     datasets: dict
 
@@ -62,7 +64,8 @@ def prepare(recipe: Recipe) -> Prepared:
     base_ids = {id(p) for p in model.parameters()}
     build = strategy.Build(anatomy=anatomy, task=task, new_params=new_params)
     model = strategy.apply(model, recipe, build)
-    params = param_table(model, anatomy, base_ids)
+    plan = make_plan(model, recipe, anatomy, base_ids, len(splits.train))
+    params = param_table(model, anatomy, base_ids, plan.lrs)
     if params["trainable"] == 0:
         raise UserError(
             "freeze", "a strategy that leaves no parameter trainable", "at least one trainable parameter"
@@ -71,7 +74,7 @@ def prepare(recipe: Recipe) -> Prepared:
         name: task.encode(splits[name], tokenizer, labels, data_cfg)
         for name in ("train", "validation", "test")
     }
-    return Prepared(recipe, task, splits, labels, tokenizer, model, anatomy, build, params, datasets)
+    return Prepared(recipe, task, splits, labels, tokenizer, model, anatomy, build, plan, params, datasets)
 
 
 def params(recipe: Recipe) -> dict:
@@ -110,6 +113,7 @@ def train(recipe: Recipe | None = None) -> dict:
         args,
         run,
         prep.task.compute_metrics,
+        plan=prep.plan,
         callbacks=strategy.callbacks(prep.model, recipe, prep.build),
     )
     started = time.perf_counter()

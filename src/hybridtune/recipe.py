@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hybridtune.errors import UserError, did_you_mean
 from hybridtune.strategy.freeze import FreezeConfig
+from hybridtune.strategy.lr import LrConfig
 from hybridtune.strategy.peft import PeftConfig
+from hybridtune.strategy.schedule import ScheduleConfig
+from hybridtune.strategy.stages import StagesConfig
 
 
 class Section(BaseModel):
@@ -97,8 +100,6 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-5, gt=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
-    warmup: float = Field(0.06, ge=0, lt=1, description="fraction of the steps spent warming up")
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: float = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
@@ -124,8 +125,18 @@ class Recipe(Section):
     # strategy parts, applied in the fixed order of hybridtune.strategy.PARTS
     freeze: FreezeConfig | None = None
     peft: PeftConfig | None = None
+    # the training plan
+    lr: LrConfig | None = None
+    schedule: ScheduleConfig = ScheduleConfig()
+    stages: StagesConfig | None = None
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        if self.freeze is not None and self.stages is not None:
+            raise ValueError("give `freeze` or `stages`, not both: stages decide what trains in each stage")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -229,9 +240,11 @@ FAMILIAR_NAMES = {
     "per_device_train_batch_size": "batch_size",
     "per_device_eval_batch_size": "eval_batch_size",
     "gradient_accumulation_steps": "grad_accum",
-    "warmup_ratio": "warmup",
-    "warmup_steps": "warmup",
-    "lr_scheduler_type": "scheduler",
+    "warmup_ratio": "schedule.warmup",
+    "warmup_steps": "schedule.warmup",
+    "warmup": "schedule.warmup",
+    "lr_scheduler_type": "schedule.name",
+    "scheduler": "schedule.name",
     "bf16": "precision",
     "fp16": "precision",
     "output_dir": "dir",
@@ -249,7 +262,10 @@ def _user_error(e: ValidationError, origin: str) -> UserError:
         allowed = sorted(owner.model_fields) if owner else []
         key = str(loc[-1])
         familiar = FAMILIAR_NAMES.get(key)
-        hint = f"did you mean '{familiar}'?" if familiar in allowed else did_you_mean(key, allowed)
+        if familiar and (familiar in allowed or "." in familiar):
+            hint = f"did you mean '{familiar}'?"
+        else:
+            hint = did_you_mean(key, allowed)
         return UserError(
             where, f"unknown key '{key}'", "one of " + ", ".join(allowed) if allowed else "no such key", hint
         )

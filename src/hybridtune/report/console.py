@@ -40,14 +40,19 @@ def params_table(table: dict) -> Table:
     out = Table(
         title=f"parameters: {table['trainable']:,} of {table['total']:,} trainable ({table['trainable_pct']:.3f} %)"
     )
-    for col in ("layer", "total", "trainable", "%", "added"):
+    for col in ("layer", "total", "trainable", "%", "added", "lr"):
         out.add_column(col, justify="left" if col == "layer" else "right")
     for row in table["rows"]:
+        lr = row.get("lr")
+        lr_text = (
+            "" if lr is None else f"{lr:.2e}" if not isinstance(lr, list) else f"{lr[0]:.1e}..{lr[1]:.1e}"
+        )
         out.add_row(
             row["slot"],
             f"{row['total']:,}",
             f"{row['trainable']:,}",
             f"{row['trainable_pct']:.2f}",
             f"{row['added']:,}",
+            lr_text,
         )
     return out

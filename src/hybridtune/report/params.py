@@ -13,20 +13,32 @@ from torch import nn
 from hybridtune.model.anatomy import Anatomy
 
 
-def param_table(model: nn.Module, anatomy: Anatomy, base_ids: set[int] | None = None) -> dict:
+def param_table(
+    model: nn.Module,
+    anatomy: Anatomy,
+    base_ids: set[int] | None = None,
+    lrs: dict[str, tuple[float, str]] | None = None,
+) -> dict:
+    """Rows bottom to top; `lr` per row: the learning rate of its trainable parameters (a range when mixed)."""
     rows = {
         slot: {"slot": slot, "total": 0, "trainable": 0, "added": 0} for slot in [*anatomy.slots, "added"]
     }
+    row_lrs: dict[str, set[float]] = {slot: set() for slot in rows}
     for name, p in model.named_parameters():
-        row = rows[anatomy.slot_of(name)]
+        slot = anatomy.slot_of(name)
+        row = rows[slot]
         row["total"] += p.numel()
         row["trainable"] += p.numel() if p.requires_grad else 0
         row["added"] += p.numel() if base_ids is not None and id(p) not in base_ids else 0
+        if lrs is not None and p.requires_grad and name in lrs:
+            row_lrs[slot].add(lrs[name][0])
     table = [r for r in rows.values() if r["total"] or r["slot"] not in ("final_norm", "added")]
     total = sum(r["total"] for r in table)
     trainable = sum(r["trainable"] for r in table)
     for r in table:
         r["trainable_pct"] = round(100 * r["trainable"] / r["total"], 4) if r["total"] else 0.0
+        found = sorted(row_lrs[r["slot"]])
+        r["lr"] = None if not found else found[0] if len(found) == 1 else [found[0], found[-1]]
     return {
         "rows": table,
         "total": total,

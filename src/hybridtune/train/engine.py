@@ -58,6 +58,41 @@ class MetricsJsonl(TrainerCallback):
             f.write(json.dumps(record) + "\n")
 
 
+class HybridTrainer(Trainer):
+    """Trainer with the recipe's plan: a param group per learning rate (layer-wise lrs, head lr,
+    explicit groups; no weight decay on biases and norms) and a LambdaLR of the schedule times the
+    stage lr scales. Parameters a later stage unfreezes are in the optimizer from the start; AdamW
+    skips them while they have no gradient, so they start with a clean state."""
+
+    def __init__(self, *args, plan=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan = plan
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            from hybridtune.strategy.lr import param_groups
+
+            model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(model))
+            no_decay = {n for n, _ in model.named_parameters() if n not in decay}
+            groups = param_groups(
+                model, self.plan.lrs, no_decay, self.args.weight_decay, self.plan.optimizer_names(model)
+            )
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.optimizer = optimizer_cls(groups, **kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            optimizer = optimizer or self.optimizer
+            fn = self.plan.lr_lambda()
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, [fn] * len(optimizer.param_groups)
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+
 class Progress(ProgressCallback):
     """Trainer's progress bar, with the train loss on the bar and one short line per evaluation
     (the full log goes to metrics.jsonl) instead of a dict per logging step."""
@@ -93,11 +128,9 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
         per_device_eval_batch_size=train.eval_batch_size,
         gradient_accumulation_steps=train.grad_accum,
         num_train_epochs=train.epochs,
-        max_steps=train.max_steps or -1,
+        max_steps=train.max_steps or -1,  # the plan counts steps the same way (strategy/plan.py)
         learning_rate=train.lr,
         weight_decay=train.weight_decay,
-        warmup_steps=train.warmup,
-        lr_scheduler_type=train.scheduler,
         max_grad_norm=train.max_grad_norm,
         bf16=resolve_precision(train.precision) == "bf16",
         use_cpu=not torch.cuda.is_available(),
@@ -124,12 +157,18 @@ def make_trainer(
     args: TrainingArguments,
     run_dir: Path,
     compute_metrics,
+    plan,
     callbacks: list[TrainerCallback] = (),
 ) -> Trainer:
+    from hybridtune.strategy.stages import StageCallback
+
     callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), *callbacks]
+    if plan.stages is not None:
+        callbacks.append(StageCallback(plan.stages, plan.base_names, run_dir / "metrics.jsonl"))
     if recipe.train.early_stopping.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping.patience))
-    trainer = Trainer(
+    trainer = HybridTrainer(
+        plan=plan,
         model=model,
         args=args,
         train_dataset=datasets["train"],
