@@ -51,11 +51,21 @@ def check_texts(frame: pd.DataFrame, text_columns: list[str]) -> None:
                 raise UserError(f"{where}", f"an empty text in column '{column}'", "a non-empty text")
 
 
-def load_splits(cfg, columns: dict[str, str], stratify: str | None, check_rows=None) -> Splits:
+def load_splits(
+    cfg,
+    columns: dict[str, str],
+    stratify: str | None,
+    check_rows=None,
+    inputs: list[str] | None = None,
+    texts: bool = True,
+) -> Splits:
     """Read `cfg.source` (split automatically) or `cfg.train/validation/test`; check columns and texts.
 
     `check_rows(frame) -> frame` is the task's own check and normalisation of each file's rows (labels),
-    run in file order before any split, so the first bad row of a file is the one reported."""
+    run in file order before any split, so the first bad row of a file is the one reported.
+    `inputs`: the columns that make an example (duplicates are dropped on them); default: every column
+    but `label_column`. `texts`: whether the inputs are texts, checked here; False for inputs of another
+    kind (token lists), which `check_rows` checks."""
     label_names = None
     frames: dict[str, pd.DataFrame] = {}
     if cfg.source:
@@ -78,12 +88,13 @@ def load_splits(cfg, columns: dict[str, str], stratify: str | None, check_rows=N
                     raise UserError(
                         f"data.{name}", "a dataset dict", "a single split (file or saved Dataset)"
                     )
-    text_columns = [c for k, c in columns.items() if k != "label_column"]
+    text_columns = inputs or [c for k, c in columns.items() if k != "label_column"]
     for name, frame in frames.items():
         origin = getattr(cfg, name) or cfg.source or name
         check_columns(frame, columns, str(origin))
         frame = frame[[*columns.values(), "_where"]]
-        check_texts(frame, text_columns)
+        if texts:
+            check_texts(frame, text_columns)
         frames[name] = check_rows(frame) if check_rows else frame
     # split off what was not given, seeded and stratified, with duplicates dropped first
     seed = cfg.split.seed

@@ -1,4 +1,4 @@
-"""Read a table of examples from csv / tsv / jsonl / json / parquet or a saved HF dataset dir.
+"""Read a table of examples from csv / tsv / jsonl / json / parquet, CoNLL token files or a saved HF dataset dir.
 
 Every row keeps where it came from (`_where`, e.g. `train.csv:row 7`, `train.jsonl:line 3`) so that a
 bad row is reported by file and row. CSV rows are numbered as a spreadsheet shows them (the header is
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from hybridtune.data.conll import SUFFIXES as CONLL_SUFFIXES
+from hybridtune.data.conll import read_conll
 from hybridtune.errors import UserError
 
-SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", *CONLL_SUFFIXES)
 
 
 def read_table(path_text: str, where: str) -> pd.DataFrame | dict[str, pd.DataFrame]:
@@ -39,6 +41,8 @@ def read_table(path_text: str, where: str) -> pd.DataFrame | dict[str, pd.DataFr
             frame = _read_csv(path, "\t" if suffix == ".tsv" else ",")
         elif suffix == ".parquet":
             frame = _read_parquet(path)
+        elif suffix in CONLL_SUFFIXES:
+            frame = read_conll(path)
         else:
             frame = _read_json(path)
     except UnicodeDecodeError as e:
