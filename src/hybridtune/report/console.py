@@ -55,4 +55,9 @@ def params_table(table: dict) -> Table:
             f"{row['added']:,}",
             lr_text,
         )
+    if table.get("stages"):
+        out.caption = "stages: " + "; ".join(
+            f"{s['stage']} from step {s['start_step']}: {s['trainable']:,} train (lr x {s['lr_scale']:g})"
+            for s in table["stages"]
+        )
     return out

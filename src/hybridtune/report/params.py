@@ -19,7 +19,8 @@ def param_table(
     base_ids: set[int] | None = None,
     lrs: dict[str, tuple[float, str]] | None = None,
 ) -> dict:
-    """Rows bottom to top; `lr` per row: the learning rate of its trainable parameters (a range when mixed)."""
+    """Rows bottom to top; `lr` per row: the learning rate of the parameters in `lrs` (those the optimizer
+    holds), a [low, high] range when they differ."""
     rows = {
         slot: {"slot": slot, "total": 0, "trainable": 0, "added": 0} for slot in [*anatomy.slots, "added"]
     }
@@ -30,7 +31,7 @@ def param_table(
         row["total"] += p.numel()
         row["trainable"] += p.numel() if p.requires_grad else 0
         row["added"] += p.numel() if base_ids is not None and id(p) not in base_ids else 0
-        if lrs is not None and p.requires_grad and name in lrs:
+        if lrs is not None and name in lrs:
             row_lrs[slot].add(lrs[name][0])
     table = [r for r in rows.values() if r["total"] or r["slot"] not in ("final_norm", "added")]
     total = sum(r["total"] for r in table)

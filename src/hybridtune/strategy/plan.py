@@ -31,6 +31,24 @@ class Plan:
         names = {n for n, p in model.named_parameters() if p.requires_grad}
         return names | (self.stages.ever_trainable if self.stages else set())
 
+    def stage_summary(self, model: nn.Module) -> list[dict]:
+        """Per stage: first step, lr scale, trainable elements (the model's own + what parts added)."""
+        sizes = {n: p.numel() for n, p in model.named_parameters()}
+        added = sum(
+            p.numel() for n, p in model.named_parameters() if n not in self.base_names and p.requires_grad
+        )
+        return [
+            {
+                "stage": k,
+                "start_step": start,
+                "lr_scale": scale,
+                "trainable": added + sum(sizes[n] for n in names),
+            }
+            for k, (start, scale, names) in enumerate(
+                zip(self.stages.starts, self.stages.scales, self.stages.trainable, strict=True)
+            )
+        ]
+
     def lr_lambda(self):
         bounds = self.stages.starts if self.stages else []
         scales = self.stages.scales if self.stages else []
