@@ -16,22 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import set_seed
 
 from hybridtune import rundir, strategy
-from hybridtune.data import Splits, check_columns, check_texts, load_splits
-from hybridtune.data.sources import read_table
+from hybridtune.data import Splits
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import Anatomy
 from hybridtune.model.loading import load_tokenizer, resolve
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from hybridtune.report.params import param_table
 from hybridtune.strategy.plan import Plan, make_plan
-from hybridtune.tasks import classification
+from hybridtune.tasks import classification, token_classification
+from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
 
-TASKS = {"classification": classification}
+# recipe `task` -> task module. A task module owns what differs between tasks: columns, row checks,
+# label space, encode, collator, load_model, metrics, report, eval_frame, predict and its tables
+TASKS = {"classification": classification, "token_classification": token_classification}
 
 
 @dataclass
@@ -54,8 +55,8 @@ class Prepared:
 def prepare(recipe: Recipe) -> Prepared:
     task = TASKS[recipe.task]
     data_cfg = recipe.data
-    splits = load_splits(data_cfg, task.columns(data_cfg), data_cfg.label_column, task.row_checker(data_cfg))
-    labels = task.label_space(splits, data_cfg.label_column)
+    splits = task.load_splits(data_cfg)
+    labels = task.label_space(splits, data_cfg)
     path = resolve(recipe.model.name)
     tokenizer = load_tokenizer(path)
     set_seed(recipe.train.seed)  # the new head's initialisation is part of the run's reproducibility
@@ -112,10 +113,13 @@ def train(recipe: Recipe | None = None) -> dict:
         recipe,
         args,
         run,
-        prep.task.compute_metrics,
+        prep.task.make_compute_metrics(prep.labels),
         plan=prep.plan,
         callbacks=strategy.callbacks(prep.model, recipe, prep.build),
     )
+    # the task's own batching (token classification pads its label lists too); Trainer reads this
+    # attribute each time it builds a data loader
+    trainer.data_collator = prep.task.collator(prep.tokenizer)
     started = time.perf_counter()
     out = trainer.train()
     train_seconds = time.perf_counter() - started
@@ -126,17 +130,13 @@ def train(recipe: Recipe | None = None) -> dict:
         prep.tokenizer.save_pretrained(tmp)
 
     rundir.save_dir_atomically(run / "final", save)
-    test = prep.task.full_report(
-        np.asarray(prep.datasets["test"]["labels"]),
-        logits_of(model, prep.tokenizer, prep.datasets["test"]),
-        prep.labels,
-    )
+    test = prep.task.report(model, prep.tokenizer, prep.datasets["test"], prep.labels)
     rundir.write_json(run / "eval.json", test)
     state = trainer.state
     summary = {
         "run_dir": str(run),
         "recipe": recipe.name,
-        "test": {k: test[k] for k in ("accuracy", "f1_macro", "n")},
+        "test": {k: test[k] for k in prep.task.HEADLINE},
         "best_validation": state.best_metric,
         "best_checkpoint": state.best_model_checkpoint,
         "trainable": prep.params["trainable"],
@@ -163,6 +163,13 @@ class LoadedRun:
     model: torch.nn.Module
     tokenizer: Any
     labels: Any
+    task: Any = None  # the task module (hybridtune.tasks.*)
+
+
+def task_of(run_dir: str) -> Any:
+    """The task module of a finished run (e.g. for the CLI to print its results)."""
+    run = rundir.check_run_dir(run_dir)
+    return TASKS[rundir.read_json(run / "run.json")["task"]]
 
 
 def load_run(run_dir: str) -> LoadedRun:
@@ -181,79 +188,21 @@ def load_run(run_dir: str) -> LoadedRun:
     else:
         model, _ = task.load_model(final, tokenizer, labels)
     model.eval()
-    return LoadedRun(run, recipe, model, tokenizer, labels)
-
-
-@torch.no_grad()
-def logits_of(model: torch.nn.Module, tokenizer, dataset, batch_size: int = 128) -> np.ndarray:
-    """Logits for every row of a tokenized dataset, in order (dynamic padding per batch)."""
-    from transformers import DataCollatorWithPadding
-
-    collate = DataCollatorWithPadding(tokenizer)
-    model.eval()
-    device = next(model.parameters()).device
-    features = [{k: v for k, v in row.items() if k != "labels"} for row in dataset]
-    out = []
-    for i in range(0, len(features), batch_size):
-        batch = {k: v.to(device) for k, v in collate(features[i : i + batch_size]).items()}
-        out.append(model(**batch).logits.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    return LoadedRun(run, recipe, model, tokenizer, labels, task)
 
 
 def evaluate(run_dir: str, data: str | None = None) -> dict:
     """Metrics of a finished run on its test split, or on every row of `data` (a file or dataset dir)."""
     loaded = load_run(run_dir)
-    recipe, task = loaded.recipe, classification
-    data_cfg = recipe.data
-    if data is None:
-        frame = load_splits(
-            data_cfg, task.columns(data_cfg), data_cfg.label_column, task.row_checker(data_cfg)
-        ).test
-    else:
-        frame = read_table(data, "--data")
-        if isinstance(frame, dict):
-            frame = frame.get("test") or next(iter(frame.values()))
-        check_columns(frame, task.columns(data_cfg), data)
-        check_texts(frame, [c for k, c in task.columns(data_cfg).items() if k != "label_column"])
-    frame = task.normalise_labels(frame, data_cfg.label_column)
-    for value, where in zip(frame[data_cfg.label_column], frame["_where"], strict=True):
-        if value not in loaded.labels.values:
-            raise UserError(
-                where,
-                f"label {value!r}, unknown to this run",
-                "one of " + ", ".join(map(repr, loaded.labels.values)),
-            )
+    task, data_cfg = loaded.task, loaded.recipe.data
+    frame = task.eval_frame(data, data_cfg, loaded.labels)
     dataset = task.encode(frame, loaded.tokenizer, loaded.labels, data_cfg)
-    logits = logits_of(loaded.model, loaded.tokenizer, dataset)
-    return task.full_report(np.asarray(dataset["labels"]), logits, loaded.labels)
+    return task.report(loaded.model, loaded.tokenizer, dataset, loaded.labels)
 
 
 def predict(run_dir: str, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
-    """Label, score and class probabilities for each text."""
-    import pandas as pd
-
+    """The task's prediction for each text: label + probabilities, or the entities found."""
     loaded = load_run(run_dir)
-    data_cfg = loaded.recipe.data
-    columns = {data_cfg.text_column: texts, "_where": [f"text {i + 1}" for i in range(len(texts))]}
-    if data_cfg.text_pair_column:
-        if not text_pairs or len(text_pairs) != len(texts):
-            raise UserError(
-                "--pair",
-                f"{len(text_pairs or [])} second texts",
-                f"{len(texts)}, one per text (this run takes text pairs)",
-            )
-        columns[data_cfg.text_pair_column] = text_pairs
-    frame = pd.DataFrame(columns)
-    check_texts(frame, [c for c in columns if c != "_where"])
-    dataset = classification.encode(frame, loaded.tokenizer, None, data_cfg)
-    probs = torch.softmax(torch.from_numpy(logits_of(loaded.model, loaded.tokenizer, dataset)), -1).numpy()
-    names = loaded.labels.names
-    return [
-        {
-            "text": t,
-            "label": names[int(p.argmax())],
-            "score": float(p.max()),
-            "probs": dict(zip(names, map(float, p), strict=True)),
-        }
-        for t, p in zip(texts, probs, strict=True)
-    ]
+    return loaded.task.predict(
+        loaded.model, loaded.tokenizer, loaded.labels, loaded.recipe.data, texts, text_pairs
+    )
