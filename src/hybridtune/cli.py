@@ -54,7 +54,7 @@ def train(
 ) -> None:
     """Train a recipe (default: MiniLM fully fine-tuned on Rotten Tomatoes) and evaluate it on the test split."""
     from hybridtune import api
-    from hybridtune.report.console import console, eval_tables, params_table
+    from hybridtune.report.console import console, params_table
 
     recipe = _recipe(args)
     console.print(
@@ -63,7 +63,7 @@ def train(
     summary = api.train(recipe)
     run = Path(summary["run_dir"])
     console.print(params_table(json.loads((run / "params.json").read_text())))
-    for table in eval_tables(json.loads((run / "eval.json").read_text())):
+    for table in api.TASKS[recipe.task].eval_tables(json.loads((run / "eval.json").read_text())):
         console.print(table)
     console.print(
         f"trained in {summary['train_seconds']:.0f} s ({summary['train_samples_per_second']:.1f} samples/s, "
@@ -80,15 +80,16 @@ def eval_(
     ),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
-    """Evaluate a finished run: accuracy, macro-F1, per-class report, confusion matrix."""
+    """Evaluate a finished run: accuracy, macro-F1, per-class report, confusion matrix (classification);
+    entity precision / recall / F1 per type (token classification)."""
     from hybridtune import api
-    from hybridtune.report.console import console, eval_tables
+    from hybridtune.report.console import console
 
     report = api.evaluate(run_dir, data)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    for table in eval_tables(report, title=data or "test"):
+    for table in api.task_of(run_dir).eval_tables(report, title=data or "test"):
         console.print(table)
 
 
@@ -96,11 +97,11 @@ def eval_(
 @friendly
 def predict(
     run_dir: str = typer.Argument(..., help="a run dir written by `hybridtune train`"),
-    texts: list[str] = typer.Argument(None, help="texts to classify"),
+    texts: list[str] = typer.Argument(None, help="texts to classify or to tag"),
     file: Path = typer.Option(None, "--file", "-f", help="a text file, one text per line"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object per text"),
 ) -> None:
-    """Classify texts with a finished run."""
+    """Classify texts (or find their entities) with a finished run."""
     from hybridtune import api
 
     items = list(texts or [])
@@ -114,8 +115,9 @@ def predict(
         items += [line for line in lines if line.strip()]
     if not items:
         raise UserError("predict", "no text", "texts as arguments or --file FILE")
+    task = api.task_of(run_dir)
     for row in api.predict(run_dir, items):
-        typer.echo(json.dumps(row) if as_json else f"{row['label']}\t{row['score']:.4f}\t{row['text']}")
+        typer.echo(json.dumps(row) if as_json else task.format_prediction(row))
 
 
 @app.command()

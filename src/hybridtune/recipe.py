@@ -49,8 +49,9 @@ class SplitConfig(Section):
 class DataConfig(Section):
     source: str | None = Field(
         "bundled:rotten_tomatoes",
-        description="bundled:rotten_tomatoes | bundled:imdb | a csv/tsv/jsonl/parquet file | a saved HF dataset dir; "
-        "split into train/validation/test by `split`",
+        description="bundled:rotten_tomatoes | bundled:imdb | bundled:wnut16 | a csv/tsv/jsonl/parquet file | "
+        "a CoNLL token file (.conll/.txt/.bio) | a saved HF dataset dir; split into train/validation/test by "
+        "`split`; default: the task's bundled data set",
     )
     train: str | None = Field(None, description="explicit train file (instead of `source`)")
     validation: str | None = None
@@ -58,6 +59,8 @@ class DataConfig(Section):
     text_column: str = "text"
     text_pair_column: str | None = Field(None, description="second text for sentence-pair tasks")
     label_column: str = "label"
+    tokens_column: str = Field("tokens", description="token_classification: the list of words of a row")
+    tags_column: str = Field("tags", description="token_classification: the list of BIO tags of a row")
     split: SplitConfig = SplitConfig()
     max_length: int = Field(128, ge=8, le=32768, description="tokens per example (longer ones are truncated)")
     max_train_samples: int | None = Field(None, ge=1, description="use only the first N training examples")
@@ -86,7 +89,12 @@ class DataConfig(Section):
 
 
 class EarlyStoppingConfig(Section):
-    metric: Literal["accuracy", "f1_macro", "loss"] = "accuracy"
+    metric: Literal["accuracy", "f1_macro", "f1", "precision", "recall", "loss"] | None = Field(
+        None,
+        description="validation metric for early stopping and the best checkpoint; default: the task's "
+        "main metric (classification: accuracy; token_classification: entity f1, which alone has "
+        "f1 / precision / recall)",
+    )
     patience: int | None = Field(
         2, ge=1, description="evaluations without improvement before stopping; null = off"
     )
@@ -117,9 +125,24 @@ class OutputConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (the best is always kept)")
 
 
+# per task: the bundled data a recipe without `data` trains on, the metrics its validation reports
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {
+        "source": "bundled:rotten_tomatoes",
+        "metric": "accuracy",
+        "metrics": ("accuracy", "f1_macro", "loss"),
+    },
+    "token_classification": {
+        "source": "bundled:wnut16",
+        "metric": "f1",
+        "metrics": ("f1", "precision", "recall", "accuracy", "f1_macro", "loss"),
+    },
+}
+
+
 class Recipe(Section):
     name: str = "default"
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "token_classification"] = "classification"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     # strategy parts, applied in the fixed order of hybridtune.strategy.PARTS
@@ -131,6 +154,21 @@ class Recipe(Section):
     stages: StagesConfig | None = None
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _task_defaults(self) -> Recipe:
+        defaults = TASK_DEFAULTS[self.task]
+        if "source" not in self.data.model_fields_set and not self.data.train:
+            self.data.source = defaults["source"]
+        stopping = self.train.early_stopping
+        if stopping.metric is None:
+            stopping.metric = defaults["metric"]
+        elif stopping.metric not in defaults["metrics"]:
+            raise ValueError(
+                f"train.early_stopping.metric: found {stopping.metric!r}, not a {self.task} metric; "
+                f"expected one of {', '.join(defaults['metrics'])}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
@@ -269,6 +307,10 @@ def _user_error(e: ValidationError, origin: str) -> UserError:
         return UserError(
             where, f"unknown key '{key}'", "one of " + ", ".join(allowed) if allowed else "no such key", hint
         )
+    # a check across sections names its own key: "key.path: found X; expected Y"
+    pointed = re.fullmatch(r"Value error, ([\w.\[\]]+): found (.+); expected (.+)", err["msg"], re.S)
+    if pointed:
+        return UserError(f"{origin}: {pointed[1]}", pointed[2], pointed[3])
     found = err.get("input")
     found_text = "nothing" if found is None else f"{found!r} ({type(found).__name__})"
     if err["type"] == "missing":

@@ -28,19 +28,19 @@ TAG = re.compile(r"[BI]-\S+")
 EXPECTED_TAG = "O, B-<type> or I-<type> (BIO/IOB2 tags)"
 
 
-def bio_problem(tags: Sequence[str]) -> tuple[int, str, str] | None:
+def bio_problem(tags: Sequence[str], previous: str | None = None) -> tuple[int, str, str] | None:
     """(index, found, expected) of the first tag that breaks IOB2, or None when all are fine.
+    `previous`: the tag before `tags[0]` in the same sentence (None: `tags` starts the sentence).
 
     IOB2 (Tjong Kim Sang & Veenstra 1999): every entity starts with B-; I-x only continues a B-x or I-x.
     The looser IOB1 (an entity may start with I-) is refused rather than guessed at."""
-    previous = "O"
     for i, tag in enumerate(tags):
         if not isinstance(tag, str):
             return i, f"tag {tag!r} ({type(tag).__name__})", "a tag name such as B-person"
         if tag != "O" and not TAG.fullmatch(tag):
             return i, f"tag {tag!r}", EXPECTED_TAG
-        if tag.startswith("I-") and previous[2:] != tag[2:]:
-            after = "the start of the sentence" if i == 0 else f"{previous!r}"
+        if tag.startswith("I-") and (previous or "O")[2:] != tag[2:]:
+            after = "the start of the sentence" if previous is None else f"{previous!r}"
             return i, f"{tag!r} after {after}", f"B-{tag[2:]} before the first I-{tag[2:]} of an entity"
         previous = tag
     return None
@@ -71,7 +71,7 @@ def read_conll(path: Path) -> pd.DataFrame:
             continue
         if not tokens:
             first = lineno
-        problem = bio_problem([*tags[-1:], tag])  # the tags before are valid: only this one can fail
+        problem = bio_problem([tag], tags[-1] if tags else None)
         if problem:
             raise UserError(where, f"{problem[1]} (token {token!r})", problem[2])
         tokens.append(token)

@@ -11,12 +11,17 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
+from hybridtune.data import Splits, check_columns, check_texts
+from hybridtune.data import load_splits as load_data_splits
+from hybridtune.data.sources import read_table
 from hybridtune.errors import UserError
 
 NAME = "classification"
 peft_task_type = "SEQ_CLS"
+HEADLINE = ("accuracy", "f1_macro", "n")  # the test metrics in report.json's summary
 
 
 @dataclass
@@ -69,6 +74,10 @@ def row_checker(data_cfg):
     return lambda frame: normalise_labels(frame, data_cfg.label_column)
 
 
+def load_splits(data_cfg) -> Splits:
+    return load_data_splits(data_cfg, columns(data_cfg), data_cfg.label_column, row_checker(data_cfg))
+
+
 def normalise_labels(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     values = [_as_label(v, w) for v, w in zip(frame[column], frame["_where"], strict=True)]
     first_kind = isinstance(values[0], int)
@@ -83,8 +92,9 @@ def normalise_labels(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     return frame
 
 
-def label_space(splits, column: str) -> Labels:
+def label_space(splits, data_cfg) -> Labels:
     """Labels seen in training, sorted; validation/test labels must be among them."""
+    column = data_cfg.label_column
     values = sorted(set(splits.train[column]))
     if len(values) < 2:
         raise UserError(
@@ -132,6 +142,16 @@ def load_model(path: str, tokenizer, labels: Labels):
     )
 
 
+def collator(tokenizer):
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer)
+
+
+def make_compute_metrics(labels: Labels):
+    return compute_metrics
+
+
 def compute_metrics(eval_pred) -> dict[str, float]:
     logits, y_true = eval_pred
     logits = logits[0] if isinstance(logits, tuple) else logits
@@ -157,3 +177,80 @@ def full_report(y_true: np.ndarray, logits: np.ndarray, labels: Labels) -> dict:
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
         "labels": labels.names,
     }
+
+
+@torch.no_grad()
+def logits_of(model: torch.nn.Module, tokenizer, dataset, batch_size: int = 128) -> np.ndarray:
+    """Logits for every row of a tokenized dataset, in order (dynamic padding per batch)."""
+    collate = collator(tokenizer)
+    model.eval()
+    device = next(model.parameters()).device
+    features = [{k: v for k, v in row.items() if k != "labels"} for row in dataset]
+    out = []
+    for i in range(0, len(features), batch_size):
+        batch = {k: v.to(device) for k, v in collate(features[i : i + batch_size]).items()}
+        out.append(model(**batch).logits.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def report(model: torch.nn.Module, tokenizer, dataset, labels: Labels) -> dict:
+    """`full_report` of the model's predictions on an encoded dataset (with labels)."""
+    return full_report(np.asarray(dataset["labels"]), logits_of(model, tokenizer, dataset), labels)
+
+
+def eval_frame(data: str | None, data_cfg, labels: Labels) -> pd.DataFrame:
+    """The rows to evaluate: the recipe's test split, or every row of `data` (a file or dataset dir)."""
+    if data is None:
+        frame = load_splits(data_cfg).test
+    else:
+        frame = read_table(data, "--data")
+        if isinstance(frame, dict):
+            frame = frame["test"] if "test" in frame else next(iter(frame.values()))
+        check_columns(frame, columns(data_cfg), data)
+        check_texts(frame, [c for k, c in columns(data_cfg).items() if k != "label_column"])
+        frame = normalise_labels(frame, data_cfg.label_column)
+    for value, where in zip(frame[data_cfg.label_column], frame["_where"], strict=True):
+        if value not in labels.values:
+            raise UserError(
+                where,
+                f"label {value!r}, unknown to this run",
+                "one of " + ", ".join(map(repr, labels.values)),
+            )
+    return frame
+
+
+def predict(model, tokenizer, labels: Labels, data_cfg, texts: list[str], text_pairs=None) -> list[dict]:
+    """Label, score and class probabilities for each text."""
+    columns = {data_cfg.text_column: texts, "_where": [f"text {i + 1}" for i in range(len(texts))]}
+    if data_cfg.text_pair_column:
+        if not text_pairs or len(text_pairs) != len(texts):
+            raise UserError(
+                "--pair",
+                f"{len(text_pairs or [])} second texts",
+                f"{len(texts)}, one per text (this run takes text pairs)",
+            )
+        columns[data_cfg.text_pair_column] = text_pairs
+    frame = pd.DataFrame(columns)
+    check_texts(frame, [c for c in columns if c != "_where"])
+    dataset = encode(frame, tokenizer, None, data_cfg)
+    probs = torch.softmax(torch.from_numpy(logits_of(model, tokenizer, dataset)), -1).numpy()
+    names = labels.names
+    return [
+        {
+            "text": t,
+            "label": names[int(p.argmax())],
+            "score": float(p.max()),
+            "probs": dict(zip(names, map(float, p), strict=True)),
+        }
+        for t, p in zip(texts, probs, strict=True)
+    ]
+
+
+def format_prediction(row: dict) -> str:
+    return f"{row['label']}\t{row['score']:.4f}\t{row['text']}"
+
+
+def eval_tables(report: dict, title: str = "test") -> list:
+    from hybridtune.report.console import eval_tables as tables
+
+    return tables(report, title=title)
