@@ -159,6 +159,7 @@ def make_trainer(
     compute_metrics,
     plan,
     callbacks: list[TrainerCallback] = (),
+    collator=None,
 ) -> Trainer:
     from hybridtune.strategy.stages import StageCallback
 
@@ -173,7 +174,7 @@ def make_trainer(
         args=args,
         train_dataset=datasets["train"],
         eval_dataset=datasets["validation"],
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=collator or DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
         callbacks=callbacks,
