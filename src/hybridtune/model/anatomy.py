@@ -17,12 +17,15 @@ a PEFT-wrapped one (`base_model.model.` is stripped; LoRA's `lora_A` sits under 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-PEFT_PREFIX = "base_model.model."
+# PeftModel -> tuner (LoraModel, ...) -> model; prompt learning: PeftModel -> model
+PEFT_PREFIX = re.compile(r"^base_model\.(model\.)?")
+MODULES_TO_SAVE = re.compile(r"(?<=\.)(modules_to_save\.[^.]+|original_module)\.")
 SLOTS_FIXED = ("embeddings", "final_norm", "head")
 
 
@@ -37,8 +40,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def canonical(name: str) -> str:
-    """A parameter name of a PEFT-wrapped model, as it reads on the plain model."""
-    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+    """A parameter name of a PEFT-wrapped model, as it reads on the plain model (also inside peft's
+    `modules_to_save` wrapper: its trained copy and the original both read as the module itself)."""
+    return MODULES_TO_SAVE.sub("", PEFT_PREFIX.sub("", name))
 
 
 @dataclass
@@ -113,3 +117,69 @@ def count(params: list[tuple[str, torch.nn.Parameter]]) -> tuple[int, int]:
     """(total, trainable) elements."""
     total = sum(p.numel() for _, p in params)
     return total, sum(p.numel() for _, p in params if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------------
+# inside a block: where attention and the feed-forward network write their output
+
+ATTENTION_HINTS = ("attn", "attention")  # BERT `attention`, GPT-2 `attn`, Llama `self_attn`, DistilBERT `attention`
+KEY_NAMES = ("key", "k_proj", "k_lin", "k", "wk")
+VALUE_NAMES = ("value", "v_proj", "v_lin", "v", "wv")
+FUSED_QKV_NAMES = ("c_attn", "query_key_value", "Wqkv", "qkv_proj", "qkv")
+
+
+def live(module: nn.Module) -> nn.Module:
+    """The module that actually runs: peft's `ModulesToSaveWrapper` forwards to its active trainable copy."""
+    while hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+        module = module.modules_to_save[module.active_adapters[0]]
+    return module
+
+
+def linear_layers(module: nn.Module, prefix: str = ""):
+    """(path, layer) of the linear-like layers under `module`, in registration order (= forward order in
+    transformers' code): nn.Linear, GPT-2's Conv1D, or a peft layer wrapping one (a leaf: its lora_A/B
+    are not the model's projections)."""
+    for name, child in module.named_children():
+        child = live(child)
+        path = prefix + name
+        if isinstance(child, nn.Linear) or type(child).__name__ == "Conv1D" or hasattr(child, "base_layer"):
+            yield path, child
+        else:
+            yield from linear_layers(child, path + ".")
+
+
+@dataclass
+class BlockLayout:
+    """Block-relative paths of the projections adapters and IA3 attach to (None where not found)."""
+
+    attn_out: str | None  # the attention's output projection (BERT attention.output.dense, GPT-2 attn.c_proj)
+    ffn_out: str | None  # the feed-forward network's output projection (output.dense, mlp.c_proj, mlp.down_proj)
+    keys: list[str]  # key and value projections, or the fused qkv projection
+    values: list[str]
+
+
+def block_layout(block: nn.Module) -> BlockLayout:
+    """Found by shape, not by a table per architecture: the first child named like attention is the
+    self-attention, its last linear layer the output projection; the last linear layer outside any
+    attention child is the FFN's output (down) projection."""
+    block = live(block)
+    children = list(block.named_children())
+    attention = next((n for n, _ in children if any(h in n.lower() for h in ATTENTION_HINTS)), None)
+    in_attn = list(linear_layers(live(block.get_submodule(attention)), attention + ".")) if attention else []
+    outside = [
+        (p, m)
+        for n, c in children
+        if not any(h in n.lower() for h in ATTENTION_HINTS)
+        for p, m in linear_layers(live(c), n + ".")
+    ]
+    leaf = {p: p.rsplit(".", 1)[-1] for p, _ in in_attn}
+    keys = [p for p, name in leaf.items() if name in KEY_NAMES]
+    values = [p for p, name in leaf.items() if name in VALUE_NAMES]
+    if not keys and not values:
+        keys = values = [p for p, name in leaf.items() if name in FUSED_QKV_NAMES]
+    return BlockLayout(
+        attn_out=in_attn[-1][0] if len(in_attn) > 1 else None,
+        ffn_out=outside[-1][0] if outside else None,
+        keys=keys,
+        values=values,
+    )
