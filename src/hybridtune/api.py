@@ -11,6 +11,7 @@ Everything that can fail on the user's input (recipe, data, model, output dir) i
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from hybridtune.model.anatomy import Anatomy
 from hybridtune.model.loading import load_tokenizer, resolve
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from hybridtune.report.params import param_table
-from hybridtune.strategy.plan import Plan, make_plan
+from hybridtune.strategy.plan import Plan, make_plan, steps_per_epoch
 from hybridtune.tasks import classification, token_classification
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
 
@@ -63,7 +64,14 @@ def prepare(recipe: Recipe) -> Prepared:
     model, new_params = task.load_model(path, tokenizer, labels)
     anatomy = Anatomy.of(model)
     base_ids = {id(p) for p in model.parameters()}
-    build = strategy.Build(anatomy=anatomy, task=task, new_params=new_params)
+    build = strategy.Build(
+        anatomy=anatomy,
+        task=task,
+        new_params=new_params,
+        tokenizer=tokenizer,
+        max_length=data_cfg.max_length,
+        total_steps=planned_steps(recipe.train, len(splits.train)),
+    )
     model = strategy.apply(model, recipe, build)
     plan = make_plan(model, recipe, anatomy, base_ids, len(splits.train))
     params = param_table(model, anatomy, base_ids, plan.lrs)
@@ -76,6 +84,12 @@ def prepare(recipe: Recipe) -> Prepared:
         for name in ("train", "validation", "test")
     }
     return Prepared(recipe, task, splits, labels, tokenizer, model, anatomy, build, plan, params, datasets)
+
+
+def planned_steps(train, n_train: int) -> int:
+    """The optimizer steps the run will take, counted as Trainer counts them."""
+    per_epoch = steps_per_epoch(n_train, train.batch_size, train.grad_accum)
+    return train.max_steps or math.ceil(train.epochs * per_epoch)
 
 
 def params(recipe: Recipe) -> dict:
@@ -126,7 +140,9 @@ def train(recipe: Recipe | None = None) -> dict:
     model = trainer.model
 
     def save(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        own = strategy.save(model, recipe, tmp)  # adapters, a soft prompt: files of their own
+        base = {k: v for k, v in model.state_dict().items() if k not in own}
+        model.save_pretrained(tmp, **({"state_dict": base} if own else {}))
         prep.tokenizer.save_pretrained(tmp)
 
     rundir.save_dir_atomically(run / "final", save)
@@ -187,6 +203,7 @@ def load_run(run_dir: str) -> LoadedRun:
         model = PeftModel.from_pretrained(base, final)
     else:
         model, _ = task.load_model(final, tokenizer, labels)
+    model = strategy.restore(model, recipe, final)
     model.eval()
     return LoadedRun(run, recipe, model, tokenizer, labels, task)
 

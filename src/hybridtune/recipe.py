@@ -15,9 +15,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hybridtune.errors import UserError, did_you_mean
+from hybridtune.strategy.adapters import AdaptersConfig
 from hybridtune.strategy.freeze import FreezeConfig
 from hybridtune.strategy.lr import LrConfig
 from hybridtune.strategy.peft import PeftConfig
+from hybridtune.strategy.prompt import SoftPromptConfig
 from hybridtune.strategy.schedule import ScheduleConfig
 from hybridtune.strategy.stages import StagesConfig
 
@@ -148,6 +150,8 @@ class Recipe(Section):
     # strategy parts, applied in the fixed order of hybridtune.strategy.PARTS
     freeze: FreezeConfig | None = None
     peft: PeftConfig | None = None
+    adapters: AdaptersConfig | None = None
+    soft_prompt: SoftPromptConfig | None = None
     # the training plan
     lr: LrConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()

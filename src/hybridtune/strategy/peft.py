@@ -5,12 +5,28 @@
       r: 8
       lora_alpha: 16
       lora_dropout: 0.1
-      target_modules: auto  # per-architecture default (peft's table, else the attention q/v projections)
+      target_modules: auto  # per-architecture default (peft's table, else found in the blocks)
+      layers_to_transform: [4, 5]   # any other key of the method's peft config passes through
 
 The keys are the fields of peft's config dataclass for that method (`LoraConfig`, `IA3Config`, ...):
 peft's own typed arguments are the schema, so nothing here can drift from the installed peft. Unknown
-keys and wrong types are refused with the key path and a did-you-mean. `dora` is LoRA with
-`use_dora: true` (Liu et al. 2024).
+keys and wrong types are refused with the key path and a did-you-mean. Methods and their papers:
+LoRA (Hu et al. 2021), `dora` = LoRA with `use_dora: true` (Liu et al. 2024), AdaLoRA (Zhang et al.
+2023), IA3 (Liu et al. 2022), prefix tuning (Li & Liang 2021), prompt tuning (Lester et al. 2021),
+p-tuning (Liu et al. 2021).
+
+Filled in from the run, never by the user: AdaLoRA's `total_step` (the run's optimizer steps) and its
+`update_and_allocate` after every optimizer step (a callback); prompt tuning's tokenizer for
+`prompt_tuning_init: TEXT`. IA3 on an architecture peft has no table for targets the key and value
+projections and the FFN's output projection (its input scaled: the paper's l_ff) found in the blocks.
+
+With `freeze` (e.g. LoRA everywhere + the top block trained fully), peft's own artifact holds only
+adapters and `modules_to_save`, so every module `freeze` keeps trainable becomes a `modules_to_save`
+entry: a trained copy that peft saves and `PeftModel.from_pretrained` restores, so final/ stays a
+plain peft adapter and loses nothing. peft never puts an adapter inside such a module (its rule), which
+is also what one wants: a full update subsumes a low-rank one. A selection that splits a module (only
+its bias, say) cannot be saved that way and is refused before training; BitFit + LoRA is peft's own
+`bias: all`.
 """
 
 from __future__ import annotations
@@ -21,8 +37,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, model_validator
 from torch import nn
+from transformers import TrainerCallback
 
 from hybridtune.errors import UserError, did_you_mean
+from hybridtune.model.anatomy import block_layout
 
 ALIASES = {"dora": ("lora", {"use_dora": True})}
 # set by the task, never by the user
@@ -42,7 +60,12 @@ QV_NAMES = (
     "Wqkv",
     "qkv_proj",
 )
-DEFAULTS = {"lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}}
+PROMPT_LEARNING = ("prefix_tuning", "prompt_tuning", "p_tuning")
+DEFAULTS = {
+    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1},
+    # peft leaves the prompt length unset; 20 is within the range the papers found enough
+    **{m: {"num_virtual_tokens": 20} for m in PROMPT_LEARNING},
+}
 
 
 def peft_methods() -> dict[str, type]:
@@ -91,39 +114,199 @@ class PeftConfig(BaseModel):
         return self
 
     def kwargs(self) -> dict[str, Any]:
-        out = dict(DEFAULTS.get(self.method, {}))
-        out.update(ALIASES.get(self.method, (None, {}))[1])
+        base, extra = ALIASES.get(self.method, (self.method, {}))
+        out = dict(DEFAULTS.get(base, {}))
+        out.update(extra)
         out.update(self.model_extra or {})
         return out
 
 
-def default_target_modules(model: nn.Module, anatomy) -> list[str] | None:
-    """peft's per-architecture default when it has one, else the q/v projections found in block 0."""
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+# --------------------------------------------------------------------------------------------------
+# defaults per architecture
 
-    if getattr(model.config, "model_type", None) in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING:
-        return None
+
+def _peft_table(method: str) -> dict:
+    from peft import utils
+
+    name = {"ia3": "IA3", "adalora": "ADALORA"}.get(method, "LORA")
+    return getattr(utils, f"TRANSFORMERS_MODELS_TO_{name}_TARGET_MODULES_MAPPING")
+
+
+def default_target_modules(model: nn.Module, anatomy, method: str = "lora") -> dict[str, Any]:
+    """{} where peft has a default for the architecture, else target_modules found in block 0
+    (IA3: also feedforward_modules)."""
+    if getattr(model.config, "model_type", None) in _peft_table(method):
+        return {}
+    if method == "ia3":
+        return ia3_modules(model, anatomy)
     block0 = model.get_submodule(f"{anatomy.blocks_path}.0")
     leaves = {name.rsplit(".", 1)[-1] for name, m in block0.named_modules() if isinstance(m, nn.Linear)}
     found = [n for n in QV_NAMES if n in leaves]
-    return found or ["all-linear"]
+    return {"target_modules": found or ["all-linear"]}
+
+
+def ia3_modules(model: nn.Module, anatomy) -> dict[str, list[str]]:
+    """IA3 (Liu et al. 2022) rescales keys, values and the FFN's inner activation; the last is the
+    input of the FFN's output projection, a peft `feedforward_modules` entry. Full module names,
+    because block-relative suffixes are ambiguous (BERT's `output.dense` also ends
+    `attention.output.dense`)."""
+    targets: list[str] = []
+    feedforward: list[str] = []
+    for i in range(anatomy.num_blocks):
+        prefix = f"{anatomy.blocks_path}.{i}."
+        layout = block_layout(model.get_submodule(prefix[:-1]))
+        targets += [prefix + p for p in dict.fromkeys(layout.keys + layout.values)]
+        if layout.ffn_out:
+            targets.append(prefix + layout.ffn_out)
+            feedforward.append(prefix + layout.ffn_out)
+    if not targets or not feedforward:
+        raise UserError(
+            "peft.target_modules",
+            f"no key/value or feed-forward projections found in {type(model).__name__}'s blocks",
+            "target_modules and feedforward_modules given explicitly",
+        )
+    return {"target_modules": targets, "feedforward_modules": feedforward}
+
+
+# --------------------------------------------------------------------------------------------------
+# checks before training
+
+
+def _position_limit(model: nn.Module) -> int | None:
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def check_prompt_learning(model: nn.Module, method: str, n_virtual: int, build) -> None:
+    """Refuse what peft's prompt learning cannot do on this model, before training."""
+    limit = _position_limit(model)
+    if limit and build.max_length and n_virtual + build.max_length > limit:
+        raise UserError(
+            "peft.num_virtual_tokens",
+            f"{n_virtual} virtual tokens + data.max_length {build.max_length} = "
+            f"{n_virtual + build.max_length} positions",
+            f"at most {limit}, the positions {type(model).__name__} has (lower one of them)",
+        )
+    # prompt/p-tuning hand the model inputs_embeds without input_ids; a decoder's classification head
+    # (`score`) then cannot find the last non-padding token and reads the last position: a pad token
+    # whenever the batch is padded on the right
+    padding = getattr(build.tokenizer, "padding_side", "right")
+    if method in ("prompt_tuning", "p_tuning") and hasattr(model, "score") and padding != "left":
+        raise UserError(
+            "peft.method",
+            f"{method} on {type(model).__name__}, a decoder that classifies from its last token",
+            "prefix_tuning, or `soft_prompt:` (which keeps the input ids) for a continuous prompt",
+        )
+
+
+def modules_to_keep(model: nn.Module, keep: dict[int, nn.Parameter]) -> list[str]:
+    """The largest modules whose parameters `freeze` keeps trainable, all of them; refuses a
+    selection that splits a module (peft saves trained base weights only as whole modules)."""
+    chosen: list[str] = []
+    covered: set[int] = set()
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(c + ".") for c in chosen):
+            continue
+        params = list(module.parameters())
+        if params and all(id(p) in keep for p in params):
+            chosen.append(name)
+            covered |= {id(p) for p in params}
+    split = [n for n, p in model.named_parameters() if id(p) in keep and id(p) not in covered]
+    if split:
+        more = f" and {len(split) - 1} more" if len(split) > 1 else ""
+        raise UserError(
+            "freeze",
+            f"a selection that splits a module ({split[0]}{more}, without the rest of its module) "
+            "together with peft",
+            "whole modules (peft saves trained base weights as whole `modules_to_save` modules); "
+            "for BitFit + LoRA use peft's own `peft.bias: all`",
+        )
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def apply(model: nn.Module, config: PeftConfig, build) -> nn.Module:
     from peft import get_peft_model
 
-    cls = peft_methods()[config.method]
+    method = config.method
+    cls = peft_methods()[method]
+    fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = config.kwargs()
-    if kwargs.get("target_modules") == "auto" or (
-        "target_modules" in {f.name for f in dataclasses.fields(cls)} and "target_modules" not in kwargs
+    base_method = ALIASES.get(method, (method,))[0]
+    if "target_modules" in fields and kwargs.get("target_modules", "auto") == "auto":
+        kwargs.pop("target_modules", None)
+        defaults = default_target_modules(model, build.anatomy, base_method)
+        kwargs.update({k: v for k, v in defaults.items() if k not in kwargs})
+    elif (
+        method == "ia3"
+        and "feedforward_modules" not in kwargs
+        and model.config.model_type not in _peft_table("ia3")
     ):
-        kwargs["target_modules"] = default_target_modules(model, build.anatomy)
-        if kwargs["target_modules"] is None:
-            kwargs.pop("target_modules")
+        raise UserError(
+            "peft.feedforward_modules",
+            f"nothing, with target_modules given, on {model.config.model_type} (peft has no IA3 default for it)",
+            "the feed-forward modules among target_modules (IA3 rescales their input)",
+        )
+    if method == "adalora" and "total_step" not in kwargs:
+        kwargs["total_step"] = build.total_steps
+    if method == "prompt_tuning" and str(kwargs.get("prompt_tuning_init", "")).upper() == "TEXT":
+        kwargs.setdefault("tokenizer_name_or_path", getattr(build.tokenizer, "name_or_path", None))
+    if method in PROMPT_LEARNING:
+        check_prompt_learning(model, method, kwargs["num_virtual_tokens"], build)
+    if build.keep:
+        kwargs["modules_to_save"] = [
+            *(kwargs.get("modules_to_save") or []),
+            *modules_to_keep(model, build.keep),
+        ]
     try:
         peft_config = cls(task_type=build.task.peft_task_type, **kwargs)
-        return get_peft_model(model, peft_config)
+        model = get_peft_model(model, peft_config)
     except (ValueError, TypeError) as e:
         raise UserError(
             "peft", f"a configuration peft refuses ({e})", f"valid {cls.__name__} arguments"
         ) from None
+    saved = model.peft_config["default"]
+    if saved.modules_to_save:  # the task adds the head again; once is enough in adapter_config.json
+        saved.modules_to_save = list(dict.fromkeys(saved.modules_to_save))
+    build.keep.clear()  # all taken over: the originals stay frozen, the modules_to_save copies train
+    return model
+
+
+def callbacks(model: nn.Module, config: PeftConfig, build) -> list[TrainerCallback]:
+    if config.method != "adalora":
+        return []
+    return [AdaLoraBudget(model, derive_total="total_step" not in (config.model_extra or {}))]
+
+
+class AdaLoraBudget(TrainerCallback):
+    """AdaLoRA (Zhang et al. 2023) re-allocates the rank budget from each step's gradients: peft's
+    `update_and_allocate(step)` must run after `optimizer.step()` and before `zero_grad()`. Trainer's
+    `on_optimizer_step` fires exactly there (transformers' Trainer: on_pre_optimizer_step ->
+    optimizer.step() -> on_optimizer_step -> lr_scheduler.step() -> zero_grad()), with
+    `state.global_step` still the 0-based index of the step just taken, as in peft's example."""
+
+    def __init__(self, model: nn.Module, derive_total: bool):
+        self.tuner = model.base_model  # the AdaLoraModel under the PeftModel
+        self.derive_total = derive_total
+
+    def _config(self):
+        return self.tuner.peft_config[self.tuner.trainable_adapter_name]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.derive_total and state.max_steps > 0:
+            self._config().total_step = state.max_steps  # Trainer's own count wins over the plan's
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.tuner.update_and_allocate(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        # peft saves only the ranks the budget kept; ranks masked at the last allocation may have moved
+        # since, so mask them again and the model in memory is the model saved
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            return  # Trainer reloaded a saved checkpoint: already resized to its rank pattern
+        pattern = self._config().rank_pattern
+        allocator = getattr(self.tuner, "rankallocator", None)
+        if pattern and allocator is not None:
+            allocator.mask_using_rank_pattern(self.tuner.model, pattern)
