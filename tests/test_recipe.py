@@ -90,3 +90,10 @@ def test_every_recipe_in_the_repo_validates():
     assert recipes
     for path in recipes:
         load_recipe(path)
+
+
+def test_train_file_override_replaces_the_recipe_source():
+    recipe = load_recipe(None, ["data=bundled:imdb", "data.train=a.csv", "data.test=b.csv"])
+    assert recipe.data.source is None and recipe.data.train == "a.csv"
+    with pytest.raises(UserError, match="either `source`"):
+        load_recipe(None, ["data.train=a.csv", "data.source=bundled:imdb"])

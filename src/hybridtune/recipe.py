@@ -237,6 +237,8 @@ def apply_override(raw: dict, item: str) -> None:
         node[part] = child
         node = child
     node[parts[-1]] = value
+    if parts[:2] == ["data", "train"]:
+        node.pop("source", None)  # explicit files replace the recipe's source (a later data.source= sets it again)
 
 
 def validate_recipe(raw: dict, origin: str = "recipe") -> Recipe:

@@ -1,0 +1,246 @@
+"""Shared by the benchmark scripts: the same data for both sides, measured child processes, a matmul
+peak for MFU, and the side-by-side table with ratios.
+
+Each side runs as its own process (so its peak RSS is its own), alternating peer / hybridtune on
+every repeat (so drift of a noisy machine hits both), and the medians are compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def export_split(source: str = "bundled:rotten_tomatoes", max_train: int | None = None) -> Path:
+    """hybridtune's seeded split, written as jsonl so that the peer reads exactly the same rows."""
+    from hybridtune.data import load_splits
+    from hybridtune.recipe import DataConfig
+
+    cfg = DataConfig(source=source, max_train_samples=max_train)
+    splits = load_splits(cfg, {"text_column": "text", "label_column": "label"}, "label")
+    out = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    for name in ("train", "validation", "test"):
+        frame = splits[name][["text", "label"]].copy()
+        frame["label"] = frame["label"].astype(int)
+        frame.to_json(out / f"{name}.jsonl", orient="records", lines=True)
+    return out
+
+
+def run_child(cmd: list[str]) -> dict:
+    """Run a command; wall time and the child's peak RSS (MiB) from wait4's rusage."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    err = proc.stderr.read() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
+    return {"wall_s": wall, "max_rss_mib": usage.ru_maxrss / 1024}
+
+
+def peer(strategy: str, data: Path, out: Path, *, epochs: float, lr: float, best: bool, model: str) -> dict:
+    cmd = [
+        PYTHON,
+        str(ROOT / "benchmarks" / "peer.py"),
+        "--model",
+        model,
+        "--data",
+        str(data),
+        "--strategy",
+        strategy,
+        "--epochs",
+        str(epochs),
+        "--lr",
+        str(lr),
+        "--out",
+        str(out),
+    ]
+    if best:
+        cmd += ["--bf16", "--group-by-length"]
+    measured = run_child(cmd)
+    result = json.loads(out.read_text())
+    evals = [(e["time_s"], e["accuracy"]) for e in result["evals"]]
+    return {
+        **measured,
+        "samples_per_s": result["train_samples_per_second"],
+        "train_s": result["train_seconds"],
+        "test_accuracy": result["test_accuracy"],
+        "evals": evals,
+        "train_tokens": result["train_tokens"],
+    }
+
+
+def ours(recipe: str, data: Path, out_dir: Path, overrides: list[str]) -> dict:
+    cmd = [
+        PYTHON,
+        "-m",
+        "hybridtune",
+        "train",
+        str(ROOT / "recipes" / recipe),
+        f"data.train={data / 'train.jsonl'}",
+        f"data.validation={data / 'validation.jsonl'}",
+        f"data.test={data / 'test.jsonl'}",
+        f"output.dir={out_dir}",
+        "train.early_stopping.patience=null",
+        *overrides,
+    ]
+    measured = run_child(cmd)
+    run = max(out_dir.iterdir(), key=lambda p: p.stat().st_mtime)
+    report = json.loads((run / "report.json").read_text())
+    logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["time_s"], r["eval_accuracy"]) for r in logs if "eval_accuracy" in r]
+    return {
+        **measured,
+        "samples_per_s": report["train_samples_per_second"],
+        "train_s": report["train_seconds"],
+        "test_accuracy": report["test"]["accuracy"],
+        "evals": evals,
+    }
+
+
+def time_to(evals: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, acc in evals if acc is not None and acc >= target), None)
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> float:
+    """GFLOP/s of square matmuls in this process, the best of a few seconds of tries."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best, end = 0.0, time.perf_counter() + seconds
+    torch.matmul(a, b)
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def machine() -> str:
+    import torch
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+
+
+def median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def table(title: str, sides: dict[str, list[dict]], base: str, target: float | None = None) -> str:
+    """Medians per side and each side's ratio to `base` (higher throughput = better)."""
+    lines = [
+        f"## {title}",
+        "",
+        "| side | samples/s | train s | wall s | peak RSS MiB | test acc | time to target s | vs "
+        + base
+        + " (samples/s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    ref = median(sides[base], "samples_per_s")
+    for name, rows in sides.items():
+        if target is not None:
+            for r in rows:
+                r["tta"] = time_to(r["evals"], target)
+        sps = median(rows, "samples_per_s")
+        tta = median(rows, "tta") if target is not None else None
+        lines.append(
+            f"| {name} | {sps:.1f} | {median(rows, 'train_s'):.1f} | {median(rows, 'wall_s'):.1f} | {median(rows, 'max_rss_mib'):.0f} | "
+            f"{100 * median(rows, 'test_accuracy'):.2f} % | {'-' if tta is None else f'{tta:.1f}'} | {sps / ref:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def scenario(
+    name: str,
+    *,
+    peer_strategy: str,
+    recipe: str,
+    lr: float,
+    epochs: float,
+    repeats: int,
+    max_train: int | None,
+    target: float,
+    mfu: bool = False,
+) -> str:
+    """Peer at its defaults (fp32, random order), peer at its best (bf16, length-grouped) and hybridtune
+    (its defaults: precision auto, length-grouped), alternating, `repeats` times each."""
+    from hybridtune.model.loading import resolve
+
+    model = resolve("bundled:minilm")
+    data = export_split(max_train=max_train)
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    sides: dict[str, list[dict]] = {"peer (defaults)": [], "peer (best)": [], "hybridtune": []}
+    overrides = [f"train.epochs={epochs}", f"train.lr={lr}"]
+    for r in range(repeats):
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))
+        for side in order:
+            out = work / f"{side.replace(' ', '').replace('(', '-').replace(')', '')}-{r}"
+            out.mkdir()
+            if side == "hybridtune":
+                sides[side].append(ours(recipe, data, out, overrides))
+            else:
+                sides[side].append(
+                    peer(
+                        peer_strategy,
+                        data,
+                        out / "r.json",
+                        epochs=epochs,
+                        lr=lr,
+                        best="best" in side,
+                        model=model,
+                    )
+                )
+            print(
+                f"  repeat {r} {side}: {sides[side][-1]['samples_per_s']:.1f} samples/s, "
+                f"test {100 * sides[side][-1]['test_accuracy']:.2f} %",
+                flush=True,
+            )
+    text = table(
+        f"{name}: MiniLM, {max_train or 'all'} RT train sentences, {epochs:g} epoch(s), bs 32, lr {lr:g}, "
+        f"{repeats} repeats, medians",
+        sides,
+        "peer (defaults)",
+        target,
+    )
+    best = median(sides["peer (best)"], "samples_per_s")
+    text += (
+        f"\n\nhybridtune vs peer (best): {median(sides['hybridtune'], 'samples_per_s') / best:.2f}x samples/s"
+    )
+    if mfu:
+        import torch  # noqa: F401
+
+        n_params = 22_713_986 - 11_918_592  # MiniLM without the embedding tables (lookups, not matmuls)
+        tokens = sides["peer (defaults)"][0]["train_tokens"]
+        for dtype, side in (
+            ("float32", "peer (defaults)"),
+            ("bfloat16", "peer (best)"),
+            ("bfloat16", "hybridtune"),
+        ):
+            peak = matmul_peak(dtype)
+            achieved = 6 * n_params * tokens / median(sides[side], "train_s") / 1e9
+            text += f"\nMFU {side}: {achieved:.1f} GFLOP/s of a measured {dtype} matmul peak {peak:.0f} GFLOP/s = {100 * achieved / peak:.1f} %"
+    return text + f"\n\nmachine: {machine()}\n"
+
+
+def main(**kwargs) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=kwargs.pop("repeats", 3))
+    ap.add_argument("--max-train", type=int, default=kwargs.pop("max_train", 2000))
+    ap.add_argument("--epochs", type=float, default=kwargs.pop("epochs", 1))
+    args = ap.parse_args()
+    print(scenario(repeats=args.repeats, max_train=args.max_train or None, epochs=args.epochs, **kwargs))
