@@ -488,3 +488,24 @@ def test_bad_part_keys_name_the_key_and_the_choices(extra, where, says):
 def test_example_recipe_is_valid(name):
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / f"{name}.yaml")
     assert recipe.name == name and recipe.model.name == "bundled:minilm"
+
+
+def test_a_deep_copy_of_a_model_with_adapters_and_a_soft_prompt_runs_its_own_weights(quick):
+    import copy
+
+    prep = api.prepare(
+        load_recipe(
+            None,
+            quick(None, "data.max_length=64", "soft_prompt.num_virtual_tokens=4", "adapters.method=houlsby"),
+        )
+    )
+    model = prep.model.eval()
+    twin = copy.deepcopy(model)
+    batch = prep.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        before = model(**batch).logits
+        torch.testing.assert_close(twin(**batch).logits, before)
+        twin.soft_prompt.weight.normal_()
+        twin.bottleneck_adapters["0"]["ffn"].up.weight.normal_()
+        assert not torch.allclose(twin(**batch).logits, before)
+        assert torch.equal(model(**batch).logits, before)

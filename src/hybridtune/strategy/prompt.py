@@ -116,9 +116,10 @@ def _cached(past) -> bool:
 
 
 def _forward_with_prompt(base: nn.Module):
-    """An instance `forward` that extends the inputs, then runs the model's own forward."""
-    original = base.forward
-    signature = inspect.signature(original)
+    """An instance `forward` that extends the inputs, then runs the model's own forward. It holds
+    the unbound function, not the bound method, so that a deep copy of the model runs its own copy."""
+    original = getattr(base.forward, "__func__", type(base).forward)
+    signature = inspect.signature(base.forward)
 
     def forward(self, *args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs)
@@ -126,11 +127,11 @@ def _forward_with_prompt(base: nn.Module):
         for name, param in signature.parameters.items():
             if param.kind is inspect.Parameter.VAR_KEYWORD:
                 inputs.update(inputs.pop(name, {}))
-        return original(**getattr(self, ATTR).extend(inputs))
+        return original(self, **getattr(self, ATTR).extend(inputs))
 
-    # Trainer reads the signature to keep only the model's columns; the unbound function, so that
+    # Trainer reads the signature to keep only the model's columns: the unbound function, so that
     # inspect drops `self` and nothing else
-    forward.__wrapped__ = getattr(original, "__func__", original)
+    forward.__wrapped__ = original
     return types.MethodType(forward, base)
 
 
