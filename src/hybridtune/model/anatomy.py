@@ -122,7 +122,8 @@ def count(params: list[tuple[str, torch.nn.Parameter]]) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------------
 # inside a block: where attention and the feed-forward network write their output
 
-ATTENTION_HINTS = ("attn", "attention")  # BERT `attention`, GPT-2 `attn`, Llama `self_attn`, DistilBERT `attention`
+# BERT `attention`, GPT-2 `attn`, Llama `self_attn`, DistilBERT `attention`
+ATTENTION_HINTS = ("attn", "attention")
 KEY_NAMES = ("key", "k_proj", "k_lin", "k", "wk")
 VALUE_NAMES = ("value", "v_proj", "v_lin", "v", "wv")
 FUSED_QKV_NAMES = ("c_attn", "query_key_value", "Wqkv", "qkv_proj", "qkv")
@@ -152,8 +153,10 @@ def linear_layers(module: nn.Module, prefix: str = ""):
 class BlockLayout:
     """Block-relative paths of the projections adapters and IA3 attach to (None where not found)."""
 
-    attn_out: str | None  # the attention's output projection (BERT attention.output.dense, GPT-2 attn.c_proj)
-    ffn_out: str | None  # the feed-forward network's output projection (output.dense, mlp.c_proj, mlp.down_proj)
+    # the attention's output projection (BERT attention.output.dense, GPT-2 attn.c_proj)
+    attn_out: str | None
+    # the feed-forward network's output projection (output.dense, mlp.c_proj, mlp.down_proj)
+    ffn_out: str | None
     keys: list[str]  # key and value projections, or the fused qkv projection
     values: list[str]
 
