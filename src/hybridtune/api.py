@@ -130,10 +130,8 @@ def train(recipe: Recipe | None = None) -> dict:
         prep.task.make_compute_metrics(prep.labels),
         plan=prep.plan,
         callbacks=strategy.callbacks(prep.model, recipe, prep.build),
+        collator=prep.task.collator(prep.tokenizer),  # token classification pads its label lists too
     )
-    # the task's own batching (token classification pads its label lists too); Trainer reads this
-    # attribute each time it builds a data loader
-    trainer.data_collator = prep.task.collator(prep.tokenizer)
     started = time.perf_counter()
     out = trainer.train()
     train_seconds = time.perf_counter() - started
