@@ -74,7 +74,10 @@ def prepare(recipe: Recipe) -> Prepared:
     )
     model = strategy.apply(model, recipe, build)
     plan = make_plan(model, recipe, anatomy, base_ids, len(splits.train))
-    params = param_table(model, anatomy, base_ids, plan.lrs)
+    held = plan.optimizer_names(model)
+    params = param_table(model, anatomy, base_ids, {n: v for n, v in plan.lrs.items() if n in held})
+    if plan.stages is not None:
+        params["stages"] = plan.stage_summary(model)
     if params["trainable"] == 0:
         raise UserError(
             "freeze", "a strategy that leaves no parameter trainable", "at least one trainable parameter"
