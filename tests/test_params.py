@@ -33,8 +33,14 @@ def _independent_counts(model) -> dict[str, tuple[int, int]]:
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["freeze.trainable=[head]"], ["freeze.trainable=[bias, head]"], ["freeze.frozen=[embeddings, {bottom_k: 1}]"],
-     ["peft.method=lora"], ["peft.method=lora", "freeze.trainable=[{top_k: 1}]"]],
+    [
+        [],
+        ["freeze.trainable=[head]"],
+        ["freeze.trainable=[bias, head]"],
+        ["freeze.frozen=[embeddings, {bottom_k: 1}]"],
+        ["peft.method=lora"],
+        ["peft.method=lora", "freeze.trainable=[{top_k: 1}]"],
+    ],
 )
 def test_table_matches_an_independent_count_and_peft(quick, extra):
     prep = api.prepare(load_recipe(None, quick(None, *extra)))

@@ -69,7 +69,9 @@ def test_layer_decay_gives_each_block_its_own_lr(quick):
 
 
 def test_head_lr_and_explicit_groups_override(quick):
-    prep = _prep(quick, "lr.layer_decay=0.5", "lr.head=0.1", "lr.groups=[{blocks: [0], lr: 0.3}]", "train.lr=0.01")
+    prep = _prep(
+        quick, "lr.layer_decay=0.5", "lr.head=0.1", "lr.groups=[{blocks: [0], lr: 0.3}]", "train.lr=0.01"
+    )
     rows = {r["slot"]: r for r in prep.params["rows"]}
     assert rows["head"]["lr"] == pytest.approx(0.1) and rows["block.0"]["lr"] == pytest.approx(0.3)
 
@@ -87,7 +89,9 @@ def test_optimizer_param_groups_follow_the_plan_and_skip_decay_on_bias_and_norms
     recipe = load_recipe(None, quick(None, "lr.layer_decay=0.5", "train.lr=0.01", "train.weight_decay=0.1"))
     prep = api.prepare(recipe)
     args = training_arguments(recipe.train, recipe.output, tmp_path / "ck")
-    trainer = make_trainer(prep.model, prep.tokenizer, prep.datasets, recipe, args, tmp_path, None, plan=prep.plan)
+    trainer = make_trainer(
+        prep.model, prep.tokenizer, prep.datasets, recipe, args, tmp_path, None, plan=prep.plan
+    )
     optimizer = trainer.create_optimizer()
     names = {id(p): n for n, p in prep.model.named_parameters()}
     for group in optimizer.param_groups:
@@ -133,7 +137,13 @@ STAGES = "stages=[{steps: 2, train: [head]}, {steps: 2, train: [{top_k: 1}]}, {t
 def test_gradual_unfreezing_trains_exactly_the_stage_selection(quick, tiny_bert):
     """Checkpoints after stage 0 (step 2) and stage 1 (step 4): what changed is what the stages train."""
     before = {"bert." + k: v for k, v in load_file(Path(tiny_bert) / "model.safetensors").items()}
-    extra = (STAGES, "train.max_steps=6", "train.eval_steps=2", "output.keep_checkpoints=5", "train.early_stopping.patience=null")
+    extra = (
+        STAGES,
+        "train.max_steps=6",
+        "train.eval_steps=2",
+        "output.keep_checkpoints=5",
+        "train.early_stopping.patience=null",
+    )
     run = Path(api.train(load_recipe(None, quick(None, *extra)))["run_dir"])
 
     def changed_at(step: int) -> set[str]:
@@ -173,6 +183,11 @@ def test_unfrozen_parameters_start_with_clean_optimizer_state():
 
 
 def test_non_cumulative_stages_train_only_their_own_selection(quick):
-    recipe = load_recipe(None, quick(None, "stages={cumulative: false, plan: [{steps: 1, train: [head]}, {train: [{top_k: 1}]}]}"))
+    recipe = load_recipe(
+        None,
+        quick(None, "stages={cumulative: false, plan: [{steps: 1, train: [head]}, {train: [{top_k: 1}]}]}"),
+    )
     prep = api.prepare(recipe)
-    assert prep.plan.stages.trainable[1].isdisjoint({n for n in prep.plan.stages.trainable[0] if "classifier" in n})
+    assert prep.plan.stages.trainable[1].isdisjoint(
+        {n for n in prep.plan.stages.trainable[0] if "classifier" in n}
+    )

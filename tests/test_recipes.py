@@ -44,7 +44,9 @@ def _run(recipe, tmp_path):
     args = training_arguments(recipe.train, recipe.output, tmp_path / "ck")
     args.save_strategy = args.eval_strategy = "no"
     args.load_best_model_at_end = False
-    trainer = make_trainer(prep.model, prep.tokenizer, prep.datasets, recipe, args, tmp_path, None, plan=prep.plan, callbacks=[])
+    trainer = make_trainer(
+        prep.model, prep.tokenizer, prep.datasets, recipe, args, tmp_path, None, plan=prep.plan, callbacks=[]
+    )
     trainer.train()
     changed = {n for n, p in prep.model.named_parameters() if not torch.equal(before[n], p.detach())}
     return prep, changed, held
@@ -52,16 +54,25 @@ def _run(recipe, tmp_path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_changes_exactly_the_intended_parameters(path, tiny_bert6, sentiment_csv, tmp_path):
-    overrides = [f"model={tiny_bert6}", f"data.source={sentiment_csv}", "train.max_steps=14", "train.batch_size=32",
-                 "train.precision=fp32", "train.early_stopping.patience=null", f"output.dir={tmp_path}",
-                 "train.lr=0.01"]  # large enough that every held parameter visibly moves in 14 steps
+    overrides = [
+        f"model={tiny_bert6}",
+        f"data.source={sentiment_csv}",
+        "train.max_steps=14",
+        "train.batch_size=32",
+        "train.precision=fp32",
+        "train.early_stopping.patience=null",
+        f"output.dir={tmp_path}",
+        "train.lr=0.01",
+    ]  # large enough that every held parameter visibly moves in 14 steps
     recipe = load_recipe(path, overrides)
     prep, changed, held = _run(recipe, tmp_path)
     names = [n for n, _ in prep.model.named_parameters()]
     assert changed, "nothing trained"
     assert not any(re.search(NEVER, n) for n in changed)
     assert changed == held - {n for n in held if re.search(NEVER, n)}, (
-        sorted(held - changed)[:5], sorted(changed - held)[:5])
+        sorted(held - changed)[:5],
+        sorted(changed - held)[:5],
+    )
     if path.stem in EXPECTED:
         canonical = {n.removeprefix("base_model.model."): n for n in names}
         intended = {full for short, full in canonical.items() if re.search(EXPECTED[path.stem], short)}

@@ -161,12 +161,26 @@ def train(recipe: Recipe | None = None) -> dict:
         "trainable_pct": prep.params["trainable_pct"],
         "train_seconds": round(train_seconds, 2),
         "train_samples_per_second": out.metrics.get("train_samples_per_second"),
+        # tokens the model read (padding excluded) per second of training
+        "train_tokens_per_second": round(
+            train_tokens(prep.datasets["train"], state.epoch) / train_seconds, 1
+        ),
+        "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        if torch.cuda.is_available()
+        else None,
+        "metric": prep.task.HEADLINE[0],  # the task's main test metric
+        "best_validation_metric": args.metric_for_best_model,
         "epochs": state.epoch,
         "steps": state.global_step,
         "precision": resolve_precision(recipe.train.precision),
     }
     rundir.write_json(run / "report.json", summary)
     return summary
+
+
+def train_tokens(dataset, epochs: float) -> float:
+    """Non-padding tokens seen in `epochs` passes over a tokenized dataset."""
+    return sum(len(ids) for ids in dataset["input_ids"]) * epochs
 
 
 # --------------------------------------------------------------------------------------------------

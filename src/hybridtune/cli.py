@@ -137,6 +137,33 @@ def params(
         console.print(params_table(table))
 
 
+@app.command()
+@friendly
+def compare(
+    suite: str = typer.Argument(None, help="a suite YAML (default: the default suite on the bundled data)"),
+    seeds: int = typer.Option(None, "--seeds", help="run every strategy with this many seeds (42, 43, ...)"),
+    out: str = typer.Option(None, "--out", help="the compare dir (default: runs/compare-<suite name>)"),
+) -> None:
+    """Train strategies side by side: a table, comparison.csv/json, plots and report.html. Resumable."""
+    from rich.table import Table
+
+    from hybridtune.compare import compare as run_compare
+    from hybridtune.report.compare import table_rows
+    from hybridtune.report.console import console
+    from hybridtune.rundir import read_json
+
+    root = run_compare(suite, out, seeds, echo=console.print)
+    summary = read_json(root / "comparison.json")["summary"]
+    header, body = table_rows(summary)
+    table = Table(title=f"compare: {root}")
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in body:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"report: [bold]{root / 'report.html'}[/]")
+
+
 def main() -> None:
     sys.exit(app())
 

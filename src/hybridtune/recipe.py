@@ -238,7 +238,9 @@ def apply_override(raw: dict, item: str) -> None:
         node = child
     node[parts[-1]] = value
     if parts[:2] == ["data", "train"]:
-        node.pop("source", None)  # explicit files replace the recipe's source (a later data.source= sets it again)
+        node.pop(
+            "source", None
+        )  # explicit files replace the recipe's source (a later data.source= sets it again)
 
 
 def validate_recipe(raw: dict, origin: str = "recipe") -> Recipe:

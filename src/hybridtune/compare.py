@@ -1,0 +1,207 @@
+"""compare: train several strategies on the same data, seeds and budget, and set them side by side.
+
+    hybridtune compare                     # the default suite on the bundled Rotten Tomatoes data
+    hybridtune compare suite.yaml --seeds 3
+
+A suite:
+
+    name: my-suite
+    overrides: ["train.epochs=1"]          # applied to every recipe (same data, budget, seeds)
+    seeds: [42]                            # or --seeds N: 42, 43, ...
+    strategies:
+      - recipes/full.yaml                  # a recipe file (relative to the suite file or cwd)
+      - {recipe: recipes/lora.yaml, name: lora-r16, overrides: ["peft.r=16"]}
+
+Each run is its own `hybridtune train` process (its peak RSS is its own; a crash stops only that
+run) writing a normal run dir under `<out>/runs/`. A finished run (its report.json exists) is never
+redone, so an interrupted compare picks up where it stopped. The table, csv/json, plots and the
+HTML report are made from the run dirs' own files (report/compare.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hybridtune.errors import UserError
+
+RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
+
+
+class Strategy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    recipe: str
+    name: str | None = None
+    overrides: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"recipe": value} if isinstance(value, str) else value
+
+
+class Suite(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "compare"
+    overrides: list[str] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
+    strategies: list[Strategy] = Field(..., min_length=1)
+
+
+# the default suite: one of each family, 1 epoch of the full Rotten Tomatoes train split each
+DEFAULT_SUITE = {
+    "name": "default",
+    "overrides": ["train.epochs=1"],
+    "strategies": [
+        "full.yaml",
+        "head_only.yaml",
+        "freeze_top2.yaml",
+        "bitfit.yaml",
+        "lora.yaml",
+        "houlsby_adapters.yaml",
+        "prompt_tuning.yaml",
+        "soft_prompt_lora.yaml",
+        "llrd.yaml",
+        "ulmfit.yaml",
+    ],
+}
+
+
+def load_suite(path: str | None, seeds: int | None = None) -> tuple[Suite, Path]:
+    """The suite and the dir its recipe paths are relative to."""
+    if path is None:
+        raw, base = dict(DEFAULT_SUITE), RECIPES
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(path, "no such file", "a suite YAML file")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+        except yaml.YAMLError as e:
+            raise UserError(path, f"invalid YAML ({e})", "a YAML mapping") from None
+        base = p.parent
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        raise UserError(f"{path or 'default suite'}: {where}", repr(err.get("input")), err["msg"]) from None
+    if seeds is not None:
+        if seeds < 1:
+            raise UserError("--seeds", str(seeds), "a number of seeds >= 1")
+        suite.seeds = [suite.seeds[0] + i for i in range(seeds)]
+    return suite, base
+
+
+def plan_runs(suite: Suite, base: Path) -> list[dict]:
+    """One entry per (strategy, seed): name, recipe path, overrides; every recipe validated first."""
+    from hybridtune.recipe import load_recipe
+
+    runs, names = [], set()
+    for i, strategy in enumerate(suite.strategies):
+        path = Path(strategy.recipe)
+        path = path if path.is_absolute() or path.exists() else base / path
+        recipe = load_recipe(path, [*suite.overrides, *strategy.overrides])  # fails early, with the key path
+        name = strategy.name or recipe.name
+        if name in names:
+            raise UserError(
+                f"strategies[{i}]", f"a second strategy named '{name}'", "unique names (give `name:`)"
+            )
+        names.add(name)
+        for seed in suite.seeds:
+            runs.append(
+                {
+                    "strategy": name,
+                    "seed": seed,
+                    "recipe": str(path),
+                    "run": f"{name}-s{seed}",
+                    "overrides": [*suite.overrides, *strategy.overrides, f"train.seed={seed}"],
+                }
+            )
+    return runs
+
+
+def _run_one(entry: dict, runs_dir: Path) -> dict:
+    """Train one entry in its own process; wall time and the child's peak RSS (from wait4)."""
+    target = runs_dir / entry["run"]
+    shutil.rmtree(target, ignore_errors=True)  # an unfinished run of ours: start it over
+    cmd = [
+        sys.executable,
+        "-m",
+        "hybridtune",
+        "train",
+        entry["recipe"],
+        *entry["overrides"],
+        f"output.dir={runs_dir}",
+        f"output.name={entry['run']}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise UserError(
+            f"strategy {entry['strategy']} (seed {entry['seed']})",
+            f"a training that exited with code {code}",
+            "a run that finishes (its own error is printed above)",
+        )
+    return {
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+    }
+
+
+def compare(path: str | None = None, out: str | None = None, seeds: int | None = None, echo=print) -> Path:
+    """Run (or resume) a suite; returns the compare dir with comparison.csv/json, plots and report.html."""
+    from hybridtune import rundir
+    from hybridtune.report.compare import write_outputs
+
+    suite, base = load_suite(path, seeds)
+    runs = plan_runs(suite, base)
+    root = Path(out or Path("runs") / f"compare-{suite.name}")
+    runs_dir = root / "runs"
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            "--out", f"'{root}' that cannot be written ({e.strerror})", "a writable directory"
+        ) from None
+    measured_path = root / "measured.json"
+    measured = rundir.read_json(measured_path) if measured_path.exists() else {}
+    started, done_now = time.perf_counter(), 0
+    for i, entry in enumerate(runs):
+        finished = (runs_dir / entry["run"] / "report.json").exists() and entry["run"] in measured
+        bar = _bar(i, len(runs))
+        if finished:
+            echo(f"{bar} {entry['run']}: done earlier, kept")
+            continue
+        eta = ""
+        if done_now:
+            per_run = (time.perf_counter() - started) / done_now
+            eta = f", ETA {_clock(per_run * (len(runs) - i))}"
+        echo(f"{bar} {entry['run']} ({_clock(time.perf_counter() - started)} elapsed{eta})")
+        measured[entry["run"]] = _run_one(entry, runs_dir)
+        rundir.write_json(measured_path, measured)
+        done_now += 1
+    echo(f"{_bar(len(runs), len(runs))} all {len(runs)} runs done")
+    write_outputs(root, runs, measured, suite.name)
+    return root
+
+
+def _bar(done: int, total: int, width: int = 20) -> str:
+    filled = round(width * done / total)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"

@@ -1,0 +1,147 @@
+"""compare: a small suite on a tiny model — outputs, numbers equal to the run files, resume, the HTML
+report rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hybridtune.compare import compare, load_suite
+from hybridtune.errors import UserError
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, tiny_bert, sentiment_csv) -> Path:
+    path = tmp_path_factory.mktemp("suite") / "suite.yaml"
+    path.write_text(
+        f"""name: tiny
+overrides: ["model={tiny_bert}", "data.source={sentiment_csv}", "train.max_steps=4", "train.eval_steps=2",
+            "train.precision=fp32", "train.lr=0.005"]
+seeds: [1]
+strategies:
+  - {RECIPES / "full.yaml"}
+  - {{recipe: {RECIPES / "head_only.yaml"}, name: probe}}
+"""
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def compared(suite, tmp_path_factory) -> Path:
+    """One compare of 2 strategies x 2 seeds, shared by the tests below (which only read it)."""
+    return compare(str(suite), str(tmp_path_factory.mktemp("cmp") / "cmp"), seeds=2, echo=lambda *_: None)
+
+
+def test_outputs_and_numbers_equal_the_run_files(compared):
+    for name in (
+        "comparison.csv",
+        "comparison.json",
+        "report.html",
+        "metric_vs_params.png",
+        "learning_curves.png",
+        "time_vs_metric.png",
+    ):
+        assert (compared / name).stat().st_size > 0, name
+    data = json.loads((compared / "comparison.json").read_text())
+    assert [r["run"] for r in data["runs"]] == ["full-s1", "full-s2", "probe-s1", "probe-s2"]
+    for row in data["runs"]:
+        run = compared / "runs" / row["run"]
+        evaluation = json.loads((run / "eval.json").read_text())
+        params = json.loads((run / "params.json").read_text())
+        report = json.loads((run / "report.json").read_text())
+        assert row["test_metric"] == evaluation["accuracy"] and row["test_f1_macro"] == evaluation["f1_macro"]
+        assert row["trainable"] == params["trainable"] and row["train_seconds"] == report["train_seconds"]
+        assert row["peak_rss_mib"] > 100 and row["seconds_to_best"] is not None
+        assert len(row["curve"]) == 2  # evaluations at steps 2 and 4
+    with (compared / "comparison.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["test_metric"]) for r in rows] == [r["test_metric"] for r in data["runs"]]
+    full, probe = data["summary"]
+    assert full["strategy"] == "full" and probe["strategy"] == "probe"
+    assert full["test_metric"] == pytest.approx(
+        (data["runs"][0]["test_metric"] + data["runs"][1]["test_metric"]) / 2
+    )
+    assert probe["trainable"] < full["trainable"]
+    # the HTML shows the same numbers as the files
+    page = (compared / "report.html").read_text()
+    assert f"{100 * full['test_metric']:.2f}" in page and f"{probe['trainable']:,.0f}" in page
+
+
+def test_resume_keeps_finished_runs_and_redoes_an_unfinished_one(suite, compared, tmp_path):
+    compared = Path(shutil.copytree(compared, tmp_path / "copy"))
+    before = {p.name: (p / "report.json").stat().st_mtime_ns for p in (compared / "runs").iterdir()}
+    (compared / "runs" / "probe-s2" / "report.json").unlink()  # as if killed before it finished
+    messages = []
+    compare(str(suite), str(compared), seeds=2, echo=messages.append)
+    after = {p.name: (p / "report.json").stat().st_mtime_ns for p in (compared / "runs").iterdir()}
+    assert {k for k in before if before[k] != after.get(k)} == {"probe-s2"}
+    assert sum("done earlier" in m for m in messages) == 3
+
+
+def test_bad_suites_are_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("strategies: [x.yaml]\nseed: [1]\n")
+    with pytest.raises(UserError, match="seed"):
+        load_suite(str(bad))
+    with pytest.raises(UserError, match="no such file"):
+        load_suite(str(tmp_path / "none.yaml"))
+    with pytest.raises(UserError, match="--seeds"):
+        load_suite(None, seeds=0)
+
+
+def test_default_suite_lists_every_family():
+    suite, base = load_suite(None, seeds=3)
+    assert suite.seeds == [42, 43, 44] and len(suite.strategies) >= 10
+    assert all((base / s.recipe).is_file() for s in suite.strategies)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(compared, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("chromium not installed (CI installs it)")
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    url = (compared / "report.html").as_uri()
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    ).stdout
+    assert re.search(r'<table id="comparison">', dom)
+    assert len(re.findall(r"<tr>", dom)) == 1 + 2  # header + one row per strategy
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', dom)
+    assert len(images) == 3
+    import matplotlib.image
+
+    for data in images:
+        assert matplotlib.image.imread(io.BytesIO(base64.b64decode(data)), format="png").shape[0] > 100
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", "--window-size=1200,900", url],
+        capture_output=True,
+        timeout=120,
+    )
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (900, 1200) and pixels.std() > 0.05  # not a blank page
