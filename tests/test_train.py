@@ -46,6 +46,7 @@ def test_full_finetuning_writes_a_complete_run_dir_that_plain_transformers_loads
     ):
         assert (run / name).exists(), name
     assert not list(run.glob(".*tmp"))
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard event file"
     report = json.loads((run / "eval.json").read_text())
     assert report["labels"] == ["negative", "positive"]
     assert sum(map(sum, report["confusion_matrix"])) == report["n"]

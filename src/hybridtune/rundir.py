@@ -4,7 +4,8 @@
       recipe.yaml     the resolved recipe (every default filled in)
       run.json        task, labels, base model, format of final/ ("model" or "peft")
       params.json     per-layer trainable-parameter table
-      metrics.jsonl   every train / eval log line
+      metrics.jsonl   every train / eval log line (and stage changes)
+      tensorboard/    the same, as TensorBoard event files
       checkpoints/    Trainer checkpoints (the last N and the best)
       final/          the result in standard HF / PEFT format, with its tokenizer
       eval.json       test-split metrics: accuracy, macro-F1, per-class report, confusion matrix

@@ -93,6 +93,15 @@ class HybridTrainer(Trainer):
         return self.lr_scheduler
 
 
+def tensorboard(log_dir: Path) -> TrainerCallback:
+    """transformers' TensorBoard callback, writing event files into the run dir (in transformers 5
+    its own default is <output_dir>/runs/<date>, i.e. inside checkpoints/)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
+
+
 class Progress(ProgressCallback):
     """Trainer's progress bar, with the train loss on the bar and one short line per evaluation
     (the full log goes to metrics.jsonl) instead of a dict per logging step."""
@@ -142,7 +151,7 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
         metric_for_best_model=metric,
         greater_is_better=metric != "loss",
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
-        report_to="none",
+        report_to="none",  # TensorBoard is added in make_trainer, writing into the run dir
         disable_tqdm=False,
         dataloader_num_workers=0,
         **every,
@@ -163,7 +172,7 @@ def make_trainer(
 ) -> Trainer:
     from hybridtune.strategy.stages import StageCallback
 
-    callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), *callbacks]
+    callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), *callbacks, tensorboard(run_dir / "tensorboard")]
     if plan.stages is not None:
         callbacks.append(StageCallback(plan.stages, plan.base_names, run_dir / "metrics.jsonl"))
     if recipe.train.early_stopping.patience:
