@@ -145,3 +145,12 @@ def test_report_renders_in_headless_chromium(compared, tmp_path):
     )
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[:2] == (900, 1200) and pixels.std() > 0.05  # not a blank page
+
+
+def test_suites_in_the_repo_validate():
+    from hybridtune.compare import plan_runs
+
+    suites = sorted((Path(__file__).parent.parent / "suites").glob("*.yaml"))
+    assert suites
+    for path in suites:
+        assert plan_runs(*load_suite(str(path)))
