@@ -191,3 +191,10 @@ def test_non_cumulative_stages_train_only_their_own_selection(quick):
     assert prep.plan.stages.trainable[1].isdisjoint(
         {n for n in prep.plan.stages.trainable[0] if "classifier" in n}
     )
+
+
+def test_stage_lengths_as_fractions_fit_any_budget(quick):
+    stages = "stages=[{fraction: 0.25, train: [head]}, {fraction: 0.5, train: [{top_k: 1}]}, {train: [all]}]"
+    for steps, starts in ((8, [0, 2, 6]), (20, [0, 5, 15])):
+        prep = api.prepare(load_recipe(None, quick(None, stages, f"train.max_steps={steps}")))
+        assert prep.plan.stages.starts == starts

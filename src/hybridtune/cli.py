@@ -152,7 +152,9 @@ def compare(
     from hybridtune.report.console import console
     from hybridtune.rundir import read_json
 
-    root = run_compare(suite, out, seeds, echo=console.print)
+    root = run_compare(
+        suite, out, seeds, echo=lambda text: console.print(text, markup=False, highlight=False)
+    )
     summary = read_json(root / "comparison.json")["summary"]
     header, body = table_rows(summary)
     table = Table(title=f"compare: {root}")

@@ -1,8 +1,8 @@
 """stages: gradual unfreezing, as a list of stages with their own trainable selection and lr scale.
 
     stages:                       # ULMFiT order: top down, one more group per epoch
-      - {epochs: 1, train: [head]}
-      - {epochs: 1, train: [{top_k: 2}]}
+      - {epochs: 1, train: [head]}       # a length in epochs, steps, or as a fraction of the run
+      - {fraction: 0.25, train: [{top_k: 2}]}
       - {train: [all], lr_scale: 0.5}   # the last stage runs to the end of training
 
     stages: {cumulative: false, plan: [...]}   # each stage trains only its own selection
@@ -36,6 +36,7 @@ class Stage(BaseModel):
 
     epochs: float | None = Field(None, gt=0)
     steps: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0, lt=1, description="share of the run's steps (any budget)")
     train: list[str | dict] = Field(..., description="selector of what this stage trains (as in freeze)")
     lr_scale: float = Field(1.0, gt=0)
 
@@ -46,8 +47,8 @@ class Stage(BaseModel):
 
     @model_validator(mode="after")
     def _one_length(self) -> Stage:
-        if self.epochs is not None and self.steps is not None:
-            raise ValueError("give `epochs` or `steps`, not both")
+        if sum(x is not None for x in (self.epochs, self.steps, self.fraction)) > 1:
+            raise ValueError("give one of `epochs`, `steps` or `fraction`")
         return self
 
 
@@ -65,9 +66,9 @@ class StagesConfig(BaseModel):
     @model_validator(mode="after")
     def _lengths(self) -> StagesConfig:
         for i, stage in enumerate(self.plan[:-1]):
-            if stage.epochs is None and stage.steps is None:
+            if stage.epochs is None and stage.steps is None and stage.fraction is None:
                 raise ValueError(
-                    f"stage {i} needs `epochs` or `steps` (only the last stage may run to the end)"
+                    f"stage {i} needs `epochs`, `steps` or `fraction` (only the last stage may run to the end)"
                 )
         return self
 
@@ -105,7 +106,12 @@ def plan(
         starts.append(step)
         scales.append(stage.lr_scale)
         trainable.append(set(so_far))
-        length = stage.steps if stage.steps is not None else math.ceil((stage.epochs or 0) * steps_per_epoch)
+        if stage.steps is not None:
+            length = stage.steps
+        elif stage.fraction is not None:
+            length = max(round(stage.fraction * total_steps), 1)
+        else:
+            length = math.ceil((stage.epochs or 0) * steps_per_epoch)
         step += length
     return StagePlan(starts, scales, trainable)
 
