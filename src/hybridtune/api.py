@@ -150,15 +150,17 @@ def train(recipe: Recipe | None = None) -> dict:
     test = prep.task.report(model, prep.tokenizer, prep.datasets["test"], prep.labels)
     rundir.write_json(run / "eval.json", test)
     state = trainer.state
+    trainable = max([prep.params["trainable"], *(s["trainable"] for s in prep.params.get("stages", []))])
     summary = {
         "run_dir": str(run),
         "recipe": recipe.name,
         "test": {k: test[k] for k in prep.task.HEADLINE},
         "best_validation": state.best_metric,
         "best_checkpoint": state.best_model_checkpoint,
-        "trainable": prep.params["trainable"],
+        # with stages: the most that trains in any stage (the table in params.json has each stage)
+        "trainable": trainable,
         "total": prep.params["total"],
-        "trainable_pct": prep.params["trainable_pct"],
+        "trainable_pct": round(100 * trainable / prep.params["total"], 4),
         "train_seconds": round(train_seconds, 2),
         "train_samples_per_second": out.metrics.get("train_samples_per_second"),
         # tokens the model read (padding excluded) per second of training

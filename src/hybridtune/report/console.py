@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# piped or redirected, rich would wrap wide tables (the compare table) at 80 columns
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def eval_tables(report: dict, title: str = "test") -> list[Table]:
