@@ -164,6 +164,8 @@ def test_stage_changes_are_logged(quick):
     assert [(r["stage"], r["step"]) for r in stages] == [(0, 0), (1, 2), (2, 4)]
     assert stages[0]["trainable"] < stages[1]["trainable"] < stages[2]["trainable"]
     assert stages[2]["lr_scale"] == 0.5
+    report = json.loads((Path(summary["run_dir"]) / "report.json").read_text())
+    assert report["trainable"] == stages[2]["trainable"]  # the most any stage trains
     lrs = [r["learning_rate"] for r in records if "learning_rate" in r]
     assert lrs, "no lr logged"
 
