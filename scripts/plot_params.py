@@ -33,6 +33,8 @@ def main(paths: list[str]) -> None:
         names.append(recipe.name)
         tables.append(api.params(recipe))
     slots = [r["slot"] for r in tables[0]["rows"] if r["slot"] != "added"]
+    if any(r["slot"] == "added" for t in tables for r in t["rows"]):
+        slots.append("added")  # parameters outside the model's own modules: a prefix / prompt encoder
     grid = np.array(
         [
             [
