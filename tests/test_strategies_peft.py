@@ -509,3 +509,26 @@ def test_a_deep_copy_of_a_model_with_adapters_and_a_soft_prompt_runs_its_own_wei
         twin.bottleneck_adapters["0"]["ffn"].up.weight.normal_()
         assert not torch.allclose(twin(**batch).logits, before)
         assert torch.equal(model(**batch).logits, before)
+
+
+def test_adalora_keeps_its_final_resized_model_instead_of_an_earlier_best_checkpoint(quick):
+    """After its budget schedule AdaLoRA resizes the matrices to the allocated ranks: an earlier
+    checkpoint no longer fits, so the run keeps the final model (a reload used to crash)."""
+    from hybridtune import api
+    from hybridtune.recipe import load_recipe
+
+    extra = ["peft.init_r=4", "peft.target_r=2", "peft.tinit=1", "peft.tfinal=2", "peft.deltaT=1"]
+    recipe = load_recipe(
+        None,
+        quick(
+            None,
+            "peft.method=adalora",
+            *extra,
+            "train.max_steps=8",
+            "train.eval_steps=2",
+            "train.early_stopping.patience=null",
+        ),
+    )
+    summary = api.train(recipe)
+    assert summary["steps"] == 8
+    assert api.predict(summary["run_dir"], ["a charming film"])[0]["label"] in ("negative", "positive")

@@ -108,6 +108,8 @@ def train(recipe: Recipe | None = None) -> dict:
     prep = prepare(recipe)
     run = rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
     args = training_arguments(recipe.train, recipe.output, run / "checkpoints")
+    for key, value in strategy.training_args(recipe).items():
+        setattr(args, key, value)
     rundir.new_run_dir(run)
     is_peft = hasattr(prep.model, "peft_config")
     rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))

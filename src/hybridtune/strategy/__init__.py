@@ -4,7 +4,7 @@ A part is a module with a pydantic config class and `apply(model, config, build)
 also define:
 
 - `callbacks(model, config, build) -> list[TrainerCallback]`: work during training (AdaLoRA's rank
-  allocation);
+  allocation); `training_args(config) -> dict`: TrainingArguments it must override;
 - `save(model, config, dir) -> list[str]` and `restore(model, config, dir) -> model`: for weights
   that neither the base model's save nor peft's adapter save holds (bottleneck adapters, a soft
   prompt). `save` writes the part's own files into final/ and returns the state-dict keys it wrote,
@@ -74,6 +74,15 @@ def apply(model: nn.Module, recipe, build: Build) -> nn.Module:
     for p in build.keep.values():
         p.requires_grad_(True)
     return model
+
+
+def training_args(recipe) -> dict:
+    """TrainingArguments a part must override (e.g. AdaLoRA keeps its final model, not the best)."""
+    out: dict = {}
+    for _, part, config in _configured(recipe):
+        if hasattr(part, "training_args"):
+            out.update(part.training_args(config))
+    return out
 
 
 def callbacks(model: nn.Module, recipe, build: Build) -> list:

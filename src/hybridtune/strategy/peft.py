@@ -274,6 +274,12 @@ def apply(model: nn.Module, config: PeftConfig, build) -> nn.Module:
     return model
 
 
+def training_args(config: PeftConfig) -> dict:
+    """AdaLoRA resizes its matrices to the allocated ranks at the end of its budget schedule, so an
+    earlier checkpoint no longer fits the model: its result is the final model, not the best one."""
+    return {"load_best_model_at_end": False} if config.method == "adalora" else {}
+
+
 def callbacks(model: nn.Module, config: PeftConfig, build) -> list[TrainerCallback]:
     if config.method != "adalora":
         return []
