@@ -11,7 +11,6 @@ Everything that can fail on the user's input (recipe, data, model, output dir) i
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from hybridtune.model.anatomy import Anatomy
 from hybridtune.model.loading import load_tokenizer, resolve
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from hybridtune.report.params import param_table
-from hybridtune.strategy.plan import Plan, make_plan, steps_per_epoch
+from hybridtune.strategy.plan import Plan, make_plan, planned_steps
 from hybridtune.tasks import classification, token_classification
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
 
@@ -87,12 +86,6 @@ def prepare(recipe: Recipe) -> Prepared:
         for name in ("train", "validation", "test")
     }
     return Prepared(recipe, task, splits, labels, tokenizer, model, anatomy, build, plan, params, datasets)
-
-
-def planned_steps(train, n_train: int) -> int:
-    """The optimizer steps the run will take, counted as Trainer counts them."""
-    per_epoch = steps_per_epoch(n_train, train.batch_size, train.grad_accum)
-    return train.max_steps or math.ceil(train.epochs * per_epoch)
 
 
 def params(recipe: Recipe) -> dict:

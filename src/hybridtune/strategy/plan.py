@@ -61,12 +61,19 @@ def steps_per_epoch(n_train: int, batch_size: int, grad_accum: int, world_size: 
     return max(math.ceil(batches / grad_accum), 1)
 
 
+def planned_steps(train, n_train: int, world_size: int = 1) -> int:
+    """The optimizer steps the run will take: train.max_steps, else epochs x steps per epoch."""
+    return train.max_steps or math.ceil(
+        train.epochs * steps_per_epoch(n_train, train.batch_size, train.grad_accum, world_size)
+    )
+
+
 def make_plan(
     model: nn.Module, recipe, anatomy, base_ids: set[int], n_train: int, world_size: int = 1
 ) -> Plan:
     train = recipe.train
     per_epoch = steps_per_epoch(n_train, train.batch_size, train.grad_accum, world_size)
-    total = train.max_steps or math.ceil(train.epochs * per_epoch)
+    total = planned_steps(train, n_train, world_size)
     base_names = {n for n, p in model.named_parameters() if id(p) in base_ids}
     lrs = lr_part.lr_per_parameter(model, recipe.lr, anatomy, train.lr)
     stage_plan = None
