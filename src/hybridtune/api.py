@@ -98,6 +98,10 @@ def train(recipe: Recipe | None = None) -> dict:
     from hybridtune.train.engine import make_trainer, resolve_precision, training_arguments
 
     recipe = recipe or load_recipe()
+    if recipe.ensemble is not None:
+        from hybridtune import ensemble
+
+        return ensemble.train(recipe)
     prep = prepare(recipe)
     run = rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
     args = training_arguments(recipe.train, recipe.output, run / "checkpoints")
@@ -195,7 +199,11 @@ class LoadedRun:
 
 
 def task_of(run_dir: str) -> Any:
-    """The task module of a finished run (e.g. for the CLI to print its results)."""
+    """The task module of a finished run or ensemble (e.g. for the CLI to print its results)."""
+    from hybridtune import ensemble
+
+    if ensemble.is_ensemble(run_dir):
+        return TASKS[rundir.read_json(Path(run_dir) / ensemble.MANIFEST)["task"]]
     run = rundir.check_run_dir(run_dir)
     return TASKS[rundir.read_json(run / "run.json")["task"]]
 
@@ -221,7 +229,11 @@ def load_run(run_dir: str) -> LoadedRun:
 
 
 def evaluate(run_dir: str, data: str | None = None) -> dict:
-    """Metrics of a finished run on its test split, or on every row of `data` (a file or dataset dir)."""
+    """Metrics of a finished run (or a saved ensemble) on its test split, or on every row of `data`."""
+    from hybridtune import ensemble
+
+    if ensemble.is_ensemble(run_dir):
+        return ensemble.Ensemble(run_dir).evaluate(data)
     loaded = load_run(run_dir)
     task, data_cfg = loaded.task, loaded.recipe.data
     frame = task.eval_frame(data, data_cfg, loaded.labels)
@@ -231,6 +243,10 @@ def evaluate(run_dir: str, data: str | None = None) -> dict:
 
 def predict(run_dir: str, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
     """The task's prediction for each text: label + probabilities, or the entities found."""
+    from hybridtune import ensemble
+
+    if ensemble.is_ensemble(run_dir):
+        return ensemble.Ensemble(run_dir).predict(texts, text_pairs)
     loaded = load_run(run_dir)
     return loaded.task.predict(
         loaded.model, loaded.tokenizer, loaded.labels, loaded.recipe.data, texts, text_pairs

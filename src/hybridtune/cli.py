@@ -166,6 +166,109 @@ def compare(
     console.print(f"report: [bold]{root / 'report.html'}[/]")
 
 
+def _weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError("--weights", repr(text), "comma-separated numbers, e.g. 0.5,0.3,0.2") from None
+
+
+def _print_members(members: list[dict], combined: dict, title: str, label: str) -> None:
+    from rich.table import Table
+
+    from hybridtune.report.console import console
+
+    table = Table(title=title)
+    for col in ("model", "validation accuracy", "test accuracy", "test macro-F1"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m in members:
+        table.add_row(
+            m["path"],
+            f"{100 * m['validation']['accuracy']:.2f}",
+            f"{100 * m['test']['accuracy']:.2f}",
+            f"{100 * m['test']['f1_macro']:.2f}",
+        )
+    table.add_row(
+        f"[bold]{label}[/]",
+        f"[bold]{100 * combined['validation']['accuracy']:.2f}[/]",
+        f"[bold]{100 * combined['test']['accuracy']:.2f}[/]",
+        f"[bold]{100 * combined['test']['f1_macro']:.2f}[/]",
+    )
+    console.print(table)
+
+
+@app.command()
+@friendly
+def ensemble(
+    run_dirs: list[str] = typer.Argument(..., help="two or more classification run dirs (same label set)"),
+    combine: str = typer.Option(
+        "mean_logits", "--combine", help="mean_logits | mean_probs | vote | weighted"
+    ),
+    weights: str = typer.Option(
+        None,
+        "--weights",
+        help="weighted: one weight per member, e.g. 0.5,0.3,0.2 (default: validation accuracy)",
+    ),
+    out: str = typer.Option(..., "--out", help="the ensemble dir to write (manifest + members)"),
+) -> None:
+    """Combine finished runs' outputs; print each member's and the ensemble's scores; save the ensemble
+    (`eval`, `predict` and `serve` accept the saved dir)."""
+    from hybridtune import ensemble as ens
+    from hybridtune.report.console import console
+
+    result = ens.build(run_dirs, out, combine, _weights(weights))
+    _print_members(result["members"], result["ensemble"], f"ensemble ({combine})", "ensemble")
+    console.print(
+        f"gain over the best member on validation ({result['best_member']}): "
+        f"{100 * result['gain_over_best_member']:+.2f} pt test accuracy; "
+        f"over the mean member: {100 * result['gain_over_mean_member']:+.2f} pt; saved: [bold]{out}[/]"
+    )
+
+
+@app.command()
+@friendly
+def soup(
+    run_dirs: list[str] = typer.Argument(..., help="two or more runs fine-tuned from the same base model"),
+    greedy: bool = typer.Option(False, "--greedy", help="greedy soup (default: uniform)"),
+    out: str = typer.Option(..., "--out", help="the run dir to write (a plain model: single-model cost)"),
+) -> None:
+    """Average the weights of runs fine-tuned from one base (LoRA runs are merged first): a model soup."""
+    from hybridtune import ensemble as ens
+    from hybridtune.report.console import console
+
+    result = ens.soup(run_dirs, out, greedy)
+    _print_members(result["members"], result["soup"], result["kind"].replace("_", " "), "soup")
+    console.print(
+        f"ingredients: {len(result['ingredients'])} of {len(run_dirs)}; gain over the best member: "
+        f"{100 * result['gain_over_best_member']:+.2f} pt test accuracy; saved: [bold]{out}[/]"
+    )
+
+
+@app.command("merge-adapters")
+@friendly
+def merge_adapters(
+    run_dirs: list[str] = typer.Argument(..., help="two or more LoRA runs of one base model"),
+    method: str = typer.Option(
+        "cat", "--method", help="cat | linear | svd | ties | dare_ties | dare_linear | ..."
+    ),
+    weights: str = typer.Option(None, "--weights", help="one weight per adapter (default: 1/K each)"),
+    out: str = typer.Option(..., "--out", help="the run dir to write (one peft adapter)"),
+) -> None:
+    """Merge LoRA adapters into one with peft's add_weighted_adapter."""
+    from hybridtune import ensemble as ens
+    from hybridtune.report.console import console
+
+    result = ens.merge_adapters(run_dirs, out, method, _weights(weights))
+    merged = result["merged"]
+    console.print(
+        f"merged {len(run_dirs)} adapters ({method}): validation accuracy "
+        f"{100 * merged['validation']['accuracy']:.2f} %, test {100 * merged['test']['accuracy']:.2f} %; "
+        f"saved: [bold]{out}[/]"
+    )
+
+
 def main() -> None:
     sys.exit(app())
 

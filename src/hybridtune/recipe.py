@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hybridtune.ensemble import EnsembleConfig
 from hybridtune.errors import UserError, did_you_mean
 from hybridtune.strategy.adapters import AdaptersConfig
 from hybridtune.strategy.freeze import FreezeConfig
@@ -158,6 +159,8 @@ class Recipe(Section):
     stages: StagesConfig | None = None
     train: TrainConfig = TrainConfig()
     output: OutputConfig = OutputConfig()
+    # K members of this recipe, trained and combined in one run (hybridtune.ensemble)
+    ensemble: EnsembleConfig | None = None
 
     @model_validator(mode="after")
     def _task_defaults(self) -> Recipe:

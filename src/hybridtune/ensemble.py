@@ -1,0 +1,720 @@
+"""Deep ensembles and model merging, over finished run dirs.
+
+    hybridtune ensemble runs/a runs/b runs/c --combine mean_logits --out runs/ens   # K forwards
+    hybridtune soup runs/a runs/b runs/c --greedy --out runs/soup                  # one model
+    hybridtune merge-adapters runs/a runs/b --method cat --out runs/merged         # one adapter
+
+- An **output ensemble** runs every member and combines their class distributions (mean of logits,
+  mean of probabilities, majority vote, weighted mean). Members may differ in seed, strategy and even
+  base model; they must share the label set. It is saved as a dir with `ensemble.json` (the manifest)
+  and `members/<i>/` (each member's recipe, run.json and final/), and `eval` / `predict` / `serve`
+  accept that dir like a run dir.
+- A **soup** (Wortsman et al. 2022) averages the weights of members fine-tuned from the same base:
+  uniform (all members) or greedy (members in order of validation score, each kept only if the
+  validation metric does not drop). LoRA members are merged into their base first. The result is one
+  plain model, saved as a normal run dir: single-model cost.
+- **Adapter merging** combines LoRA members with peft's `add_weighted_adapter` (linear, cat, svd,
+  ties, dare_ties, ...) into one adapter, saved as a normal peft run dir.
+
+Classification runs only: a token-classification ensemble would need word-level alignment of the
+members' sub-tokens, which this module does not do.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hybridtune import rundir
+from hybridtune.errors import UserError
+
+MANIFEST = "ensemble.json"
+COMBINES = ("mean_logits", "mean_probs", "vote", "weighted")
+MERGE_METHODS = ("cat", "linear", "svd", "ties", "ties_svd", "dare_ties", "dare_linear", "magnitude_prune")
+
+
+class EnsembleConfig(BaseModel):
+    """`ensemble:` in a recipe: train K members of the recipe and combine them in one run."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    members: int | None = Field(
+        None, ge=2, le=32, description="number of members (default 3; with a `vary` list: its length)"
+    )
+    vary: Literal["seed"] | list[list[str]] = Field(
+        "seed",
+        description="seed: member i trains with train.seed + i; or one list of key=value overrides per member",
+    )
+    combine: Literal[
+        "mean_logits", "mean_probs", "vote", "weighted", "uniform_soup", "greedy_soup", "merge_adapters"
+    ] = "mean_logits"
+    weights: list[float] | None = Field(None, description="combine: weighted / merge_adapters")
+    merge_method: Literal[MERGE_METHODS] = Field("cat", description="combine: merge_adapters (peft)")  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _count(self) -> EnsembleConfig:
+        if isinstance(self.vary, list):
+            if self.members is not None and self.members != len(self.vary):
+                raise ValueError(
+                    f"ensemble.members: found {self.members}; expected {len(self.vary)}, "
+                    "the number of override lists in ensemble.vary (or leave it out)"
+                )
+            if len(self.vary) < 2:
+                raise ValueError("ensemble.vary: found 1 member; expected at least 2 override lists")
+        return self
+
+    @property
+    def count(self) -> int:
+        return len(self.vary) if isinstance(self.vary, list) else (self.members or 3)
+
+
+def is_ensemble(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# combining the members' outputs
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def combine(logits: list[np.ndarray], how: str, weights: list[float] | None = None) -> np.ndarray:
+    """The ensemble's class probabilities [n, classes] from each member's logits [n, classes].
+
+    mean_logits: softmax of the mean logit; mean_probs: mean of the members' softmaxes; vote: the
+    share of members voting for each class (ties broken by the mean probability); weighted: the
+    weighted mean of the members' softmaxes (weights normalised to sum 1)."""
+    stack = np.stack([np.asarray(x, dtype=np.float64) for x in logits])  # [k, n, c]
+    probs = softmax(stack)
+    if how == "mean_logits":
+        return softmax(stack.mean(0))
+    if how == "mean_probs":
+        return probs.mean(0)
+    if how == "vote":
+        votes = np.eye(stack.shape[-1])[stack.argmax(-1)].mean(0)  # [n, c]
+        tie_break = 1e-6 * probs.mean(0)
+        shares = votes + tie_break
+        return shares / shares.sum(-1, keepdims=True)
+    if how == "weighted":
+        w = np.asarray(weights, dtype=np.float64)
+        return np.tensordot(w / w.sum(), probs, axes=1)
+    raise ValueError(how)
+
+
+def check_weights(weights: list[float] | None, k: int, where: str) -> None:
+    if weights is None:
+        return
+    if len(weights) != k:
+        raise UserError(where, f"{len(weights)} weights", f"one weight per member ({k})")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(where, f"weights {weights}", "non-negative weights with a positive sum")
+
+
+# --------------------------------------------------------------------------------------------------
+# members
+
+
+@dataclass
+class Member:
+    """A finished classification run, loaded."""
+
+    path: Path
+    loaded: Any  # api.LoadedRun
+
+    @property
+    def labels(self):
+        return self.loaded.labels
+
+    def logits(self, frame, model: torch.nn.Module | None = None) -> np.ndarray:
+        """Logits of the member (or of `model`, another set of weights read with the member's
+        tokenizer and data settings) on the rows of `frame`."""
+        from hybridtune.tasks.classification import encode, logits_of
+
+        dataset = encode(frame, self.loaded.tokenizer, None, self.loaded.recipe.data)
+        return logits_of(model or self.loaded.model, self.loaded.tokenizer, dataset)
+
+
+def load_member(path: str | Path) -> Member:
+    from hybridtune import api
+
+    if is_ensemble(path):
+        raise UserError(str(path), "an ensemble dir", "a run dir (ensembles of ensembles are not supported)")
+    loaded = api.load_run(str(path))
+    if loaded.recipe.task != "classification":
+        raise UserError(
+            str(path), f"a {loaded.recipe.task} run", "classification runs (ensembles combine class scores)"
+        )
+    return Member(Path(path), loaded)
+
+
+def check_same_labels(members: list[Member]) -> None:
+    first = members[0]
+    for m in members[1:]:
+        if m.labels.names != first.labels.names:
+            raise UserError(
+                str(m.path),
+                f"labels {m.labels.names}",
+                f"the labels of {first.path}: {first.labels.names} (members must share the label set)",
+            )
+
+
+def split_frames(member: Member, data: str | None = None) -> dict:
+    """The rows ensembles are scored on: the first member's validation and test splits, or `data`."""
+    from hybridtune.tasks import classification
+
+    cfg, labels = member.loaded.recipe.data, member.labels
+    if data is not None:
+        return {"test": classification.eval_frame(data, cfg, labels)}
+    splits = classification.load_splits(cfg)
+    return {"validation": splits.validation, "test": splits.test}
+
+
+def y_true(frame, member: Member) -> np.ndarray:
+    index = {v: i for i, v in enumerate(member.labels.values)}
+    return np.asarray([index[v] for v in frame[member.loaded.recipe.data.label_column]])
+
+
+def member_logits(paths: list[str], frames: dict | None = None, data: str | None = None):
+    """Load each member in turn (one in memory at a time) and collect its logits on each frame."""
+    out: dict[str, list[np.ndarray]] = {}
+    first = None
+    names = None
+    for path in paths:
+        m = load_member(path)
+        if first is None:
+            first, names = m, m.labels.names
+            frames = frames or split_frames(m, data)
+        elif m.labels.names != names:
+            check_same_labels([first, m])
+        for split, frame in frames.items():
+            out.setdefault(split, []).append(m.logits(frame))
+        del m
+    return first, frames, out
+
+
+# --------------------------------------------------------------------------------------------------
+# output ensembles
+
+
+def build(
+    paths: list[str],
+    out: str,
+    combine_how: str = "mean_logits",
+    weights: list[float] | None = None,
+    copy_members: bool = True,
+) -> dict:
+    """Evaluate each member and the ensemble on the test split; save the ensemble to `out`.
+
+    `weighted` without weights uses each member's validation accuracy as its weight."""
+    from hybridtune.tasks.classification import full_report
+
+    if len(paths) < 2:
+        raise UserError("ensemble", f"{len(paths)} member", "at least 2 run dirs")
+    if combine_how not in COMBINES:
+        raise UserError("--combine", repr(combine_how), "one of " + ", ".join(COMBINES))
+    check_weights(weights, len(paths), "--weights")
+    target = Path(out)
+    if copy_members and target.exists():
+        raise UserError(str(out), "a path that already exists", "a new directory for the ensemble")
+    first, frames, logits = member_logits(paths)
+    labels = first.labels
+    truth = {split: y_true(frame, first) for split, frame in frames.items()}
+    members = [
+        {
+            "path": str(p),
+            **{
+                split: _metrics(truth[split], logits[split][i], labels)
+                for split in frames  # validation and test
+            },
+        }
+        for i, p in enumerate(paths)
+    ]
+    if combine_how == "weighted" and weights is None:
+        weights = [m["validation"]["accuracy"] for m in members]
+    scores = {split: combine(logits[split], combine_how, weights) for split in frames}
+    test = full_report(truth["test"], np.log(scores["test"] + 1e-12), labels)
+    validation = _metrics(truth["validation"], np.log(scores["validation"] + 1e-12), labels)
+    best = max(members, key=lambda m: m["validation"]["accuracy"])
+    summary = {
+        "kind": "output",
+        "combine": combine_how,
+        "weights": weights,
+        "members": members,
+        "ensemble": {"validation": validation, "test": {k: test[k] for k in ("accuracy", "f1_macro", "n")}},
+        # the gain over the member a user would have picked: the best on validation
+        "best_member": best["path"],
+        "gain_over_best_member": test["accuracy"] - best["test"]["accuracy"],
+        "gain_over_mean_member": test["accuracy"] - float(np.mean([m["test"]["accuracy"] for m in members])),
+    }
+
+    def save(tmp: Path) -> None:
+        names = []
+        for i, p in enumerate(paths):
+            name = f"members/{i}"
+            if copy_members:
+                _copy_member(Path(p), tmp / name)
+            else:
+                name = str(Path(p).resolve().relative_to(target.resolve()))
+            names.append(name)
+        manifest = {
+            "kind": "output",
+            "task": "classification",
+            "combine": combine_how,
+            "weights": weights,
+            "members": names,
+            "labels": labels.names,
+            "label_values": labels.values,
+        }
+        rundir.write_json(tmp / MANIFEST, manifest)
+        rundir.write_json(tmp / "eval.json", test)
+        rundir.write_json(tmp / "ensemble_report.json", summary)
+
+    if copy_members:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        rundir.save_dir_atomically(target, save)
+    else:  # members live inside `out` already (a recipe-trained ensemble): write the files in place
+        save(target)
+    return summary
+
+
+def _metrics(truth: np.ndarray, logits: np.ndarray, labels) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    pred = np.asarray(logits).argmax(-1)
+    ids = list(range(len(labels.names)))
+    return {
+        "accuracy": float(accuracy_score(truth, pred)),
+        "f1_macro": float(f1_score(truth, pred, labels=ids, average="macro", zero_division=0)),
+        "n": int(len(truth)),
+    }
+
+
+def _copy_member(src: Path, dst: Path) -> None:
+    """What a member needs to be re-loaded: its resolved recipe, run.json and final/."""
+    dst.mkdir(parents=True)
+    for name in ("recipe.yaml", "run.json", "params.json", "eval.json", "report.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    shutil.copytree(src / "final", dst / "final")
+
+
+class Ensemble:
+    """A saved output ensemble, loaded: every member in memory, predictions combined."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = rundir.read_json(self.path / MANIFEST)
+        self.combine, self.weights = manifest["combine"], manifest["weights"]
+        self.members = [load_member(self.path / m) for m in manifest["members"]]
+        check_same_labels(self.members)
+        self.labels = self.members[0].labels
+        self.data_cfg = self.members[0].loaded.recipe.data
+
+    def probs(self, frame) -> np.ndarray:
+        return combine([m.logits(frame) for m in self.members], self.combine, self.weights)
+
+    def evaluate(self, data: str | None = None) -> dict:
+        from hybridtune.tasks.classification import full_report
+
+        frame = split_frames(self.members[0], data)["test"]
+        return full_report(y_true(frame, self.members[0]), np.log(self.probs(frame) + 1e-12), self.labels)
+
+    def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
+        import pandas as pd
+
+        from hybridtune.data import check_texts
+
+        cfg = self.data_cfg
+        columns = {cfg.text_column: texts, "_where": [f"text {i + 1}" for i in range(len(texts))]}
+        if cfg.text_pair_column:
+            if not text_pairs or len(text_pairs) != len(texts):
+                raise UserError(
+                    "--pair", f"{len(text_pairs or [])} second texts", f"{len(texts)}, one per text"
+                )
+            columns[cfg.text_pair_column] = text_pairs
+        frame = pd.DataFrame(columns)
+        check_texts(frame, [c for c in columns if c != "_where"])
+        names = self.labels.names
+        return [
+            {
+                "text": t,
+                "label": names[int(p.argmax())],
+                "score": float(p.max()),
+                "probs": dict(zip(names, map(float, p), strict=True)),
+            }
+            for t, p in zip(texts, self.probs(frame), strict=True)
+        ]
+
+
+# --------------------------------------------------------------------------------------------------
+# weight averaging: soups
+
+
+def _plain_model(member: Member) -> torch.nn.Module:
+    """The member as one plain model: a LoRA member merged into its base (W + BA)."""
+    recipe = member.loaded.recipe
+    extra = [key for key in ("adapters", "soft_prompt") if getattr(recipe, key) is not None]
+    if extra:
+        raise UserError(
+            str(member.path),
+            f"a run with {' and '.join(extra)}, weights that live outside the model",
+            "runs whose final/ is a plain model or a LoRA adapter (full, freeze, bitfit, lora, ...)",
+        )
+    model = member.loaded.model
+    if hasattr(model, "peft_config"):
+        kinds = {c.peft_type.value for c in model.peft_config.values()}
+        if not kinds <= {"LORA", "ADALORA", "IA3"}:
+            raise UserError(
+                str(member.path),
+                f"a {'/'.join(sorted(kinds))} adapter, which cannot be merged into the base weights",
+                "full / freeze / LoRA / IA3 runs",
+            )
+        model = model.merge_and_unload()
+    return model
+
+
+def _average(states: list[dict]) -> dict:
+    out = {}
+    for key, value in states[0].items():
+        if torch.is_floating_point(value):
+            out[key] = torch.stack([s[key].float() for s in states]).mean(0).to(value.dtype)
+        else:
+            out[key] = value
+    return out
+
+
+def soup(paths: list[str], out: str, greedy: bool = False) -> dict:
+    """A uniform or greedy soup of runs fine-tuned from one base; saved as a normal run dir."""
+    from hybridtune.recipe import recipe_to_yaml
+    from hybridtune.tasks.classification import full_report
+
+    if len(paths) < 2:
+        raise UserError("soup", f"{len(paths)} member", "at least 2 run dirs")
+    target = Path(out)
+    if target.exists():
+        raise UserError(str(out), "a path that already exists", "a new directory for the soup")
+    members = [load_member(p) for p in paths]
+    check_same_labels(members)
+    first = members[0]
+    bases = {rundir.read_json(m.path / "run.json")["base_model"] for m in members}
+    if len(bases) > 1:
+        raise UserError(
+            "soup", f"members fine-tuned from different bases {sorted(bases)}", "members of one base model"
+        )
+    frames = split_frames(first)
+    truth = {s: y_true(f, first) for s, f in frames.items()}
+    models = [_plain_model(m) for m in members]
+    states = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in models]
+    for m, s in zip(members[1:], states[1:], strict=True):
+        if s.keys() != states[0].keys() or any(s[k].shape != states[0][k].shape for k in s):
+            raise UserError(str(m.path), "weights of another shape", f"the architecture of {first.path}")
+    shell = models[0]  # its weights are replaced by each candidate soup in turn
+
+    def score(state: dict, split: str = "validation") -> dict:
+        shell.load_state_dict(state)
+        return _metrics(truth[split], first.logits(frames[split], shell), first.labels)
+
+    scored = []
+    for i, s in enumerate(states):
+        scored.append({"path": str(paths[i]), "validation": score(s), "test": score(s, "test")})
+    order = sorted(range(len(states)), key=lambda i: -scored[i]["validation"]["accuracy"])
+    if greedy:
+        ingredients = [order[0]]
+        best = scored[order[0]]["validation"]["accuracy"]
+        for i in order[1:]:
+            candidate = score(_average([states[j] for j in [*ingredients, i]]))["accuracy"]
+            if candidate >= best:  # Wortsman et al.: keep an ingredient unless it hurts validation
+                ingredients.append(i)
+                best = candidate
+    else:
+        ingredients = list(range(len(states)))
+    state = _average([states[j] for j in ingredients])
+    shell.load_state_dict(state)
+    validation = _metrics(truth["validation"], first.logits(frames["validation"], shell), first.labels)
+    test = full_report(truth["test"], first.logits(frames["test"], shell), first.labels)
+    summary = {
+        "kind": "greedy_soup" if greedy else "uniform_soup",
+        "members": scored,
+        "ingredients": [str(paths[i]) for i in ingredients],
+        "soup": {"validation": validation, "test": {k: test[k] for k in ("accuracy", "f1_macro", "n")}},
+        "best_member": scored[order[0]]["path"],
+        "gain_over_best_member": test["accuracy"] - scored[order[0]]["test"]["accuracy"],
+    }
+    recipe = first.loaded.recipe.model_copy(update={"peft": None, "name": f"{first.loaded.recipe.name}-soup"})
+    info = rundir.read_json(first.path / "run.json")
+
+    def save(tmp: Path) -> None:
+        shell.save_pretrained(tmp / "final")
+        first.loaded.tokenizer.save_pretrained(tmp / "final")
+        rundir.write_text(tmp / "recipe.yaml", recipe_to_yaml(recipe))
+        rundir.write_json(tmp / "run.json", {**info, "format": "model", "soup": summary["ingredients"]})
+        rundir.write_json(tmp / "eval.json", test)
+        rundir.write_json(tmp / "soup.json", summary)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rundir.save_dir_atomically(target, save)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# adapter merging (peft)
+
+
+def merge_adapters(
+    paths: list[str],
+    out: str,
+    method: str = "cat",
+    weights: list[float] | None = None,
+    density: float | None = None,
+) -> dict:
+    """One LoRA adapter from several, by peft's add_weighted_adapter; saved as a normal peft run dir.
+
+    `cat` with the default weights (1/K each) is the exact mean of the members' updates BA (the
+    adapter's rank is the sum of theirs); `linear` averages A and B separately (same rank, only
+    approximately the mean update); svd / ties / dare_* as in peft. A classification head trained
+    beside the adapter (peft's modules_to_save) is not handled by add_weighted_adapter: it is averaged
+    with the same weights here."""
+    from peft import PeftModel
+
+    from hybridtune.model.loading import resolve
+    from hybridtune.recipe import recipe_to_yaml
+    from hybridtune.tasks import classification
+    from hybridtune.tasks.classification import full_report
+
+    if len(paths) < 2:
+        raise UserError("merge-adapters", f"{len(paths)} member", "at least 2 LoRA run dirs")
+    if method not in MERGE_METHODS:
+        raise UserError("--method", repr(method), "one of " + ", ".join(MERGE_METHODS))
+    check_weights(weights, len(paths), "--weights")
+    weights = weights or [1 / len(paths)] * len(paths)
+    if method in ("ties", "dare_ties", "dare_linear", "magnitude_prune", "ties_svd") and density is None:
+        density = 0.5
+    target = Path(out)
+    if target.exists():
+        raise UserError(str(out), "a path that already exists", "a new directory for the merged adapter")
+    infos = []
+    for p in paths:
+        run = rundir.check_run_dir(p)
+        info = rundir.read_json(run / "run.json")
+        if info["task"] != "classification":
+            raise UserError(str(p), f"a {info['task']} run", "classification LoRA runs")
+        cfg_path = run / "final" / "adapter_config.json"
+        peft_type = rundir.read_json(cfg_path).get("peft_type") if cfg_path.is_file() else None
+        if info["format"] != "peft" or peft_type != "LORA":
+            raise UserError(str(p), f"a run whose final/ is {peft_type or 'a full model'}", "LoRA runs")
+        infos.append(info)
+    if len({i["base_model"] for i in infos}) > 1 or len({tuple(i["labels"]) for i in infos}) > 1:
+        raise UserError("merge-adapters", "runs of different bases or label sets", "LoRA runs of one base")
+    first = load_member(paths[0])
+    tokenizer, labels, recipe = first.loaded.tokenizer, first.labels, first.loaded.recipe
+    base, _ = classification.load_model(resolve(recipe.model.name), tokenizer, labels)
+    names = [f"member{i}" for i in range(len(paths))]
+    model = PeftModel.from_pretrained(base, str(Path(paths[0]) / "final"), adapter_name=names[0])
+    for name, p in zip(names[1:], paths[1:], strict=True):
+        model.load_adapter(str(Path(p) / "final"), adapter_name=name)
+    kwargs = {"density": density} if density is not None else {}
+    heads = _take_saved_modules(model, names)
+    model.add_weighted_adapter(names, weights, "default", combination_type=method, **kwargs)
+    _put_merged_modules(heads, names, weights, "default")
+    model.set_adapter("default")
+    for name in names:
+        model.delete_adapter(name)
+    model.eval()
+    frames = split_frames(first)
+    truth = {s: y_true(f, first) for s, f in frames.items()}
+    dataset = {s: classification.encode(f, tokenizer, None, recipe.data) for s, f in frames.items()}
+    logits = {s: classification.logits_of(model, tokenizer, d) for s, d in dataset.items()}
+    test = full_report(truth["test"], logits["test"], labels)
+    summary = {
+        "kind": f"merge_adapters:{method}",
+        "members": [str(p) for p in paths],
+        "weights": weights,
+        "merged": {
+            "validation": _metrics(truth["validation"], logits["validation"], labels),
+            "test": {k: test[k] for k in ("accuracy", "f1_macro", "n")},
+        },
+    }
+    info = infos[0]
+
+    def save(tmp: Path) -> None:
+        model.save_pretrained(tmp / "final", selected_adapters=["default"])
+        tokenizer.save_pretrained(tmp / "final")
+        merged = recipe.model_copy(update={"name": f"{recipe.name}-merged"})
+        rundir.write_text(tmp / "recipe.yaml", recipe_to_yaml(merged))
+        rundir.write_json(tmp / "run.json", {**info, "merged_from": summary["members"]})
+        rundir.write_json(tmp / "eval.json", test)
+        rundir.write_json(tmp / "merge.json", summary)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    rundir.save_dir_atomically(target, save)
+    return summary
+
+
+def _take_saved_modules(model, names: list[str]) -> dict:
+    """The members' modules_to_save copies (a classification head), all but the active one taken
+    out of peft's wrappers: add_weighted_adapter refuses adapters that share one, and does not merge
+    them anyway."""
+    from peft.utils import ModulesToSaveWrapper
+
+    taken = {}
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            copies = {n: module.modules_to_save[n] for n in names if n in module.modules_to_save}
+            for n in names[1:]:
+                if n in module.modules_to_save:
+                    module.modules_to_save.pop(n)
+            if copies:
+                taken[module] = copies
+    return taken
+
+
+def _put_merged_modules(taken: dict, names: list[str], weights: list[float], adapter: str) -> None:
+    """Give the merged adapter the weighted mean of the members' copies."""
+    total = sum(weights)
+    for wrapper, copies in taken.items():
+        wrapper.update(adapter)
+        merged = wrapper.modules_to_save[adapter]
+        with torch.no_grad():
+            for key, value in merged.state_dict().items():
+                if torch.is_floating_point(value):
+                    parts = [
+                        w * copies[n].state_dict()[key].float() for n, w in zip(names, weights, strict=True)
+                    ]
+                    value.copy_((sum(parts) / total).to(value.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# one recipe, K members: `ensemble:` in a recipe
+
+
+def member_recipes(recipe) -> list:
+    """The members' recipes: this recipe without `ensemble`, one seed or override list each; all
+    validated (and checked against the combine method) before anything trains."""
+    from hybridtune.recipe import apply_override, validate_recipe
+
+    cfg = recipe.ensemble
+    base = recipe.model_dump(mode="json")
+    base["ensemble"] = None
+    out = []
+    for i in range(cfg.count):
+        raw = copy.deepcopy(base)
+        raw["name"] = f"{recipe.name}-m{i}"
+        if cfg.vary == "seed":
+            raw["train"]["seed"] = recipe.train.seed + i
+        else:
+            for item in cfg.vary[i]:
+                apply_override(raw, item)
+        out.append(validate_recipe(raw, f"ensemble.vary[{i}]" if cfg.vary != "seed" else "ensemble"))
+    if recipe.task != "classification":
+        raise UserError(
+            "ensemble", f"task {recipe.task}", "task classification (ensembles combine class scores)"
+        )
+    if cfg.combine in ("uniform_soup", "greedy_soup", "merge_adapters"):
+        names = {r.model.name for r in out}
+        if len(names) > 1:
+            raise UserError(
+                "ensemble.vary",
+                f"members of different base models {sorted(names)}",
+                f"one base for {cfg.combine}",
+            )
+    if cfg.combine == "merge_adapters":
+        for i, r in enumerate(out):
+            if r.peft is None or r.peft.method not in ("lora", "dora"):
+                raise UserError(
+                    f"ensemble.vary[{i}]" if cfg.vary != "seed" else "peft.method",
+                    f"a member without LoRA ({r.peft.method if r.peft else 'no peft'})",
+                    "LoRA members for combine: merge_adapters",
+                )
+    check_weights(cfg.weights, cfg.count, "ensemble.weights")
+    return out
+
+
+def train(recipe) -> dict:
+    """Train every member (each a normal run under <run>/members/<i>), combine them, and write the
+    run's report.json / metrics.jsonl as one strategy of a compare would have them."""
+    from hybridtune import api
+    from hybridtune.recipe import recipe_to_yaml
+
+    cfg = recipe.ensemble
+    members = member_recipes(recipe)
+    run = rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
+    rundir.new_run_dir(run)
+    rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
+    summaries = []
+    for i, member in enumerate(members):
+        member.output.dir, member.output.name = str(run / "members"), str(i)
+        summaries.append(api.train(member))
+    paths = [s["run_dir"] for s in summaries]
+    if cfg.combine in COMBINES:
+        result = build(paths, str(run), cfg.combine, cfg.weights, copy_members=False)
+        test, validation = result["ensemble"]["test"], result["ensemble"]["validation"]
+    else:
+        tmp = run / ".combined"
+        if cfg.combine == "merge_adapters":
+            result = merge_adapters(paths, str(tmp), cfg.merge_method, cfg.weights)
+            test, validation = result["merged"]["test"], result["merged"]["validation"]
+        else:
+            result = soup(paths, str(tmp), greedy=cfg.combine == "greedy_soup")
+            test, validation = result["soup"]["test"], result["soup"]["validation"]
+        for item in tmp.iterdir():
+            if item.name != "recipe.yaml":  # the run keeps the ensemble recipe
+                os.replace(item, run / item.name)
+        shutil.rmtree(tmp)
+    seconds = sum(s["train_seconds"] for s in summaries)
+    samples = sum((s["train_samples_per_second"] or 0) * s["train_seconds"] for s in summaries)
+    tokens = sum((s["train_tokens_per_second"] or 0) * s["train_seconds"] for s in summaries)
+    trainable, total = sum(s["trainable"] for s in summaries), sum(s["total"] for s in summaries)
+    steps = sum(s["steps"] for s in summaries)
+    # one validation point: the combined model, once every member has trained
+    with (run / "metrics.jsonl").open("w", encoding="utf-8") as f:
+        f.write(
+            json.dumps(
+                {
+                    "step": steps,
+                    "epoch": summaries[0]["epochs"],
+                    "time_s": round(seconds, 3),
+                    **{f"eval_{k}": v for k, v in validation.items() if k != "n"},
+                }
+            )
+            + "\n"
+        )
+    summary = {
+        "run_dir": str(run),
+        "recipe": recipe.name,
+        "test": test,
+        "best_validation": validation["accuracy"],
+        "best_checkpoint": None,
+        "combine": cfg.combine,
+        "members": [{"run_dir": s["run_dir"], "test": s["test"]} for s in summaries],
+        # what was trained: every member's parameters, time and samples
+        "trainable": trainable,
+        "total": total,
+        "trainable_pct": round(100 * trainable / total, 4),
+        "train_seconds": round(seconds, 2),
+        "train_samples_per_second": round(samples / seconds, 3) if seconds else None,
+        "train_tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "cuda_peak_mib": max((s["cuda_peak_mib"] or 0) for s in summaries) or None,
+        "metric": "accuracy",
+        "best_validation_metric": "accuracy",
+        "epochs": summaries[0]["epochs"],
+        "steps": steps,
+        "precision": summaries[0]["precision"],
+        "gain_over_best_member": test["accuracy"] - max(s["test"]["accuracy"] for s in summaries),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    rundir.write_json(run / "report.json", summary)
+    return summary
