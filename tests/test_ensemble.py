@@ -261,3 +261,57 @@ def test_recipe_ensemble_errors_before_anything_is_written(tmp_path, tiny_bert, 
     res = CliRunner().invoke(app, ["train", *base, "ensemble.members=3", "ensemble.vary=[[a=1], [b=2]]"])
     assert res.exit_code == 2 and "ensemble.members" in res.output
     assert not (tmp_path / "runs" / "ens").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# shared trunk
+
+
+def test_members_above_a_frozen_trunk_run_it_once_and_predict_the_same(tmp_path, tiny_bert6, sentiment_csv):
+    """Three top-1 members of a 6-block model share embeddings + 5 blocks: those run once per batch."""
+    runs = [
+        api.train(
+            load_recipe(
+                None,
+                _quick(
+                    tiny_bert6,
+                    sentiment_csv,
+                    tmp_path / "runs",
+                    "train.epochs=1",
+                    f"train.seed={seed}",
+                    "freeze.trainable=[{top_k: 1}, head]",
+                    f"output.name=top1-{seed}",
+                ),
+            )
+        )["run_dir"]
+        for seed in (1, 2, 3)
+    ]
+    out = tmp_path / "ens"
+    ensemble.build(runs, str(out))
+    shared = ensemble.Ensemble(out)
+    plain = ensemble.Ensemble(out, share_trunk=False)
+    assert shared.shared is not None and shared.shared.depth == 5 and plain.shared is None
+    # count block forwards: a shared trunk runs 5 blocks once + 3 top blocks, instead of 3 x 6
+    calls = {"n": 0}
+
+    def count(*_):
+        calls["n"] += 1
+
+    for member in shared.members + plain.members:
+        for block in member.loaded.model.bert.encoder.layer:
+            if not isinstance(block, ensemble.Replay):
+                block.register_forward_hook(count)
+    frame = ensemble.split_frames(shared.members[0])["test"].iloc[:16]  # one batch
+    got = shared.probs(frame)
+    assert calls["n"] == 5 + 3
+    calls["n"] = 0
+    want = plain.probs(frame)
+    assert calls["n"] == 3 * 6
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_trunk_depth_stops_at_the_first_block_that_differs(members, tiny_bert):
+    full = [ensemble.load_member(members[k]).loaded.model for k in ("full-a", "full-b")]
+    lora = [ensemble.load_member(members[k]).loaded.model for k in ("lora-a", "lora-b")]
+    assert ensemble.trunk_depth(full) == 0  # embeddings trained in each
+    assert ensemble.trunk_depth(lora) == 0  # LoRA on every block, different in each member

@@ -313,9 +313,12 @@ def _copy_member(src: Path, dst: Path) -> None:
 
 
 class Ensemble:
-    """A saved output ensemble, loaded: every member in memory, predictions combined."""
+    """A saved output ensemble, loaded: every member in memory, predictions combined.
 
-    def __init__(self, path: str | Path):
+    Members that share a frozen trunk (the embeddings and the bottom blocks bit-identical, e.g.
+    head-only or top-k members of one base) compute it once per batch (`SharedTrunk`)."""
+
+    def __init__(self, path: str | Path, share_trunk: bool = True):
         self.path = Path(path)
         manifest = rundir.read_json(self.path / MANIFEST)
         self.combine, self.weights = manifest["combine"], manifest["weights"]
@@ -323,8 +326,11 @@ class Ensemble:
         check_same_labels(self.members)
         self.labels = self.members[0].labels
         self.data_cfg = self.members[0].loaded.recipe.data
+        self.shared = SharedTrunk.of(self.members) if share_trunk else None
 
     def probs(self, frame) -> np.ndarray:
+        if self.shared is not None:
+            return combine(self.shared.logits(frame), self.combine, self.weights)
         return combine([m.logits(frame) for m in self.members], self.combine, self.weights)
 
     def evaluate(self, data: str | None = None) -> dict:
@@ -358,6 +364,105 @@ class Ensemble:
             }
             for t, p in zip(texts, self.probs(frame), strict=True)
         ]
+
+
+class Replay(torch.nn.Module):
+    """Stands in for a trunk block of a follower member: returns what the leader's block returned
+    for the current batch, whatever it is given."""
+
+    def __init__(self, cache: dict, index: int):
+        super().__init__()
+        self.cache, self.index = cache, index
+
+    def forward(self, *args, **kwargs):
+        return self.cache[self.index]
+
+
+class SharedTrunk:
+    """Members whose embeddings and bottom `depth` blocks are bit-identical run those blocks once per
+    batch: the first member (the leader) runs whole and its trunk blocks record their outputs; in the
+    other members those blocks are replaced by `Replay` modules. Generic over architectures: it only
+    relies on the blocks being called in order, once each, per forward (true of every HF model whose
+    blocks the anatomy finds). The cost of K members is one trunk + K tops."""
+
+    def __init__(self, members: list[Member], depth: int):
+        from hybridtune.model.anatomy import Anatomy, unwrap
+
+        self.members, self.depth = members, depth
+        self.cache: dict[int, Any] = {}
+        leader = unwrap(members[0].loaded.model)
+        path = Anatomy.of(leader).blocks_path
+        for i, block in enumerate(leader.get_submodule(path)[:depth]):
+            block.register_forward_hook(self._recorder(i))
+        for m in members[1:]:
+            blocks = unwrap(m.loaded.model).get_submodule(path)
+            for i in range(depth):
+                blocks[i] = Replay(self.cache, i)
+
+    def _recorder(self, index: int):
+        def hook(module, args, output):
+            self.cache[index] = output
+
+        return hook
+
+    @classmethod
+    def of(cls, members: list[Member]) -> SharedTrunk | None:
+        """A shared trunk when the members have one (same tokenizer and text settings, embeddings and
+        at least one bottom block identical); None otherwise."""
+        first = members[0].loaded
+        for m in members[1:]:
+            if (
+                m.loaded.recipe.data.max_length != first.recipe.data.max_length
+                or m.loaded.tokenizer.get_vocab() != first.tokenizer.get_vocab()
+            ):
+                return None
+        depth = trunk_depth([m.loaded.model for m in members])
+        if depth < 1:
+            return None
+        return cls(members, depth)
+
+    @torch.no_grad()
+    def logits(self, frame, batch_size: int = 128) -> list[np.ndarray]:
+        from hybridtune.tasks.classification import collator, encode
+
+        leader = self.members[0].loaded
+        dataset = encode(frame, leader.tokenizer, None, leader.recipe.data)
+        collate = collator(leader.tokenizer)
+        features = [dict(row) for row in dataset]
+        out: list[list[np.ndarray]] = [[] for _ in self.members]
+        for start in range(0, len(features), batch_size):
+            batch = collate(features[start : start + batch_size])
+            for i, m in enumerate(self.members):  # the leader first: it fills the cache
+                out[i].append(m.loaded.model(**batch).logits.float().cpu().numpy())
+            self.cache.clear()
+        return [np.concatenate(x) for x in out]
+
+
+def trunk_depth(models: list[torch.nn.Module]) -> int:
+    """How many bottom blocks all models share bit for bit, with their embeddings (0: none)."""
+    from hybridtune.model.anatomy import Anatomy, canonical
+
+    anatomy = Anatomy.of(models[0])
+    by_slot: list[dict[str, dict[str, torch.Tensor]]] = []
+    for model in models:
+        slots: dict[str, dict[str, torch.Tensor]] = {}
+        for name, p in model.named_parameters():
+            slots.setdefault(anatomy.slot_of(canonical(name)), {})[name] = p
+        by_slot.append(slots)
+
+    def same(slot: str) -> bool:
+        first = by_slot[0].get(slot, {})
+        return all(
+            s.get(slot, {}).keys() == first.keys() and all(torch.equal(s[slot][k], first[k]) for k in first)
+            for s in by_slot[1:]
+        )
+
+    if not same("embeddings"):
+        return 0
+    depth = 0
+    while depth < anatomy.num_blocks and same(f"block.{depth}"):
+        depth += 1
+    return depth
 
 
 # --------------------------------------------------------------------------------------------------
