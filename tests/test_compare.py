@@ -154,3 +154,25 @@ def test_suites_in_the_repo_validate():
     assert suites
     for path in suites:
         assert plan_runs(*load_suite(str(path)))
+
+
+def test_an_ensemble_strategy_is_one_row_whose_numbers_are_its_run_files(tmp_path, tiny_bert, sentiment_csv):
+    suite = tmp_path / "ens.yaml"
+    suite.write_text(
+        f"""name: ens
+overrides: ["model={tiny_bert}", "data.source={sentiment_csv}", "train.max_steps=4", "train.eval_steps=2",
+            "train.precision=fp32", "train.lr=0.005"]
+strategies:
+  - {{recipe: {RECIPES / "ensemble_lora.yaml"}, overrides: ["ensemble.members=2"]}}
+"""
+    )
+    root = compare(str(suite), str(tmp_path / "cmp"), echo=lambda *_: None)
+    data = json.loads((root / "comparison.json").read_text())
+    (row,) = data["runs"]
+    run = root / "runs" / row["run"]
+    report = json.loads((run / "report.json").read_text())
+    members = [json.loads((run / "members" / m / "report.json").read_text()) for m in ("0", "1")]
+    assert row["test_metric"] == json.loads((run / "eval.json").read_text())["accuracy"]
+    assert row["trainable"] == sum(m["trainable"] for m in members) == report["trainable"]
+    assert row["train_seconds"] == report["train_seconds"]
+    assert row["curve"] == [[report["train_seconds"], report["steps"], report["best_validation"]]]

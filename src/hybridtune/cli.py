@@ -62,6 +62,9 @@ def train(
     )
     summary = api.train(recipe)
     run = Path(summary["run_dir"])
+    if recipe.ensemble is not None:
+        _print_ensemble_run(summary)
+        return
     console.print(params_table(json.loads((run / "params.json").read_text())))
     for table in api.TASKS[recipe.task].eval_tables(json.loads((run / "eval.json").read_text())):
         console.print(table)
@@ -197,6 +200,29 @@ def _print_members(members: list[dict], combined: dict, title: str, label: str) 
         f"[bold]{100 * combined['test']['f1_macro']:.2f}[/]",
     )
     console.print(table)
+
+
+def _print_ensemble_run(summary: dict) -> None:
+    from rich.table import Table
+
+    from hybridtune.report.console import console
+
+    table = Table(title=f"ensemble of {len(summary['members'])} ({summary['combine']})")
+    for col in ("member", "test accuracy", "test macro-F1"):
+        table.add_column(col, justify="left" if col == "member" else "right")
+    for m in summary["members"]:
+        table.add_row(
+            m["run_dir"], f"{100 * m['test']['accuracy']:.2f}", f"{100 * m['test']['f1_macro']:.2f}"
+        )
+    test = summary["test"]
+    table.add_row(
+        "[bold]combined[/]", f"[bold]{100 * test['accuracy']:.2f}[/]", f"{100 * test['f1_macro']:.2f}"
+    )
+    console.print(table)
+    console.print(
+        f"gain over the best member: {100 * summary['gain_over_best_member']:+.2f} pt test accuracy; "
+        f"trained in {summary['train_seconds']:.0f} s; run dir: [bold]{summary['run_dir']}[/]"
+    )
 
 
 @app.command()

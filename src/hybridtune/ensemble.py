@@ -821,5 +821,10 @@ def train(recipe) -> dict:
         "gain_over_best_member": test["accuracy"] - max(s["test"]["accuracy"] for s in summaries),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    member_params = [rundir.read_json(Path(p) / "params.json") for p in paths]
+    rundir.write_json(
+        run / "params.json",
+        {"trainable": trainable, "total": total, "members": member_params},
+    )
     rundir.write_json(run / "report.json", summary)
     return summary
