@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from hybridtune import rundir, strategy
+from hybridtune import distributed, rundir, strategy
 from hybridtune.data import Splits
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import Anatomy
@@ -105,22 +105,30 @@ def train(recipe: Recipe | None = None) -> dict:
     prep = prepare(recipe)
     run = rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
     args = training_arguments(recipe.train, recipe.output, run / "checkpoints")
+    # under torchrun / accelerate launch every process runs this function; rank 0 names the run dir
+    # (a timestamped name could differ between processes) and is the only one that writes
+    distributed.setup(args)
+    run = Path(distributed.broadcast(str(run)))
+    args.output_dir = str(run / "checkpoints")
+    main = distributed.is_main()
     for key, value in strategy.training_args(recipe).items():
         setattr(args, key, value)
-    rundir.new_run_dir(run)
     is_peft = hasattr(prep.model, "peft_config")
-    rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
-    rundir.write_json(
-        run / "run.json",
-        {
-            "task": recipe.task,
-            "labels": prep.labels.names,
-            "label_values": prep.labels.values,
-            "base_model": resolve(recipe.model.name),
-            "format": "peft" if is_peft else "model",
-        },
-    )
-    rundir.write_json(run / "params.json", prep.params)
+    if main:
+        rundir.new_run_dir(run)
+        rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
+        rundir.write_json(
+            run / "run.json",
+            {
+                "task": recipe.task,
+                "labels": prep.labels.names,
+                "label_values": prep.labels.values,
+                "base_model": resolve(recipe.model.name),
+                "format": "peft" if is_peft else "model",
+            },
+        )
+        rundir.write_json(run / "params.json", prep.params)
+    distributed.barrier()  # the run dir exists before any process trains
 
     trainer = make_trainer(
         prep.model,
@@ -145,6 +153,8 @@ def train(recipe: Recipe | None = None) -> dict:
         model.save_pretrained(tmp, **({"state_dict": base} if own else {}))
         prep.tokenizer.save_pretrained(tmp)
 
+    if not main:  # rank 0 saves and evaluates; the others are done
+        return {"run_dir": str(run), "rank": distributed.rank()}
     rundir.save_dir_atomically(run / "final", save)
     test = prep.task.report(model, prep.tokenizer, prep.datasets["test"], prep.labels)
     rundir.write_json(run / "eval.json", test)

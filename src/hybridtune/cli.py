@@ -61,6 +61,8 @@ def train(
         f"[bold]recipe[/] {recipe.name}: model {recipe.model.name}, data {recipe.data.source or recipe.data.train}"
     )
     summary = api.train(recipe)
+    if summary.get("rank"):  # another process of a multi-process run: rank 0 reports
+        return
     run = Path(summary["run_dir"])
     if recipe.ensemble is not None:
         _print_ensemble_run(summary)

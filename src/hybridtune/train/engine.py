@@ -154,6 +154,11 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
         report_to="none",  # TensorBoard is added in make_trainer, writing into the run dir
         disable_tqdm=False,
         dataloader_num_workers=0,
+        # Trainer multiplies the loss by the number of processes for models whose forward takes
+        # **kwargs, expecting them to divide by the global token count; the classification heads take
+        # **kwargs but average per batch, so under DDP their loss (and gradient) would be N times too
+        # big. A task whose model does divide (causal LM) may turn it back on.
+        average_tokens_across_devices=False,
         **every,
     )
 
@@ -172,7 +177,9 @@ def make_trainer(
 ) -> Trainer:
     from hybridtune.strategy.stages import StageCallback
 
-    callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), *callbacks, tensorboard(run_dir / "tensorboard")]
+    callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), *callbacks]
+    if args.process_index == 0:  # one event file per run, however many processes train
+        callbacks.append(tensorboard(run_dir / "tensorboard"))
     if plan.stages is not None:
         callbacks.append(StageCallback(plan.stages, plan.base_names, run_dir / "metrics.jsonl"))
     if recipe.train.early_stopping.patience:
