@@ -93,30 +93,40 @@ def params(recipe: Recipe) -> dict:
     return prepare(recipe).params
 
 
-def train(recipe: Recipe | None = None) -> dict:
-    """Train one recipe end to end; returns the summary written to `report.json`."""
+def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dict:
+    """Train one recipe end to end; returns the summary written to `report.json`.
+
+    `resume`: an interrupted run dir to continue from its last checkpoint (its own recipe.yaml;
+    model, optimizer, scheduler, RNG states, data order, stage and early stopping restored), which
+    then ends like a normal run (train/checkpoints.py)."""
+    from hybridtune.train.checkpoints import prepare_resume
     from hybridtune.train.engine import make_trainer, resolve_precision, training_arguments
 
+    checkpoint = None
+    if resume is not None:
+        checkpoint = prepare_resume(Path(resume))
+        recipe = load_recipe(Path(resume) / "recipe.yaml")
     recipe = recipe or load_recipe()
     prep = prepare(recipe)
-    run = rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
+    run = Path(resume) if resume else rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
     args = training_arguments(recipe.train, recipe.output, run / "checkpoints")
     for key, value in strategy.training_args(recipe).items():
         setattr(args, key, value)
-    rundir.new_run_dir(run)
     is_peft = hasattr(prep.model, "peft_config")
-    rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
-    rundir.write_json(
-        run / "run.json",
-        {
-            "task": recipe.task,
-            "labels": prep.labels.names,
-            "label_values": prep.labels.values,
-            "base_model": resolve(recipe.model.name),
-            "format": "peft" if is_peft else "model",
-        },
-    )
-    rundir.write_json(run / "params.json", prep.params)
+    if checkpoint is None:
+        rundir.new_run_dir(run)
+        rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
+        rundir.write_json(
+            run / "run.json",
+            {
+                "task": recipe.task,
+                "labels": prep.labels.names,
+                "label_values": prep.labels.values,
+                "base_model": resolve(recipe.model.name),
+                "format": "peft" if is_peft else "model",
+            },
+        )
+        rundir.write_json(run / "params.json", prep.params)
 
     trainer = make_trainer(
         prep.model,
@@ -129,9 +139,10 @@ def train(recipe: Recipe | None = None) -> dict:
         plan=prep.plan,
         callbacks=strategy.callbacks(prep.model, recipe, prep.build),
         collator=prep.task.collator(prep.tokenizer),  # token classification pads its label lists too
+        resume_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None,
     )
     started = time.perf_counter()
-    out = trainer.train()
+    out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
     model = trainer.model
 

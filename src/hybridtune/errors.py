@@ -11,6 +11,7 @@ import difflib
 from collections.abc import Iterable
 
 EXIT_USER_ERROR = 2
+EXIT_TRAINING_STOPPED = 3
 
 
 class UserError(Exception):
@@ -22,6 +23,12 @@ class UserError(Exception):
         if hint:
             message += f" ({hint})"
         super().__init__(message)
+
+
+class TrainingStopped(Exception):
+    """Training met something it cannot go on from (a NaN / inf loss). Not bad input, so not
+    UserError: the CLI prints the one-line message and exits with code 3. The run dir keeps its
+    checkpoints, so the run can be resumed (`hybridtune train --resume RUN_DIR`) once fixed."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

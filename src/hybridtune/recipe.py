@@ -119,6 +119,10 @@ class TrainConfig(Section):
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
     logging_steps: int = Field(20, ge=1)
+    on_nan: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a NaN / inf training loss: stop (exit code 3, checkpoints kept) or skip that batch",
+    )
 
 
 class OutputConfig(Section):
