@@ -65,7 +65,7 @@ def recipe(tmp_path, tiny_bert, sentiment_csv) -> Path:
     return path
 
 
-def test_killed_three_times_and_resumed_ends_like_an_uninterrupted_run(recipe, tmp_path):
+def test_killed_four_times_and_resumed_ends_like_an_uninterrupted_run(recipe, tmp_path):
     done = _cli([str(recipe), "output.name=straight"])
     assert done.returncode == 0, done.stderr[-2000:]
     straight = tmp_path / "runs" / "straight"
@@ -84,7 +84,11 @@ def test_killed_three_times_and_resumed_ends_like_an_uninterrupted_run(recipe, t
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert _steps(run)[-1] == 8, "a half-written checkpoint-12 was renamed into place"
     assert (run / "checkpoints" / ".checkpoint-12.tmp").is_dir()
-    # 4. resumed from 8 to the end
+    # 4. resumed from 8, killed mid-epoch 2 after step 14 (checkpoint-12 now written whole)
+    proc = _cli(["--resume", str(run)], kill_at="step:14")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert _steps(run)[-1] == 12
+    # 5. resumed from 12, inside stage 1 (its optimizer state kept, not reset) at an epoch start, to the end
     proc = _cli(["--resume", str(run)])
     assert proc.returncode == 0, proc.stderr[-2000:]
 

@@ -83,10 +83,11 @@ class DataConfig(Section):
     def _one_origin(self) -> DataConfig:
         if self.source and self.train:
             raise ValueError(
-                "give either `source` (split automatically) or `train` (+ validation/test), not both"
+                f"data.train: found '{self.train}' and data.source '{self.source}' both; expected either "
+                "`source` (split automatically) or `train` (+ validation/test)"
             )
         if not self.source and not self.train:
-            raise ValueError("give `source` or `train`")
+            raise ValueError("data.source: found neither `source` nor `train`; expected one of them")
         return self
 
 
@@ -181,7 +182,10 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
         if self.freeze is not None and self.stages is not None:
-            raise ValueError("give `freeze` or `stages`, not both: stages decide what trains in each stage")
+            raise ValueError(
+                "stages: found `freeze` and `stages` together; expected one of them: give `freeze` or "
+                "`stages`, not both (stages decide what trains in each stage)"
+            )
         return self
 
     @field_validator("name")

@@ -30,6 +30,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from hybridtune.errors import UserError
+from hybridtune.rundir import DISK_ERRORS, disk_error
 
 KILL_ENV = "HYBRIDTUNE_TEST_KILL_AT"
 CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -61,7 +62,29 @@ def save_checkpoint(trainer, model) -> None:
     name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
     final, tmp = root / name, root / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+        _write(trainer, tmp, root)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no partial checkpoint behind
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+            raise disk_error(e, final) from None
+        raise
+    maybe_kill("save", state.global_step)
+    if final.exists():  # the same step saved again (a resumed run re-saving): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    rotate_checkpoints(
+        output_dir=str(root),
+        save_total_limit=args.save_total_limit,
+        best_model_checkpoint=state.best_model_checkpoint,
+        use_mtime=False,
+    )
+
+
+def _write(trainer, tmp: Path, root: Path) -> None:
+    """What transformers' `_save_checkpoint` writes, into `tmp`."""
+    state, args = trainer.state, trainer.args
     trainer.save_model(str(tmp), _internal_call=True)
     if state.best_global_step:
         best = root / f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}"
@@ -82,16 +105,6 @@ def save_checkpoint(trainer, model) -> None:
     for cb in callbacks:
         if hasattr(cb, "save_into"):
             cb.save_into(tmp)
-    maybe_kill("save", state.global_step)
-    if final.exists():  # the same step saved again (a resumed run re-saving): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    rotate_checkpoints(
-        output_dir=str(root),
-        save_total_limit=args.save_total_limit,
-        best_model_checkpoint=state.best_model_checkpoint,
-        use_mtime=False,
-    )
 
 
 def checkpoints(root: Path) -> list[Path]:

@@ -24,6 +24,7 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from hybridtune.errors import TrainingStopped
+from hybridtune.rundir import DISK_ERRORS, disk_error
 from hybridtune.train.checkpoints import KILL_ENV, KillAtStep, save_checkpoint
 
 
@@ -59,8 +60,13 @@ class MetricsJsonl(TrainerCallback):
             "time_s": round(time.perf_counter() - self.start, 3),
             **logs,
         }
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if e.errno in DISK_ERRORS:  # a line cut short is dropped on resume (train/checkpoints.py)
+                raise disk_error(e, self.path) from None
+            raise
 
 
 class HybridTrainer(Trainer):
