@@ -8,6 +8,7 @@ message and exits with code 2, without a traceback. Everything else is a bug and
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 EXIT_USER_ERROR = 2
@@ -22,7 +23,8 @@ class UserError(Exception):
         message = f"{where}: found {found}; expected {expected}"
         if hint:
             message += f" ({hint})"
-        super().__init__(message)
+        # one line, always: the CLI prints it as is (a library's message may span lines)
+        super().__init__(re.sub(r"\s*\n\s*", " ", message))
 
 
 class TrainingStopped(Exception):

@@ -209,7 +209,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError(str(path), "no such file", "a recipe YAML file")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+            text = p.read_text(encoding="utf-8-sig")
+            raw = yaml.safe_load(text) or {}
         except UnicodeDecodeError as e:
             raise UserError(
                 str(path), f"bytes that are not UTF-8 ({e.reason})", "a UTF-8 text file"
@@ -217,6 +218,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
+            if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
+                where = f"{path}:{text.count(chr(10), 0, e.position) + 1}"
             raise UserError(where, f"invalid YAML ({getattr(e, 'problem', e)})", "a YAML mapping") from None
         if not isinstance(raw, dict):
             raise UserError(str(path), f"a YAML {type(raw).__name__}", "a mapping of recipe keys")
