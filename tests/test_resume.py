@@ -108,6 +108,39 @@ def test_killed_four_times_and_resumed_ends_like_an_uninterrupted_run(recipe, tm
     assert json.loads((run / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
 
 
+def test_lora_with_a_soft_prompt_resumes_exactly(tmp_path, tiny_bert, sentiment_csv):
+    """A peft model with a part's own weights (the soft prompt, saved by CheckpointExtras inside the
+    checkpoint's atomic write) is restored from the checkpoint on resume, not left as initialised."""
+    args = [
+        f"model={tiny_bert}",
+        f"data.source={sentiment_csv}",
+        "peft.method=lora",
+        "soft_prompt.num_virtual_tokens=4",
+        "data.max_length=64",
+        "train.max_steps=10",
+        "train.eval_steps=4",
+        "train.batch_size=16",
+        "train.lr=0.005",
+        "train.precision=fp32",
+        "train.early_stopping.metric=loss",
+        f"output.dir={tmp_path / 'runs'}",
+    ]
+    assert _cli([*args, "output.name=straight"]).returncode == 0
+    proc = _cli([*args, "output.name=killed"], kill_at="step:6")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run, straight = tmp_path / "runs" / "killed", tmp_path / "runs" / "straight"
+    assert (run / "checkpoints" / "checkpoint-4" / "soft_prompt.safetensors").is_file()
+    proc = _cli(["--resume", str(run)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = f"checkpoints/checkpoint-{_steps(run)[-1]}"
+    for weights in ("adapter_model.safetensors", "soft_prompt.safetensors"):
+        for where in ("final", last):
+            ours, theirs = load_file(run / where / weights), load_file(straight / where / weights)
+            diff = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+            assert diff <= 1e-6, (where, weights, diff)
+    assert _metrics(run) == _metrics(straight)
+
+
 def _run_dir(tmp_path, *files: str) -> Path:
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)

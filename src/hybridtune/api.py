@@ -141,6 +141,7 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
         collator=prep.task.collator(prep.tokenizer),  # token classification pads its label lists too
         resume_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None,
     )
+    resumed_epoch = rundir.read_json(checkpoint / "trainer_state.json")["epoch"] if checkpoint else 0.0
     started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
@@ -169,9 +170,9 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
         "trainable_pct": round(100 * trainable / prep.params["total"], 4),
         "train_seconds": round(train_seconds, 2),
         "train_samples_per_second": out.metrics.get("train_samples_per_second"),
-        # tokens the model read (padding excluded) per second of training
+        # tokens the model read (padding excluded) per second of training (of this process, if resumed)
         "train_tokens_per_second": round(
-            train_tokens(prep.datasets["train"], state.epoch) / train_seconds, 1
+            train_tokens(prep.datasets["train"], state.epoch - resumed_epoch) / train_seconds, 1
         ),
         "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if torch.cuda.is_available()
