@@ -141,6 +141,33 @@ def test_lora_with_a_soft_prompt_resumes_exactly(tmp_path, tiny_bert, sentiment_
     assert _metrics(run) == _metrics(straight)
 
 
+def test_early_stopping_counts_on_from_its_checkpoint(tmp_path, tiny_bert, sentiment_csv):
+    """Patience 2 with a validation accuracy that cannot move (only the head trains, lr 1e-6):
+    evaluations at 4 (best), 8 (1 without improvement), 12 (2: stop). Killed at step 10 and resumed
+    from checkpoint-8, the run must still stop at 12: the count of 1 comes back with the checkpoint."""
+    args = [
+        f"model={tiny_bert}",
+        f"data.source={sentiment_csv}",
+        "freeze.trainable=[head]",
+        "train.lr=1e-6",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "train.eval_steps=4",
+        "train.precision=fp32",
+        "train.early_stopping.patience=2",
+        f"output.dir={tmp_path / 'runs'}",
+    ]
+    assert _cli([*args, "output.name=straight"]).returncode == 0
+    proc = _cli([*args, "output.name=killed"], kill_at="step:10")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run = tmp_path / "runs" / "killed"
+    assert _cli(["--resume", str(run)]).returncode == 0
+    steps = [
+        json.loads((r / "report.json").read_text())["steps"] for r in (run, tmp_path / "runs" / "straight")
+    ]
+    assert steps == [12, 12]
+
+
 def _run_dir(tmp_path, *files: str) -> Path:
     run = tmp_path / "runs" / "r"
     run.mkdir(parents=True)
