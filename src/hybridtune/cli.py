@@ -68,6 +68,7 @@ def train(
     if resume:
         console.print(f"[bold]resuming[/] {resume} from its last checkpoint")
         summary = api.train(resume=resume)
+        recipe = _recipe([str(Path(resume) / "recipe.yaml")])  # the run's own, for what follows
     else:
         recipe = _recipe(args)
         console.print(
