@@ -25,7 +25,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from hybridtune.errors import TrainingStopped
 from hybridtune.rundir import DISK_ERRORS, disk_error
-from hybridtune.train.checkpoints import KILL_ENV, KillAtStep, save_checkpoint
+from hybridtune.train.checkpoints import KILL_ENV, KillAtStep, checkpoints, save_checkpoint
 
 
 def native_bf16() -> bool:
@@ -136,8 +136,6 @@ def nonfinite_loss(trainer: HybridTrainer, loss: torch.Tensor) -> torch.Tensor:
         trainer.skipped_batches += 1
         tqdm.write(f"step {step}: {loss.item()} loss, batch skipped (train.on_nan=skip)")
         return loss.new_zeros((), requires_grad=True)
-    from hybridtune.train.checkpoints import checkpoints
-
     saved = checkpoints(Path(trainer.args.output_dir))
     kept = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
     raise TrainingStopped(
