@@ -93,17 +93,33 @@ def params(recipe: Recipe) -> dict:
     return prepare(recipe).params
 
 
-def train(recipe: Recipe | None = None) -> dict:
-    """Train one recipe end to end; returns the summary written to `report.json`."""
+def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dict:
+    """Train one recipe end to end; returns the summary written to `report.json`.
+
+    `resume`: an interrupted run dir to continue from its last checkpoint (its own recipe.yaml;
+    model, optimizer, scheduler, RNG states, data order, stage and early stopping restored), which
+    then ends like a normal run (train/checkpoints.py)."""
+    from hybridtune.train.checkpoints import prepare_resume
     from hybridtune.train.engine import make_trainer, resolve_precision, training_arguments
 
+    checkpoint = None
+    if resume is not None:
+        checkpoint = prepare_resume(Path(resume))
+        recipe = load_recipe(Path(resume) / "recipe.yaml")
     recipe = recipe or load_recipe()
     if recipe.ensemble is not None:
         from hybridtune import ensemble
 
+        if resume is not None:
+            raise UserError(
+                f"--resume {resume}",
+                "an ensemble run",
+                "a single run: resume the unfinished member (<run>/members/<i>), then combine with "
+                "`hybridtune ensemble`",
+            )
         return ensemble.train(recipe)
     prep = prepare(recipe)
-    run = rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
+    run = Path(resume) if resume else rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
     args = training_arguments(recipe.train, recipe.output, run / "checkpoints")
     # under torchrun / accelerate launch every process runs this function; rank 0 names the run dir
     # (a timestamped name could differ between processes) and is the only one that writes
@@ -114,7 +130,7 @@ def train(recipe: Recipe | None = None) -> dict:
     for key, value in strategy.training_args(recipe).items():
         setattr(args, key, value)
     is_peft = hasattr(prep.model, "peft_config")
-    if main:
+    if main and checkpoint is None:
         rundir.new_run_dir(run)
         rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
         rundir.write_json(
@@ -141,9 +157,11 @@ def train(recipe: Recipe | None = None) -> dict:
         plan=prep.plan,
         callbacks=strategy.callbacks(prep.model, recipe, prep.build),
         collator=prep.task.collator(prep.tokenizer),  # token classification pads its label lists too
+        resume_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None,
     )
+    resumed_epoch = rundir.read_json(checkpoint / "trainer_state.json")["epoch"] if checkpoint else 0.0
     started = time.perf_counter()
-    out = trainer.train()
+    out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
     model = trainer.model
 
@@ -172,9 +190,9 @@ def train(recipe: Recipe | None = None) -> dict:
         "trainable_pct": round(100 * trainable / prep.params["total"], 4),
         "train_seconds": round(train_seconds, 2),
         "train_samples_per_second": out.metrics.get("train_samples_per_second"),
-        # tokens the model read (padding excluded) per second of training
+        # tokens the model read (padding excluded) per second of training (of this process, if resumed)
         "train_tokens_per_second": round(
-            train_tokens(prep.datasets["train"], state.epoch) / train_seconds, 1
+            train_tokens(prep.datasets["train"], state.epoch - resumed_epoch) / train_seconds, 1
         ),
         "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if torch.cuda.is_available()

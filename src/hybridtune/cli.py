@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from hybridtune.errors import EXIT_USER_ERROR, UserError
+from hybridtune.errors import EXIT_TRAINING_STOPPED, EXIT_USER_ERROR, TrainingStopped, UserError
 
 app = typer.Typer(
     help="Fine-tune Hugging Face models with hybrid strategies.",
@@ -24,7 +24,8 @@ app = typer.Typer(
 
 
 def friendly(fn):
-    """Turn a UserError into one message on stderr and exit code 2."""
+    """Turn a UserError into one message on stderr and exit code 2; a training stop (NaN loss) into
+    one message and exit code 3."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -33,6 +34,9 @@ def friendly(fn):
         except UserError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
+        except TrainingStopped as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_TRAINING_STOPPED) from None
 
     return wrapper
 
@@ -51,16 +55,26 @@ def train(
     args: list[str] = typer.Argument(
         None, help="[RECIPE.yaml] [key.path=value ...]; no recipe = the default recipe"
     ),
+    resume: str = typer.Option(
+        None, "--resume", help="continue an interrupted run dir from its last checkpoint (its own recipe)"
+    ),
 ) -> None:
     """Train a recipe (default: MiniLM fully fine-tuned on Rotten Tomatoes) and evaluate it on the test split."""
     from hybridtune import api
     from hybridtune.report.console import console, params_table
 
-    recipe = _recipe(args)
-    console.print(
-        f"[bold]recipe[/] {recipe.name}: model {recipe.model.name}, data {recipe.data.source or recipe.data.train}"
-    )
-    summary = api.train(recipe)
+    if resume and args:
+        raise UserError("--resume", f"a recipe or overrides too ({' '.join(args)})", "--resume RUN_DIR alone")
+    if resume:
+        console.print(f"[bold]resuming[/] {resume} from its last checkpoint")
+        summary = api.train(resume=resume)
+        recipe = _recipe([str(Path(resume) / "recipe.yaml")])  # the run's own, for what follows
+    else:
+        recipe = _recipe(args)
+        console.print(
+            f"[bold]recipe[/] {recipe.name}: model {recipe.model.name}, data {recipe.data.source or recipe.data.train}"
+        )
+        summary = api.train(recipe)
     if summary.get("rank"):  # another process of a multi-process run: rank 0 reports
         return
     run = Path(summary["run_dir"])
@@ -68,7 +82,7 @@ def train(
         _print_ensemble_run(summary)
         return
     console.print(params_table(json.loads((run / "params.json").read_text())))
-    for table in api.TASKS[recipe.task].eval_tables(json.loads((run / "eval.json").read_text())):
+    for table in api.task_of(str(run)).eval_tables(json.loads((run / "eval.json").read_text())):
         console.print(table)
     console.print(
         f"trained in {summary['train_seconds']:.0f} s ({summary['train_samples_per_second']:.1f} samples/s, "

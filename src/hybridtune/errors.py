@@ -8,9 +8,11 @@ message and exits with code 2, without a traceback. Everything else is a bug and
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 EXIT_USER_ERROR = 2
+EXIT_TRAINING_STOPPED = 3
 
 
 class UserError(Exception):
@@ -21,7 +23,14 @@ class UserError(Exception):
         message = f"{where}: found {found}; expected {expected}"
         if hint:
             message += f" ({hint})"
-        super().__init__(message)
+        # one line, always: the CLI prints it as is (a library's message may span lines)
+        super().__init__(re.sub(r"\s*\n\s*", " ", message))
+
+
+class TrainingStopped(Exception):
+    """Training met something it cannot go on from (a NaN / inf loss). Not bad input, so not
+    UserError: the CLI prints the one-line message and exits with code 3. The run dir keeps its
+    checkpoints, so the run can be resumed (`hybridtune train --resume RUN_DIR`) once fixed."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

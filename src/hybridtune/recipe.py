@@ -84,10 +84,11 @@ class DataConfig(Section):
     def _one_origin(self) -> DataConfig:
         if self.source and self.train:
             raise ValueError(
-                "give either `source` (split automatically) or `train` (+ validation/test), not both"
+                f"data.train: found '{self.train}' and data.source '{self.source}' both; expected either "
+                "`source` (split automatically) or `train` (+ validation/test)"
             )
         if not self.source and not self.train:
-            raise ValueError("give `source` or `train`")
+            raise ValueError("data.source: found neither `source` nor `train`; expected one of them")
         return self
 
 
@@ -120,6 +121,10 @@ class TrainConfig(Section):
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
     logging_steps: int = Field(20, ge=1)
+    on_nan: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a NaN / inf training loss: stop (exit code 3, checkpoints kept) or skip that batch",
+    )
 
 
 class OutputConfig(Section):
@@ -180,7 +185,10 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
         if self.freeze is not None and self.stages is not None:
-            raise ValueError("give `freeze` or `stages`, not both: stages decide what trains in each stage")
+            raise ValueError(
+                "stages: found `freeze` and `stages` together; expected one of them: give `freeze` or "
+                "`stages`, not both (stages decide what trains in each stage)"
+            )
         return self
 
     @field_validator("name")
@@ -204,7 +212,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError(str(path), "no such file", "a recipe YAML file")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+            text = p.read_text(encoding="utf-8-sig")
+            raw = yaml.safe_load(text) or {}
         except UnicodeDecodeError as e:
             raise UserError(
                 str(path), f"bytes that are not UTF-8 ({e.reason})", "a UTF-8 text file"
@@ -212,6 +221,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark else str(path)
+            if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
+                where = f"{path}:{text.count(chr(10), 0, e.position) + 1}"
             raise UserError(where, f"invalid YAML ({getattr(e, 'problem', e)})", "a YAML mapping") from None
         if not isinstance(raw, dict):
             raise UserError(str(path), f"a YAML {type(raw).__name__}", "a mapping of recipe keys")

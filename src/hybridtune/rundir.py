@@ -16,6 +16,7 @@ Files are written to a temporary name and renamed into place; a directory likewi
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -50,25 +51,47 @@ def new_run_dir(run: Path) -> Path:
     return run
 
 
+# what the machine, not the code, can do to a write: a full disk, a quota, a read-only mount, rights
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR}
+
+
+def disk_error(e: OSError, path: Path) -> UserError:
+    """The UserError of a write the machine refused (disk full, read-only, no rights)."""
+    return UserError(
+        "output.dir",
+        f"'{path}' that could not be written ({e.strerror or e})",
+        "a writable directory with free space",
+        "nothing half-written was kept; an interrupted run continues with `hybridtune train --resume RUN_DIR`",
+    )
+
+
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno in DISK_ERRORS:
+            raise disk_error(e, path) from None
+        raise
 
 
 def save_dir_atomically(target: Path, save) -> None:
     """Call `save(tmp_dir)` then rename the finished dir to `target` (replacing an older one)."""
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         save(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+            raise disk_error(e, target) from None
         raise
     if target.exists():
         old = target.with_name(f".{target.name}.old")

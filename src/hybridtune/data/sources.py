@@ -55,7 +55,10 @@ def read_table(path_text: str, where: str) -> pd.DataFrame | dict[str, pd.DataFr
 
 
 def _read_csv(path: Path, sep: str) -> pd.DataFrame:
-    # csv module, not pandas: it tells exactly which record is malformed, and keeps every value a string
+    # csv module, not pandas: it tells exactly which record is malformed, and keeps every value a string.
+    # Its default field limit (128 KiB) would call a long document malformed; texts are truncated to
+    # data.max_length tokens later, so any text up to 1 GiB is read.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**30))
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=sep, strict=True)
         try:

@@ -115,15 +115,19 @@ def restore(model: nn.Module, recipe, in_dir: str | Path) -> nn.Module:
 
 class CheckpointExtras(TrainerCallback):
     """Trainer's checkpoint of a peft model holds peft's weights only: the parts' own weights are
-    written next to them, and read back after Trainer has reloaded the best checkpoint."""
+    written next to them (inside the checkpoint's atomic write: HybridTrainer calls `save_into`),
+    read back when a run resumes from the checkpoint, and after Trainer has reloaded the best one."""
 
     def __init__(self, model: nn.Module, recipe):
         self.model, self.recipe = model, recipe
 
-    def on_save(self, args, state, control, **kwargs):
+    def save_into(self, checkpoint: Path) -> None:
+        save(self.model, self.recipe, checkpoint)
+
+    def on_train_begin(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if state.is_world_process_zero and checkpoint.is_dir():
-            save(self.model, self.recipe, checkpoint)
+        if state.global_step > 0 and checkpoint.is_dir():  # resumed from this checkpoint
+            restore(self.model, self.recipe, checkpoint)
 
     def on_train_end(self, args, state, control, **kwargs):
         best = state.best_model_checkpoint

@@ -141,12 +141,22 @@ class StageCallback(TrainerCallback):
     def _stage_at(self, step: int) -> int:
         return max(i for i, s in enumerate(self.plan.starts) if s <= step)
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """On resume, the stage the checkpoint was taken in, without touching the optimizer state
+        it restored; a stage that begins at the checkpoint's step is entered as usual, next."""
+        if state.global_step > 0:
+            self.current = self._stage_at(state.global_step - 1)
+            enter_stage(model, self.plan, self.current, self.base_names)
+
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from hybridtune.train.checkpoints import maybe_kill
+
         k = self._stage_at(state.global_step)
         if k == self.current:
             return
         self.current = k
         n = enter_stage(model, self.plan, k, self.base_names, optimizer)
+        maybe_kill("stage", k)  # test hook: a kill right at a stage change
         record = {
             "step": state.global_step,
             "epoch": round(state.epoch or 0.0, 4),

@@ -8,10 +8,12 @@ translates the recipe into TrainingArguments and writes `metrics.jsonl`.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
@@ -20,6 +22,10 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from hybridtune.errors import TrainingStopped
+from hybridtune.rundir import DISK_ERRORS, disk_error
+from hybridtune.train.checkpoints import KILL_ENV, KillAtStep, checkpoints, save_checkpoint
 
 
 def native_bf16() -> bool:
@@ -54,8 +60,13 @@ class MetricsJsonl(TrainerCallback):
             "time_s": round(time.perf_counter() - self.start, 3),
             **logs,
         }
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if e.errno in DISK_ERRORS:  # a line cut short is dropped on resume (train/checkpoints.py)
+                raise disk_error(e, self.path) from None
+            raise
 
 
 class HybridTrainer(Trainer):
@@ -64,9 +75,33 @@ class HybridTrainer(Trainer):
     stage lr scales. Parameters a later stage unfreezes are in the optimizer from the start; AdamW
     skips them while they have no gradient, so they start with a clean state."""
 
-    def __init__(self, *args, plan=None, **kwargs):
+    def __init__(self, *args, plan=None, on_nan: str = "stop", **kwargs):
         super().__init__(*args, **kwargs)
         self.plan = plan
+        self.on_nan = on_nan
+        self.skipped_batches = 0  # batches skipped for a NaN / inf loss (train.on_nan=skip)
+
+    def _save_checkpoint(self, model, trial):
+        """Atomic: written to a temp dir, renamed when complete (train/checkpoints.py). Distributed
+        runs and hyperparameter searches keep Trainer's own in-place write."""
+        if trial is not None or self.args.world_size > 1:
+            return super()._save_checkpoint(model, trial)
+        save_checkpoint(self, model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss, checked before its backward: a NaN / inf training loss stops the run
+        (train.on_nan=stop) before it reaches the weights, or its batch is skipped (skip)."""
+        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        if not model.training or bool(torch.isfinite(loss.detach()).all()):
+            return out
+        loss = nonfinite_loss(self, loss)
+        return (loss, out[1]) if return_outputs else loss
+
+    def log(self, logs, *args, **kwargs):
+        if self.skipped_batches and "loss" in logs:
+            logs = {**logs, "skipped_batches": self.skipped_batches}
+        super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -93,13 +128,30 @@ class HybridTrainer(Trainer):
         return self.lr_scheduler
 
 
-def tensorboard(log_dir: Path) -> TrainerCallback:
+def nonfinite_loss(trainer: HybridTrainer, loss: torch.Tensor) -> torch.Tensor:
+    """What a NaN / inf training loss becomes: a stop with the last good checkpoint named, or
+    (on_nan=skip) a zero loss with no graph, whose backward leaves every gradient untouched."""
+    step = trainer.state.global_step + 1
+    if trainer.on_nan == "skip":
+        trainer.skipped_batches += 1
+        tqdm.write(f"step {step}: {loss.item()} loss, batch skipped (train.on_nan=skip)")
+        return loss.new_zeros((), requires_grad=True)
+    saved = checkpoints(Path(trainer.args.output_dir))
+    kept = f"the last checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
+    raise TrainingStopped(
+        f"training stopped at step {step}: the loss is {loss.item()}; {kept} "
+        "(lower train.lr, or set train.on_nan=skip to skip such batches)"
+    )
+
+
+def tensorboard(log_dir: Path, purge_step: int | None = None) -> TrainerCallback:
     """transformers' TensorBoard callback, writing event files into the run dir (in transformers 5
-    its own default is <output_dir>/runs/<date>, i.e. inside checkpoints/)."""
+    its own default is <output_dir>/runs/<date>, i.e. inside checkpoints/). A resumed run purges
+    the events after its checkpoint's step (`purge_step`), as metrics.jsonl is cut back."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir), purge_step=purge_step))
 
 
 class Progress(ProgressCallback):
@@ -150,6 +202,7 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
         load_best_model_at_end=True,
         metric_for_best_model=metric,
         greater_is_better=metric != "loss",
+        restore_callback_states_from_checkpoint=True,  # early stopping's patience count on resume
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         report_to="none",  # TensorBoard is added in make_trainer, writing into the run dir
         disable_tqdm=False,
@@ -174,18 +227,22 @@ def make_trainer(
     plan,
     callbacks: list[TrainerCallback] = (),
     collator=None,
+    resume_step: int | None = None,
 ) -> Trainer:
     from hybridtune.strategy.stages import StageCallback
 
     callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), *callbacks]
     if args.process_index == 0:  # one event file per run, however many processes train
-        callbacks.append(tensorboard(run_dir / "tensorboard"))
+        callbacks.append(tensorboard(run_dir / "tensorboard", resume_step))
     if plan.stages is not None:
         callbacks.append(StageCallback(plan.stages, plan.base_names, run_dir / "metrics.jsonl"))
     if recipe.train.early_stopping.patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping.patience))
+    if os.environ.get(KILL_ENV):
+        callbacks.append(KillAtStep())
     trainer = HybridTrainer(
         plan=plan,
+        on_nan=recipe.train.on_nan,
         model=model,
         args=args,
         train_dataset=datasets["train"],
