@@ -166,6 +166,31 @@ def compare(
     console.print(f"report: [bold]{root / 'report.html'}[/]")
 
 
+@app.command()
+@friendly
+def export(
+    run_dir: str = typer.Argument(..., help="a run dir written by `hybridtune train`"),
+    fmt: str = typer.Option(
+        ..., "--format", help="merged (LoRA folded into the weights) | peft | int8 (CPU)"
+    ),
+    out: str = typer.Option(..., "--out", help="the export dir (new, or an earlier export to replace)"),
+) -> None:
+    """Export a run: merged weights, its peft adapter, or int8 with its accuracy delta and speed-up."""
+    from hybridtune.export import export as run_export
+
+    meta = run_export(run_dir, fmt, out, echo=typer.echo)
+    if "int8" in meta:
+        q = meta["int8"]
+        metric = q["metric"]
+        typer.echo(
+            f"int8 vs fp32 on the test split (n={q['n']}, {q['threads']} threads): {metric} "
+            f"{q['fp32'][metric]:.4f} -> {q['int8'][metric]:.4f} (delta {q['delta']:+.4f}); "
+            f"{q['fp32']['samples_per_second']:.1f} -> {q['int8']['samples_per_second']:.1f} samples/s "
+            f"(speed-up x{q['speedup']:.2f}); weights {q['size_mb']['fp32']:.1f} -> {q['size_mb']['int8']:.1f} MiB"
+        )
+    typer.echo(f"load: {meta['load']}")
+
+
 def main() -> None:
     sys.exit(app())
 
