@@ -191,6 +191,48 @@ def export(
     typer.echo(f"load: {meta['load']}")
 
 
+@app.command()
+@friendly
+def serve(
+    path: str = typer.Argument(..., help="a run dir, an export dir or a transformers model dir"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    token_file: Path = typer.Option(
+        None, "--token-file", help="a file holding the bearer token (default: $HYBRIDTUNE_TOKEN)"
+    ),
+    no_auth: bool = typer.Option(False, "--no-auth", help="serve without a token (trusted networks only)"),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="texts per request and per forward call"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="dynamic batching window"),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="larger bodies get 413"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="the most a request may ask"),
+) -> None:
+    """Serve a model over HTTP: /v1/classify, or /v1/generate and OpenAI-compatible /v1/completions and
+    /v1/chat/completions for causal LMs; /health, /metrics, /docs. Bearer-token auth."""
+    import os
+
+    try:
+        import uvicorn
+
+        from hybridtune.serve import TOKEN_ENV, Limits, create_app
+    except ImportError as e:
+        raise UserError(
+            "serve", f"package {e.name} not installed", "`pip install 'hybridtune[serve]'`"
+        ) from None
+
+    token = None
+    if token_file is not None:
+        if not token_file.is_file():
+            raise UserError(f"--token-file {token_file}", "no such file", "a file holding the token")
+        token = token_file.read_text(encoding="utf-8").strip() or None
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if token is None and not no_auth:
+        raise UserError("serve", "no token", f"--token-file FILE or ${TOKEN_ENV} (or --no-auth)")
+    limits = Limits(max_body_bytes, max_batch, max_wait_ms, max_new_tokens)
+    app_ = create_app(path, token=None if no_auth else token, limits=limits)
+    typer.echo(f"serving {path} on http://{host}:{port} (auth: {'off' if no_auth else 'bearer token'})")
+    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
 def main() -> None:
     sys.exit(app())
 
