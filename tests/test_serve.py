@@ -312,3 +312,19 @@ def test_cli_serve_refuses_to_start_without_a_token_or_a_model(tmp_path, monkeyp
         result = runner.invoke(cli, args)
         assert result.exit_code == 2, result.output
         assert says in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_serve_runs_in_bf16_and_predicts_as_the_cpu(classifier_run):
+    loaded = inference.load(classifier_run)
+    param = next(loaded.model.parameters())
+    assert param.device.type == "cuda" and param.dtype == torch.bfloat16  # precision auto on CUDA
+    texts = ["the film was great and charming", "a dull and tedious story"]
+    with serving(create_app(loaded=loaded, token=TOKEN)) as url:
+        health = httpx.get(f"{url}/health").json()
+        response = httpx.post(f"{url}/v1/classify", json={"texts": texts}, headers=AUTH)
+    assert health["device"].startswith("cuda") and health["dtype"] == "bfloat16"
+    for got, want in zip(
+        response.json()["predictions"], api.predict(str(classifier_run), texts), strict=True
+    ):
+        assert got["probs"] == pytest.approx(want["probs"], abs=2e-2)  # bf16 vs the fp32 run on the CPU
