@@ -121,6 +121,10 @@ def test_int8_export_measures_the_delta_and_reloads_to_the_same_model(train_run,
     assert isinstance(model.classifier, torch.ao.nn.quantized.dynamic.Linear)
     int8_probs = _probs(model, tokenizer)
     torch.testing.assert_close(_probs(inference.load_int8(out), tokenizer), int8_probs, atol=0, rtol=0)
+    loaded = inference.load(out)  # what serve loads: the int8 model, on the CPU
+    assert inference.is_int8(loaded.model) and loaded.labels.names == ["negative", "positive"]
+    rows = loaded.task.predict(loaded.model, loaded.tokenizer, loaded.labels, loaded.data_cfg, TEXTS)
+    torch.testing.assert_close(torch.tensor([list(r["probs"].values()) for r in rows]), int8_probs)
     # quantization moves the probabilities a little, not the predictions of this easy task
     torch.testing.assert_close(int8_probs, _run_probs(run), atol=0.05, rtol=0)
 
@@ -168,3 +172,34 @@ def test_cli_export_prints_the_int8_figures_and_bad_input_is_one_line(train_run,
         assert result.exit_code == 2, result.output
         assert says in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_token_classification_exports_merged_and_int8(tmp_path_factory, tmp_path, tiny_bert):
+    from transformers import AutoModelForTokenClassification
+
+    from tests.test_token_classification import tagged_sentences, write_conll
+
+    data = write_conll(tmp_path_factory.mktemp("ner") / "train.conll", tagged_sentences(200))
+    overrides = [
+        "task=token_classification",
+        f"model.name={tiny_bert}",
+        f"data.source={data}",
+        "peft.method=lora",
+        "train.max_steps=12",
+        "train.batch_size=16",
+        "train.lr=0.005",
+        "train.precision=fp32",
+        f"output.dir={tmp_path / 'runs'}",
+        "output.name=ner",
+    ]
+    run = Path(api.train(load_recipe(None, overrides))["run_dir"])
+    texts = ["today alice went to new york", "bob was nice in paris"]
+    export(str(run), "merged", str(tmp_path / "merged"))
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "merged")
+    assert set(model.config.id2label.values()) == {"O", "B-person", "I-person", "B-loc", "I-loc"}
+    loaded = inference.load(tmp_path / "merged")
+    rows = loaded.task.predict(loaded.model, loaded.tokenizer, loaded.labels, loaded.data_cfg, texts)
+    assert [r["tags"] for r in rows] == [r["tags"] for r in api.predict(str(run), texts)]
+    measured = export(str(run), "int8", str(tmp_path / "int8"))["int8"]
+    assert measured["metric"] == "f1"
+    assert measured["fp32"]["f1"] == pytest.approx(json.loads((run / "eval.json").read_text())["f1"])
