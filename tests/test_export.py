@@ -18,6 +18,7 @@ from hybridtune.export import export
 from hybridtune.recipe import load_recipe
 
 TEXTS = ["the film was great and charming", "a dull and tedious story", "quite the messy plot"]
+FEW = ["train.max_steps=2"]  # runs that only need to exist
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_int8_export_measures_the_delta_and_reloads_to_the_same_model(train_run,
 
 
 def test_a_full_finetuning_run_merges_as_it_is_and_has_no_adapter(train_run, tmp_path):
-    run = train_run("full")
+    run = train_run("full", *FEW)
     export(str(run), "merged", str(tmp_path / "m"))
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(
@@ -144,10 +145,15 @@ def test_a_full_finetuning_run_merges_as_it_is_and_has_no_adapter(train_run, tmp
 @pytest.mark.parametrize(
     "name, extra, fmt, says",
     [
-        ("houlsby", ["adapters.method=houlsby"], "merged", "bottleneck adapters"),
-        ("houlsby", ["adapters.method=houlsby"], "peft", "bottleneck adapters"),
-        ("prompt", ["soft_prompt.num_virtual_tokens=4"], "int8", "a soft prompt"),
-        ("prefix", ["peft.method=prefix_tuning", "peft.num_virtual_tokens=4"], "merged", "prefix_tuning"),
+        ("houlsby", ["adapters.method=houlsby", *FEW], "merged", "bottleneck adapters"),
+        ("houlsby", ["adapters.method=houlsby", *FEW], "peft", "bottleneck adapters"),
+        ("prompt", ["soft_prompt.num_virtual_tokens=4", *FEW], "int8", "a soft prompt"),
+        (
+            "prefix",
+            ["peft.method=prefix_tuning", "peft.num_virtual_tokens=4", *FEW],
+            "merged",
+            "prefix_tuning",
+        ),
     ],
 )
 def test_what_cannot_be_merged_is_refused_by_name(train_run, tmp_path, name, extra, fmt, says):
