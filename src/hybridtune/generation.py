@@ -62,9 +62,20 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-def _eos_ids(model) -> set[int]:
+def _until_eos(model, row: list[int]) -> tuple[list[int], bool]:
+    """The generated ids up to and including the first end-of-sequence token, and whether there was one
+    (a finished sequence in a batch is padded after it)."""
     eos = getattr(model.generation_config, "eos_token_id", None)
-    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    end = next((j for j, t in enumerate(row) if t in eos), None)
+    return (row, False) if end is None else (row[: end + 1], True)
+
+
+def _completion(
+    text: str, stopped: bool, ids: list[int], ended: bool, prompt_tokens: int, sampling
+) -> Completion:
+    done = stopped or ended or len(ids) < sampling.max_new_tokens  # else it ran out of max_new_tokens
+    return Completion(text, prompt_tokens, len(ids), "stop" if done else "length")
 
 
 def _encode(model, tokenizer, prompts: list[str]) -> dict:
@@ -78,22 +89,12 @@ def generate(model, tokenizer, prompts: list[str], sampling: Sampling) -> list[C
     """One `generate` call for a batch of prompts."""
     enc = _encode(model, tokenizer, prompts)
     out = model.generate(**enc, **sampling.kwargs(tokenizer))
-    eos = _eos_ids(model)
     results = []
     for i, row in enumerate(out[:, enc["input_ids"].shape[1] :].tolist()):
-        end = next((j for j, t in enumerate(row) if t in eos), None)
-        ids = row if end is None else row[:end]
+        ids, ended = _until_eos(model, row)
         text, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), sampling.stop)
-        results.append(
-            Completion(
-                text=text,
-                prompt_tokens=int(enc["attention_mask"][i].sum()),
-                completion_tokens=len(row) if end is None else end + 1,
-                finish_reason="stop"
-                if stopped or end is not None or len(row) < sampling.max_new_tokens
-                else "length",
-            )
-        )
+        prompt_tokens = int(enc["attention_mask"][i].sum())
+        results.append(_completion(text, stopped, ids, ended, prompt_tokens, sampling))
     return results
 
 
@@ -134,7 +135,7 @@ class Stream:
                         streamer=streamer,
                         stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancel)]),
                     )
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer below
+            except BaseException as e:  # re-raised in the consumer below; end() unblocks it
                 outputs["error"] = e
                 streamer.end()
 
@@ -161,13 +162,5 @@ class Stream:
             thread.join()
         if "error" in outputs:
             raise outputs["error"]
-        row = outputs["ids"][0, enc["input_ids"].shape[1] :].tolist()
-        end = next((j for j, t in enumerate(row) if t in _eos_ids(self.model)), None)
-        self.result = Completion(
-            text=text,
-            prompt_tokens=int(enc["input_ids"].shape[1]),
-            completion_tokens=len(row) if end is None else end + 1,
-            finish_reason="stop"
-            if stopped or end is not None or len(row) < sampling.max_new_tokens
-            else "length",
-        )
+        ids, ended = _until_eos(self.model, outputs["ids"][0, enc["input_ids"].shape[1] :].tolist())
+        self.result = _completion(text, stopped, ids, ended, int(enc["input_ids"].shape[1]), sampling)
