@@ -96,6 +96,10 @@ def test_peft_export_loads_with_plain_peft(train_run, tmp_path, tiny_bert):
     )
     auto = AutoPeftModelForSequenceClassification.from_pretrained(out)
     torch.testing.assert_close(_probs(auto, tokenizer), expected, atol=1e-5, rtol=1e-4)
+    loaded = inference.load(out)  # what serve loads
+    assert hasattr(loaded.model, "peft_config")
+    rows = loaded.task.predict(loaded.model, loaded.tokenizer, loaded.labels, loaded.data_cfg, TEXTS)
+    torch.testing.assert_close(torch.tensor([list(r["probs"].values()) for r in rows]), expected)
 
 
 def test_int8_export_measures_the_delta_and_reloads_to_the_same_model(train_run, tmp_path):

@@ -299,6 +299,13 @@ def test_a_causal_lm_run_dir_with_a_peft_adapter_is_served_with_its_adapter(caus
     with serving(create_app(loaded=loaded)) as url:  # no token: auth off
         response = httpx.post(f"{url}/v1/generate", json={"prompt": prompt, "max_new_tokens": 6})
     assert response.status_code == 200 and response.json()["text"] == expected
+    # its merged export is a plain causal LM that generates the same
+    from hybridtune.export import export
+
+    export(str(run), "merged", str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in name for name in merged.state_dict())
+    assert _greedy(merged, AutoTokenizer.from_pretrained(tmp_path / "merged"), prompt, 6) == expected
 
 
 def test_cli_serve_refuses_to_start_without_a_token_or_a_model(tmp_path, monkeypatch, classifier_run):
