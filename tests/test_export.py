@@ -126,6 +126,11 @@ def test_int8_export_measures_the_delta_and_reloads_to_the_same_model(train_run,
     assert isinstance(model.classifier, torch.ao.nn.quantized.dynamic.Linear)
     int8_probs = _probs(model, tokenizer)
     torch.testing.assert_close(_probs(inference.load_int8(out), tokenizer), int8_probs, atol=0, rtol=0)
+    # the reloaded model is the one that was measured: same test-split accuracy
+    run_loaded = api.load_run(str(run))
+    data_cfg, task, labels = run_loaded.recipe.data, run_loaded.task, run_loaded.labels
+    test = task.encode(task.eval_frame(None, data_cfg, labels), tokenizer, labels, data_cfg)
+    assert task.report(model, tokenizer, test, labels)["accuracy"] == measured["int8"]["accuracy"]
     loaded = inference.load(out)  # what serve loads: the int8 model, on the CPU
     assert inference.is_int8(loaded.model) and loaded.labels.names == ["negative", "positive"]
     rows = loaded.task.predict(loaded.model, loaded.tokenizer, loaded.labels, loaded.data_cfg, TEXTS)
