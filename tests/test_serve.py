@@ -147,6 +147,20 @@ def test_auth_limits_and_validation(classifier_url):
     assert 'hybridtune_requests_total{path="/v1/classify",status="413"}' in metrics
 
 
+def test_a_saved_ensemble_is_served_like_a_run(classifier_run, tmp_path):
+    ensemble = pytest.importorskip("hybridtune.ensemble")  # the ensembles feature, where it is merged
+    ensemble.build([str(classifier_run), str(classifier_run)], str(tmp_path / "ens"))
+    texts = ["the film was great and charming", "a dull and tedious story"]
+    expected = ensemble.Ensemble(tmp_path / "ens").predict(texts)
+    with serving(create_app(tmp_path / "ens", token=TOKEN)) as url:
+        response = httpx.post(f"{url}/v1/classify", json={"texts": texts}, headers=AUTH)
+    for got, want, single in zip(
+        response.json()["predictions"], expected, api.predict(str(classifier_run), texts), strict=True
+    ):
+        assert got["probs"] == pytest.approx(want["probs"], abs=1e-6)
+        assert got["probs"] == pytest.approx(single["probs"], abs=1e-5)  # two identical members
+
+
 # --------------------------------------------------------------------------------------------------
 # generation
 

@@ -4,6 +4,8 @@
                   classification through `api.load_run`; causal_lm (run.json {"task": "causal_lm",
                   "base_model", "format"}) through this module's own causal loader
     export dir    export.json + a merged model, a peft adapter or an int8 state dict (`hybridtune export`)
+    ensemble dir  ensemble.json + members/ (`hybridtune ensemble`, hybridtune.ensemble): its members
+                  combined, through the ensemble's own `predict`
     model dir     any `save_pretrained` dir: its config's architecture says the task (…ForCausalLM,
                   …ForSequenceClassification, …ForTokenClassification) and id2label the labels
 
@@ -15,6 +17,7 @@ the GPU supports it), else the CPU in fp32.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from hybridtune.model.loading import load_model, load_tokenizer
 from hybridtune.recipe import DataConfig
 
 EXPORT_JSON = "export.json"
+ENSEMBLE_JSON = "ensemble.json"  # hybridtune.ensemble.MANIFEST
 INT8_WEIGHTS = "model_int8.pt"
 CAUSAL = "causal_lm"
 # files of strategy parts that neither a plain model nor a peft adapter holds (strategy/adapters.py, prompt.py)
@@ -47,6 +51,8 @@ class Loaded:
     data_cfg: DataConfig | None = None  # text columns and max_length for task.predict
     recipe: Any = None  # the run's recipe (run dirs only)
     source: Path | None = None
+    # predict(texts, text_pairs) -> rows, where `task.predict` on `model` is not the whole story (ensembles)
+    predict: Callable[[list[str], list[str] | None], list[dict]] | None = None
 
 
 def device() -> torch.device:
@@ -80,6 +86,8 @@ def task_module(name: str):
 def load(path: str | Path, dev: torch.device | None = None, precision: str = "auto") -> Loaded:
     """A run dir, an export dir or a model dir, on `dev` (default: `device()`) in `precision` (see `place`)."""
     root = Path(path)
+    if (root / ENSEMBLE_JSON).is_file():
+        return _load_ensemble(root)  # its members stay where hybridtune.ensemble loads them (CPU)
     if (root / "run.json").is_file():
         loaded = _load_run(root)
     elif (root / EXPORT_JSON).is_file():
@@ -117,6 +125,25 @@ def _load_run(root: Path) -> Loaded:
         run.recipe.data,
         run.recipe,
         root,
+    )
+
+
+def _load_ensemble(root: Path) -> Loaded:
+    from hybridtune.ensemble import Ensemble
+
+    ensemble = Ensemble(root)
+    first = ensemble.members[0].loaded
+    return Loaded(
+        "classification",
+        first.model,
+        first.tokenizer,
+        root.name,
+        ensemble.labels,
+        first.task,
+        ensemble.data_cfg,
+        first.recipe,
+        root,
+        predict=ensemble.predict,
     )
 
 

@@ -272,6 +272,8 @@ def _run_classify(loaded: inference.Loaded):
     def run(items: list, key: Any) -> list:
         texts = [text for text, _ in items]
         pairs = [pair for _, pair in items] if loaded.data_cfg.text_pair_column else None
+        if loaded.predict is not None:  # a saved ensemble: its members, combined
+            return loaded.predict(texts, pairs)
         return loaded.task.predict(
             loaded.model, loaded.tokenizer, loaded.labels, loaded.data_cfg, texts, pairs
         )
