@@ -311,6 +311,68 @@ def merge_adapters(
     )
 
 
+@app.command()
+@friendly
+def export(
+    run_dir: str = typer.Argument(..., help="a run dir written by `hybridtune train`"),
+    fmt: str = typer.Option(
+        ..., "--format", help="merged (LoRA folded into the weights) | peft | int8 (CPU)"
+    ),
+    out: str = typer.Option(..., "--out", help="the export dir (new, or an earlier export to replace)"),
+) -> None:
+    """Export a run: merged weights, its peft adapter, or int8 with its accuracy delta and speed-up."""
+    from hybridtune.export import export as run_export
+
+    meta = run_export(run_dir, fmt, out, echo=typer.echo)
+    if "int8" in meta:
+        q = meta["int8"]
+        metric = q["metric"]
+        typer.echo(
+            f"int8 vs fp32 on the test split (n={q['n']}, {q['threads']} threads): {metric} "
+            f"{q['fp32'][metric]:.4f} -> {q['int8'][metric]:.4f} (delta {q['delta']:+.4f}); "
+            f"{q['fp32']['samples_per_second']:.1f} -> {q['int8']['samples_per_second']:.1f} samples/s "
+            f"(speed-up x{q['speedup']:.2f}); weights {q['size_mb']['fp32']:.1f} -> {q['size_mb']['int8']:.1f} MiB"
+        )
+    typer.echo(f"load: {meta['load']}")
+
+
+@app.command()
+@friendly
+def serve(
+    path: str = typer.Argument(..., help="a run dir, an export dir or a transformers model dir"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    token_file: Path = typer.Option(
+        None, "--token-file", help="a file holding the bearer token (default: $HYBRIDTUNE_TOKEN)"
+    ),
+    no_auth: bool = typer.Option(False, "--no-auth", help="serve without a token (trusted networks only)"),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="texts per request and per forward call"),
+    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="dynamic batching window"),
+    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="larger bodies get 413"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="the most a request may ask"),
+) -> None:
+    """Serve a model over HTTP: /v1/classify, or /v1/generate and OpenAI-compatible /v1/completions and
+    /v1/chat/completions for causal LMs; /health, /metrics, /docs. Bearer-token auth."""
+    import os
+
+    import uvicorn
+
+    from hybridtune.serve import TOKEN_ENV, Limits, create_app
+
+    token = None
+    if token_file is not None:
+        if not token_file.is_file():
+            raise UserError(f"--token-file {token_file}", "no such file", "a file holding the token")
+        token = token_file.read_text(encoding="utf-8").strip() or None
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if token is None and not no_auth:
+        raise UserError("serve", "no token", f"--token-file FILE or ${TOKEN_ENV} (or --no-auth)")
+    limits = Limits(max_body_bytes, max_batch, max_wait_ms, max_new_tokens)
+    app_ = create_app(path, token=None if no_auth else token, limits=limits)
+    typer.echo(f"serving {path} on http://{host}:{port} (auth: {'off' if no_auth else 'bearer token'})")
+    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
 def main() -> None:
     sys.exit(app())
 

@@ -18,6 +18,7 @@ from hybridtune.data import Splits, check_columns, check_texts
 from hybridtune.data import load_splits as load_data_splits
 from hybridtune.data.sources import read_table
 from hybridtune.errors import UserError
+from hybridtune.inference import to_device
 
 NAME = "classification"
 peft_task_type = "SEQ_CLS"
@@ -188,7 +189,8 @@ def logits_of(model: torch.nn.Module, tokenizer, dataset, batch_size: int = 128)
     features = [{k: v for k, v in row.items() if k != "labels"} for row in dataset]
     out = []
     for i in range(0, len(features), batch_size):
-        batch = {k: v.to(device) for k, v in collate(features[i : i + batch_size]).items()}
+        # on CUDA: pinned host memory, non-blocking copies
+        batch = to_device(collate(features[i : i + batch_size]), device)
         out.append(model(**batch).logits.float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
 

@@ -28,6 +28,7 @@ from hybridtune.data import load_splits as load_data_splits
 from hybridtune.data.conll import check_sentence
 from hybridtune.data.sources import read_table
 from hybridtune.errors import UserError
+from hybridtune.inference import to_device
 from hybridtune.tasks.classification import Labels
 
 NAME = "token_classification"
@@ -214,7 +215,7 @@ def token_logits(
     out: list[np.ndarray] = []
     for i in range(0, len(features), batch_size):
         chunk = [{k: v for k, v in f.items() if k != "labels"} for f in features[i : i + batch_size]]
-        batch = {k: v.to(device) for k, v in collate(chunk).items()}
+        batch = to_device(collate(chunk), device)  # on CUDA: pinned host memory, non-blocking copies
         logits = model(**batch).logits.float().cpu().numpy()
         out += [logits[j, : len(f["input_ids"])] for j, f in enumerate(chunk)]
     return out

@@ -1,0 +1,261 @@
+"""What `export` and `serve` load: a run dir, an export dir or a plain transformers model dir.
+
+    run dir       run.json + final/ (written by `hybridtune train`): classification and token
+                  classification through `api.load_run`; causal_lm (run.json {"task": "causal_lm",
+                  "base_model", "format"}) through this module's own causal loader
+    export dir    export.json + a merged model, a peft adapter or an int8 state dict (`hybridtune export`)
+    ensemble dir  ensemble.json + members/ (`hybridtune ensemble`, hybridtune.ensemble): its members
+                  combined, through the ensemble's own `predict`
+    model dir     any `save_pretrained` dir: its config's architecture says the task (…ForCausalLM,
+                  …ForSequenceClassification, …ForTokenClassification) and id2label the labels
+
+The causal loader is plain `AutoModelForCausalLM` (+ `PeftModel` for an adapter), so serve does not
+depend on the training side of the causal-LM task. Device: CUDA when there is one (bf16 weights when
+the GPU supports it), else the CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybridtune import rundir
+from hybridtune.errors import UserError
+from hybridtune.model.loading import load_model, load_tokenizer
+from hybridtune.recipe import DataConfig
+
+EXPORT_JSON = "export.json"
+ENSEMBLE_JSON = "ensemble.json"  # hybridtune.ensemble.MANIFEST
+INT8_WEIGHTS = "model_int8.pt"
+CAUSAL = "causal_lm"
+# files of strategy parts that neither a plain model nor a peft adapter holds (strategy/adapters.py, prompt.py)
+PART_FILES = {"adapters.safetensors": "bottleneck adapters", "soft_prompt.safetensors": "a soft prompt"}
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference, with what its task needs to read inputs and name outputs."""
+
+    task_name: str  # classification | token_classification | causal_lm
+    model: nn.Module
+    tokenizer: Any
+    name: str  # what clients see as the model id
+    labels: Any = None  # the task's Labels (classification tasks)
+    task: Any = None  # the task module (classification tasks)
+    data_cfg: DataConfig | None = None  # text columns and max_length for task.predict
+    recipe: Any = None  # the run's recipe (run dirs only)
+    source: Path | None = None
+    # predict(texts, text_pairs) -> rows, where `task.predict` on `model` is not the whole story (ensembles)
+    predict: Callable[[list[str], list[str] | None], list[dict]] | None = None
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def place(model: nn.Module, dev: torch.device | None = None, precision: str = "auto") -> nn.Module:
+    """Move a model for inference. Precision auto: bf16 on a GPU that supports it, fp32 otherwise
+    (on the CPU bf16 is not faster everywhere); "fp32" keeps fp32 (export merges in full precision)."""
+    dev = dev or device()
+    if precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        model = model.to(dtype=torch.bfloat16)
+    return model.to(dev).eval()
+
+
+def to_device(batch: dict, dev: torch.device) -> dict:
+    """Inputs to the model's device: pinned host memory and non-blocking copies on CUDA."""
+    if dev.type != "cuda":
+        return {k: v.to(dev) for k, v in batch.items()}
+    return {k: v.pin_memory().to(dev, non_blocking=True) for k, v in batch.items()}
+
+
+def task_module(name: str):
+    from hybridtune import api
+
+    if name not in api.TASKS:
+        raise UserError("run.json task", f"'{name}'", "one of " + ", ".join([*api.TASKS, CAUSAL]))
+    return api.TASKS[name]
+
+
+def load(path: str | Path, dev: torch.device | None = None, precision: str = "auto") -> Loaded:
+    """A run dir, an export dir or a model dir, on `dev` (default: `device()`) in `precision` (see `place`)."""
+    root = Path(path)
+    if (root / ENSEMBLE_JSON).is_file():
+        return _load_ensemble(root)  # its members stay where hybridtune.ensemble loads them (CPU)
+    if (root / "run.json").is_file():
+        loaded = _load_run(root)
+    elif (root / EXPORT_JSON).is_file():
+        loaded = load_export(root)
+    elif (root / "config.json").is_file():
+        loaded = _load_model_dir(root)
+    else:
+        raise UserError(
+            str(path),
+            "neither run.json, export.json nor config.json",
+            "a run dir (`hybridtune train`), an export dir (`hybridtune export`) or a model dir",
+        )
+    if not is_int8(loaded.model):
+        loaded.model = place(loaded.model, dev, precision)  # int8 dynamic quantization runs on the CPU only
+    loaded.model.eval()
+    return loaded
+
+
+def _load_run(root: Path) -> Loaded:
+    from hybridtune import api
+
+    rundir.check_run_dir(str(root))
+    info = rundir.read_json(root / "run.json")
+    if info["task"] == CAUSAL:
+        model, tokenizer = load_causal(root / "final", info.get("base_model"), info.get("format", "model"))
+        return Loaded(CAUSAL, model, tokenizer, root.name, source=root)
+    run = api.load_run(str(root))
+    return Loaded(
+        info["task"],
+        run.model,
+        run.tokenizer,
+        root.name,
+        run.labels,
+        run.task,
+        run.recipe.data,
+        run.recipe,
+        root,
+    )
+
+
+def _load_ensemble(root: Path) -> Loaded:
+    from hybridtune.ensemble import Ensemble
+
+    ensemble = Ensemble(root)
+    first = ensemble.members[0].loaded
+    return Loaded(
+        "classification",
+        first.model,
+        first.tokenizer,
+        root.name,
+        ensemble.labels,
+        first.task,
+        ensemble.data_cfg,
+        first.recipe,
+        root,
+        predict=ensemble.predict,
+    )
+
+
+def load_causal(final: Path, base_model: str | None, fmt: str) -> tuple[nn.Module, Any]:
+    """A causal LM saved whole, or a base model + the peft adapter in `final`."""
+    from transformers import AutoModelForCausalLM
+
+    for file, what in PART_FILES.items():
+        if (final / file).is_file():
+            raise UserError(
+                str(final), f"{what} ({file})", "a causal LM or a peft adapter (no hybridtune parts)"
+            )
+    tokenizer = load_tokenizer(str(final), where=str(final))
+    if fmt == "peft":
+        from peft import PeftModel
+
+        if not base_model:
+            raise UserError(
+                f"{final.parent}/run.json", "format peft without base_model", "the base model path"
+            )
+        base, _ = load_model(AutoModelForCausalLM, base_model, tokenizer, where="base_model")
+        model = PeftModel.from_pretrained(base, str(final))
+    else:
+        model, _ = load_model(AutoModelForCausalLM, str(final), tokenizer, where=str(final))
+    return model, tokenizer
+
+
+def load_export(root: Path) -> Loaded:
+    """An export dir: merged, peft or int8 (see export.py), with the labels export.json keeps."""
+    info = rundir.read_json(root / EXPORT_JSON)
+    name, fmt = info["task"], info["format"]
+    if name == CAUSAL:
+        base = info.get("base_model") if fmt == "peft" else None
+        model, tokenizer = load_causal(root, base, "peft" if fmt == "peft" else "model")
+        return Loaded(CAUSAL, model, tokenizer, root.name, source=root)
+    task = task_module(name)
+    labels = task.Labels(values=info["label_values"], names=info["labels"])
+    tokenizer = load_tokenizer(str(root), where=str(root))
+    if fmt == "int8":
+        model = load_int8(root)
+    elif fmt == "peft":
+        from peft import PeftModel
+
+        base, _ = task.load_model(info["base_model"], tokenizer, labels)
+        model = PeftModel.from_pretrained(base, str(root))
+    else:
+        model, _ = task.load_model(str(root), tokenizer, labels)
+    return Loaded(name, model, tokenizer, root.name, labels, task, DataConfig(**info["data"]), source=root)
+
+
+def _load_model_dir(root: Path) -> Loaded:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(root)
+    arch = (config.architectures or [""])[0]
+    if arch.endswith(("ForCausalLM", "LMHeadModel")):
+        model, tokenizer = load_causal(root, None, "model")
+        return Loaded(CAUSAL, model, tokenizer, root.name, source=root)
+    kinds = {"ForSequenceClassification": "classification", "ForTokenClassification": "token_classification"}
+    name = next((task for suffix, task in kinds.items() if arch.endswith(suffix)), None)
+    if name is None:
+        raise UserError(
+            f"{root}/config.json",
+            f"architecture '{arch or 'none'}'",
+            "a …ForCausalLM, …ForSequenceClassification or …ForTokenClassification model",
+        )
+    task = task_module(name)
+    names = [config.id2label[i] for i in sorted(config.id2label)]
+    labels = task.Labels(values=names, names=names)
+    tokenizer = load_tokenizer(str(root), where=str(root))
+    model, _ = task.load_model(str(root), tokenizer, labels)
+    limit = min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
+    return Loaded(name, model, tokenizer, root.name, labels, task, DataConfig(max_length=limit), source=root)
+
+
+# --------------------------------------------------------------------------------------------------
+# int8: torch dynamic quantization of every nn.Linear (weights int8, activations quantized per batch)
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """`torch.ao.quantization.quantize_dynamic` on nn.Linear, qint8: a quantized copy of an fp32 CPU model.
+
+    torch marks torch.ao.quantization as deprecated in favour of torchao; the eager dynamic
+    quantization still works in torch 2.13 and needs no other package, so its warnings are muted."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def is_int8(model: nn.Module) -> bool:
+    return any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules())
+
+
+def load_int8(root: Path) -> nn.Module:
+    """The int8 export: build the fp32 architecture from config.json, quantize it the same way, load
+    the saved int8 state dict (plain torch + transformers; export.json's "load" says the same)."""
+    from transformers import AutoConfig
+
+    info = rundir.read_json(root / EXPORT_JSON)
+    auto = _auto_class(info["task"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = quantize_int8(auto.from_config(AutoConfig.from_pretrained(root)))
+        model.load_state_dict(torch.load(root / INT8_WEIGHTS, weights_only=True))
+    return model.eval()
+
+
+def _auto_class(task_name: str):
+    import transformers
+
+    return {
+        "classification": transformers.AutoModelForSequenceClassification,
+        "token_classification": transformers.AutoModelForTokenClassification,
+        CAUSAL: transformers.AutoModelForCausalLM,
+    }[task_name]
