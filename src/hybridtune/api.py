@@ -257,11 +257,10 @@ def generate(
 ) -> list[str]:
     """A causal_lm run's answer to each prompt (chat template as in training): greedy by default, or
     sampled; `max_new_tokens` defaults to the recipe's `generation.max_new_tokens`."""
+    task = task_of(run_dir)
+    if not hasattr(task, "generate"):
+        raise UserError(str(run_dir), f"a {task.NAME} run", "a causal_lm run (`generate` needs a language model)")
     loaded = load_run(run_dir)
-    if not hasattr(loaded.task, "generate"):
-        raise UserError(
-            str(run_dir), f"a {loaded.recipe.task} run", "a causal_lm run (`generate` needs a language model)"
-        )
     return loaded.task.generate(
         loaded.model,
         loaded.tokenizer,
