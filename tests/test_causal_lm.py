@@ -23,7 +23,14 @@ TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant:{% endif %}"
 )
-COLOURS = {"apple": "red", "banana": "yellow", "grass": "green", "sky": "blue", "snow": "white", "coal": "black"}
+COLOURS = {
+    "apple": "red",
+    "banana": "yellow",
+    "grass": "green",
+    "sky": "blue",
+    "snow": "white",
+    "coal": "black",
+}
 FILLER = ["what", "colour", "is", "the", "a", "tell", "me", "please", "about", "of"]
 
 
@@ -33,7 +40,12 @@ def colour_rows(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for i in range(n):
         key = rng.choice(list(COLOURS))
-        rows.append({"prompt": " ".join([*rng.sample(FILLER, 4), key]) + f" {i}?", "response": f"it is {COLOURS[key]}"})
+        rows.append(
+            {
+                "prompt": " ".join([*rng.sample(FILLER, 4), key]) + f" {i}?",
+                "response": f"it is {COLOURS[key]}",
+            }
+        )
     return rows
 
 
@@ -104,7 +116,9 @@ def test_chat_template_example_trains_on_the_response_and_eos_only(tiny_chat_gpt
     assert row["labels"][: row["prompt_length"]] == [causal_lm.IGNORE] * row["prompt_length"]
     assert row["prompt_length"] == len(row["input_ids"]) - len(trained)
     # padding is ignored by the loss too
-    batch = causal_lm.collator(tokenizer)([{k: data[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in (0, 1)])
+    batch = causal_lm.collator(tokenizer)(
+        [{k: data[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in (0, 1)]
+    )
     short = batch["attention_mask"][1] == 0
     assert short.any() and (batch["labels"][1][short] == causal_lm.IGNORE).all()
 
