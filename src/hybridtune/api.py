@@ -259,7 +259,9 @@ def generate(
     sampled; `max_new_tokens` defaults to the recipe's `generation.max_new_tokens`."""
     task = task_of(run_dir)
     if not hasattr(task, "generate"):
-        raise UserError(str(run_dir), f"a {task.NAME} run", "a causal_lm run (`generate` needs a language model)")
+        raise UserError(
+            str(run_dir), f"a {task.NAME} run", "a causal_lm run (`generate` needs a language model)"
+        )
     loaded = load_run(run_dir)
     return loaded.task.generate(
         loaded.model,
