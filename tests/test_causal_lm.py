@@ -270,6 +270,10 @@ def test_full_sft_lowers_held_out_loss_and_final_generates_the_same_with_plain_t
     drawn = api.generate(str(run), PROMPTS, 6, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
     assert drawn == api.generate(str(run), PROMPTS, 6, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
     assert [r["response"] for r in api.predict(str(run), PROMPTS)] == answers  # recipe: 6 new tokens
+    # the CLI, and a re-evaluation of the reloaded run, agree with what training wrote
+    result = CliRunner().invoke(app, ["generate", str(run), PROMPTS[0], "--max-new-tokens", "6"])
+    assert result.exit_code == 0 and result.output == answers[0] + "\n"
+    assert api.evaluate(str(run))["loss"] == pytest.approx(test["loss"], rel=1e-5)
 
 
 def test_lora_sft_saves_an_adapter_that_plain_peft_loads_and_generates_the_same(
@@ -311,3 +315,25 @@ def test_generate_refuses_bad_input_in_one_line(tmp_path):
         causal_lm.generate(None, None, ["hi"], 4, do_sample=True, top_p=0)
     with pytest.raises(UserError, match="prompt 2: found an empty prompt"):
         causal_lm.generate(None, None, ["hi", " "], 4)
+
+
+def test_example_recipe_runs_on_a_tiny_model(tiny_chat_gpt2, tmp_path):
+    """recipes/sft_chatterbot_smollm2.yaml as it is, on the tiny model and a slice of bundled:chatterbot."""
+    recipe = load_recipe(
+        Path(__file__).parent.parent / "recipes" / "sft_chatterbot_smollm2.yaml",
+        [
+            f"model={tiny_chat_gpt2}",
+            "train.max_steps=2",
+            "train.eval_steps=2",
+            "train.precision=fp32",
+            "data.max_train_samples=16",
+            "data.max_eval_samples=8",
+            "generation.max_new_tokens=4",
+            f"output.dir={tmp_path}",
+        ],
+    )
+    summary = api.train(recipe)
+    assert summary["test"]["n"] == 8 and summary["steps"] == 2
+    params = json.loads((Path(summary["run_dir"]) / "params.json").read_text())
+    assert 0 < params["trainable"] < params["total"] / 10  # LoRA only
+    assert (Path(summary["run_dir"]) / "final" / "adapter_config.json").is_file()

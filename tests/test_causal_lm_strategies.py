@@ -51,9 +51,9 @@ def test_part_trains_exactly_the_intended_parameters_of_a_causal_lm(part, tiny_g
             f"model={tiny_gpt2}",
             f"data.source={small_pairs}",
             "data.max_length=24",
-            "train.max_steps=4",
+            "train.max_steps=2",
             "train.batch_size=8",
-            "train.lr=0.01",  # large enough that every held parameter visibly moves in 4 steps
+            "train.lr=0.01",  # large enough that every held parameter visibly moves in 2 steps
             "train.precision=fp32",
             "train.early_stopping.patience=null",
             f"output.dir={tmp_path}",
