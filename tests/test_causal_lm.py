@@ -8,6 +8,7 @@ import random
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -101,12 +102,9 @@ def test_chat_template_example_trains_on_the_response_and_eos_only(tiny_chat_gpt
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_gpt2)
     causal_lm.load_model(tiny_chat_gpt2, tokenizer, causal_lm.Labels())  # sets EOS = [SEP]
-    frame = causal_lm.row_checker(recipe_for(tiny_chat_gpt2, pairs_jsonl, tmp_path).data)(
-        __import__("pandas").DataFrame(
-            {"prompt": ["is snow white?", "sky"], "response": ["yes it is", "blue"], "_where": ["a", "b"]}
-        )
-    )
-    data = causal_lm.encode(frame, tokenizer, None, recipe_for(tiny_chat_gpt2, pairs_jsonl, tmp_path).data)
+    data_cfg = recipe_for(tiny_chat_gpt2, pairs_jsonl, tmp_path).data
+    rows = {"prompt": ["is snow white?", "sky"], "response": ["yes it is", "blue"], "_where": ["a", "b"]}
+    data = causal_lm.encode(causal_lm.row_checker(data_cfg)(pd.DataFrame(rows)), tokenizer, None, data_cfg)
     row = data[0]
     text = tokenizer.decode(row["input_ids"])
     assert text == "user : is snow white? assistant : yes it is [SEP]"

@@ -95,7 +95,10 @@ def columns(data_cfg) -> dict[str, str]:
 
 
 def _check_messages(value, where: str) -> list[dict]:
-    """A list of {role, content} turns ending with the assistant's (a JSON string in a csv cell)."""
+    """A list of {role, content} turns ending with the assistant's (a JSON string in a csv cell, an
+    array in a parquet file)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
     if isinstance(value, str):
         try:
             value = json.loads(value)
