@@ -265,8 +265,10 @@ def test_full_sft_lowers_held_out_loss_and_final_generates_the_same_with_plain_t
     assert tokenizer.chat_template == TEMPLATE
     assert [_plain_greedy(model, tokenizer, p, 6) for p in PROMPTS] == answers
     # sampling: seeded draws repeat; `predict` on a causal run answers greedily
-    drawn = api.generate(str(run), PROMPTS, 6, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
-    assert drawn == api.generate(str(run), PROMPTS, 6, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
+    loaded = api.load_run(str(run))
+    draw = dict(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
+    drawn = causal_lm.generate(loaded.model, loaded.tokenizer, PROMPTS, **draw)
+    assert drawn == causal_lm.generate(loaded.model, loaded.tokenizer, PROMPTS, **draw)
     assert [r["response"] for r in api.predict(str(run), PROMPTS)] == answers  # recipe: 6 new tokens
     # the CLI, and a re-evaluation of the reloaded run, agree with what training wrote
     result = CliRunner().invoke(app, ["generate", str(run), PROMPTS[0], "--max-new-tokens", "6"])
@@ -315,10 +317,11 @@ def test_generate_refuses_bad_input_in_one_line(tmp_path):
         causal_lm.generate(None, None, ["hi", " "], 4)
 
 
-def test_example_recipe_runs_on_a_tiny_model(tiny_chat_gpt2, tmp_path):
-    """recipes/sft_chatterbot_smollm2.yaml as it is, on the tiny model and a slice of bundled:chatterbot."""
+@pytest.mark.parametrize("name", ["sft_chatterbot_smollm2", "sft_rotten_tomatoes_smollm2"])
+def test_example_recipe_runs_on_a_tiny_model(name, tiny_chat_gpt2, tmp_path):
+    """The example SFT recipes as they are, on the tiny model and a slice of their bundled data."""
     recipe = load_recipe(
-        Path(__file__).parent.parent / "recipes" / "sft_chatterbot_smollm2.yaml",
+        Path(__file__).parent.parent / "recipes" / f"{name}.yaml",
         [
             f"model={tiny_chat_gpt2}",
             "train.max_steps=2",
