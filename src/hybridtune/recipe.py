@@ -52,7 +52,7 @@ class SplitConfig(Section):
 class DataConfig(Section):
     source: str | None = Field(
         "bundled:rotten_tomatoes",
-        description="bundled:rotten_tomatoes | bundled:imdb | bundled:wnut16 | a csv/tsv/jsonl/parquet file | "
+        description="bundled:rotten_tomatoes | bundled:imdb | bundled:wnut16 | bundled:chatterbot | a csv/tsv/jsonl/parquet file | "
         "a CoNLL token file (.conll/.txt/.bio) | a saved HF dataset dir; split into train/validation/test by "
         "`split`; default: the task's bundled data set",
     )
