@@ -27,12 +27,16 @@ from hybridtune.model.loading import load_tokenizer, resolve
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from hybridtune.report.params import param_table
 from hybridtune.strategy.plan import Plan, make_plan, planned_steps
-from hybridtune.tasks import classification, token_classification
+from hybridtune.tasks import causal_lm, classification, token_classification
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
 
 # recipe `task` -> task module. A task module owns what differs between tasks: columns, row checks,
 # label space, encode, collator, load_model, metrics, report, eval_frame, predict and its tables
-TASKS = {"classification": classification, "token_classification": token_classification}
+TASKS = {
+    "classification": classification,
+    "token_classification": token_classification,
+    "causal_lm": causal_lm,
+}
 
 
 @dataclass
@@ -57,6 +61,8 @@ def prepare(recipe: Recipe) -> Prepared:
     data_cfg = recipe.data
     splits = task.load_splits(data_cfg)
     labels = task.label_space(splits, data_cfg)
+    if hasattr(labels, "generation"):  # causal_lm: evaluation generates with the recipe's settings
+        labels.generation = recipe.generation
     path = resolve(recipe.model.name)
     tokenizer = load_tokenizer(path)
     set_seed(recipe.train.seed)  # the new head's initialisation is part of the run's reproducibility
@@ -141,6 +147,7 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
                 "label_values": prep.labels.values,
                 "base_model": resolve(recipe.model.name),
                 "format": "peft" if is_peft else "model",
+                **(prep.task.run_info(prep.tokenizer) if hasattr(prep.task, "run_info") else {}),
             },
         )
         rundir.write_json(run / "params.json", prep.params)
@@ -242,6 +249,8 @@ def load_run(run_dir: str) -> LoadedRun:
     recipe = load_recipe(run / "recipe.yaml")
     task = TASKS[info["task"]]
     labels = task.Labels(values=info["label_values"], names=info["labels"])
+    if hasattr(labels, "generation"):
+        labels.generation = recipe.generation
     final = str(run / "final")
     tokenizer = load_tokenizer(final, where=f"{run}/final")
     if info["format"] == "peft":
@@ -278,4 +287,33 @@ def predict(run_dir: str, texts: list[str], text_pairs: list[str] | None = None)
     loaded = load_run(run_dir)
     return loaded.task.predict(
         loaded.model, loaded.tokenizer, loaded.labels, loaded.recipe.data, texts, text_pairs
+    )
+
+
+def generate(
+    run_dir: str,
+    prompts: list[str],
+    max_new_tokens: int | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> list[str]:
+    """A causal_lm run's answer to each prompt (chat template as in training): greedy by default, or
+    sampled; `max_new_tokens` defaults to the recipe's `generation.max_new_tokens`."""
+    task = task_of(run_dir)
+    if not hasattr(task, "generate"):
+        raise UserError(
+            str(run_dir), f"a {task.NAME} run", "a causal_lm run (`generate` needs a language model)"
+        )
+    loaded = load_run(run_dir)
+    return loaded.task.generate(
+        loaded.model,
+        loaded.tokenizer,
+        prompts,
+        loaded.recipe.generation.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
     )

