@@ -27,12 +27,23 @@ from hybridtune.model.loading import load_tokenizer, resolve
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from hybridtune.report.params import param_table
 from hybridtune.strategy.plan import Plan, make_plan, planned_steps
-from hybridtune.tasks import classification, token_classification
+from hybridtune.tasks import classification, prompt_classification, token_classification
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
 
 # recipe `task` -> task module. A task module owns what differs between tasks: columns, row checks,
 # label space, encode, collator, load_model, metrics, report, eval_frame, predict and its tables
-TASKS = {"classification": classification, "token_classification": token_classification}
+TASKS = {
+    "classification": classification,
+    "token_classification": token_classification,
+    "prompt_classification": prompt_classification,
+}
+
+
+def task_for(recipe: Recipe) -> Any:
+    """The recipe's task: its module, or what the module's `bind` makes of the recipe (a prompt task
+    needs the recipe's template and verbalizer to encode its data)."""
+    task = TASKS[recipe.task]
+    return task.bind(recipe) if hasattr(task, "bind") else task
 
 
 @dataclass
@@ -53,7 +64,7 @@ class Prepared:
 
 
 def prepare(recipe: Recipe) -> Prepared:
-    task = TASKS[recipe.task]
+    task = task_for(recipe)
     data_cfg = recipe.data
     splits = task.load_splits(data_cfg)
     labels = task.label_space(splits, data_cfg)
@@ -70,6 +81,8 @@ def prepare(recipe: Recipe) -> Prepared:
         tokenizer=tokenizer,
         max_length=data_cfg.max_length,
         total_steps=planned_steps(recipe.train, len(splits.train)),
+        recipe=recipe,
+        labels=labels,
     )
     model = strategy.apply(model, recipe, build)
     plan = make_plan(model, recipe, anatomy, base_ids, len(splits.train))
@@ -130,6 +143,10 @@ def train(recipe: Recipe | None = None) -> dict:
         callbacks=strategy.callbacks(prep.model, recipe, prep.build),
         collator=prep.task.collator(prep.tokenizer),  # token classification pads its label lists too
     )
+    zero_shot = None
+    if hasattr(prep.task, "zero_shot"):  # what the prompt alone scores, before any training: the lift
+        zero_shot = prep.task.zero_shot(prep.tokenizer, prep.datasets["test"], prep.labels)
+        rundir.write_json(run / "zero_shot.json", zero_shot)
     started = time.perf_counter()
     out = trainer.train()
     train_seconds = time.perf_counter() - started
@@ -150,6 +167,7 @@ def train(recipe: Recipe | None = None) -> dict:
         "run_dir": str(run),
         "recipe": recipe.name,
         "test": {k: test[k] for k in prep.task.HEADLINE},
+        **({"zero_shot_test": {k: zero_shot[k] for k in prep.task.HEADLINE}} if zero_shot else {}),
         "best_validation": state.best_metric,
         "best_checkpoint": state.best_model_checkpoint,
         # with stages: the most that trains in any stage (the table in params.json has each stage)
@@ -204,7 +222,7 @@ def load_run(run_dir: str) -> LoadedRun:
     run = rundir.check_run_dir(run_dir)
     info = rundir.read_json(run / "run.json")
     recipe = load_recipe(run / "recipe.yaml")
-    task = TASKS[info["task"]]
+    task = task_for(recipe)
     labels = task.Labels(values=info["label_values"], names=info["labels"])
     final = str(run / "final")
     tokenizer = load_tokenizer(final, where=f"{run}/final")
@@ -227,6 +245,22 @@ def evaluate(run_dir: str, data: str | None = None) -> dict:
     frame = task.eval_frame(data, data_cfg, loaded.labels)
     dataset = task.encode(frame, loaded.tokenizer, loaded.labels, data_cfg)
     return task.report(loaded.model, loaded.tokenizer, dataset, loaded.labels)
+
+
+def evaluate_zero_shot(recipe: Recipe, data: str | None = None) -> dict:
+    """Metrics of a prompt recipe's base model, untrained, on its test split or on every row of `data`."""
+    task = task_for(recipe)
+    if not hasattr(task, "zero_shot"):
+        raise UserError(
+            "task", f"{recipe.task}, whose model needs training", "task: prompt_classification (zero-shot)"
+        )
+    splits = task.load_splits(recipe.data)
+    labels = task.label_space(splits, recipe.data)
+    path = resolve(recipe.model.name)
+    tokenizer = load_tokenizer(path)
+    model, _ = task.load_model(path, tokenizer, labels)  # also resolves the prompt against the tokenizer
+    frame = task.eval_frame(data, recipe.data, labels) if data else splits.test
+    return task.zero_shot(tokenizer, task.encode(frame, tokenizer, labels, recipe.data), labels, model)
 
 
 def predict(run_dir: str, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:

@@ -82,6 +82,24 @@ class HybridTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The task's loss, or in training the mixed objective's (strategy/objective.py)."""
+        from hybridtune.strategy.objective import objective_of
+
+        objective = objective_of(model) if model.training else None
+        if objective is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return objective.compute_loss(super().compute_loss, model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        """Trainer's log, plus the mixed objective's `loss_lm` / `loss_task` next to a training `loss`."""
+        from hybridtune.strategy.objective import objective_of
+
+        objective = objective_of(self.model)
+        if objective is not None and "loss" in logs:
+            logs.update(objective.pop_means())
+        super().log(logs, start_time)
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
             optimizer = optimizer or self.optimizer
