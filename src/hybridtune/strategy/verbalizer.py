@@ -190,8 +190,19 @@ def resolve(config: PromptConfig, tokenizer, kind: str, labels: list[str], pair:
         pieces += [suffix] if (suffix := _specials(tokenizer)[1]) else []
     words = _verbalizer(config, tokenizer, labels, " " if space and not chat else "", kind)
     mask_id = tokenizer.mask_token_id if kind == "mlm" else None
+    texts = _word_texts(config, labels)
     return PromptFormat(
-        kind, labels, template, chat, pieces, lead, words, _word_texts(config, labels), mask_id
+        kind,
+        labels,
+        template,
+        chat,
+        pieces,
+        lead,
+        words,
+        texts,
+        mask_id,
+        config.word_score,
+        config.label_score,
     )
 
 

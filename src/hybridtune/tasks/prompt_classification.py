@@ -21,6 +21,9 @@ from hybridtune.tasks import classification
 
 NAME = "prompt_classification"
 HEADLINE = classification.HEADLINE
+# what the CLI reads off the task module of a finished run (api.task_of): classification's
+eval_tables = classification.eval_tables
+format_prediction = classification.format_prediction
 
 
 def bind(recipe) -> PromptTask:
@@ -101,7 +104,8 @@ class PromptTask:
         pairs = frame[data_cfg.text_pair_column].tolist() if data_cfg.text_pair_column else None
         ids = verbalizer.encode(self.prompt_format, tokenizer, texts, pairs, data_cfg.max_length)
         columns = {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
-        if "token_type_ids" in tokenizer.model_input_names:
+        # segment ids for encoders that use them; a decoder (GPT-2) would add them to its embeddings
+        if "token_type_ids" in tokenizer.model_input_names and self.prompt_format.kind == "mlm":
             columns["token_type_ids"] = [[0] * len(x) for x in ids]
         if labels is not None and data_cfg.label_column in frame:
             index = {v: i for i, v in enumerate(labels.values)}
