@@ -163,9 +163,9 @@ def test_causal_lm_lora_multi_token_words_load_with_plain_peft(prompt_run, tiny_
 @pytest.mark.parametrize(
     "model, parts",
     [
-        ("gpt2", ["soft_prompt.num_virtual_tokens=4", "peft.method=lora"]),
+        ("gpt2", ["soft_prompt.num_virtual_tokens=4", "peft.method=lora", "data.max_length=64"]),
         ("gpt2", ["freeze.trainable=[{top_k: 1}]"]),
-        ("bert", ["adapters.reduction_factor=4", "soft_prompt.num_virtual_tokens=3"]),
+        ("bert", ["adapters.reduction_factor=4", "soft_prompt.num_virtual_tokens=3", "data.max_length=64"]),
         ("bert", ["stages=[{fraction: 0.5, train: [{top_k: 1}]}, {train: [all]}]"]),
     ],
     ids=["gpt2-soft_prompt+lora", "gpt2-freeze", "bert-adapters+soft_prompt", "bert-stages"],
