@@ -51,11 +51,11 @@ def tokenizer_dir() -> str:
 
 def _save_tiny(kind: str, out: Path, tokenizer_dir: str, layers: int = 2) -> str:
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2Model
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if kind == "bert":
+    if kind in ("bert", "bert_mlm"):
         config = BertConfig(
             vocab_size=tokenizer.vocab_size,
             hidden_size=32,
@@ -64,7 +64,7 @@ def _save_tiny(kind: str, out: Path, tokenizer_dir: str, layers: int = 2) -> str
             intermediate_size=64,
             max_position_embeddings=128,
         )
-        model = BertModel(config)
+        model = BertModel(config) if kind == "bert" else BertForMaskedLM(config)
     else:
         config = GPT2Config(
             vocab_size=tokenizer.vocab_size,
@@ -89,6 +89,12 @@ def tiny_bert(tmp_path_factory, tokenizer_dir) -> str:
 def tiny_bert6(tmp_path_factory, tokenizer_dir) -> str:
     """As deep as MiniLM (6 blocks), so the example recipes run on it unchanged."""
     return _save_tiny("bert", tmp_path_factory.mktemp("tiny-bert6"), tokenizer_dir, layers=6)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_mlm(tmp_path_factory, tokenizer_dir) -> str:
+    """A BERT with its masked-LM head (prompt_classification scores words with it)."""
+    return _save_tiny("bert_mlm", tmp_path_factory.mktemp("tiny-bert-mlm"), tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

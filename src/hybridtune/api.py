@@ -27,7 +27,7 @@ from hybridtune.model.loading import load_tokenizer, resolve
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from hybridtune.report.params import param_table
 from hybridtune.strategy.plan import Plan, make_plan, planned_steps
-from hybridtune.tasks import causal_lm, classification, token_classification
+from hybridtune.tasks import causal_lm, classification, prompt_classification, token_classification
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
 
 # recipe `task` -> task module. A task module owns what differs between tasks: columns, row checks,
@@ -36,7 +36,15 @@ TASKS = {
     "classification": classification,
     "token_classification": token_classification,
     "causal_lm": causal_lm,
+    "prompt_classification": prompt_classification,
 }
+
+
+def task_for(recipe: Recipe) -> Any:
+    """The recipe's task: its module, or what the module's `bind` makes of the recipe (a prompt task
+    needs the recipe's template and verbalizer to encode its data)."""
+    task = TASKS[recipe.task]
+    return task.bind(recipe) if hasattr(task, "bind") else task
 
 
 @dataclass
@@ -57,7 +65,7 @@ class Prepared:
 
 
 def prepare(recipe: Recipe) -> Prepared:
-    task = TASKS[recipe.task]
+    task = task_for(recipe)
     data_cfg = recipe.data
     splits = task.load_splits(data_cfg)
     labels = task.label_space(splits, data_cfg)
@@ -76,6 +84,8 @@ def prepare(recipe: Recipe) -> Prepared:
         tokenizer=tokenizer,
         max_length=data_cfg.max_length,
         total_steps=planned_steps(recipe.train, len(splits.train)),
+        recipe=recipe,
+        labels=labels,
     )
     model = strategy.apply(model, recipe, build)
     plan = make_plan(model, recipe, anatomy, base_ids, len(splits.train))
@@ -167,6 +177,13 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
         resume_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None,
     )
     resumed_epoch = rundir.read_json(checkpoint / "trainer_state.json")["epoch"] if checkpoint else 0.0
+    zero_shot = None
+    if hasattr(prep.task, "zero_shot") and main:  # what the prompt alone scores, before training: the lift
+        if checkpoint is not None and (run / "zero_shot.json").is_file():  # measured when the run began
+            zero_shot = rundir.read_json(run / "zero_shot.json")
+        else:
+            zero_shot = prep.task.zero_shot(prep.tokenizer, prep.datasets["test"], prep.labels)
+            rundir.write_json(run / "zero_shot.json", zero_shot)
     started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
@@ -189,6 +206,7 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
         "run_dir": str(run),
         "recipe": recipe.name,
         "test": {k: test[k] for k in prep.task.HEADLINE},
+        **({"zero_shot_test": {k: zero_shot[k] for k in prep.task.HEADLINE}} if zero_shot else {}),
         "best_validation": state.best_metric,
         "best_checkpoint": state.best_model_checkpoint,
         # with stages: the most that trains in any stage (the table in params.json has each stage)
@@ -247,7 +265,7 @@ def load_run(run_dir: str) -> LoadedRun:
     run = rundir.check_run_dir(run_dir)
     info = rundir.read_json(run / "run.json")
     recipe = load_recipe(run / "recipe.yaml")
-    task = TASKS[info["task"]]
+    task = task_for(recipe)
     labels = task.Labels(values=info["label_values"], names=info["labels"])
     if hasattr(labels, "generation"):
         labels.generation = recipe.generation
@@ -276,6 +294,22 @@ def evaluate(run_dir: str, data: str | None = None) -> dict:
     frame = task.eval_frame(data, data_cfg, loaded.labels)
     dataset = task.encode(frame, loaded.tokenizer, loaded.labels, data_cfg)
     return task.report(loaded.model, loaded.tokenizer, dataset, loaded.labels)
+
+
+def evaluate_zero_shot(recipe: Recipe, data: str | None = None) -> dict:
+    """Metrics of a prompt recipe's base model, untrained, on its test split or on every row of `data`."""
+    task = task_for(recipe)
+    if not hasattr(task, "zero_shot"):
+        raise UserError(
+            "task", f"{recipe.task}, whose model needs training", "task: prompt_classification (zero-shot)"
+        )
+    splits = task.load_splits(recipe.data)
+    labels = task.label_space(splits, recipe.data)
+    path = resolve(recipe.model.name)
+    tokenizer = load_tokenizer(path)
+    model, _ = task.load_model(path, tokenizer, labels)  # also resolves the prompt against the tokenizer
+    frame = task.eval_frame(data, recipe.data, labels) if data else splits.test
+    return task.zero_shot(tokenizer, task.encode(frame, tokenizer, labels, recipe.data), labels, model)
 
 
 def predict(run_dir: str, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:

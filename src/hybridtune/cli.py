@@ -93,22 +93,33 @@ def train(
 @app.command("eval")
 @friendly
 def eval_(
-    run_dir: str = typer.Argument(..., help="a run dir written by `hybridtune train`"),
+    run_dir: str = typer.Argument(
+        ..., help="a run dir written by `hybridtune train`, or a prompt recipe (.yaml): zero-shot"
+    ),
     data: str = typer.Option(
         None, "--data", help="evaluate on every row of this file / dataset dir instead of the test split"
+    ),
+    overrides: list[str] = typer.Option(
+        None, "--set", help="with a recipe: key.path=value overrides (repeatable)"
     ),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
 ) -> None:
     """Evaluate a finished run: accuracy, macro-F1, per-class report, confusion matrix (classification);
-    entity precision / recall / F1 per type (token classification)."""
+    entity precision / recall / F1 per type (token classification). Given a prompt_classification
+    recipe instead of a run dir: its base model, untrained (zero-shot)."""
     from hybridtune import api
+    from hybridtune.recipe import load_recipe
     from hybridtune.report.console import console
 
-    report = api.evaluate(run_dir, data)
+    if run_dir.endswith((".yaml", ".yml")):
+        recipe = load_recipe(run_dir, overrides)
+        report, task = api.evaluate_zero_shot(recipe, data), api.TASKS[recipe.task]
+    else:
+        report, task = api.evaluate(run_dir, data), api.task_of(run_dir)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    for table in api.task_of(run_dir).eval_tables(report, title=data or "test"):
+    for table in task.eval_tables(report, title=data or "test"):
         console.print(table)
 
 

@@ -18,11 +18,14 @@ from hybridtune.ensemble import EnsembleConfig
 from hybridtune.errors import UserError, did_you_mean
 from hybridtune.strategy.adapters import AdaptersConfig
 from hybridtune.strategy.freeze import FreezeConfig
+from hybridtune.strategy.fusion import FusionConfig
 from hybridtune.strategy.lr import LrConfig
+from hybridtune.strategy.objective import ObjectiveConfig
 from hybridtune.strategy.peft import PeftConfig
 from hybridtune.strategy.prompt import SoftPromptConfig
 from hybridtune.strategy.schedule import ScheduleConfig
 from hybridtune.strategy.stages import StagesConfig
+from hybridtune.strategy.verbalizer import PromptConfig
 from hybridtune.tasks.causal_lm import GenerationConfig
 
 
@@ -148,6 +151,11 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "metric": "accuracy",
         "metrics": ("accuracy", "f1_macro", "loss"),
     },
+    "prompt_classification": {
+        "source": "bundled:rotten_tomatoes",
+        "metric": "accuracy",
+        "metrics": ("accuracy", "f1_macro", "loss"),
+    },
     "token_classification": {
         "source": "bundled:wnut16",
         "metric": "f1",
@@ -164,7 +172,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 
 class Recipe(Section):
     name: str = "default"
-    task: Literal["classification", "token_classification", "causal_lm"] = "classification"
+    task: Literal["classification", "token_classification", "causal_lm", "prompt_classification"] = (
+        "classification"
+    )
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     # strategy parts, applied in the fixed order of hybridtune.strategy.PARTS
@@ -172,6 +182,9 @@ class Recipe(Section):
     peft: PeftConfig | None = None
     adapters: AdaptersConfig | None = None
     soft_prompt: SoftPromptConfig | None = None
+    prompt: PromptConfig | None = None  # task: prompt_classification (template + verbalizer)
+    fusion: FusionConfig | None = None
+    objective: ObjectiveConfig | None = None
     # the training plan
     lr: LrConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()
@@ -205,6 +218,41 @@ class Recipe(Section):
             raise ValueError(
                 "stages: found `freeze` and `stages` together; expected one of them: give `freeze` or "
                 "`stages`, not both (stages decide what trains in each stage)"
+            )
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_default(cls, value: Any) -> Any:
+        # a prompt task always has a prompt (its defaults: the template and verbalizer of the model kind)
+        if (
+            isinstance(value, dict)
+            and value.get("task") == "prompt_classification"
+            and not value.get("prompt")
+        ):
+            value = {**value, "prompt": {}}
+        return value
+
+    @model_validator(mode="after")
+    def _prompt_parts(self) -> Recipe:
+        prompt_task = self.task == "prompt_classification"
+        if self.prompt is not None and not prompt_task:
+            raise ValueError(
+                f"prompt: found a prompt with task {self.task}; expected task: prompt_classification"
+            )
+        if self.objective is not None and not prompt_task:
+            raise ValueError(
+                f"objective: found a mixed LM objective with task {self.task}, whose model has no LM head; "
+                "expected task: prompt_classification"
+            )
+        if self.fusion is not None and self.task == "token_classification":
+            raise ValueError(
+                "fusion: found fusion with task token_classification; expected a classification task"
+            )
+        if self.fusion is not None and self.fusion.frozen == "zero_shot" and not prompt_task:
+            raise ValueError(
+                f"fusion.frozen: found zero_shot with task {self.task}; expected task: prompt_classification "
+                "(a zero-shot scorer needs a prompt), or a run dir"
             )
         return self
 

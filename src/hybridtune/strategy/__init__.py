@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hybridtune.model.anatomy import Anatomy
-from hybridtune.strategy import adapters, freeze, peft, prompt
+from hybridtune.strategy import adapters, freeze, fusion, objective, peft, prompt, verbalizer
 
 # recipe key -> part, in the order of application (DESIGN: freeze -> peft -> prompt -> head/fusion -> objective)
 PARTS: dict[str, ModuleType] = {
@@ -38,6 +38,10 @@ PARTS: dict[str, ModuleType] = {
     "peft": peft,
     "adapters": adapters,
     "soft_prompt": prompt,
+    # prompt_classification: the template + verbalizer scorer wraps all of the above; fusion wraps it
+    "prompt": verbalizer,
+    "fusion": fusion,
+    "objective": objective,
 }
 
 
@@ -51,6 +55,8 @@ class Build:
     tokenizer: Any = None
     max_length: int | None = None  # tokens per example (data.max_length): virtual tokens must fit too
     total_steps: int | None = None  # planned optimizer steps of the run (AdaLoRA's budget schedule)
+    recipe: Any = None  # the whole recipe (objective: batch size, seed; fusion: checks on a frozen run)
+    labels: Any = None  # the task's Labels
     # filled by `apply`: id() of the parameters loaded from the checkpoint, and the base parameters
     # `freeze` keeps trainable (id -> parameter)
     pretrained: set[int] = field(default_factory=set)

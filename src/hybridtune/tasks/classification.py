@@ -221,8 +221,10 @@ def eval_frame(data: str | None, data_cfg, labels: Labels) -> pd.DataFrame:
     return frame
 
 
-def predict(model, tokenizer, labels: Labels, data_cfg, texts: list[str], text_pairs=None) -> list[dict]:
-    """Label, score and class probabilities for each text."""
+def predict(
+    model, tokenizer, labels: Labels, data_cfg, texts: list[str], text_pairs=None, encoder=None
+) -> list[dict]:
+    """Label, score and class probabilities for each text (`encoder`: another task's `encode`)."""
     columns = {data_cfg.text_column: texts, "_where": [f"text {i + 1}" for i in range(len(texts))]}
     if data_cfg.text_pair_column:
         if not text_pairs or len(text_pairs) != len(texts):
@@ -234,7 +236,7 @@ def predict(model, tokenizer, labels: Labels, data_cfg, texts: list[str], text_p
         columns[data_cfg.text_pair_column] = text_pairs
     frame = pd.DataFrame(columns)
     check_texts(frame, [c for c in columns if c != "_where"])
-    dataset = encode(frame, tokenizer, None, data_cfg)
+    dataset = (encoder or encode)(frame, tokenizer, None, data_cfg)
     probs = torch.softmax(torch.from_numpy(logits_of(model, tokenizer, dataset)), -1).numpy()
     names = labels.names
     return [

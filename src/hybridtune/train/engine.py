@@ -88,21 +88,6 @@ class HybridTrainer(Trainer):
             return super()._save_checkpoint(model, trial)
         save_checkpoint(self, model)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Trainer's loss, checked before its backward: a NaN / inf training loss stops the run
-        (train.on_nan=stop) before it reaches the weights, or its batch is skipped (skip)."""
-        out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = out[0] if return_outputs else out
-        if not model.training or bool(torch.isfinite(loss.detach()).all()):
-            return out
-        loss = nonfinite_loss(self, loss)
-        return (loss, out[1]) if return_outputs else loss
-
-    def log(self, logs, *args, **kwargs):
-        if self.skipped_batches and "loss" in logs:
-            logs = {**logs, "skipped_batches": self.skipped_batches}
-        super().log(logs, *args, **kwargs)
-
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             from hybridtune.strategy.lr import param_groups
@@ -116,6 +101,37 @@ class HybridTrainer(Trainer):
             optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             self.optimizer = optimizer_cls(groups, **kwargs)
         return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The task's loss, or in training the mixed objective's (strategy/objective.py); a training
+        loss is checked before its backward: a NaN / inf stops the run (train.on_nan=stop) before it
+        reaches the weights, or its batch is skipped (skip)."""
+        from hybridtune.strategy.objective import objective_of
+
+        objective = objective_of(model) if model.training else None
+        if objective is None:
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        else:
+            out = objective.compute_loss(
+                super().compute_loss, model, inputs, return_outputs, num_items_in_batch
+            )
+        loss = out[0] if return_outputs else out
+        if not model.training or bool(torch.isfinite(loss.detach()).all()):
+            return out
+        loss = nonfinite_loss(self, loss)
+        return (loss, out[1]) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Trainer's log, plus the mixed objective's `loss_lm` / `loss_task` and the count of skipped
+        (non-finite) batches next to a training `loss`."""
+        from hybridtune.strategy.objective import objective_of
+
+        objective = objective_of(self.model)
+        if objective is not None and "loss" in logs:
+            logs.update(objective.pop_means())
+        if self.skipped_batches and "loss" in logs:
+            logs = {**logs, "skipped_batches": self.skipped_batches}
+        super().log(logs, *args, **kwargs)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
