@@ -148,7 +148,8 @@ def test_auth_limits_and_validation(classifier_url):
 
 
 def test_a_saved_ensemble_is_served_like_a_run(classifier_run, tmp_path):
-    ensemble = pytest.importorskip("hybridtune.ensemble")  # the ensembles feature, where it is merged
+    from hybridtune import ensemble
+
     ensemble.build([str(classifier_run), str(classifier_run)], str(tmp_path / "ens"))
     texts = ["the film was great and charming", "a dull and tedious story"]
     expected = ensemble.Ensemble(tmp_path / "ens").predict(texts)
