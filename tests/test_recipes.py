@@ -14,11 +14,13 @@ from hybridtune import api
 from hybridtune.recipe import load_recipe
 from hybridtune.train.engine import make_trainer, training_arguments
 
-# classification recipes (the sentiment data fits them); other tasks' recipes are tested with their task
+# classification recipes (the sentiment data fits them); other tasks' recipes are tested with their
+# task, ensemble recipes (members = one of the recipes below) in test_ensemble.py / test_compare.py
 RECIPES = sorted(
     p
     for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")
-    if yaml.safe_load(p.read_text()).get("task", "classification") == "classification"
+    if (raw := yaml.safe_load(p.read_text())).get("task", "classification") == "classification"
+    and "ensemble" not in raw
 )
 HEAD = r"^(bert\.pooler\.|classifier\.)"
 # what each recipe must change, stated independently of the code (regex on parameter names);
