@@ -297,15 +297,11 @@ def build(
 
 
 def _metrics(truth: np.ndarray, logits: np.ndarray, labels) -> dict:
-    from sklearn.metrics import accuracy_score, f1_score
+    """The headline of the classification report: accuracy, macro-F1, n."""
+    from hybridtune.tasks.classification import HEADLINE, full_report
 
-    pred = np.asarray(logits).argmax(-1)
-    ids = list(range(len(labels.names)))
-    return {
-        "accuracy": float(accuracy_score(truth, pred)),
-        "f1_macro": float(f1_score(truth, pred, labels=ids, average="macro", zero_division=0)),
-        "n": int(len(truth)),
-    }
+    report = full_report(truth, np.asarray(logits), labels)
+    return {k: report[k] for k in HEADLINE}
 
 
 def _copy_member(src: Path, dst: Path) -> None:
@@ -345,30 +341,10 @@ class Ensemble:
         return full_report(y_true(frame, self.members[0]), np.log(self.probs(frame) + 1e-12), self.labels)
 
     def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
-        import pandas as pd
+        from hybridtune.tasks.classification import prediction_frame, prediction_rows
 
-        from hybridtune.data import check_texts
-
-        cfg = self.data_cfg
-        columns = {cfg.text_column: texts, "_where": [f"text {i + 1}" for i in range(len(texts))]}
-        if cfg.text_pair_column:
-            if not text_pairs or len(text_pairs) != len(texts):
-                raise UserError(
-                    "--pair", f"{len(text_pairs or [])} second texts", f"{len(texts)}, one per text"
-                )
-            columns[cfg.text_pair_column] = text_pairs
-        frame = pd.DataFrame(columns)
-        check_texts(frame, [c for c in columns if c != "_where"])
-        names = self.labels.names
-        return [
-            {
-                "text": t,
-                "label": names[int(p.argmax())],
-                "score": float(p.max()),
-                "probs": dict(zip(names, map(float, p), strict=True)),
-            }
-            for t, p in zip(texts, self.probs(frame), strict=True)
-        ]
+        frame = prediction_frame(self.data_cfg, texts, text_pairs)
+        return prediction_rows(texts, self.probs(frame), self.labels.names)
 
 
 class Replay(torch.nn.Module):
@@ -383,32 +359,45 @@ class Replay(torch.nn.Module):
         return self.cache[self.index]
 
 
+def share_trunk(models: list[torch.nn.Module], depth: int, cache: dict) -> tuple[list, list, str]:
+    """Make the followers (models[1:]) replay the leader's bottom `depth` blocks: hooks on the
+    leader's blocks record each batch's outputs into `cache`, and the followers' blocks are replaced
+    by `Replay` modules reading it. Returns the hook handles, the followers' own blocks and the
+    blocks' path, to undo it."""
+    from hybridtune.model.anatomy import Anatomy, unwrap
+
+    path = Anatomy.of(models[0]).blocks_path
+
+    def recorder(index: int):
+        def hook(module, args, output):
+            cache[index] = output
+
+        return hook
+
+    hooks = [
+        block.register_forward_hook(recorder(i))
+        for i, block in enumerate(unwrap(models[0]).get_submodule(path)[:depth])
+    ]
+    originals = []
+    for model in models[1:]:
+        blocks = unwrap(model).get_submodule(path)
+        originals.append([blocks[i] for i in range(depth)])
+        for i in range(depth):
+            blocks[i] = Replay(cache, i)
+    return hooks, originals, path
+
+
 class SharedTrunk:
     """Members whose embeddings and bottom `depth` blocks are bit-identical run those blocks once per
     batch: the first member (the leader) runs whole and its trunk blocks record their outputs; in the
-    other members those blocks are replaced by `Replay` modules. Generic over architectures: it only
-    relies on the blocks being called in order, once each, per forward (true of every HF model whose
-    blocks the anatomy finds). The cost of K members is one trunk + K tops."""
+    other members those blocks are replaced by `Replay` modules (`share_trunk`). Generic over
+    architectures: it only relies on the blocks being called in order, once each, per forward (true
+    of every HF model whose blocks the anatomy finds). The cost of K members is one trunk + K tops."""
 
     def __init__(self, members: list[Member], depth: int):
-        from hybridtune.model.anatomy import Anatomy, unwrap
-
         self.members, self.depth = members, depth
         self.cache: dict[int, Any] = {}
-        leader = unwrap(members[0].loaded.model)
-        path = Anatomy.of(leader).blocks_path
-        for i, block in enumerate(leader.get_submodule(path)[:depth]):
-            block.register_forward_hook(self._recorder(i))
-        for m in members[1:]:
-            blocks = unwrap(m.loaded.model).get_submodule(path)
-            for i in range(depth):
-                blocks[i] = Replay(self.cache, i)
-
-    def _recorder(self, index: int):
-        def hook(module, args, output):
-            self.cache[index] = output
-
-        return hook
+        share_trunk([m.loaded.model for m in members], depth, self.cache)
 
     @classmethod
     def of(cls, members: list[Member]) -> SharedTrunk | None:
@@ -847,31 +836,15 @@ class JointMembers(torch.nn.Module):
     gradients are its own), the logits the mean of theirs (the ensemble's validation score)."""
 
     def __init__(self, models: list[torch.nn.Module], depth: int):
-        from hybridtune.model.anatomy import Anatomy, unwrap
+        from hybridtune.model.anatomy import unwrap
 
         super().__init__()
         self.members = torch.nn.ModuleList(models)
         self.depth = depth
         self.cache: dict[int, Any] = {}
         self.config = unwrap(models[0]).config  # what Trainer reads of a model
-        path = Anatomy.of(models[0]).blocks_path
-        self._hooks = [
-            block.register_forward_hook(self._recorder(i))
-            for i, block in enumerate(unwrap(models[0]).get_submodule(path)[:depth])
-        ]
-        self._trunks = []  # the followers' own trunk blocks, put back before they are saved
-        for model in models[1:]:
-            blocks = unwrap(model).get_submodule(path)
-            self._trunks.append([blocks[i] for i in range(depth)])
-            for i in range(depth):
-                blocks[i] = Replay(self.cache, i)
-        self._path = path
-
-    def _recorder(self, index: int):
-        def hook(module, args, output):
-            self.cache[index] = output
-
-        return hook
+        # the followers' own trunk blocks are kept to be put back before the members are saved
+        self._hooks, self._trunks, self._path = share_trunk(models, depth, self.cache)
 
     def forward(self, labels=None, **batch):
         from transformers.modeling_outputs import SequenceClassifierOutput
@@ -907,8 +880,6 @@ def frozen_trunk_depth(models: list[torch.nn.Module]) -> int:
     if not frozen.get("embeddings", True):
         return 0
     depth = trunk_depth(models)
-    while depth and not frozen.get(f"block.{depth - 1}", True):
-        depth -= 1
     frozen_depth = 0
     while frozen_depth < depth and frozen.get(f"block.{frozen_depth}", True):
         frozen_depth += 1

@@ -225,6 +225,14 @@ def predict(
     model, tokenizer, labels: Labels, data_cfg, texts: list[str], text_pairs=None, encoder=None
 ) -> list[dict]:
     """Label, score and class probabilities for each text (`encoder`: another task's `encode`)."""
+    frame = prediction_frame(data_cfg, texts, text_pairs)
+    dataset = (encoder or encode)(frame, tokenizer, None, data_cfg)
+    probs = torch.softmax(torch.from_numpy(logits_of(model, tokenizer, dataset)), -1).numpy()
+    return prediction_rows(texts, probs, labels.names)
+
+
+def prediction_frame(data_cfg, texts: list[str], text_pairs=None) -> pd.DataFrame:
+    """The texts to predict as a checked frame with the recipe's columns (text pairs when it has them)."""
     columns = {data_cfg.text_column: texts, "_where": [f"text {i + 1}" for i in range(len(texts))]}
     if data_cfg.text_pair_column:
         if not text_pairs or len(text_pairs) != len(texts):
@@ -236,9 +244,11 @@ def predict(
         columns[data_cfg.text_pair_column] = text_pairs
     frame = pd.DataFrame(columns)
     check_texts(frame, [c for c in columns if c != "_where"])
-    dataset = (encoder or encode)(frame, tokenizer, None, data_cfg)
-    probs = torch.softmax(torch.from_numpy(logits_of(model, tokenizer, dataset)), -1).numpy()
-    names = labels.names
+    return frame
+
+
+def prediction_rows(texts: list[str], probs: np.ndarray, names: list[str]) -> list[dict]:
+    """One row per text: the predicted label, its probability and every class's probability."""
     return [
         {
             "text": t,
