@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread, here and in the CLI subprocesses the tests start (they inherit the variable):
+# the tiny models gain nothing from more, and on a small machine busy with other processes (or with
+# the other pytest-xdist worker) OpenMP threads waiting on each other made training 10-20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported before this file (by a plugin): the variable came too late
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 POSITIVE = ["great", "wonderful", "moving", "brilliant", "funny", "superb", "charming", "fresh"]
 NEGATIVE = ["awful", "boring", "dull", "terrible", "clumsy", "tedious", "bland", "messy"]
