@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from hybridtune.cli import app
 from tests.conftest import sentiment_rows, write_csv
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -52,13 +54,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup):
     root, model, data = setup
     runs = root / "runs"
     # the whole train split (64 rows) is one global batch: 64 in one process, 2 x 32 under DDP
-    single = subprocess.run(
-        [sys.executable, "-m", "hybridtune", "train", *_overrides(model, data, runs, "single", 64)],
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    # the one process is this one (the CLI in-process); the two DDP ones are torchrun's
+    single = CliRunner().invoke(app, ["train", *_overrides(model, data, runs, "single", 64)])
+    assert single.exit_code == 0, (single.output[-3000:], single.exception)
     torchrun = Path(sys.executable).with_name("torchrun")
     ddp = subprocess.run(
         [

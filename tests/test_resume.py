@@ -34,18 +34,26 @@ output: {{dir: {out}, keep_checkpoints: 2}}
 VARYING = {"time_s", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
 
 
-def _cli(args: list[str], kill_at: str | None = None) -> subprocess.CompletedProcess:
+def _killed(args: list[str], at: str) -> None:
+    """`hybridtune train ARGS` in a process of its own that SIGKILLs itself at `at` (the test hook), so
+    no clean-up of its own can run."""
     env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("HYBRIDTUNE_TEST_KILL_AT", None)
-    if kill_at:
-        env["HYBRIDTUNE_TEST_KILL_AT"] = kill_at
-    return subprocess.run(
+    env["HYBRIDTUNE_TEST_KILL_AT"] = at
+    proc = subprocess.run(
         [sys.executable, "-m", "hybridtune", "train", *args],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
     )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
+def _train(args: list[str]) -> None:
+    """`hybridtune train ARGS` to the end, in this process: what needs no kill needs no new interpreter
+    (the state of a killed run is on disk only, so a resume here reads what a new process would)."""
+    result = CliRunner().invoke(app, ["train", *args], env={"HYBRIDTUNE_TEST_KILL_AT": None})
+    assert result.exit_code == 0, (result.output[-2000:], result.exception)
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -66,32 +74,26 @@ def recipe(tmp_path, tiny_bert, sentiment_csv) -> Path:
 
 
 def test_killed_four_times_and_resumed_ends_like_an_uninterrupted_run(recipe, tmp_path):
-    done = _cli([str(recipe), "output.name=straight"])
-    assert done.returncode == 0, done.stderr[-2000:]
+    _train([str(recipe), "output.name=straight"])
     straight = tmp_path / "runs" / "straight"
     assert json.loads((straight / "report.json").read_text())["steps"] == 24  # no early stop before the kills
 
     run = tmp_path / "runs" / "killed"
     # 1. mid-epoch, after step 6 (last checkpoint: 4)
-    proc = _cli([str(recipe), "output.name=killed"], kill_at="step:6")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _killed([str(recipe), "output.name=killed"], "step:6")
     assert _steps(run) == [4] and not (run / "final").exists()
     # 2. resumed from 4, killed when stage 1 begins (step 8, just after checkpoint-8 was written)
-    proc = _cli(["--resume", str(run)], kill_at="stage:1")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _killed(["--resume", str(run)], "stage:1")
     assert _steps(run)[-1] == 8
     # 3. resumed from 8 (in stage 0; stage 1 begins again), killed while writing checkpoint-12
-    proc = _cli(["--resume", str(run)], kill_at="save:12")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _killed(["--resume", str(run)], "save:12")
     assert _steps(run)[-1] == 8, "a half-written checkpoint-12 was renamed into place"
     assert (run / "checkpoints" / ".checkpoint-12.tmp").is_dir()
     # 4. resumed from 8, killed mid-epoch 2 after step 14 (checkpoint-12 now written whole)
-    proc = _cli(["--resume", str(run)], kill_at="step:14")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _killed(["--resume", str(run)], "step:14")
     assert _steps(run)[-1] == 12
     # 5. resumed from 12, inside stage 1 (its optimizer state kept, not reset) at an epoch start, to the end
-    proc = _cli(["--resume", str(run)])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _train(["--resume", str(run)])
 
     assert not (run / "checkpoints" / ".checkpoint-12.tmp").exists()
     assert _steps(run) == _steps(straight)  # rotation kept the same checkpoints (last 2 + best)
@@ -125,13 +127,11 @@ def test_lora_with_a_soft_prompt_resumes_exactly(tmp_path, tiny_bert, sentiment_
         "train.early_stopping.metric=loss",
         f"output.dir={tmp_path / 'runs'}",
     ]
-    assert _cli([*args, "output.name=straight"]).returncode == 0
-    proc = _cli([*args, "output.name=killed"], kill_at="step:6")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _train([*args, "output.name=straight"])
+    _killed([*args, "output.name=killed"], "step:6")
     run, straight = tmp_path / "runs" / "killed", tmp_path / "runs" / "straight"
     assert (run / "checkpoints" / "checkpoint-4" / "soft_prompt.safetensors").is_file()
-    proc = _cli(["--resume", str(run)])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _train(["--resume", str(run)])
     last = f"checkpoints/checkpoint-{_steps(run)[-1]}"
     for weights in ("adapter_model.safetensors", "soft_prompt.safetensors"):
         for where in ("final", last):
@@ -157,11 +157,10 @@ def test_early_stopping_counts_on_from_its_checkpoint(tmp_path, tiny_bert, senti
         "train.early_stopping.patience=2",
         f"output.dir={tmp_path / 'runs'}",
     ]
-    assert _cli([*args, "output.name=straight"]).returncode == 0
-    proc = _cli([*args, "output.name=killed"], kill_at="step:10")
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _train([*args, "output.name=straight"])
+    _killed([*args, "output.name=killed"], "step:10")
     run = tmp_path / "runs" / "killed"
-    assert _cli(["--resume", str(run)]).returncode == 0
+    _train(["--resume", str(run)])
     steps = [
         json.loads((r / "report.json").read_text())["steps"] for r in (run, tmp_path / "runs" / "straight")
     ]
