@@ -132,3 +132,44 @@ def quick(tmp_path, tiny_bert, sentiment_csv):
         ]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_bert, sentiment_csv):
+    """`trained_run(name, *overrides)`: a finished 12-step run of the tiny BERT on the synthetic data,
+    trained once per session for each name (test_export and test_serve share them); tests only read it."""
+    from hybridtune import api
+    from hybridtune.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("trained")
+    cache: dict[str, tuple[tuple[str, ...], Path]] = {}
+
+    def make(name: str, *extra: str) -> Path:
+        if name not in cache:
+            overrides = [
+                f"model.name={tiny_bert}",
+                f"data.source={sentiment_csv}",
+                "train.max_steps=12",
+                "train.batch_size=16",
+                "train.lr=0.005",
+                "train.precision=fp32",
+                "data.max_length=64",
+                f"output.dir={out}",
+                f"output.name={name}",
+                *extra,
+            ]
+            cache[name] = (extra, Path(api.train(load_recipe(None, overrides))["run_dir"]))
+        assert cache[name][0] == extra, f"the run {name!r} was trained with {cache[name][0]}, not {extra}"
+        return cache[name][1]
+
+    return make
+
+
+@pytest.fixture
+def prompt_run(quick):
+    """Overrides for a few-step prompt_classification run of a tiny LM on the synthetic data."""
+
+    def make(model: str, *extra: str) -> list[str]:
+        return quick(model, "task=prompt_classification", "train.early_stopping.patience=null", *extra)
+
+    return make

@@ -21,32 +21,6 @@ TEXTS = ["the film was great and charming", "a dull and tedious story", "quite t
 FEW = ["train.max_steps=2"]  # runs that only need to exist
 
 
-@pytest.fixture(scope="module")
-def train_run(tmp_path_factory, tiny_bert, sentiment_csv):
-    """Train a few-step run on the tiny BERT (once per module and strategy)."""
-    out = tmp_path_factory.mktemp("runs")
-    cache: dict = {}
-
-    def make(name: str, *extra: str) -> Path:
-        if name not in cache:
-            overrides = [
-                f"model.name={tiny_bert}",
-                f"data.source={sentiment_csv}",
-                "train.max_steps=12",
-                "train.batch_size=16",
-                "train.lr=0.005",
-                "train.precision=fp32",
-                "data.max_length=64",
-                f"output.dir={out}",
-                f"output.name={name}",
-                *extra,
-            ]
-            cache[name] = Path(api.train(load_recipe(None, overrides))["run_dir"])
-        return cache[name]
-
-    return make
-
-
 def _probs(model, tokenizer, texts=TEXTS) -> torch.Tensor:
     with torch.no_grad():
         batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
@@ -57,8 +31,8 @@ def _run_probs(run: Path, texts=TEXTS) -> torch.Tensor:
     return torch.tensor([list(r["probs"].values()) for r in api.predict(str(run), texts)])
 
 
-def test_merged_lora_loads_with_plain_transformers_and_predicts_as_the_unmerged_run(train_run, tmp_path):
-    run = train_run("lora", "peft.method=lora")
+def test_merged_lora_loads_with_plain_transformers_and_predicts_as_the_unmerged_run(trained_run, tmp_path):
+    run = trained_run("lora", "peft.method=lora")
     meta = export(str(run), "merged", str(tmp_path / "merged"))
     out = tmp_path / "merged"
     assert meta["format"] == "merged" and json.loads((out / "export.json").read_text()) == meta
@@ -79,10 +53,10 @@ def test_merged_lora_loads_with_plain_transformers_and_predicts_as_the_unmerged_
     torch.testing.assert_close(torch.tensor([list(r["probs"].values()) for r in rows]), unmerged)
 
 
-def test_peft_export_loads_with_plain_peft(train_run, tmp_path, tiny_bert):
+def test_peft_export_loads_with_plain_peft(trained_run, tmp_path, tiny_bert):
     from peft import AutoPeftModelForSequenceClassification, PeftModel
 
-    run = train_run("lora", "peft.method=lora")
+    run = trained_run("lora", "peft.method=lora")
     out = tmp_path / "adapter"
     export(str(run), "peft", str(out))
     config = json.loads((out / "adapter_config.json").read_text())
@@ -102,8 +76,8 @@ def test_peft_export_loads_with_plain_peft(train_run, tmp_path, tiny_bert):
     torch.testing.assert_close(torch.tensor([list(r["probs"].values()) for r in rows]), expected)
 
 
-def test_int8_export_measures_the_delta_and_reloads_to_the_same_model(train_run, tmp_path):
-    run = train_run("lora", "peft.method=lora")
+def test_int8_export_measures_the_delta_and_reloads_to_the_same_model(trained_run, tmp_path):
+    run = trained_run("lora", "peft.method=lora")
     out = tmp_path / "int8"
     meta = export(str(run), "int8", str(out))
     measured = meta["int8"]
@@ -139,8 +113,8 @@ def test_int8_export_measures_the_delta_and_reloads_to_the_same_model(train_run,
     torch.testing.assert_close(int8_probs, _run_probs(run), atol=0.05, rtol=0)
 
 
-def test_a_full_finetuning_run_merges_as_it_is_and_has_no_adapter(train_run, tmp_path):
-    run = train_run("full", *FEW)
+def test_a_full_finetuning_run_merges_as_it_is_and_has_no_adapter(trained_run, tmp_path):
+    run = trained_run("full")
     export(str(run), "merged", str(tmp_path / "m"))
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(
@@ -165,15 +139,15 @@ def test_a_full_finetuning_run_merges_as_it_is_and_has_no_adapter(train_run, tmp
         ),
     ],
 )
-def test_what_cannot_be_merged_is_refused_by_name(train_run, tmp_path, name, extra, fmt, says):
-    run = train_run(name, *extra)
+def test_what_cannot_be_merged_is_refused_by_name(trained_run, tmp_path, name, extra, fmt, says):
+    run = trained_run(name, *extra)
     with pytest.raises(UserError, match=says):
         export(str(run), fmt, str(tmp_path / "out"))
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-def test_cli_export_prints_the_int8_figures_and_bad_input_is_one_line(train_run, tmp_path):
-    run = train_run("lora", "peft.method=lora")
+def test_cli_export_prints_the_int8_figures_and_bad_input_is_one_line(trained_run, tmp_path):
+    run = trained_run("lora", "peft.method=lora")
     runner = CliRunner()
     result = runner.invoke(app, ["export", str(run), "--format", "int8", "--out", str(tmp_path / "q")])
     assert result.exit_code == 0, result.output

@@ -19,14 +19,6 @@ from hybridtune.train.engine import make_trainer, training_arguments
 TEXTS = ["the film was great and charming", "a dull and tedious story", "quite the messy plot"]
 
 
-@pytest.fixture
-def prompt_run(quick):
-    def make(model: str, *extra: str) -> list[str]:
-        return quick(model, "task=prompt_classification", "train.early_stopping.patience=null", *extra)
-
-    return make
-
-
 def _train(overrides) -> Path:
     return Path(api.train(load_recipe(None, overrides))["run_dir"])
 

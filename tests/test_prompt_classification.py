@@ -19,16 +19,6 @@ from hybridtune.strategy.verbalizer import PromptConfig
 TEXTS = ["the film was great and charming", "a dull and tedious story", "quite the messy plot"]
 
 
-@pytest.fixture
-def prompt_run(quick):
-    """Overrides for a few-step prompt_classification run of a tiny LM on the synthetic data."""
-
-    def make(model: str, *extra: str) -> list[str]:
-        return quick(model, "task=prompt_classification", "train.early_stopping.patience=null", *extra)
-
-    return make
-
-
 def _train(overrides) -> Path:
     return Path(api.train(load_recipe(None, overrides))["run_dir"])
 

@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 from hybridtune import api, inference
 from hybridtune.cli import app as cli
 from hybridtune.generation import chat_prompt
-from hybridtune.recipe import load_recipe
 from hybridtune.serve import Limits, create_app
 
 TOKEN = "s3cret-token"
@@ -75,20 +74,9 @@ async def _concurrently(url: str, path: str, bodies: list[dict]) -> list[httpx.R
 
 
 @pytest.fixture(scope="module")
-def classifier_run(tmp_path_factory, tiny_bert, sentiment_csv) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    overrides = [
-        f"model.name={tiny_bert}",
-        f"data.source={sentiment_csv}",
-        "train.max_steps=12",
-        "train.batch_size=16",
-        "train.lr=0.005",
-        "train.precision=fp32",
-        "data.max_length=64",
-        f"output.dir={out}",
-        "output.name=clf",
-    ]
-    return Path(api.train(load_recipe(None, overrides))["run_dir"])
+def classifier_run(trained_run) -> Path:
+    """Full fine-tuning of the tiny BERT, 12 steps (test_export reads the same run)."""
+    return trained_run("full")
 
 
 @pytest.fixture(scope="module")
