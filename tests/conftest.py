@@ -22,6 +22,25 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "torch" in sys.modules:  # imported before this file (by a plugin): the variable came too late
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# The slowest test files (several trainings in processes of their own, or a real model) run first: with
+# pytest-xdist (`--dist loadscope --no-loadscope-reorder`, pyproject.toml) they are handed out before the
+# many short files, so the run does not end with one worker busy on one of them and the other idle.
+SLOW_FIRST = (
+    "test_compare.py",
+    "test_resume.py",
+    "test_bundled_smollm2.py",
+    "test_distributed.py",
+    "test_bundled.py",
+    "test_ensemble.py",
+    "test_strategies_peft.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest keep order
+
+
 POSITIVE = ["great", "wonderful", "moving", "brilliant", "funny", "superb", "charming", "fresh"]
 NEGATIVE = ["awful", "boring", "dull", "terrible", "clumsy", "tedious", "bland", "messy"]
 FILLER = ["the", "film", "movie", "plot", "actors", "story", "was", "is", "a", "really", "quite", "and"]
