@@ -49,7 +49,17 @@ def run_child(cmd: list[str]) -> dict:
     return {"wall_s": wall, "max_rss_mib": usage.ru_maxrss / 1024}
 
 
-def peer(strategy: str, data: Path, out: Path, *, epochs: float, lr: float, best: bool, model: str) -> dict:
+def peer(
+    strategy: str,
+    data: Path,
+    out: Path,
+    *,
+    epochs: float,
+    lr: float,
+    best: bool,
+    model: str,
+    extra: list[str] = (),
+) -> dict:
     cmd = [
         PYTHON,
         str(ROOT / "benchmarks" / "peer.py"),
@@ -68,6 +78,7 @@ def peer(strategy: str, data: Path, out: Path, *, epochs: float, lr: float, best
     ]
     if best:
         cmd += ["--bf16", "--group-by-length"]
+    cmd += list(extra)
     measured = run_child(cmd)
     result = json.loads(out.read_text())
     evals = [(e["time_s"], e["accuracy"]) for e in result["evals"]]

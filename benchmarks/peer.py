@@ -42,11 +42,41 @@ class EvalClock(TrainerCallback):
         )
 
 
+def llrd_optimizer(model, args):
+    """Layer-wise lr decay as a Trainer user writes it: one AdamW param group per layer, the lr
+    multiplied by `layer_decay` per layer down from the head (embeddings lowest); no weight decay
+    on biases and LayerNorms."""
+    import torch
+
+    layers = model.config.num_hidden_layers
+
+    def depth(name: str) -> int:  # 0 = the head, layers .. 1 = the blocks top down, layers + 1 = embeddings
+        if ".encoder.layer." in name:
+            return layers - int(name.split(".encoder.layer.")[1].split(".")[0])
+        return layers + 1 if ".embeddings." in name else 0
+
+    groups: dict[tuple[int, bool], list] = {}
+    for name, p in model.named_parameters():
+        no_decay = name.endswith(".bias") or "LayerNorm" in name
+        groups.setdefault((depth(name), no_decay), []).append(p)
+    return torch.optim.AdamW(
+        [
+            {"params": ps, "lr": args.lr * args.layer_decay**d, "weight_decay": 0.0 if nd else 0.01}
+            for (d, nd), ps in groups.items()
+        ],
+        lr=args.lr,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--strategy", choices=["full", "lora", "top2", "head"], required=True)
+    ap.add_argument(
+        "--strategy",
+        choices=["full", "lora", "top2", "head", "bitfit", "prompt_tuning", "llrd"],
+        required=True,
+    )
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=5e-5)
@@ -54,6 +84,10 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--group-by-length", action="store_true")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument(
+        "--eval-steps", type=int, default=None, help="evaluate every N steps (default: every epoch)"
+    )
+    ap.add_argument("--layer-decay", type=float, default=0.8, help="llrd: lr factor per layer, top down")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -66,12 +100,24 @@ def main() -> None:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1))
-    elif args.strategy in ("top2", "head"):
+    elif args.strategy == "prompt_tuning":
+        from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+        config = PromptTuningConfig(
+            task_type="SEQ_CLS",
+            num_virtual_tokens=20,
+            prompt_tuning_init=PromptTuningInit.TEXT,
+            prompt_tuning_init_text="Is this movie review positive or negative?",
+            tokenizer_name_or_path=args.model,
+        )
+        model = get_peft_model(model, config)
+    elif args.strategy in ("top2", "head", "bitfit"):
         keep = ("bert.pooler", "classifier") + (
             ("bert.encoder.layer.4.", "bert.encoder.layer.5.") if args.strategy == "top2" else ()
         )
         for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith(keep))
+            p.requires_grad_(name.startswith(keep) or (args.strategy == "bitfit" and name.endswith(".bias")))
+    optimizers = (llrd_optimizer(model, args), None) if args.strategy == "llrd" else (None, None)
 
     def accuracy(pred):
         return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
@@ -87,7 +133,11 @@ def main() -> None:
         warmup_steps=0.06,
         bf16=args.bf16,
         use_cpu=True,
-        eval_strategy="epoch",
+        **(
+            {"eval_strategy": "steps", "eval_steps": args.eval_steps}
+            if args.eval_steps
+            else {"eval_strategy": "epoch"}
+        ),
         save_strategy="no",
         seed=args.seed,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
@@ -103,6 +153,7 @@ def main() -> None:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=accuracy,
         callbacks=[clock],
+        optimizers=optimizers,
     )
     started = time.perf_counter()
     out = trainer.train()

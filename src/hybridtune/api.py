@@ -29,6 +29,7 @@ from hybridtune.report.params import param_table
 from hybridtune.strategy.plan import Plan, make_plan, planned_steps
 from hybridtune.tasks import causal_lm, classification, prompt_classification, token_classification
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
+from hybridtune.train.precision import autocast
 
 # recipe `task` -> task module. A task module owns what differs between tasks: columns, row checks,
 # label space, encode, collator, load_model, metrics, report, eval_frame, predict and its tables
@@ -182,7 +183,8 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
         if checkpoint is not None and (run / "zero_shot.json").is_file():  # measured when the run began
             zero_shot = rundir.read_json(run / "zero_shot.json")
         else:
-            zero_shot = prep.task.zero_shot(prep.tokenizer, prep.datasets["test"], prep.labels)
+            with autocast(recipe.train.precision):
+                zero_shot = prep.task.zero_shot(prep.tokenizer, prep.datasets["test"], prep.labels)
             rundir.write_json(run / "zero_shot.json", zero_shot)
     started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -198,7 +200,8 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
     if not main:  # rank 0 saves and evaluates; the others are done
         return {"run_dir": str(run), "rank": distributed.rank()}
     rundir.save_dir_atomically(run / "final", save)
-    test = prep.task.report(model, prep.tokenizer, prep.datasets["test"], prep.labels)
+    with autocast(recipe.train.precision):  # as Trainer's validation passes ran
+        test = prep.task.report(model, prep.tokenizer, prep.datasets["test"], prep.labels)
     rundir.write_json(run / "eval.json", test)
     state = trainer.state
     trainable = max([prep.params["trainable"], *(s["trainable"] for s in prep.params.get("stages", []))])
@@ -293,7 +296,8 @@ def evaluate(run_dir: str, data: str | None = None) -> dict:
     task, data_cfg = loaded.task, loaded.recipe.data
     frame = task.eval_frame(data, data_cfg, loaded.labels)
     dataset = task.encode(frame, loaded.tokenizer, loaded.labels, data_cfg)
-    return task.report(loaded.model, loaded.tokenizer, dataset, loaded.labels)
+    with autocast(loaded.recipe.train.precision):
+        return task.report(loaded.model, loaded.tokenizer, dataset, loaded.labels)
 
 
 def evaluate_zero_shot(recipe: Recipe, data: str | None = None) -> dict:
@@ -309,7 +313,8 @@ def evaluate_zero_shot(recipe: Recipe, data: str | None = None) -> dict:
     tokenizer = load_tokenizer(path)
     model, _ = task.load_model(path, tokenizer, labels)  # also resolves the prompt against the tokenizer
     frame = task.eval_frame(data, recipe.data, labels) if data else splits.test
-    return task.zero_shot(tokenizer, task.encode(frame, tokenizer, labels, recipe.data), labels, model)
+    with autocast(recipe.train.precision):
+        return task.zero_shot(tokenizer, task.encode(frame, tokenizer, labels, recipe.data), labels, model)
 
 
 def predict(run_dir: str, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
@@ -319,9 +324,28 @@ def predict(run_dir: str, texts: list[str], text_pairs: list[str] | None = None)
     if ensemble.is_ensemble(run_dir):
         return ensemble.Ensemble(run_dir).predict(texts, text_pairs)
     loaded = load_run(run_dir)
-    return loaded.task.predict(
-        loaded.model, loaded.tokenizer, loaded.labels, loaded.recipe.data, texts, text_pairs
-    )
+    with autocast(loaded.recipe.train.precision):
+        return loaded.task.predict(
+            merged_for_inference(loaded.model),
+            loaded.tokenizer,
+            loaded.labels,
+            loaded.recipe.data,
+            texts,
+            text_pairs,
+        )
+
+
+def merged_for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """A run's model with a LoRA-like peft update folded into its weights (peft's merge_and_unload:
+    one matmul per adapted layer instead of three); prompt-learning peft, bottleneck adapters and
+    soft prompts (parts merging would drop) and plain models are returned as they are."""
+    from hybridtune.export import own_parts
+
+    if not hasattr(model, "peft_config") or own_parts(model):
+        return model
+    if next(iter(model.peft_config.values())).is_prompt_learning:
+        return model
+    return model.merge_and_unload().eval()
 
 
 def generate(

@@ -109,7 +109,7 @@ def _target(out: str) -> Path:
     return path
 
 
-def _own_parts(model: torch.nn.Module) -> list[str]:
+def own_parts(model: torch.nn.Module) -> list[str]:
     """hybridtune's parts in the model that neither peft nor transformers can save as weights."""
     base = unwrap(model)
     named = {adapters.ATTR: "bottleneck adapters", prompt.ATTR: "a soft prompt"}
@@ -119,7 +119,7 @@ def _own_parts(model: torch.nn.Module) -> list[str]:
 def merged(loaded: Loaded) -> torch.nn.Module:
     """The run's model with its peft weights folded in: a plain transformers model."""
     model = loaded.model
-    parts = _own_parts(model)
+    parts = own_parts(model)
     if parts:
         raise UserError(
             "--format merged",
@@ -139,7 +139,7 @@ def merged(loaded: Loaded) -> torch.nn.Module:
 
 
 def _check_peft(loaded: Loaded, info: dict) -> None:
-    parts = _own_parts(loaded.model)
+    parts = own_parts(loaded.model)
     if parts:
         raise UserError(
             "--format peft",

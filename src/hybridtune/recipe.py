@@ -131,6 +131,9 @@ class TrainConfig(Section):
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: every epoch)")
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
+    compile: bool = Field(
+        False, description="torch.compile the model (off by default: see docs/BENCHMARKS.md for when it pays)"
+    )
     logging_steps: int = Field(20, ge=1)
     on_nan: Literal["stop", "skip"] = Field(
         "stop",

@@ -182,17 +182,24 @@ def full_report(y_true: np.ndarray, logits: np.ndarray, labels: Labels) -> dict:
 
 @torch.no_grad()
 def logits_of(model: torch.nn.Module, tokenizer, dataset, batch_size: int = 128) -> np.ndarray:
-    """Logits for every row of a tokenized dataset, in order (dynamic padding per batch)."""
+    """Logits for every row of a tokenized dataset, in order. Rows are batched by length (sorted,
+    then put back in order): dynamic padding pads each batch to its longest row, so sorting cuts
+    the padding a forward pass computes on (the attention mask makes the result the same)."""
     collate = collator(tokenizer)
     model.eval()
     device = next(model.parameters()).device
     features = [{k: v for k, v in row.items() if k != "labels"} for row in dataset]
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     out = []
-    for i in range(0, len(features), batch_size):
+    for i in range(0, len(order), batch_size):
         # on CUDA: pinned host memory, non-blocking copies
-        batch = to_device(collate(features[i : i + batch_size]), device)
+        batch = to_device(collate([features[j] for j in order[i : i + batch_size]]), device)
         out.append(model(**batch).logits.float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    if not out:
+        return np.zeros((0, 0))
+    logits = np.empty_like(np.concatenate(out))
+    logits[order] = np.concatenate(out)
+    return logits
 
 
 def report(model: torch.nn.Module, tokenizer, dataset, labels: Labels) -> dict:

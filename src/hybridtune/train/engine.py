@@ -26,22 +26,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from hybridtune.errors import TrainingStopped
 from hybridtune.rundir import DISK_ERRORS, disk_error
 from hybridtune.train.checkpoints import KILL_ENV, KillAtStep, checkpoints, save_checkpoint
-
-
-def native_bf16() -> bool:
-    """True where bf16 matmuls run natively: CUDA GPUs that support it, CPUs with AVX512-BF16 / AMX."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16" if native_bf16() else "fp32"
-    return precision
+from hybridtune.train.precision import resolve_precision
 
 
 class MetricsJsonl(TrainerCallback):
@@ -220,6 +205,7 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
         greater_is_better=metric != "loss",
         restore_callback_states_from_checkpoint=True,  # early stopping's patience count on resume
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
+        torch_compile=train.compile,
         report_to="none",  # TensorBoard is added in make_trainer, writing into the run dir
         disable_tqdm=False,
         dataloader_num_workers=0,
