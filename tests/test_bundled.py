@@ -15,7 +15,14 @@ from hybridtune.recipe import load_recipe
 pytestmark = pytest.mark.slow
 RECIPES = Path(__file__).parent.parent / "recipes"
 TEXTS = ["a gorgeous, witty, seductive movie", "the plot is nothing but a dull mess", "it is what it is"]
-QUICK = ["data.max_train_samples=96", "data.max_eval_samples=64", "train.max_steps=6", "train.eval_steps=3"]
+# fp32: predict runs under the run's precision (bf16 autocast on this CPU), the plain models below in fp32
+QUICK = [
+    "data.max_train_samples=96",
+    "data.max_eval_samples=64",
+    "train.max_steps=6",
+    "train.eval_steps=3",
+    "train.precision=fp32",
+]
 
 
 def _plain_probs(model, tokenizer) -> torch.Tensor:
