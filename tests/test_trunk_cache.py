@@ -324,3 +324,24 @@ def test_lora_above_the_frozen_blocks_still_caches_below_it(tiny_bert, sentiment
         ).trunk_depth
         == 0
     )
+
+
+def test_compare_gives_its_runs_one_cache_dir(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from hybridtune import compare
+
+    seen: dict = {}
+
+    class Process:
+        pid = 0
+
+        def __init__(self, cmd, env, stdout):
+            seen.update(env)
+
+    monkeypatch.setattr(compare.subprocess, "Popen", Process)
+    monkeypatch.setattr(compare.os, "wait4", lambda pid, options: (pid, 0, SimpleNamespace(ru_maxrss=1024)))
+    monkeypatch.delenv(CACHE_DIR_ENV, raising=False)
+    entry = {"strategy": "s", "seed": 1, "recipe": "r.yaml", "run": "s-s1", "overrides": []}
+    compare._run_one(entry, tmp_path / "c" / "runs")
+    assert seen[CACHE_DIR_ENV] == str(tmp_path / "c" / "cache")

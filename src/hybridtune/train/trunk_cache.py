@@ -124,7 +124,8 @@ class TrunkCache:
         self.max_length = opts.get("max_length")
         self.scratch: Path | None = opts.get("scratch")  # where a memmapped temp file may go
         self.stage_plan = opts.get("stage_plan")
-        self.limit = frozen_depth(model, anatomy, base_names)[0]  # hooks do not come and go
+        # never deeper than at the start: hooks and added parameters do not come and go
+        self.limit = frozen_depth(model, anatomy, base_names)[0]
         self.datasets: dict = {}
         self.splits: dict[str, tuple[int, int]] = {}  # split -> its range of global rows
         self.stores: dict[str, Store] = {}
@@ -197,10 +198,10 @@ class TrunkCache:
         if rows is None or self.depth == 0:
             return args, kwargs
         rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
-        split = next(s for s, (a, b) in self.splits.items() if a <= rows[0] < b)
-        start, stop = self.splits[split]
+        split = next((s for s, (a, b) in self.splits.items() if a <= rows[0] < b), None)
+        start, stop = self.splits.get(split, (0, 0))
         if not all(start <= r < stop for r in rows):
-            raise RuntimeError("trunk cache: a batch mixes rows of two splits")
+            raise RuntimeError(f"trunk cache: rows {rows[:4]}... are not rows of one split it holds")
         store = self.store(split)
         mask = kwargs.get("attention_mask")
         if mask is None:
@@ -311,8 +312,8 @@ class TrunkCache:
 
 
 class TrunkCacheCallback(TrainerCallback):
-    """Keeps the cache at the frozen depth: at the start (after a resume's stage is restored), at
-    every step (after StageCallback, which runs first) and at the end, where a block any stage
+    """Keeps the cache at the frozen depth: at the start (after a resume's stage is restored), when
+    a stage begins (after StageCallback, which runs first) and at the end, where a block any stage
     trained is no longer cached (Trainer may have reloaded the best checkpoint's weights of it)."""
 
     def __init__(self, cache: TrunkCache):
@@ -322,7 +323,9 @@ class TrunkCacheCallback(TrainerCallback):
         self.cache.sync(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.cache.sync(state.global_step)
+        stage_plan = self.cache.stage_plan  # only a stage changes what trains
+        if stage_plan is not None and state.global_step in stage_plan.starts:
+            self.cache.sync(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         stage_plan = self.cache.stage_plan
