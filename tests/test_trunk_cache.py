@@ -218,9 +218,13 @@ def test_a_big_cache_is_memmapped_and_leaves_nothing_behind(run, still_bert, mon
 
 
 def test_bf16_states_are_stored_in_bf16_and_token_classification_uses_them(tmp_path, tiny_bert):
-    from tests.test_token_classification import tagged_sentences, write_conll
-
-    data = write_conll(tmp_path / "ner.conll", tagged_sentences(60))
+    people, filler = ["alice", "bob", "carol"], ["went", "to", "see", "the", "and", "was", "nice"]
+    lines = []
+    for i in range(60):  # "<filler> <filler> <person> <filler> <i>", the person tagged
+        words = [filler[i % 7], filler[(i + 3) % 7], people[i % 3], filler[(i + 5) % 7], str(i)]
+        lines += [f"{w}\t{'B-person' if w in people else 'O'}" for w in words] + [""]
+    data = tmp_path / "ner.conll"
+    data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     recipe = load_recipe(
         None,
         [
@@ -345,3 +349,19 @@ def test_compare_gives_its_runs_one_cache_dir(tmp_path, monkeypatch):
     entry = {"strategy": "s", "seed": 1, "recipe": "r.yaml", "run": "s-s1", "overrides": []}
     compare._run_one(entry, tmp_path / "c" / "runs")
     assert seen[CACHE_DIR_ENV] == str(tmp_path / "c" / "cache")
+
+
+@pytest.mark.parametrize(
+    ("extra", "found"),
+    [
+        (["ensemble.shared_trunk=true", "freeze.trainable=[head]"], "ensemble.shared_trunk"),
+        (["fusion.frozen=runs/some-run", "freeze.trainable=[head]"], "fusion"),
+        (["task=causal_lm"], "task causal_lm"),
+    ],
+    ids=["shared-trunk-ensemble", "fusion", "causal-lm"],
+)
+def test_on_with_a_part_that_rules_it_out_fails_when_the_recipe_loads(extra, found):
+    with pytest.raises(UserError) as e:
+        load_recipe(None, [*extra, "train.trunk_cache=on"])
+    assert e.value.where.endswith("train.trunk_cache") and found in e.value.found, str(e.value)
+    load_recipe(None, extra)  # auto: no complaint
