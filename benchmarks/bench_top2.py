@@ -1,4 +1,5 @@
-"""Benchmark: top2 — the peer (Trainer + peft at its defaults and at its best) against hybridtune.
+"""Benchmark: top2 — the peer (Trainer + peft at its defaults and at its best) against hybridtune,
+with and without its frozen-trunk cache (the side "hybridtune (no cache)").
 
 .venv/bin/python benchmarks/bench_top2.py [--repeats 3] [--max-train 2000] [--epochs 3]
 """
@@ -14,4 +15,5 @@ if __name__ == "__main__":
         target=0.75,
         epochs=3,
         mfu=False,
+        no_cache_side=True,  # hybridtune with and without the frozen-trunk cache
     )

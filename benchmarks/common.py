@@ -20,6 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV.pop("HYBRIDTUNE_CACHE_DIR", None)  # every repeat builds its own trunk cache: its cost is measured
+NO_CACHE = "hybridtune (no cache)"
 
 
 def export_split(source: str = "bundled:rotten_tomatoes", max_train: int | None = None) -> Path:
@@ -117,6 +119,7 @@ def ours(recipe: str, data: Path, out_dir: Path, overrides: list[str]) -> dict:
         "train_s": report["train_seconds"],
         "test_accuracy": report["test"]["accuracy"],
         "evals": evals,
+        "trunk_cache_s": report.get("trunk_cache", {}).get("build_seconds"),
     }
 
 
@@ -185,15 +188,20 @@ def scenario(
     max_train: int | None,
     target: float,
     mfu: bool = False,
+    no_cache_side: bool = False,
 ) -> str:
     """Peer at its defaults (fp32, random order), peer at its best (bf16, length-grouped) and hybridtune
-    (its defaults: precision auto, length-grouped), alternating, `repeats` times each."""
+    (its defaults: precision auto, length-grouped), alternating, `repeats` times each.
+    `no_cache_side`: also hybridtune with `train.trunk_cache=off`, the speed-up of the frozen-trunk
+    cache measured in the same run."""
     from hybridtune.model.loading import resolve
 
     model = resolve("bundled:minilm")
     data = export_split(max_train=max_train)
     work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     sides: dict[str, list[dict]] = {"peer (defaults)": [], "peer (best)": [], "hybridtune": []}
+    if no_cache_side:
+        sides[NO_CACHE] = []
     overrides = [f"train.epochs={epochs}", f"train.lr={lr}"]
     for r in range(repeats):
         order = list(sides) if r % 2 == 0 else list(reversed(sides))
@@ -202,6 +210,8 @@ def scenario(
             out.mkdir()
             if side == "hybridtune":
                 sides[side].append(ours(recipe, data, out, overrides))
+            elif side == NO_CACHE:
+                sides[side].append(ours(recipe, data, out, [*overrides, "train.trunk_cache=off"]))
             else:
                 sides[side].append(
                     peer(
@@ -214,9 +224,11 @@ def scenario(
                         model=model,
                     )
                 )
+            built = sides[side][-1].get("trunk_cache_s")
             print(
                 f"  repeat {r} {side}: {sides[side][-1]['samples_per_s']:.1f} samples/s, "
-                f"test {100 * sides[side][-1]['test_accuracy']:.2f} %",
+                f"test {100 * sides[side][-1]['test_accuracy']:.2f} %"
+                + (f", trunk cache built in {built:.1f} s" if built else ""),
                 flush=True,
             )
     text = table(
@@ -230,6 +242,12 @@ def scenario(
     text += (
         f"\n\nhybridtune vs peer (best): {median(sides['hybridtune'], 'samples_per_s') / best:.2f}x samples/s"
     )
+    if no_cache_side:
+        cached, plain = (median(sides[s], "train_s") for s in ("hybridtune", NO_CACHE))
+        text += (
+            f"\ntrunk cache: train {plain:.1f} s without, {cached:.1f} s with (building included, "
+            f"median {median(sides['hybridtune'], 'trunk_cache_s') or 0:.1f} s) = {plain / cached:.2f}x"
+        )
     if mfu:
         import torch  # noqa: F401
 

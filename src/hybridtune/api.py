@@ -29,6 +29,7 @@ from hybridtune.report.params import param_table
 from hybridtune.strategy.plan import Plan, make_plan, planned_steps
 from hybridtune.tasks import causal_lm, classification, prompt_classification, token_classification
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
+from hybridtune.train import trunk_cache
 from hybridtune.train.precision import autocast
 
 # recipe `task` -> task module. A task module owns what differs between tasks: columns, row checks,
@@ -63,6 +64,7 @@ class Prepared:
     plan: Plan
     params: dict
     datasets: dict
+    trunk_depth: int = 0  # frozen bottom blocks the run starts caching (train/trunk_cache.py); 0 = none
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -98,11 +100,14 @@ def prepare(recipe: Recipe) -> Prepared:
         raise UserError(
             "freeze", "a strategy that leaves no parameter trainable", "at least one trainable parameter"
         )
+    depth = trunk_cache.plan_depth(recipe, model, anatomy, plan.base_names)  # `on` that cannot: UserError
     datasets = {
         name: task.encode(splits[name], tokenizer, labels, data_cfg)
         for name in ("train", "validation", "test")
     }
-    return Prepared(recipe, task, splits, labels, tokenizer, model, anatomy, build, plan, params, datasets)
+    return Prepared(
+        recipe, task, splits, labels, tokenizer, model, anatomy, build, plan, params, datasets, depth
+    )
 
 
 def params(recipe: Recipe) -> dict:
@@ -117,7 +122,7 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
     model, optimizer, scheduler, RNG states, data order, stage and early stopping restored), which
     then ends like a normal run (train/checkpoints.py)."""
     from hybridtune.train.checkpoints import prepare_resume
-    from hybridtune.train.engine import make_trainer, resolve_precision, training_arguments
+    from hybridtune.train.engine import resolve_precision, training_arguments
 
     checkpoint = None
     if resume is not None:
@@ -147,6 +152,31 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
     for key, value in strategy.training_args(recipe).items():
         setattr(args, key, value)
     is_peft = hasattr(prep.model, "peft_config")
+    cache, datasets = None, prep.datasets
+    if prep.trunk_depth:
+        cache = trunk_cache.TrunkCache(
+            prep.model,
+            prep.anatomy,
+            prep.plan.base_names,
+            prep.tokenizer,
+            resolve_precision(recipe.train.precision),
+            recipe.train.eval_batch_size,
+            max_length=recipe.data.max_length,
+            scratch=run,
+            stage_plan=prep.plan.stages,
+        )
+        datasets = cache.add_rows(prep.datasets)
+    try:
+        return _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets) -> dict:
+    """`train` from the run dir on: run files, Trainer, final/, the test evaluation, report.json."""
+    from hybridtune.train.engine import make_trainer, resolve_precision
+
     if main and checkpoint is None:
         rundir.new_run_dir(run)
         rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
@@ -158,6 +188,7 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
                 "label_values": prep.labels.values,
                 "base_model": resolve(recipe.model.name),
                 "format": "peft" if is_peft else "model",
+                "trunk_cache": {"used": cache is not None, "depth": prep.trunk_depth},
                 **(prep.task.run_info(prep.tokenizer) if hasattr(prep.task, "run_info") else {}),
             },
         )
@@ -167,7 +198,7 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
     trainer = make_trainer(
         prep.model,
         prep.tokenizer,
-        prep.datasets,
+        datasets,
         recipe,
         args,
         run,
@@ -176,6 +207,7 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
         callbacks=strategy.callbacks(prep.model, recipe, prep.build),
         collator=prep.task.collator(prep.tokenizer),  # token classification pads its label lists too
         resume_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None,
+        trunk_cache=cache,
     )
     resumed_epoch = rundir.read_json(checkpoint / "trainer_state.json")["epoch"] if checkpoint else 0.0
     zero_shot = None
@@ -201,7 +233,7 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
         return {"run_dir": str(run), "rank": distributed.rank()}
     rundir.save_dir_atomically(run / "final", save)
     with autocast(recipe.train.precision):  # as Trainer's validation passes ran
-        test = prep.task.report(model, prep.tokenizer, prep.datasets["test"], prep.labels)
+        test = prep.task.report(model, prep.tokenizer, datasets["test"], prep.labels)  # cached too
     rundir.write_json(run / "eval.json", test)
     state = trainer.state
     trainable = max([prep.params["trainable"], *(s["trainable"] for s in prep.params.get("stages", []))])
@@ -230,6 +262,7 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
         "epochs": state.epoch,
         "steps": state.global_step,
         "precision": resolve_precision(recipe.train.precision),
+        "trunk_cache": cache.summary() if cache is not None else {"used": False, "depth": 0},
     }
     rundir.write_json(run / "report.json", summary)
     return summary

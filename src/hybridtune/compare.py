@@ -15,7 +15,9 @@ A suite:
 Each run is its own `hybridtune train` process (its peak RSS is its own; a crash stops only that
 run) writing a normal run dir under `<out>/runs/`. A finished run (its report.json exists) is never
 redone, so an interrupted compare picks up where it stopped. The table, csv/json, plots and the
-HTML report are made from the run dirs' own files (report/compare.py).
+HTML report are made from the run dirs' own files (report/compare.py). The runs share the states of
+their frozen trunks through `<out>/cache` (HYBRIDTUNE_CACHE_DIR, docs/speed.md), removed when the
+compare finishes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from hybridtune.errors import UserError
+from hybridtune.train.trunk_store import CACHE_DIR_ENV
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
 
@@ -147,7 +150,13 @@ def _run_one(entry: dict, runs_dir: Path) -> dict:
         f"output.dir={runs_dir}",
         f"output.name={entry['run']}",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        # the runs share their frozen-trunk caches: the seeds of a strategy, and strategies with the
+        # same frozen depth, compute them once (train/trunk_store.py); a user's own dir wins
+        CACHE_DIR_ENV: os.environ.get(CACHE_DIR_ENV) or str(runs_dir.parent / "cache"),
+    }
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -197,6 +206,7 @@ def compare(path: str | None = None, out: str | None = None, seeds: int | None =
         rundir.write_json(measured_path, measured)
         done_now += 1
     echo(f"{_bar(len(runs), len(runs))} all {len(runs)} runs done")
+    shutil.rmtree(root / "cache", ignore_errors=True)  # the shared trunk caches; kept while unfinished
     write_outputs(root, runs, measured, suite.name)
     return root
 

@@ -139,6 +139,17 @@ class TrainConfig(Section):
         "stop",
         description="a NaN / inf training loss: stop (exit code 3, checkpoints kept) or skip that batch",
     )
+    trunk_cache: Literal["auto", "off", "on"] = Field(
+        "auto",
+        description="compute the frozen bottom blocks once per example instead of every epoch (head-only, "
+        "top-k; docs/speed.md): auto = where the run allows it, on = required, off = never",
+    )
+
+    @field_validator("trunk_cache", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on / off as a boolean
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class OutputConfig(Section):
@@ -222,6 +233,12 @@ class Recipe(Section):
                 "stages: found `freeze` and `stages` together; expected one of them: give `freeze` or "
                 "`stages`, not both (stages decide what trains in each stage)"
             )
+        if self.train.trunk_cache == "on":
+            from hybridtune.train.trunk_cache import EXPECTED, static_reason
+
+            reason = static_reason(self)
+            if reason is not None:
+                raise ValueError(f"train.trunk_cache: found on, with {reason}; expected {EXPECTED}")
         return self
 
     @model_validator(mode="before")

@@ -60,11 +60,18 @@ class HybridTrainer(Trainer):
     stage lr scales. Parameters a later stage unfreezes are in the optimizer from the start; AdamW
     skips them while they have no gradient, so they start with a clean state."""
 
-    def __init__(self, *args, plan=None, on_nan: str = "stop", **kwargs):
+    def __init__(self, *args, plan=None, on_nan: str = "stop", keep_columns=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.plan = plan
         self.on_nan = on_nan
         self.skipped_batches = 0  # batches skipped for a NaN / inf loss (train.on_nan=skip)
+        self.keep_columns = list(keep_columns)  # dataset columns for a hook, not the forward's signature
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Trainer keeps the dataset columns the model's forward names; also keep `keep_columns`
+        (the trunk cache's row index, which its forward pre-hook takes out)."""
+        super()._set_signature_columns_if_needed()
+        self._signature_columns += [c for c in self.keep_columns if c not in self._signature_columns]
 
     def _save_checkpoint(self, model, trial):
         """Atomic: written to a temp dir, renamed when complete (train/checkpoints.py). Distributed
@@ -230,8 +237,12 @@ def make_trainer(
     callbacks: list[TrainerCallback] = (),
     collator=None,
     resume_step: int | None = None,
+    trunk_cache=None,
 ) -> Trainer:
+    """The run's HybridTrainer with its callbacks; `trunk_cache` (train/trunk_cache.py), when given,
+    keeps its row column in the batches and follows the frozen depth (after the stage switch)."""
     from hybridtune.strategy.stages import StageCallback
+    from hybridtune.train.trunk_cache import ROW, TrunkCacheCallback
 
     callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), *callbacks]
     if args.process_index == 0:  # one event file per run, however many processes train
@@ -253,8 +264,11 @@ def make_trainer(
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
         callbacks=callbacks,
+        keep_columns=[ROW] if trunk_cache is not None else [],
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Progress())
+    if trunk_cache is not None:  # last: a stage switch has set requires_grad before it looks
+        trainer.add_callback(TrunkCacheCallback(trunk_cache))
     return trainer
