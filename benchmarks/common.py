@@ -42,10 +42,12 @@ def export_split(source: str = "bundled:rotten_tomatoes", max_train: int | None 
 def run_child(cmd: list[str]) -> dict:
     """Run a command; wall time and the child's peak RSS (MiB) from wait4's rusage."""
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    err = proc.stderr.read() if proc.stderr else ""
+    with tempfile.TemporaryFile("w+") as stderr:  # not a pipe: a chatty child would fill it and block
+        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        stderr.seek(0)
+        err = stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
     return {"wall_s": wall, "max_rss_mib": usage.ru_maxrss / 1024}
