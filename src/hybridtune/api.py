@@ -372,11 +372,9 @@ def merged_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     """A run's model with a LoRA-like peft update folded into its weights (peft's merge_and_unload:
     one matmul per adapted layer instead of three); prompt-learning peft, bottleneck adapters and
     soft prompts (parts merging would drop) and plain models are returned as they are."""
-    from hybridtune.export import own_parts
+    from hybridtune.export import merge_refusal
 
-    if not hasattr(model, "peft_config") or own_parts(model):
-        return model
-    if next(iter(model.peft_config.values())).is_prompt_learning:
+    if not hasattr(model, "peft_config") or merge_refusal(model) is not None:
         return model
     return model.merge_and_unload().eval()
 

@@ -116,24 +116,32 @@ def own_parts(model: torch.nn.Module) -> list[str]:
     return [what for attr, what in named.items() if getattr(base, attr, None) is not None]
 
 
-def merged(loaded: Loaded) -> torch.nn.Module:
-    """The run's model with its peft weights folded in: a plain transformers model."""
-    model = loaded.model
+def merge_refusal(model: torch.nn.Module) -> tuple[str, str] | None:
+    """Why the model's trained weights cannot be folded into plain weights — (found, expected) — or
+    None when they can (peft weight methods, or a model without peft)."""
     parts = own_parts(model)
     if parts:
-        raise UserError(
-            "--format merged",
+        return (
             f"a run with {' and '.join(parts)}, which cannot be merged into plain weights",
             "a run whose trained weights are base weights or peft weights (lora, dora, adalora, ia3, ...)",
         )
     if hasattr(model, "peft_config"):
         config = next(iter(model.peft_config.values()))
         if config.is_prompt_learning:
-            raise UserError(
-                "--format merged",
+            return (
                 f"peft method {config.peft_type.value.lower()}, whose virtual tokens cannot be merged into weights",
                 "a peft method that changes weights (lora, dora, adalora, ia3, ...), or --format peft",
             )
+    return None
+
+
+def merged(loaded: Loaded) -> torch.nn.Module:
+    """The run's model with its peft weights folded in: a plain transformers model."""
+    model = loaded.model
+    refusal = merge_refusal(model)
+    if refusal is not None:
+        raise UserError("--format merged", *refusal)
+    if hasattr(model, "peft_config"):
         model = model.merge_and_unload()
     return model.eval()
 
