@@ -63,6 +63,7 @@ def peer(
     best: bool,
     model: str,
     extra: list[str] = (),
+    seed: int = 42,
 ) -> dict:
     cmd = [
         PYTHON,
@@ -79,6 +80,8 @@ def peer(
         str(lr),
         "--out",
         str(out),
+        "--seed",
+        str(seed),
     ]
     if best:
         cmd += ["--bf16", "--group-by-length"]
@@ -155,6 +158,25 @@ def median(rows: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def accuracy_parity(sides: dict[str, list[dict]]) -> str:
+    """Test accuracy over the seeds (repeat r = seed 42 + r on every side): mean ± sd per side, and
+    hybridtune's difference to each peer side, seed by seed (same seed, same data)."""
+    lines = []
+    for name, rows in sides.items():
+        accs = [100 * r["test_accuracy"] for r in rows]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        lines.append(
+            f"test accuracy {name}: {statistics.mean(accs):.2f} ± {sd:.2f} % over {len(accs)} seed(s)"
+        )
+    ours_acc = [100 * r["test_accuracy"] for r in sides["hybridtune"]]
+    for name in ("peer (defaults)", "peer (best)"):
+        diffs = [a - 100 * r["test_accuracy"] for a, r in zip(ours_acc, sides[name])]
+        lines.append(
+            f"hybridtune - {name}: mean {statistics.mean(diffs):+.2f} pt (per seed {', '.join(f'{d:+.2f}' for d in diffs)})"
+        )
+    return "\n".join(lines)
+
+
 def table(title: str, sides: dict[str, list[dict]], base: str, target: float | None = None) -> str:
     """Medians per side and each side's ratio to `base` (higher throughput = better)."""
     lines = [
@@ -204,8 +226,9 @@ def scenario(
     sides: dict[str, list[dict]] = {"peer (defaults)": [], "peer (best)": [], "hybridtune": []}
     if no_cache_side:
         sides[NO_CACHE] = []
-    overrides = [f"train.epochs={epochs}", f"train.lr={lr}"]
     for r in range(repeats):
+        seed = 42 + r  # every side gets the same seeds: repeats measure both speed and seed spread
+        overrides = [f"train.epochs={epochs}", f"train.lr={lr}", f"train.seed={seed}"]
         order = list(sides) if r % 2 == 0 else list(reversed(sides))
         for side in order:
             out = work / f"{side.replace(' ', '').replace('(', '-').replace(')', '')}-{r}"
@@ -224,6 +247,7 @@ def scenario(
                         lr=lr,
                         best="best" in side,
                         model=model,
+                        seed=seed,
                     )
                 )
             built = sides[side][-1].get("trunk_cache_s")
@@ -240,6 +264,7 @@ def scenario(
         "peer (defaults)",
         target,
     )
+    text += "\n\n" + accuracy_parity(sides)
     best = median(sides["peer (best)"], "samples_per_s")
     text += (
         f"\n\nhybridtune vs peer (best): {median(sides['hybridtune'], 'samples_per_s') / best:.2f}x samples/s"
