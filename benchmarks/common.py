@@ -170,7 +170,7 @@ def accuracy_parity(sides: dict[str, list[dict]]) -> str:
         )
     ours_acc = [100 * r["test_accuracy"] for r in sides["hybridtune"]]
     for name in ("peer (defaults)", "peer (best)"):
-        diffs = [a - 100 * r["test_accuracy"] for a, r in zip(ours_acc, sides[name])]
+        diffs = [a - 100 * r["test_accuracy"] for a, r in zip(ours_acc, sides[name], strict=True)]
         lines.append(
             f"hybridtune - {name}: mean {statistics.mean(diffs):+.2f} pt (per seed {', '.join(f'{d:+.2f}' for d in diffs)})"
         )
