@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hybridtune import api
+from hybridtune import api, export
 from hybridtune.recipe import load_recipe
 from hybridtune.tasks.classification import encode, logits_of
 from hybridtune.train.precision import autocast
@@ -68,7 +68,7 @@ def test_predict_folds_lora_into_the_weights_and_predicts_as_the_unmerged_model(
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         unmerged = torch.softmax(loaded.model(**batch).logits, -1)
-    merged = api.merged_for_inference(loaded.model)
+    merged = export.merged_for_inference(loaded.model)
     assert not hasattr(merged, "peft_config") and not any("lora_" in n for n, _ in merged.named_modules())
     rows = api.predict(str(lora_run), TEXTS)
     predicted = torch.tensor([list(r["probs"].values()) for r in rows])
@@ -81,9 +81,9 @@ def test_what_cannot_be_merged_is_predicted_as_it_is(tiny_bert):
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     prompt_tuned = get_peft_model(model, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
-    assert api.merged_for_inference(prompt_tuned) is prompt_tuned
+    assert export.merged_for_inference(prompt_tuned) is prompt_tuned
     plain = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
-    assert api.merged_for_inference(plain) is plain
+    assert export.merged_for_inference(plain) is plain
 
 
 def test_the_runs_precision_reaches_the_passes_trainer_does_not_run():

@@ -20,7 +20,7 @@ import torch
 from transformers import set_seed
 
 from hybridtune import distributed, rundir, strategy
-from hybridtune.data import Splits
+from hybridtune.data import Splits, token_cache
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import Anatomy
 from hybridtune.model.loading import load_tokenizer, resolve
@@ -65,6 +65,9 @@ class Prepared:
     params: dict
     datasets: dict
     trunk_depth: int = 0  # frozen bottom blocks the run starts caching (train/trunk_cache.py); 0 = none
+    token_cache: dict | None = (
+        None  # splits read from the token cache, seconds to encode (data/token_cache.py)
+    )
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -101,12 +104,11 @@ def prepare(recipe: Recipe) -> Prepared:
             "freeze", "a strategy that leaves no parameter trainable", "at least one trainable parameter"
         )
     depth = trunk_cache.plan_depth(recipe, model, anatomy, plan.base_names)  # `on` that cannot: UserError
-    datasets = {
-        name: task.encode(splits[name], tokenizer, labels, data_cfg)
-        for name in ("train", "validation", "test")
-    }
+    started = time.perf_counter()
+    datasets, cached = token_cache.encode_splits(task, recipe, splits, tokenizer, labels)
+    encoded = {"from_cache": cached, "seconds": round(time.perf_counter() - started, 3)}
     return Prepared(
-        recipe, task, splits, labels, tokenizer, model, anatomy, build, plan, params, datasets, depth
+        recipe, task, splits, labels, tokenizer, model, anatomy, build, plan, params, datasets, depth, encoded
     )
 
 
@@ -263,6 +265,7 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets) 
         "steps": state.global_step,
         "precision": resolve_precision(recipe.train.precision),
         "trunk_cache": cache.summary() if cache is not None else {"used": False, "depth": 0},
+        "token_cache": prep.token_cache,
     }
     rundir.write_json(run / "report.json", summary)
     return summary
@@ -353,30 +356,20 @@ def evaluate_zero_shot(recipe: Recipe, data: str | None = None) -> dict:
 def predict(run_dir: str, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
     """The task's prediction for each text: label + probabilities, or the entities found."""
     from hybridtune import ensemble
+    from hybridtune.export import merged_for_inference
 
     if ensemble.is_ensemble(run_dir):
         return ensemble.Ensemble(run_dir).predict(texts, text_pairs)
     loaded = load_run(run_dir)
     with autocast(loaded.recipe.train.precision):
         return loaded.task.predict(
-            merged_for_inference(loaded.model),
+            merged_for_inference(loaded.model),  # export.py: LoRA folded in, one matmul per layer
             loaded.tokenizer,
             loaded.labels,
             loaded.recipe.data,
             texts,
             text_pairs,
         )
-
-
-def merged_for_inference(model: torch.nn.Module) -> torch.nn.Module:
-    """A run's model with a LoRA-like peft update folded into its weights (peft's merge_and_unload:
-    one matmul per adapted layer instead of three); prompt-learning peft, bottleneck adapters and
-    soft prompts (parts merging would drop) and plain models are returned as they are."""
-    from hybridtune.export import merge_refusal
-
-    if not hasattr(model, "peft_config") or merge_refusal(model) is not None:
-        return model
-    return model.merge_and_unload().eval()
 
 
 def generate(

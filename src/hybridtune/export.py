@@ -135,6 +135,15 @@ def merge_refusal(model: torch.nn.Module) -> tuple[str, str] | None:
     return None
 
 
+def merged_for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """A run's model with a LoRA-like peft update folded into its weights (peft's merge_and_unload:
+    one matmul per adapted layer instead of three); prompt-learning peft, bottleneck adapters and
+    soft prompts (parts merging would drop) and plain models are returned as they are."""
+    if not hasattr(model, "peft_config") or merge_refusal(model) is not None:
+        return model
+    return model.merge_and_unload().eval()
+
+
 def merged(loaded: Loaded) -> torch.nn.Module:
     """The run's model with its peft weights folded in: a plain transformers model."""
     model = loaded.model

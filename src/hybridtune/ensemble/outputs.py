@@ -1,0 +1,256 @@
+"""Output ensembles: every member runs, their class distributions are combined (mean of logits,
+mean of probabilities, vote, weighted mean). `build` evaluates and saves one; `Ensemble` loads it."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hybridtune import rundir
+from hybridtune.ensemble.config import COMBINES, MANIFEST, check_weights, is_ensemble
+from hybridtune.ensemble.shared import SharedTrunk
+from hybridtune.errors import UserError
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def combine(logits: list[np.ndarray], how: str, weights: list[float] | None = None) -> np.ndarray:
+    """The ensemble's class probabilities [n, classes] from each member's logits [n, classes].
+
+    mean_logits: softmax of the mean logit; mean_probs: mean of the members' softmaxes; vote: the
+    share of members voting for each class (ties broken by the mean probability); weighted: the
+    weighted mean of the members' softmaxes (weights normalised to sum 1)."""
+    stack = np.stack([np.asarray(x, dtype=np.float64) for x in logits])  # [k, n, c]
+    probs = softmax(stack)
+    if how == "mean_logits":
+        return softmax(stack.mean(0))
+    if how == "mean_probs":
+        return probs.mean(0)
+    if how == "vote":
+        votes = np.eye(stack.shape[-1])[stack.argmax(-1)].mean(0)  # [n, c]
+        tie_break = 1e-6 * probs.mean(0)
+        shares = votes + tie_break
+        return shares / shares.sum(-1, keepdims=True)
+    if how == "weighted":
+        w = np.asarray(weights, dtype=np.float64)
+        return np.tensordot(w / w.sum(), probs, axes=1)
+    raise ValueError(how)
+
+
+@dataclass
+class Member:
+    """A finished classification run, loaded."""
+
+    path: Path
+    loaded: Any  # api.LoadedRun
+
+    @property
+    def labels(self):
+        return self.loaded.labels
+
+    def logits(self, frame, model: torch.nn.Module | None = None) -> np.ndarray:
+        """Logits of the member (or of `model`, another set of weights read with the member's
+        tokenizer and data settings) on the rows of `frame`."""
+        from hybridtune.tasks.classification import encode, logits_of
+
+        dataset = encode(frame, self.loaded.tokenizer, None, self.loaded.recipe.data)
+        return logits_of(model or self.loaded.model, self.loaded.tokenizer, dataset)
+
+
+def load_member(path: str | Path) -> Member:
+    from hybridtune import api
+
+    if is_ensemble(path):
+        raise UserError(str(path), "an ensemble dir", "a run dir (ensembles of ensembles are not supported)")
+    loaded = api.load_run(str(path))
+    if loaded.recipe.task != "classification":
+        raise UserError(
+            str(path), f"a {loaded.recipe.task} run", "classification runs (ensembles combine class scores)"
+        )
+    return Member(Path(path), loaded)
+
+
+def check_same_labels(members: list[Member]) -> None:
+    first = members[0]
+    for m in members[1:]:
+        if m.labels.names != first.labels.names:
+            raise UserError(
+                str(m.path),
+                f"labels {m.labels.names}",
+                f"the labels of {first.path}: {first.labels.names} (members must share the label set)",
+            )
+
+
+def split_frames(member: Member, data: str | None = None) -> dict:
+    """The rows ensembles are scored on: the first member's validation and test splits, or `data`."""
+    from hybridtune.tasks import classification
+
+    cfg, labels = member.loaded.recipe.data, member.labels
+    if data is not None:
+        return {"test": classification.eval_frame(data, cfg, labels)}
+    splits = classification.load_splits(cfg)
+    return {"validation": splits.validation, "test": splits.test}
+
+
+def y_true(frame, member: Member) -> np.ndarray:
+    index = {v: i for i, v in enumerate(member.labels.values)}
+    return np.asarray([index[v] for v in frame[member.loaded.recipe.data.label_column]])
+
+
+def member_logits(paths: list[str], frames: dict | None = None, data: str | None = None):
+    """Load each member in turn (one in memory at a time) and collect its logits on each frame."""
+    out: dict[str, list[np.ndarray]] = {}
+    first = None
+    names = None
+    for path in paths:
+        m = load_member(path)
+        if first is None:
+            first, names = m, m.labels.names
+            frames = frames or split_frames(m, data)
+        elif m.labels.names != names:
+            check_same_labels([first, m])
+        for split, frame in frames.items():
+            out.setdefault(split, []).append(m.logits(frame))
+        del m
+    return first, frames, out
+
+
+def build(
+    paths: list[str],
+    out: str,
+    combine_how: str = "mean_logits",
+    weights: list[float] | None = None,
+    copy_members: bool = True,
+) -> dict:
+    """Evaluate each member and the ensemble on the test split; save the ensemble to `out`.
+
+    `weighted` without weights uses each member's validation accuracy as its weight."""
+    from hybridtune.tasks.classification import full_report
+
+    if len(paths) < 2:
+        raise UserError("ensemble", f"{len(paths)} member", "at least 2 run dirs")
+    if combine_how not in COMBINES:
+        raise UserError("--combine", repr(combine_how), "one of " + ", ".join(COMBINES))
+    check_weights(weights, len(paths), "--weights")
+    target = Path(out)
+    if copy_members and target.exists():
+        raise UserError(str(out), "a path that already exists", "a new directory for the ensemble")
+    first, frames, logits = member_logits(paths)
+    labels = first.labels
+    truth = {split: y_true(frame, first) for split, frame in frames.items()}
+    members = [
+        {
+            "path": str(p),
+            **{
+                split: headline_metrics(truth[split], logits[split][i], labels)
+                for split in frames  # validation and test
+            },
+        }
+        for i, p in enumerate(paths)
+    ]
+    if combine_how == "weighted" and weights is None:
+        weights = [m["validation"]["accuracy"] for m in members]
+    scores = {split: combine(logits[split], combine_how, weights) for split in frames}
+    test = full_report(truth["test"], np.log(scores["test"] + 1e-12), labels)
+    validation = headline_metrics(truth["validation"], np.log(scores["validation"] + 1e-12), labels)
+    best = max(members, key=lambda m: m["validation"]["accuracy"])
+    summary = {
+        "kind": "output",
+        "combine": combine_how,
+        "weights": weights,
+        "members": members,
+        "ensemble": {"validation": validation, "test": {k: test[k] for k in ("accuracy", "f1_macro", "n")}},
+        # the gain over the member a user would have picked: the best on validation
+        "best_member": best["path"],
+        "gain_over_best_member": test["accuracy"] - best["test"]["accuracy"],
+        "gain_over_mean_member": test["accuracy"] - float(np.mean([m["test"]["accuracy"] for m in members])),
+    }
+
+    def save(tmp: Path) -> None:
+        names = []
+        for i, p in enumerate(paths):
+            name = f"members/{i}"
+            if copy_members:
+                _copy_member(Path(p), tmp / name)
+            else:
+                name = str(Path(p).resolve().relative_to(target.resolve()))
+            names.append(name)
+        manifest = {
+            "kind": "output",
+            "task": "classification",
+            "combine": combine_how,
+            "weights": weights,
+            "members": names,
+            "labels": labels.names,
+            "label_values": labels.values,
+        }
+        rundir.write_json(tmp / MANIFEST, manifest)
+        rundir.write_json(tmp / "eval.json", test)
+        rundir.write_json(tmp / "ensemble_report.json", summary)
+
+    if copy_members:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        rundir.save_dir_atomically(target, save)
+    else:  # members live inside `out` already (a recipe-trained ensemble): write the files in place
+        save(target)
+    return summary
+
+
+def headline_metrics(truth: np.ndarray, logits: np.ndarray, labels) -> dict:
+    """The headline of the classification report: accuracy, macro-F1, n."""
+    from hybridtune.tasks.classification import HEADLINE, full_report
+
+    report = full_report(truth, np.asarray(logits), labels)
+    return {k: report[k] for k in HEADLINE}
+
+
+def _copy_member(src: Path, dst: Path) -> None:
+    """What a member needs to be re-loaded: its resolved recipe, run.json and final/."""
+    dst.mkdir(parents=True)
+    for name in ("recipe.yaml", "run.json", "params.json", "eval.json", "report.json"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    shutil.copytree(src / "final", dst / "final")
+
+
+class Ensemble:
+    """A saved output ensemble, loaded: every member in memory, predictions combined.
+
+    Members that share a frozen trunk (the embeddings and the bottom blocks bit-identical, e.g.
+    head-only or top-k members of one base) compute it once per batch (`SharedTrunk`)."""
+
+    def __init__(self, path: str | Path, share_trunk: bool = True):
+        self.path = Path(path)
+        manifest = rundir.read_json(self.path / MANIFEST)
+        self.combine, self.weights = manifest["combine"], manifest["weights"]
+        self.members = [load_member(self.path / m) for m in manifest["members"]]
+        check_same_labels(self.members)
+        self.labels = self.members[0].labels
+        self.data_cfg = self.members[0].loaded.recipe.data
+        self.shared = SharedTrunk.of(self.members) if share_trunk else None
+
+    def probs(self, frame) -> np.ndarray:
+        if self.shared is not None:
+            return combine(self.shared.logits(frame), self.combine, self.weights)
+        return combine([m.logits(frame) for m in self.members], self.combine, self.weights)
+
+    def evaluate(self, data: str | None = None) -> dict:
+        from hybridtune.tasks.classification import full_report
+
+        frame = split_frames(self.members[0], data)["test"]
+        return full_report(y_true(frame, self.members[0]), np.log(self.probs(frame) + 1e-12), self.labels)
+
+    def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
+        from hybridtune.tasks.classification import prediction_frame, prediction_rows
+
+        frame = prediction_frame(self.data_cfg, texts, text_pairs)
+        return prediction_rows(texts, self.probs(frame), self.labels.names)
