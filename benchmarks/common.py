@@ -39,11 +39,14 @@ def export_split(source: str = "bundled:rotten_tomatoes", max_train: int | None 
     return out
 
 
-def run_child(cmd: list[str]) -> dict:
-    """Run a command; wall time and the child's peak RSS (MiB) from wait4's rusage."""
+def run_child(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a command; wall time and the child's peak RSS (MiB) from wait4's rusage. `env`: variables
+    added to the benchmark's environment."""
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as stderr:  # not a pipe: a chatty child would fill it and block
-        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        proc = subprocess.Popen(
+            cmd, env={**ENV, **(env or {})}, stdout=subprocess.DEVNULL, stderr=stderr, text=True
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - started
         stderr.seek(0)
@@ -99,7 +102,7 @@ def peer(
     }
 
 
-def ours(recipe: str, data: Path, out_dir: Path, overrides: list[str]) -> dict:
+def ours(recipe: str, data: Path, out_dir: Path, overrides: list[str], env: dict | None = None) -> dict:
     cmd = [
         PYTHON,
         "-m",
@@ -113,7 +116,7 @@ def ours(recipe: str, data: Path, out_dir: Path, overrides: list[str]) -> dict:
         "train.early_stopping.patience=null",
         *overrides,
     ]
-    measured = run_child(cmd)
+    measured = run_child(cmd, env)
     run = max(out_dir.iterdir(), key=lambda p: p.stat().st_mtime)
     report = json.loads((run / "report.json").read_text())
     logs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -125,6 +128,7 @@ def ours(recipe: str, data: Path, out_dir: Path, overrides: list[str]) -> dict:
         "test_accuracy": report["test"]["accuracy"],
         "evals": evals,
         "trunk_cache_s": report.get("trunk_cache", {}).get("build_seconds"),
+        "token_cache": report.get("token_cache"),
     }
 
 
