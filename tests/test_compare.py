@@ -89,6 +89,52 @@ def test_resume_keeps_finished_runs_and_redoes_an_unfinished_one(suite, compared
     assert sum("done earlier" in m for m in messages) == 3
 
 
+def test_a_run_killed_mid_training_is_resumed_from_its_checkpoint(
+    tmp_path, tiny_bert, sentiment_csv, monkeypatch
+):
+    suite = tmp_path / "one.yaml"
+    suite.write_text(
+        f"""name: one
+overrides: ["model={tiny_bert}", "data.source={sentiment_csv}", "train.max_steps=4", "train.eval_steps=2",
+            "train.precision=fp32", "train.lr=0.005"]
+seeds: [1]
+strategies: [{RECIPES / "full.yaml"}]
+"""
+    )
+    out = tmp_path / "cmp"
+    monkeypatch.setenv("HYBRIDTUNE_TEST_KILL_AT", "step:3")  # the child is SIGKILLed after step 3
+    with pytest.raises(UserError, match="exited with code -9"):
+        compare(str(suite), str(out), echo=lambda *_: None)
+    run = out / "runs" / "full-s1"
+    assert (run / "checkpoints" / "checkpoint-2").is_dir() and not (run / "report.json").exists()
+    monkeypatch.delenv("HYBRIDTUNE_TEST_KILL_AT")
+    messages = []
+    compare(str(suite), str(out), echo=messages.append)
+    assert any("resumed from checkpoint-2" in m for m in messages)
+    assert json.loads((out / "measured.json").read_text())["full-s1"]["resumed_from"] == "checkpoint-2"
+    report = json.loads((run / "report.json").read_text())
+    assert report["steps"] == 4
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [
+        s
+        for s, x in zip(steps, (run / "metrics.jsonl").read_text().splitlines(), strict=True)
+        if "eval_loss" in x
+    ]
+    assert evals == [2, 4]  # the evaluation at step 2 is not repeated
+
+
+def test_an_interrupted_run_whose_recipe_changed_starts_over(suite, compared, tmp_path):
+    from hybridtune.compare import plan_runs, resumable
+
+    copy = Path(shutil.copytree(compared, tmp_path / "copy"))
+    (copy / "runs" / "probe-s2" / "report.json").unlink()
+    loaded, base = load_suite(str(suite), seeds=2)
+    entry = next(e for e in plan_runs(loaded, base) if e["run"] == "probe-s2")
+    assert resumable(entry, copy / "runs") is not None  # same recipe, checkpoints there
+    changed = {**entry, "overrides": [*entry["overrides"], "train.lr=0.001"]}
+    assert resumable(changed, copy / "runs") is None
+
+
 def test_bad_suites_are_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("strategies: [x.yaml]\nseed: [1]\n")

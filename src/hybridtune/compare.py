@@ -14,7 +14,9 @@ A suite:
 
 Each run is its own `hybridtune train` process (its peak RSS is its own; a crash stops only that
 run) writing a normal run dir under `<out>/runs/`. A finished run (its report.json exists) is never
-redone, so an interrupted compare picks up where it stopped. The table, csv/json, plots and the
+redone, so an interrupted compare picks up where it stopped: the run it was in the middle of goes on
+from its last checkpoint (`hybridtune train --resume`) when it has one and its recipe is the one the
+suite asks for now, else starts over. The table, csv/json, plots and the
 HTML report are made from the run dirs' own files (report/compare.py). The runs share the states of
 their frozen trunks through `<out>/cache` (HYBRIDTUNE_CACHE_DIR, docs/speed.md), removed when the
 compare finishes.
@@ -136,20 +138,42 @@ def plan_runs(suite: Suite, base: Path) -> list[dict]:
     return runs
 
 
-def _run_one(entry: dict, runs_dir: Path) -> dict:
-    """Train one entry in its own process; wall time and the child's peak RSS (from wait4)."""
+def _entry_args(entry: dict, runs_dir: Path) -> list[str]:
+    return [*entry["overrides"], f"output.dir={runs_dir}", f"output.name={entry['run']}"]
+
+
+def resumable(entry: dict, runs_dir: Path) -> Path | None:
+    """The checkpoint an interrupted run of this entry can go on from: a run dir without report.json,
+    with a complete checkpoint, whose recipe.yaml is what the entry asks for now (else None)."""
+    from hybridtune.recipe import load_recipe, recipe_to_yaml
+    from hybridtune.train.checkpoints import checkpoints
+
     target = runs_dir / entry["run"]
-    shutil.rmtree(target, ignore_errors=True)  # an unfinished run of ours: start it over
-    cmd = [
-        sys.executable,
-        "-m",
-        "hybridtune",
-        "train",
-        entry["recipe"],
-        *entry["overrides"],
-        f"output.dir={runs_dir}",
-        f"output.name={entry['run']}",
-    ]
+    if (target / "report.json").exists() or not (target / "run.json").is_file():
+        return None  # finished, or not a single run (an ensemble run is not resumable: redone)
+    found = checkpoints(target / "checkpoints") if (target / "checkpoints").is_dir() else []
+    if not found or not (target / "recipe.yaml").is_file():
+        return None
+    try:
+        same = recipe_to_yaml(load_recipe(target / "recipe.yaml")) == recipe_to_yaml(
+            load_recipe(entry["recipe"], _entry_args(entry, runs_dir))
+        )
+    except UserError:
+        return None
+    return found[-1] if same else None
+
+
+def _run_one(entry: dict, runs_dir: Path, echo=print) -> dict:
+    """Train one entry in its own process; wall time and the child's peak RSS (from wait4). An
+    interrupted run of the entry goes on from its last checkpoint (`resumable`), else starts over."""
+    target = runs_dir / entry["run"]
+    checkpoint = resumable(entry, runs_dir)
+    if checkpoint is not None:
+        echo(f"  {entry['run']}: interrupted earlier, resumed from {checkpoint.name}")
+        cmd = [sys.executable, "-m", "hybridtune", "train", "--resume", str(target)]
+    else:
+        shutil.rmtree(target, ignore_errors=True)  # an unfinished run of ours: start it over
+        cmd = [sys.executable, "-m", "hybridtune", "train", entry["recipe"], *_entry_args(entry, runs_dir)]
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
@@ -168,8 +192,10 @@ def _run_one(entry: dict, runs_dir: Path) -> dict:
             "a run that finishes (its own error is printed above)",
         )
     return {
+        # of this process: a resumed run's earlier process is not counted
         "wall_seconds": round(time.perf_counter() - started, 2),
         "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        **({"resumed_from": checkpoint.name} if checkpoint is not None else {}),
     }
 
 
@@ -202,7 +228,7 @@ def compare(path: str | None = None, out: str | None = None, seeds: int | None =
             per_run = (time.perf_counter() - started) / done_now
             eta = f", ETA {_clock(per_run * (len(runs) - i))}"
         echo(f"{bar} {entry['run']} ({_clock(time.perf_counter() - started)} elapsed{eta})")
-        measured[entry["run"]] = _run_one(entry, runs_dir)
+        measured[entry["run"]] = _run_one(entry, runs_dir, echo)
         rundir.write_json(measured_path, measured)
         done_now += 1
     echo(f"{_bar(len(runs), len(runs))} all {len(runs)} runs done")
