@@ -138,3 +138,18 @@ def test_validation_in_length_order_gives_the_metrics_of_the_original_order(
     for key in ("eval_accuracy", "eval_f1_macro"):
         assert sorted_metrics[key] == original[key]
     assert sorted_metrics["eval_loss"] == pytest.approx(original["eval_loss"], rel=1e-5)
+
+
+def test_token_logits_batched_by_length_come_back_in_order(tiny_bert):
+    from transformers import AutoModelForTokenClassification
+
+    from hybridtune.tasks.token_classification import token_logits
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = AutoModelForTokenClassification.from_pretrained(tiny_bert, num_labels=3).eval()
+    features = [dict(tokenizer(text)) for text in TEXTS]
+    batched = token_logits(model, tokenizer, features, batch_size=2)
+    for feature, got in zip(features, batched, strict=True):
+        alone = token_logits(model, tokenizer, [feature], batch_size=1)[0]
+        assert got.shape == (len(feature["input_ids"]), 3)
+        np.testing.assert_allclose(got, alone, atol=1e-5, rtol=1e-4)

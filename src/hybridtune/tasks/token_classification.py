@@ -208,16 +208,20 @@ def full_report(gold: list[list[str]], pred: list[list[str]], labels: Labels) ->
 def token_logits(
     model: torch.nn.Module, tokenizer, features: list[dict], batch_size: int = 64
 ) -> list[np.ndarray]:
-    """Per example, its logits (length x labels), without padding, in order."""
+    """Per example, its logits (length x labels), without padding, in order. Rows are batched by
+    length (sorted, then put back in order), as classification's `logits_of` does."""
     collate = collator(tokenizer)
     model.eval()
     device = next(model.parameters()).device
-    out: list[np.ndarray] = []
-    for i in range(0, len(features), batch_size):
-        chunk = [{k: v for k, v in f.items() if k != "labels"} for f in features[i : i + batch_size]]
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    out: list[np.ndarray] = [np.zeros(0)] * len(features)
+    for i in range(0, len(order), batch_size):
+        rows = order[i : i + batch_size]
+        chunk = [{k: v for k, v in features[j].items() if k != "labels"} for j in rows]
         batch = to_device(collate(chunk), device)  # on CUDA: pinned host memory, non-blocking copies
         logits = model(**batch).logits.float().cpu().numpy()
-        out += [logits[j, : len(f["input_ids"])] for j, f in enumerate(chunk)]
+        for n, j in enumerate(rows):
+            out[j] = logits[n, : len(features[j]["input_ids"])]
     return out
 
 
