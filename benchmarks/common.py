@@ -175,8 +175,15 @@ def accuracy_parity(sides: dict[str, list[dict]]) -> str:
     ours_acc = [100 * r["test_accuracy"] for r in sides["hybridtune"]]
     for name in [n for n in ("peer (defaults)", "peer (best)") if n in sides]:
         diffs = [a - 100 * r["test_accuracy"] for a, r in zip(ours_acc, sides[name], strict=True)]
+        ci = ""
+        if len(diffs) > 1:  # paired over seeds: a 95 % t interval of the mean difference
+            from scipy.stats import t
+
+            half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+            ci = f", 95 % CI {statistics.mean(diffs) - half:+.2f} .. {statistics.mean(diffs) + half:+.2f}"
         lines.append(
-            f"hybridtune - {name}: mean {statistics.mean(diffs):+.2f} pt (per seed {', '.join(f'{d:+.2f}' for d in diffs)})"
+            f"hybridtune - {name}: mean {statistics.mean(diffs):+.2f} pt{ci} "
+            f"(per seed {', '.join(f'{d:+.2f}' for d in diffs)})"
         )
     return "\n".join(lines)
 
