@@ -5,7 +5,8 @@ its defaults and at its best) against hybridtune, alternating, each side in its 
 
 Same rows (hybridtune's seeded split, exported), same chat-template prompts with the loss on the
 answer tokens only, LoRA r 8 / alpha 16 / dropout 0.05 on q_proj and v_proj, batch 8, lr 1e-3, the
-same number of optimizer steps and no evaluation inside the loop on either side. The peer at its
+same number of optimizer steps and one validation pass, at the end, inside the loop on both sides
+(step-based evaluation: Trainer validates at the last step; eval batch 16). The peer at its
 defaults: fp32, random order; at its best: bf16, length-grouped. Printed: training samples/s
 (Trainer's clock on both sides), wall time, peak RSS and the held-out loss after training.
 """
@@ -32,7 +33,7 @@ def export_pairs() -> Path:
 
     splits = causal_lm.load_splits(load_recipe(RECIPE).data)
     out = Path(tempfile.mkdtemp(prefix="bench-sft-data-"))
-    for name in ("train", "test"):
+    for name in ("train", "validation", "test"):
         frame = getattr(splits, name)
         with (out / f"{name}.jsonl").open("w") as f:
             for turns, response in zip(frame[causal_lm.TURNS], frame[causal_lm.RESPONSE], strict=True):
@@ -62,7 +63,7 @@ def peer_child(best: bool, model_dir: str, data: str, steps: int, out: str) -> N
         ids = (p + r)[:128]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ([-100] * len(p) + r)[:128]}
 
-    raw = load_dataset("json", data_files={s: f"{data}/{s}.jsonl" for s in ("train", "test")})
+    raw = load_dataset("json", data_files={s: f"{data}/{s}.jsonl" for s in ("train", "validation", "test")})
     data_enc = raw.map(encode, remove_columns=["turns", "response"])
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model = get_peft_model(
@@ -80,7 +81,8 @@ def peer_child(best: bool, model_dir: str, data: str, steps: int, out: str) -> N
         weight_decay=0.01,
         bf16=best,
         use_cpu=True,
-        eval_strategy="no",
+        eval_strategy="steps",  # as hybridtune's run: a validation pass at the last step
+        eval_steps=10 * steps,
         save_strategy="no",
         seed=42,
         train_sampling_strategy="group_by_length" if best else "random",
@@ -92,6 +94,7 @@ def peer_child(best: bool, model_dir: str, data: str, steps: int, out: str) -> N
         model=model,
         args=args,
         train_dataset=data_enc["train"],
+        eval_dataset=data_enc["validation"],
         data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100),
     )
     result = trainer.train()
