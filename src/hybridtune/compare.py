@@ -154,8 +154,14 @@ def resumable(entry: dict, runs_dir: Path) -> Path | None:
     found = checkpoints(target / "checkpoints") if (target / "checkpoints").is_dir() else []
     if not found or not (target / "recipe.yaml").is_file():
         return None
+
+    def settings(recipe) -> str:  # what the run trains; where it is written (a moved compare) aside
+        return recipe_to_yaml(
+            recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": ""})})
+        )
+
     try:
-        same = recipe_to_yaml(load_recipe(target / "recipe.yaml")) == recipe_to_yaml(
+        same = settings(load_recipe(target / "recipe.yaml")) == settings(
             load_recipe(entry["recipe"], _entry_args(entry, runs_dir))
         )
     except UserError:
