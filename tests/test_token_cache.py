@@ -61,7 +61,7 @@ def test_shared_dir_entry_equals_a_fresh_encoding(quick, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "change",
     [
-        "data.max_length=16",  # truncation
+        "data.max_length=8",  # truncation (the synthetic rows are longer than 8 tokens)
         "data.max_train_samples=100",  # other rows
         "data.split.seed=1",  # other rows in each split
         "task=prompt_classification",  # another encoding of the same rows
