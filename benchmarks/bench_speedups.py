@@ -9,8 +9,6 @@ batch, as Trainer's default sampler does); with `--compile`, `train.compile=true
 The token cache is measured inside the runs: a first run with an empty HYBRIDTUNE_CACHE_DIR encodes
 the splits, the next ones read them; report.json's `token_cache.seconds` is printed for both.
 The frozen-trunk cache has its own on/off sides in bench_head.py and bench_top2.py.
-Last, in this process: one validation pass (Trainer.evaluate, the recipe's model untrained) over the
-split in its own order and in length order (what hybridtune gives Trainer), alternating.
 """
 
 from __future__ import annotations
@@ -27,43 +25,6 @@ SIDES = {
     "precision fp32": ["train.precision=fp32"],
     "no length grouping": ["train.group_by_length=false"],
 }
-
-
-def eval_order(recipe: str, data: Path, repeats: int = 3) -> str:
-    """Seconds of one validation pass in the split's order vs in length order (engine.by_length)."""
-    import time
-
-    from hybridtune import api
-    from hybridtune.recipe import load_recipe
-    from hybridtune.train.engine import by_length, make_trainer, training_arguments
-
-    loaded = load_recipe(
-        Path(__file__).resolve().parent.parent / "recipes" / recipe,
-        [f"data.train={data / 'train.jsonl'}", f"data.validation={data / 'validation.jsonl'}",
-         f"data.test={data / 'test.jsonl'}"],
-    )  # fmt: skip
-    prep = api.prepare(loaded)
-    work = Path(tempfile.mkdtemp(prefix="bench-eval-order-"))
-    args = training_arguments(loaded.train, loaded.output, work / "checkpoints")
-    trainer = make_trainer(
-        prep.model, prep.tokenizer, prep.datasets, loaded, args, work,
-        prep.task.make_compute_metrics(prep.labels), plan=prep.plan,
-    )  # fmt: skip
-    original, ordered = prep.datasets["validation"], by_length(prep.datasets["validation"])
-    times: dict[str, list[float]] = {"split order": [], "length order": []}
-    for r in range(repeats):
-        for name in list(times) if r % 2 == 0 else list(reversed(times)):
-            t = time.perf_counter()
-            metrics = trainer.evaluate(eval_dataset=original if name == "split order" else ordered)
-            times[name].append(time.perf_counter() - t)
-            times.setdefault(name + " accuracy", []).append(metrics["eval_accuracy"])
-    a, b = (statistics.median(times[k]) for k in ("split order", "length order"))
-    same = set(times["split order accuracy"]) == set(times["length order accuracy"])
-    return (
-        f"validation pass ({len(original)} rows, eval batch {loaded.train.eval_batch_size}, precision "
-        f"{args.bf16 and 'bf16' or 'fp32'}): {a:.2f} s in the split's order, {b:.2f} s in length order "
-        f"= {a / b:.2f}x (median of {repeats}; same accuracy: {same})"
-    )
 
 
 def main() -> None:
@@ -120,7 +81,6 @@ def main() -> None:
     for side in sides:
         if side != "hybridtune (defaults)":
             text += f"\n{side}: training {median(rows[side], 'train_s') / base:.2f}x the defaults' time"
-    text += "\n\n" + eval_order(args.recipe, data)
     print(text + f"\n\nmachine: {machine()}\n")
 
 

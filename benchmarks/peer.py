@@ -25,6 +25,7 @@ from transformers import (  # noqa: E402
     Trainer,
     TrainerCallback,
     TrainingArguments,
+    set_seed,
 )
 
 
@@ -95,6 +96,9 @@ def main() -> None:
     raw = load_dataset("json", data_files=files)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data = raw.map(lambda b: tokenizer(b["text"], truncation=True, max_length=args.max_length), batched=True)
+    set_seed(
+        args.seed
+    )  # the new head's (and LoRA's) initialisation: Trainer seeds only after the model exists
     model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
     if args.strategy == "lora":
         from peft import LoraConfig, get_peft_model

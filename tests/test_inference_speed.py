@@ -104,42 +104,6 @@ def test_train_compile_reaches_trainers_arguments(tmp_path, tiny_bert):
         assert args.torch_compile is flag
 
 
-def test_validation_in_length_order_gives_the_metrics_of_the_original_order(
-    tiny_bert, sentiment_csv, tmp_path
-):
-    """Trainer evaluates the validation split sorted by length (engine.by_length): less padding,
-    and the same accuracy, macro-F1 and per-example loss as in the split's own order."""
-    from hybridtune.train.engine import by_length, make_trainer, training_arguments
-
-    recipe = load_recipe(
-        None, [f"model.name={tiny_bert}", f"data.source={sentiment_csv}", "train.precision=fp32"]
-    )
-    prep = api.prepare(recipe)
-    validation = prep.datasets["validation"]
-    ordered = by_length(validation)
-    lengths = [len(x) for x in ordered["input_ids"]]
-    assert lengths == sorted(lengths) and sorted(ordered["labels"]) == sorted(validation["labels"])
-    assert [len(x) for x in validation["input_ids"]] != lengths  # the split was not in order already
-    args = training_arguments(recipe.train, recipe.output, tmp_path / "checkpoints")
-    args.per_device_eval_batch_size = 8
-    trainer = make_trainer(
-        prep.model,
-        prep.tokenizer,
-        prep.datasets,
-        recipe,
-        args,
-        tmp_path,
-        prep.task.make_compute_metrics(prep.labels),
-        plan=prep.plan,
-    )
-    assert [len(x) for x in trainer.eval_dataset["input_ids"]] == lengths  # what Trainer evaluates
-    sorted_metrics = trainer.evaluate()
-    original = trainer.evaluate(eval_dataset=validation)
-    for key in ("eval_accuracy", "eval_f1_macro"):
-        assert sorted_metrics[key] == original[key]
-    assert sorted_metrics["eval_loss"] == pytest.approx(original["eval_loss"], rel=1e-5)
-
-
 def test_token_logits_batched_by_length_come_back_in_order(tiny_bert):
     from transformers import AutoModelForTokenClassification
 

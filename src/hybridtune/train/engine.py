@@ -225,16 +225,6 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
     )
 
 
-def by_length(dataset):
-    """The rows ordered by token count (stable). Trainer evaluates in dataset order, so a validation
-    split in its original order pads every batch of 128 to its longest row; ordered, each batch pads
-    to rows of about its own length. Metrics pair each row's prediction with its own label, so the
-    order does not change them (a loss averaged per batch over tokens, as token-level tasks report,
-    changes only in how the batches are cut)."""
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    return dataset.select(sorted(range(len(lengths)), key=lengths.__getitem__))
-
-
 def make_trainer(
     model,
     tokenizer,
@@ -269,7 +259,7 @@ def make_trainer(
         model=model,
         args=args,
         train_dataset=datasets["train"],
-        eval_dataset=by_length(datasets["validation"]),  # less padding; the same metrics
+        eval_dataset=datasets["validation"],
         data_collator=collator or DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
