@@ -65,9 +65,8 @@ class Prepared:
     params: dict
     datasets: dict
     trunk_depth: int = 0  # frozen bottom blocks the run starts caching (train/trunk_cache.py); 0 = none
-    token_cache: dict | None = (
-        None  # splits read from the token cache, seconds to encode (data/token_cache.py)
-    )
+    # the splits read from the token cache, and the seconds encoding took (data/token_cache.py)
+    token_cache: dict | None = None
 
 
 def prepare(recipe: Recipe) -> Prepared:
