@@ -64,6 +64,7 @@ def test_outputs_and_numbers_equal_the_run_files(compared):
         assert row["trainable"] == params["trainable"] and row["train_seconds"] == report["train_seconds"]
         assert row["peak_rss_mib"] > 100 and row["seconds_to_best"] is not None
         assert len(row["curve"]) == 2  # evaluations at steps 2 and 4
+        assert row["cached_blocks"] == report["trunk_cache"]["depth"]
     with (compared / "comparison.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [float(r["test_metric"]) for r in rows] == [r["test_metric"] for r in data["runs"]]
@@ -73,6 +74,7 @@ def test_outputs_and_numbers_equal_the_run_files(compared):
         (data["runs"][0]["test_metric"] + data["runs"][1]["test_metric"]) / 2
     )
     assert probe["trainable"] < full["trainable"]
+    assert full["cached_blocks"] == 0 and probe["cached_blocks"] == 2  # head-only: both tiny blocks
     # the HTML shows the same numbers as the files
     page = (compared / "report.html").read_text()
     assert f"{100 * full['test_metric']:.2f}" in page and f"{probe['trainable']:,.0f}" in page

@@ -32,6 +32,7 @@ COLUMNS = [
     ("tokens_per_second", "tokens/s", "int"),
     ("peak_rss_mib", "peak RSS MiB", "int"),
     ("seconds_to_best", "time to best val s", "float1"),
+    ("cached_blocks", "frozen blocks cached", "int"),  # the frozen-trunk cache's depth (docs/speed.md)
 ]
 
 
@@ -62,6 +63,8 @@ def run_row(run_dir: Path, measured: dict) -> dict:
         "cuda_peak_mib": report.get("cuda_peak_mib"),
         "wall_seconds": measured.get("wall_seconds"),
         "seconds_to_best": best_eval["time_s"] if best_eval else None,
+        # the depth the run started caching at; an ensemble's report has none (its members do)
+        "cached_blocks": (report.get("trunk_cache") or {}).get("depth"),
         "curve": [(r["time_s"], r["step"], r[f"eval_{metric}"]) for r in evals],
     }
 
