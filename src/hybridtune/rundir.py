@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,24 @@ def write_text(path: Path, text: str) -> None:
         if e.errno in DISK_ERRORS:
             raise disk_error(e, path) from None
         raise
+
+
+def publish_dir(entry: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` into a temp dir of its own beside `entry`, then rename it to `entry`; when another
+    process published `entry` first, theirs is kept and ours dropped. For shared caches, whose
+    entries are only ever whole: unlike `save_dir_atomically`, an existing entry is never replaced.
+    An OSError of `write` (or of a rename that lost no race) propagates; no temp dir is left."""
+    tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not entry.is_dir():  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_dir_atomically(target: Path, save) -> None:

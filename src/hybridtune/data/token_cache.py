@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from collections import OrderedDict
 from pathlib import Path
 
 import pandas as pd
 
 from hybridtune import __version__
+from hybridtune.rundir import publish_dir
 from hybridtune.train.trunk_store import shared_dir
 
 FORMAT = 1  # bump when what an entry holds changes
@@ -94,18 +92,10 @@ def _load(entry: Path):
 
 
 def _save(entry: Path, dataset) -> None:
-    tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        dataset.save_to_disk(str(tmp))
-        try:
-            os.rename(tmp, entry)
-        except OSError:  # another run renamed its copy first: keep theirs
-            pass
+        publish_dir(entry, lambda tmp: dataset.save_to_disk(str(tmp)))
     except OSError:
         pass  # a cache that cannot be written is no cache: the run goes on with its own encoding
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def encode_splits(task, recipe, splits, tokenizer, labels, names=("train", "validation", "test")) -> dict:

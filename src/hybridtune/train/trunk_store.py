@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ import numpy as np
 import torch
 
 from hybridtune.errors import UserError
-from hybridtune.rundir import DISK_ERRORS
+from hybridtune.rundir import DISK_ERRORS, publish_dir
 
 RAM_LIMIT = 1 << 30  # bytes of one split's states held in RAM; more goes to a memmapped file
 CACHE_DIR_ENV = "HYBRIDTUNE_CACHE_DIR"
@@ -219,9 +217,8 @@ def load(entry: Path) -> Store | None:
 def compute_shared(entry: Path, compute_into: Callable[[Path], Store]) -> Store:
     """Compute a split's entry into a temp dir beside `entry` and rename it into place; if another
     process got there first, read theirs. Returns the stored states, mapped from `entry`."""
-    tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.mkdir(parents=True)
+
+    def write(tmp: Path) -> None:
         store = compute_into(tmp / STATES)
         if store.mapped is not None:
             store.mapped.flush()
@@ -233,11 +230,9 @@ def compute_shared(entry: Path, compute_into: Callable[[Path], Store]) -> Store:
             "output_dtype": str(store.layout.dtype).removeprefix("torch."),
         }
         (tmp / META).write_text(json.dumps(meta), encoding="utf-8")
-        try:
-            os.rename(tmp, entry)
-        except OSError:  # another process renamed its copy first
-            if load(entry) is None:
-                raise
+
+    try:
+        publish_dir(entry, write)
     except OSError as e:
         if e.errno in DISK_ERRORS:
             raise UserError(
@@ -246,8 +241,6 @@ def compute_shared(entry: Path, compute_into: Callable[[Path], Store]) -> Store:
                 "a writable directory with free space for the trunk cache (or unset it)",
             ) from None
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     found = load(entry)
     if found is None:
         raise RuntimeError(f"trunk cache: {entry} was not written")
