@@ -1,14 +1,17 @@
 """freeze: which parameters train, as a union of selectors over the model anatomy.
 
     freeze:
-      trainable: [head, {top_k: 2}]        # only these train ("head only", "top-k + head", BitFit = [bias])
+      trainable: [head, {top_frac: 0.333}]    # only these train (the top third of the blocks + head)
     freeze:
-      frozen: [embeddings, {bottom_k: 8}]  # these are frozen, everything else trains
+      frozen: [embeddings, {bottom_k: 8}]      # these are frozen, everything else trains
 
-Selectors: all | none | head | embeddings | norms | final_norm | bias | {top_k: N} | {bottom_k: N} |
-{layers: [i, ...]} | {patterns: [regex, ...]}. A head that the checkpoint did not have (a new
-classifier) trains unless `train_new_head: false`. The same selector language is used by stages.
-BitFit: Ben Zaken et al. 2022, https://arxiv.org/abs/2106.10199.
+Selectors: all | none | head | embeddings | norms | final_norm | bias | blocks by depth, relative
+({top_frac: F} | {bottom_frac: F} | {level: K, levels: L}) or absolute ({top_k: N} | {bottom_k: N} |
+{layers: [i, ...]}) | {patterns: [regex, ...]}. How a fraction and a level map to blocks:
+model/depth.py. A relative selector trains the same share of a 6-block and a 24-block model; an
+absolute one names the same blocks (and fails on a model that lacks them). A head that the checkpoint
+did not have (a new classifier) trains unless `train_new_head: false`. The same selector language is
+used by stages. BitFit: Ben Zaken et al. 2022, https://arxiv.org/abs/2106.10199.
 """
 
 from __future__ import annotations
@@ -16,49 +19,92 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
-from hybridtune.errors import UserError
+from hybridtune.errors import UserError, did_you_mean
 from hybridtune.model.anatomy import is_norm
+from hybridtune.model.depth import fraction_blocks, level_blocks
 
 NAMED = ("all", "none", "head", "embeddings", "norms", "final_norm", "bias")
-KEYED = ("top_k", "bottom_k", "layers", "patterns")
+KEYED = ("top_frac", "bottom_frac", "level", "top_k", "bottom_k", "layers", "patterns")
+SHAPES = "{top_frac: F}, {bottom_frac: F}, {level: K, levels: L}, {top_k: N}, {bottom_k: N}, {layers: [i, ...]}, {patterns: [regex, ...]}"
 
 
-def parse_selector(value: Any) -> list[str | dict]:
-    """Normalise a selector (one atom or a list of atoms) to a list, checking each atom's shape."""
-    atoms = value if isinstance(value, list) else [value]
-    out: list[str | dict] = []
-    for atom in atoms:
-        if isinstance(atom, str) and atom in NAMED:
-            out.append(atom)
-        elif isinstance(atom, dict) and len(atom) == 1 and next(iter(atom)) in KEYED:
-            key, arg = next(iter(atom.items()))
-            if key in ("top_k", "bottom_k"):
-                if not isinstance(arg, int) or isinstance(arg, bool) or arg < 0:
-                    raise ValueError(f"{key} takes a whole number >= 0, got {arg!r}")
-            elif key == "layers":
-                arg = [arg] if isinstance(arg, int) else arg
-                if not isinstance(arg, list) or not all(
-                    isinstance(i, int) and not isinstance(i, bool) for i in arg
-                ):
-                    raise ValueError(f"layers takes a list of block indices, got {arg!r}")
-            else:
-                arg = [arg] if isinstance(arg, str) else arg
-                if not isinstance(arg, list) or not all(isinstance(p, str) for p in arg):
-                    raise ValueError(f"patterns takes a list of regular expressions, got {arg!r}")
-                for pattern in arg:
-                    try:
-                        re.compile(pattern)
-                    except re.error as e:
-                        raise ValueError(f"pattern {pattern!r} is not a regular expression ({e})") from None
-            out.append({key: arg})
-        else:
-            raise ValueError(
-                f"a selector: one of {', '.join(NAMED)} or {{{': N}, {'.join(KEYED)}: ...}}, got {atom!r}"
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad(where: str, found: Any, expected: str) -> ValueError:
+    """A schema error that names its own key path (recipe.py's "key.path: found X; expected Y")."""
+    return ValueError(f"{where}: found {found!r}; expected {expected}")
+
+
+def _atom(atom: Any, at: str) -> str | dict:
+    """One selector atom, checked and normalised; errors name the atom's key path `at`."""
+    if isinstance(atom, str):
+        if atom in NAMED:
+            return atom
+        hint = did_you_mean(atom, NAMED)
+        raise _bad(
+            at, atom, f"a selector: one of {', '.join(NAMED)} or {SHAPES}" + (f" ({hint})" if hint else "")
+        )
+    if not isinstance(atom, dict) or not atom:
+        raise _bad(at, atom, f"a selector: one of {', '.join(NAMED)} or {SHAPES}")
+    unknown = [k for k in atom if k not in (*KEYED, "levels")]
+    if unknown:
+        hint = did_you_mean(unknown[0], (*KEYED, "levels"))
+        raise _bad(
+            f"{at}.{unknown[0]}",
+            atom[unknown[0]],
+            f"a depth selector key: one of {', '.join(KEYED)}" + (f" ({hint})" if hint else ""),
+        )
+    if "level" in atom or "levels" in atom:
+        if set(atom) != {"level", "levels"}:
+            raise _bad(at, atom, "{level: K, levels: L} (a level of L levels, alone in its atom)")
+        levels, level = atom["levels"], atom["level"]
+        if not _whole(levels) or levels < 1:
+            raise _bad(f"{at}.levels", levels, "a whole number of levels >= 1")
+        ks = level if isinstance(level, list) else [level]
+        bad = [k for k in ks if not _whole(k) or not -levels <= k < levels]
+        if bad or not ks:
+            raise _bad(
+                f"{at}.level",
+                bad[0] if bad else level,
+                f"a level (or a list of levels) in 0..{levels - 1} (negative: from the top), below levels={levels}",
             )
-    return out
+        return {"level": ks, "levels": levels}
+    if len(atom) != 1:
+        raise _bad(at, atom, "one key per atom (a list of atoms for a union)")
+    key, arg = next(iter(atom.items()))
+    if key in ("top_frac", "bottom_frac"):
+        if isinstance(arg, bool) or not isinstance(arg, int | float) or not 0 < arg <= 1:
+            raise _bad(f"{at}.{key}", arg, "a fraction of the blocks in (0, 1] (0.333: a third)")
+    elif key in ("top_k", "bottom_k"):
+        if not _whole(arg) or arg < 0:
+            raise _bad(f"{at}.{key}", arg, "a whole number of blocks >= 0")
+    elif key == "layers":
+        arg = [arg] if _whole(arg) else arg
+        if not isinstance(arg, list) or not all(_whole(i) for i in arg):
+            raise _bad(f"{at}.{key}", arg, "a list of block indices")
+    else:
+        arg = [arg] if isinstance(arg, str) else arg
+        if not isinstance(arg, list) or not all(isinstance(p, str) for p in arg):
+            raise _bad(f"{at}.{key}", arg, "a list of regular expressions")
+        for pattern in arg:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise _bad(f"{at}.{key}", pattern, f"a regular expression ({e})") from None
+    return {key: arg}
+
+
+def parse_selector(value: Any, where: str = "selector") -> list[str | dict]:
+    """Normalise a selector (one atom or a list of atoms) to a list, checking each atom's shape;
+    `where` is its key path in the recipe (e.g. `freeze.trainable`), for the error message."""
+    if isinstance(value, list):
+        return [_atom(atom, f"{where}[{i}]") for i, atom in enumerate(value)]
+    return [_atom(value, where)]
 
 
 class FreezeConfig(BaseModel):
@@ -70,8 +116,8 @@ class FreezeConfig(BaseModel):
 
     @field_validator("trainable", "frozen", mode="before")
     @classmethod
-    def _selector(cls, value: Any) -> Any:
-        return None if value is None else parse_selector(value)
+    def _selector(cls, value: Any, info: ValidationInfo) -> Any:
+        return None if value is None else parse_selector(value, f"freeze.{info.field_name}")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> FreezeConfig:
@@ -80,42 +126,55 @@ class FreezeConfig(BaseModel):
         return self
 
 
+def atom_blocks(atom: dict, num_blocks: int, at: str) -> set[int] | None:
+    """The block indices a keyed atom names on a model of `num_blocks` blocks (None: not a block
+    selector); a selector the model is too shallow for is a UserError at key path `at`."""
+    key, arg = next(iter(atom.items()))
+    n = num_blocks
+    if key in ("top_frac", "bottom_frac"):
+        k = fraction_blocks(n, arg)
+        return set(range(n - k, n) if key == "top_frac" else range(k))
+    if key == "level":
+        levels = atom["levels"]
+        if levels > n:
+            raise UserError(f"{at}.levels", str(levels), f"at most {n} levels (the model has {n} blocks)")
+        split = level_blocks(n, levels)
+        return {b for k in arg for b in split[k]}
+    if key in ("top_k", "bottom_k"):
+        if arg > n:
+            raise UserError(f"{at}.{key}", str(arg), f"at most {n} (the model has {n} blocks)")
+        return set(range(n - arg, n) if key == "top_k" else range(arg))
+    if key == "layers":
+        bad = [b for b in arg if not -n <= b < n]
+        if bad:
+            raise UserError(
+                f"{at}.{key}", str(bad[0]), f"a block index in 0..{n - 1} (the model has {n} blocks)"
+            )
+        return {b % n for b in arg}
+    return None
+
+
 def select(model: nn.Module, anatomy, selector: list[str | dict], where: str) -> set[str]:
     """Names of the parameters of `model` picked by `selector` (a union of its atoms)."""
     names = [n for n, _ in model.named_parameters()]
     modules = dict(model.named_modules())
     picked: set[str] = set()
-    n_blocks = anatomy.num_blocks
     for i, atom in enumerate(selector):
         at = f"{where}[{i}]"
         if isinstance(atom, dict):
-            key, arg = next(iter(atom.items()))
-            at += f".{key}"
-            if key in ("top_k", "bottom_k"):
-                if arg > n_blocks:
-                    raise UserError(at, str(arg), f"at most {n_blocks} (the model has {n_blocks} blocks)")
-                blocks = range(n_blocks - arg, n_blocks) if key == "top_k" else range(arg)
+            blocks = atom_blocks(atom, anatomy.num_blocks, at)
+            if blocks is not None:
                 picked |= {n for n in names if anatomy.block_of(n) in blocks}
-            elif key == "layers":
-                bad = [b for b in arg if not -n_blocks <= b < n_blocks]
-                if bad:
+                continue
+            for pattern in atom["patterns"]:
+                hits = {n for n in names if re.search(pattern, n)}
+                if not hits:
                     raise UserError(
-                        at,
-                        str(bad[0]),
-                        f"a block index in 0..{n_blocks - 1} (the model has {n_blocks} blocks)",
+                        f"{at}.patterns",
+                        f"pattern {pattern!r} matching no parameter",
+                        "a pattern matching a parameter name (see `hybridtune params`)",
                     )
-                wanted = {b % n_blocks for b in arg}
-                picked |= {n for n in names if anatomy.block_of(n) in wanted}
-            else:
-                for pattern in arg:
-                    hits = {n for n in names if re.search(pattern, n)}
-                    if not hits:
-                        raise UserError(
-                            at,
-                            f"pattern {pattern!r} matching no parameter",
-                            "a pattern matching a parameter name (see `hybridtune params`)",
-                        )
-                    picked |= hits
+                picked |= hits
         elif atom == "all":
             picked |= set(names)
         elif atom in ("head", "embeddings", "final_norm"):

@@ -3,28 +3,41 @@
     lr:
       head: 1.0e-3             # the head's own lr (default: train.lr)
       layer_decay: 0.8         # LLRD: lr x decay^(distance from the top); Clark et al. 2020 (ELECTRA)
+      decay_depth: 6           #   ... stated for 6 blocks: the same top-to-bottom decay at any depth
       # or
-      levels: 3                # AHF levels: bottom / middle / top thirds of the blocks = word / sentence /
-      level_scale: [0.15, 0.38, 1.0]   # paragraph levels, each with its own lr (or level_lr: [...])
+      layer_decay: 0.385       # decay per level: each level 0.385x the one above (ULMFiT's layer groups)
+      decay_per: level
+      levels: 3
+      # or
+      levels: 3                # bottom / middle / top thirds of the blocks (model/depth.py), each with
+      level_scale: [0.15, 0.38, 1.0]   # its own lr (or level_lr: [...])
       groups:                  # explicit groups win over layer_decay / levels for the parameters they claim
         - {blocks: [0, 1], lr: 1.0e-5}
+        - {top_frac: 0.333, lr_scale: 2.0}
         - {match: "LayerNorm", lr_scale: 2.0}
 
-Distance from the top: the head and final norm are at 0, block L-1 at 1, ..., embeddings at L + 1.
-Default level scales follow ULMFiT's discriminative fine-tuning, lr(l-1) = lr(l) / 2.6 (Howard & Ruder
-2018). Biases and norms get no weight decay (as in BERT and transformers.Trainer).
+Distance from the top (per block): the head and final norm are at 0, block L-1 at 1, ..., embeddings at
+L + 1. Per level, each level counts as one block. With `decay_depth: R`, the top block is at 1 and the
+bottom block at R whatever the depth L, the blocks between evenly spaced (exponent 1 + (L-1-i)(R-1)/(L-1)),
+embeddings at R + 1: on R blocks this is plain per-block LLRD. Clark et al. 2020 use 0.8 for the 12-layer
+ELECTRA-Base and 0.9 for the 24-layer Large: nearly the same decay over the whole depth (0.8^11 = 0.086,
+0.9^23 = 0.089), which is what `decay_depth` keeps. Default level scales follow ULMFiT's discriminative
+fine-tuning, lr(l-1) = lr(l) / 2.6 (Howard & Ruder 2018). Biases and norms get no weight decay (as in
+BERT and transformers.Trainer).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import Anatomy
+from hybridtune.model.depth import level_of_block
+from hybridtune.strategy.freeze import atom_blocks
 
 ULMFIT_FACTOR = 2.6
 
@@ -33,6 +46,10 @@ class Group(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     blocks: list[int] | None = Field(None, description="block indices")
+    top_frac: float | None = Field(None, gt=0, le=1, description="the top fraction of the blocks")
+    bottom_frac: float | None = Field(None, gt=0, le=1, description="the bottom fraction of the blocks")
+    levels: int | None = Field(None, ge=1, description="with `level`: split the blocks into this many levels")
+    level: int | list[int] | None = Field(None, description="level(s) of `levels`, 0 = bottom")
     match: str | None = Field(None, description="regular expression on parameter names")
     slots: list[str] | None = Field(
         None, description="anatomy slots: embeddings, block.<i>, final_norm, head"
@@ -40,10 +57,27 @@ class Group(BaseModel):
     lr: float | None = Field(None, gt=0)
     lr_scale: float | None = Field(None, gt=0)
 
+    @field_validator("level")
+    @classmethod
+    def _level_below_levels(cls, value: int | list[int] | None, info: ValidationInfo) -> Any:
+        levels = info.data.get("levels")
+        ks = value if isinstance(value, list) else [value]
+        if value is not None and levels is not None:
+            bad = [k for k in ks if not -levels <= k < levels]
+            if bad or not ks:
+                raise ValueError(f"a level in 0..{levels - 1} (negative: from the top), got {bad or value}")
+        return value
+
     @model_validator(mode="after")
     def _one_each(self) -> Group:
-        if sum(x is not None for x in (self.blocks, self.match, self.slots)) != 1:
-            raise ValueError("give exactly one of `blocks`, `match` or `slots`")
+        which = (self.blocks, self.top_frac, self.bottom_frac, self.level, self.match, self.slots)
+        if sum(x is not None for x in which) != 1:
+            raise ValueError(
+                "give exactly one of `blocks`, `top_frac`, `bottom_frac`, `level` (with `levels`), "
+                "`match` or `slots`"
+            )
+        if (self.level is None) != (self.levels is None):
+            raise ValueError("`level` and `levels` go together")
         if (self.lr is None) == (self.lr_scale is None):
             raise ValueError("give exactly one of `lr` or `lr_scale`")
         if self.match is not None:
@@ -58,19 +92,34 @@ class LrConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     head: float | None = Field(None, gt=0, description="lr of the head (default: train.lr)")
-    layer_decay: float | None = Field(None, gt=0, le=1, description="LLRD factor per block from the top")
-    levels: int | None = Field(None, ge=2, description="AHF: split the blocks into this many levels")
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="LLRD factor per block (or level) from the top"
+    )
+    decay_per: Literal["block", "level"] = Field(
+        "block", description="layer_decay per block, or per level of `levels`"
+    )
+    decay_depth: int | None = Field(
+        None, ge=1, description="layer_decay is per block of a model this deep: the same decay at any depth"
+    )
+    levels: int | None = Field(None, ge=1, description="split the blocks into this many levels (bottom = 0)")
     level_lr: list[float] | None = Field(None, description="one lr per level, bottom to top")
     level_scale: list[float] | None = Field(None, description="one lr scale per level, bottom to top")
     groups: list[Group] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> LrConfig:
-        if self.layer_decay is not None and self.levels is not None:
-            raise ValueError("give `layer_decay` or `levels`, not both")
+        per_level = self.decay_per == "level"
+        if per_level and (self.layer_decay is None or self.levels is None):
+            raise ValueError("`decay_per: level` needs `layer_decay` and `levels`")
+        if self.layer_decay is not None and self.levels is not None and not per_level:
+            raise ValueError("`layer_decay` with `levels` decays per level: add `decay_per: level`")
+        if self.decay_depth is not None and (self.layer_decay is None or per_level):
+            raise ValueError("`decay_depth` goes with `layer_decay` per block (levels are relative already)")
         given = [k for k in ("level_lr", "level_scale") if getattr(self, k) is not None]
         if given and self.levels is None:
             raise ValueError(f"`{given[0]}` needs `levels`")
+        if given and self.layer_decay is not None:
+            raise ValueError(f"give `{given[0]}` or `layer_decay`, not both")
         if len(given) > 1:
             raise ValueError("give `level_lr` or `level_scale`, not both")
         for key in given:
@@ -80,19 +129,38 @@ class LrConfig(BaseModel):
         return self
 
 
-def _depth(slot: str, anatomy: Anatomy) -> int:
-    """Distance from the top: head/final norm 0, block L-1 1, ..., embeddings L+1."""
-    if slot.startswith("block."):
-        return anatomy.num_blocks - int(slot.split(".")[1])
-    if slot == "embeddings":
-        return anatomy.num_blocks + 1
-    return 0
+def _depth(slot: str, anatomy: Anatomy, config: LrConfig) -> float:
+    """The exponent of layer_decay: distance from the top (module docstring)."""
+    n = anatomy.num_blocks
+    if config.decay_per == "level":
+        bottom = config.levels  # the bottom level counts L steps down
+        if slot.startswith("block."):
+            return config.levels - level_of_block(n, config.levels)[int(slot.split(".")[1])]
+    elif config.decay_depth is not None:
+        bottom = config.decay_depth
+        if slot.startswith("block."):
+            if n == 1:
+                return 1
+            steps = (n - 1 - int(slot.split(".")[1])) * (bottom - 1)
+            # whole when the model is as deep as decay_depth: the same floats as plain per-block LLRD
+            return 1 + (steps // (n - 1) if steps % (n - 1) == 0 else steps / (n - 1))
+    else:
+        bottom = n
+        if slot.startswith("block."):
+            return n - int(slot.split(".")[1])
+    return bottom + 1 if slot == "embeddings" else 0
 
 
 def _level(slot: str, anatomy: Anatomy, levels: int) -> int:
     if slot.startswith("block."):
-        return int(slot.split(".")[1]) * levels // anatomy.num_blocks
+        return level_of_block(anatomy.num_blocks, levels)[int(slot.split(".")[1])]
     return 0 if slot == "embeddings" else levels - 1
+
+
+def _check_levels(config: LrConfig, anatomy: Anatomy) -> None:
+    n = anatomy.num_blocks
+    if config.levels is not None and config.levels > n:
+        raise UserError("lr.levels", str(config.levels), f"at most {n} levels (the model has {n} blocks)")
 
 
 def lr_per_parameter(
@@ -101,13 +169,15 @@ def lr_per_parameter(
     """Parameter name -> (lr, group label). Explicit groups must not claim the same parameter twice."""
     out: dict[str, tuple[float, str]] = {}
     claimed: dict[str, int] = {}
+    if config is not None:
+        _check_levels(config, anatomy)
     for name, _ in model.named_parameters():
         slot = anatomy.slot_of(name)
         lr, label = base_lr, "base"
         if config is not None:
             if config.layer_decay is not None:
-                depth = _depth(slot, anatomy)
-                lr, label = base_lr * config.layer_decay**depth, f"decay^{depth}"
+                depth = _depth(slot, anatomy, config)
+                lr, label = base_lr * config.layer_decay**depth, f"decay^{depth:.4g}"
             elif config.levels is not None:
                 level = _level(slot, anatomy, config.levels)
                 if config.level_lr is not None:
@@ -144,6 +214,20 @@ def lr_per_parameter(
 
 
 def _in_group(group: Group, name: str, slot: str, anatomy: Anatomy, where: str) -> bool:
+    relative = {
+        "top_frac": group.top_frac,
+        "bottom_frac": group.bottom_frac,
+        "level": None
+        if group.level is None
+        else [group.level]
+        if isinstance(group.level, int)
+        else group.level,
+    }
+    key = next((k for k, v in relative.items() if v is not None), None)
+    if key is not None:  # the depth selectors of freeze / stages, the same blocks
+        atom = {key: relative[key], **({"levels": group.levels} if key == "level" else {})}
+        blocks = atom_blocks(atom, anatomy.num_blocks, where) or set()
+        return slot in {f"block.{b}" for b in blocks}
     if group.blocks is not None:
         bad = [b for b in group.blocks if not 0 <= b < anatomy.num_blocks]
         if bad:

@@ -2,7 +2,7 @@
 
     stages:                       # ULMFiT order: top down, one more group per epoch
       - {epochs: 1, train: [head]}       # a length in epochs, steps, or as a fraction of the run
-      - {fraction: 0.25, train: [{top_k: 2}]}
+      - {fraction: 0.25, train: [{top_frac: 0.333}]}   # the top third of the blocks, at any depth
       - {train: [all], lr_scale: 0.5}   # the last stage runs to the end of training
 
     stages: {cumulative: false, plan: [...]}   # each stage trains only its own selection
@@ -11,8 +11,8 @@
 added (LoRA, adapters, a soft prompt) keeps training throughout. Cumulative (the default): a stage
 trains its selection plus everything earlier stages trained. Parameters unfrozen by a stage start
 with a clean optimizer state. Each change is logged to metrics.jsonl and shown on the console.
-Gradual unfreezing: Howard & Ruder 2018 (ULMFiT, top-down); AHF's bottom-up order: the word level
-first, then sentence, then paragraph.
+Gradual unfreezing: Howard & Ruder 2018 (ULMFiT, top-down); bottom-up (recipes/ahf.yaml, level by
+level from the bottom, as chain-thaw goes layer by layer from the first: Felbo et al. 2017).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class Stage(BaseModel):
     @field_validator("train", mode="before")
     @classmethod
     def _selector(cls, value: Any) -> Any:
-        return parse_selector(value)
+        return parse_selector(value, "train")  # StagesConfig parsed it first, naming the stage
 
     @model_validator(mode="after")
     def _one_length(self) -> Stage:
@@ -61,7 +61,17 @@ class StagesConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_list(cls, value: Any) -> Any:
-        return {"plan": value} if isinstance(value, list) else value
+        value = {"plan": value} if isinstance(value, list) else value
+        plan = value.get("plan") if isinstance(value, dict) else None
+        if isinstance(plan, list):  # selectors parsed here, where a bad one's key path is known
+            plan = [
+                {**stage, "train": parse_selector(stage["train"], f"stages.plan[{i}].train")}
+                if isinstance(stage, dict) and "train" in stage
+                else stage
+                for i, stage in enumerate(plan)
+            ]
+            value = {**value, "plan": plan}
+        return value
 
     @model_validator(mode="after")
     def _lengths(self) -> StagesConfig:
