@@ -122,6 +122,26 @@ def tiny_bert6(tmp_path_factory, tokenizer_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tokenizer_dir):
+    """`tiny_model(kind, layers)`: a tiny random model of a kind of _save_tiny and a depth, built once."""
+    built: dict[tuple[str, int], str] = {}
+
+    def make(kind: str, layers: int) -> str:
+        if (kind, layers) not in built:
+            out = tmp_path_factory.mktemp(f"tiny-{kind}{layers}")
+            built[kind, layers] = _save_tiny(kind, out, tokenizer_dir, layers=layers)
+        return built[kind, layers]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bert12(tiny_model) -> str:
+    """As deep as BERT-base (12 blocks): a recipe must train the same share of it as of tiny_bert6."""
+    return tiny_model("bert", 12)
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_mlm(tmp_path_factory, tokenizer_dir) -> str:
     """A BERT with its masked-LM head (prompt_classification scores words with it)."""
     return _save_tiny("bert_mlm", tmp_path_factory.mktemp("tiny-bert-mlm"), tokenizer_dir)
