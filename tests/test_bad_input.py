@@ -242,6 +242,56 @@ CATALOGUE = {
         ["override 'train.epochs'", "key.path=value"],
     ),
     "recipe: a name with a path": (lambda t, m: ["name=../evil"], ["name", "'../evil'"]),
+    # depth selectors (the tiny model has 2 blocks)
+    "depth: an unknown selector": (
+        lambda t, m: ["freeze.trainable=[head, {top_fraction: 0.5}]"],
+        [
+            "freeze.trainable[1].top_fraction",
+            "found 0.5",
+            "top_frac, bottom_frac, level",
+            "did you mean 'top_frac'",
+        ],
+    ),
+    "depth: a fraction above 1": (
+        lambda t, m: ["freeze.trainable=[{top_frac: 1.5}]"],
+        ["freeze.trainable[0].top_frac", "found 1.5", "(0, 1]"],
+    ),
+    "depth: a fraction of 0 in a stage": (
+        lambda t, m: ["stages=[{steps: 1, train: [head]}, {train: [{bottom_frac: 0}]}]"],
+        ["stages.plan[1].train[0].bottom_frac", "found 0", "(0, 1]"],
+    ),
+    "depth: a level not below levels": (
+        lambda t, m: ["freeze.frozen=[{level: 2, levels: 2}]"],
+        ["freeze.frozen[0].level", "found 2", "0..1"],
+    ),
+    "depth: levels < 1": (
+        lambda t, m: ["freeze.trainable=[{level: 0, levels: 0}]"],
+        ["freeze.trainable[0].levels", "found 0", ">= 1"],
+    ),
+    "depth: more levels than blocks": (
+        lambda t, m: ["freeze.trainable=[{level: 0, levels: 3}]"],
+        ["freeze.trainable[0].levels", "found 3", "at most 2 levels", "has 2 blocks"],
+    ),
+    "depth: a level without levels": (
+        lambda t, m: ["freeze.trainable=[{level: 0}]"],
+        ["freeze.trainable[0]", "{'level': 0}", "{level: K, levels: L}"],
+    ),
+    "depth: lr levels beyond the model": (
+        lambda t, m: ["lr.levels=3"],
+        ["lr.levels", "found 3", "at most 2 levels", "has 2 blocks"],
+    ),
+    "depth: an lr group's fraction out of range": (
+        lambda t, m: ["lr.groups=[{top_frac: 1.2, lr: 0.001}]"],
+        ["lr.groups[0].top_frac", "1.2", "less than or equal to 1"],
+    ),
+    "depth: an lr group's level not below levels": (
+        lambda t, m: ["lr.groups=[{level: 2, levels: 2, lr: 0.001}]"],
+        ["lr.groups[0].level", "found 2", "0..1"],
+    ),
+    "depth: decay_per typo": (
+        lambda t, m: ["lr.layer_decay=0.5", "lr.levels=2", "lr.decay_per=levels"],
+        ["lr.decay_per", "'levels'", "did you mean 'level'"],
+    ),
     # data
     "data: truncated CSV (open quote)": (
         lambda t, m: [_src(t, "d.csv", CSV + '"a review cut sho')],
