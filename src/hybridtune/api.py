@@ -310,10 +310,10 @@ def load_run(run_dir: str) -> LoadedRun:
     final = str(run / "final")
     tokenizer = load_tokenizer(final, where=f"{run}/final")
     if info["format"] == "peft":
-        from peft import PeftModel
+        from hybridtune.strategy.peft import load_adapter
 
         base, _ = task.load_model(resolve(recipe.model.name), tokenizer, labels)
-        model = PeftModel.from_pretrained(base, final)
+        model = load_adapter(base, final)
     else:
         model, _ = task.load_model(final, tokenizer, labels)
     model = strategy.restore(model, recipe, final)

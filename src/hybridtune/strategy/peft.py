@@ -32,7 +32,10 @@ its bias, say) cannot be saved that way and is refused before training; BitFit +
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import typing
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, model_validator
@@ -255,6 +258,8 @@ def apply(model: nn.Module, config: PeftConfig, build) -> nn.Module:
         kwargs.setdefault("tokenizer_name_or_path", getattr(build.tokenizer, "name_or_path", None))
     if method in PROMPT_LEARNING:
         check_prompt_learning(model, method, kwargs["num_virtual_tokens"], build)
+    if method == "prefix_tuning":
+        accept_prefix_cache(model)
     if build.keep:
         kwargs["modules_to_save"] = [
             *(kwargs.get("modules_to_save") or []),
@@ -272,6 +277,49 @@ def apply(model: nn.Module, config: PeftConfig, build) -> nn.Module:
         saved.modules_to_save = list(dict.fromkeys(saved.modules_to_save))
     build.keep.clear()  # all taken over: the originals stay frozen, the modules_to_save copies train
     return model
+
+
+def accept_prefix_cache(model: nn.Module) -> nn.Module:
+    """Let peft's prefix tuning hand its key/value prefixes to a model that renamed the argument.
+
+    transformers 5.24 renamed encoders' `past_key_values` to `cache` (the old name still works
+    through its `deprecate_kwarg`, and the attention still prepends what the cache holds), but peft
+    (0.21) decides by the *signature* whether a model takes prefixes and refuses BERT-like models
+    ("Model does not support past key values ..."). The prefixes are still supplied through the
+    model's own attention: this gives the instance a forward whose signature names
+    `past_key_values` and passes it on as `cache`. A no-op where the model still takes
+    `past_key_values`, or takes no cache at all (then peft's own error stands)."""
+    forward = model.forward
+    signature = inspect.signature(forward)
+    params = signature.parameters
+    if "past_key_values" in params or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return model
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if backbone is None or "cache" not in inspect.signature(backbone.forward).parameters:
+        return model
+
+    @functools.wraps(forward)
+    def with_prefix(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return forward(*args, **kwargs)
+
+    named = [p for p in params.values() if p.kind is not p.VAR_KEYWORD]
+    rest = [p for p in params.values() if p.kind is p.VAR_KEYWORD]
+    prefix = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    with_prefix.__signature__ = signature.replace(parameters=[*named, prefix, *rest])
+    model.forward = with_prefix
+    return model
+
+
+def load_adapter(base: nn.Module, path: str | Path, **kwargs: Any) -> nn.Module:
+    """`PeftModel.from_pretrained` of a saved adapter, prefix tuning's cache shim included."""
+    from peft import PeftConfig as PeftAdapterConfig
+    from peft import PeftModel
+
+    if str(PeftAdapterConfig.from_pretrained(str(path)).peft_type.value).lower() == "prefix_tuning":
+        accept_prefix_cache(base)
+    return PeftModel.from_pretrained(base, str(path), **kwargs)
 
 
 def training_args(config: PeftConfig) -> dict:
