@@ -31,6 +31,7 @@ from hybridtune.tasks import causal_lm, classification, prompt_classification, t
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
 from hybridtune.train import trunk_cache
 from hybridtune.train.precision import autocast
+from hybridtune.train.precision import choose as choose_precision
 
 # recipe `task` -> task module. A task module owns what differs between tasks: columns, row checks,
 # label space, encode, collator, load_model, metrics, report, eval_frame, predict and its tables
@@ -263,6 +264,7 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets) 
         "epochs": state.epoch,
         "steps": state.global_step,
         "precision": resolve_precision(recipe.train.precision),
+        "precision_reason": choose_precision(recipe.train.precision).reason,
         "trunk_cache": cache.summary() if cache is not None else {"used": False, "depth": 0},
         "token_cache": prep.token_cache,
     }

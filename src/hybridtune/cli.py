@@ -49,6 +49,14 @@ def _recipe(args: list[str] | None):
     return load_recipe(path, args)
 
 
+def _print_precision(precision: str) -> None:
+    from hybridtune.report.console import console
+    from hybridtune.train.precision import choose
+
+    choice = choose(precision)
+    console.print(f"[bold]precision[/] {choice.precision}: {choice.reason}", highlight=False)
+
+
 @app.command()
 @friendly
 def train(
@@ -67,6 +75,8 @@ def train(
         raise UserError("--resume", f"a recipe or overrides too ({' '.join(args)})", "--resume RUN_DIR alone")
     if resume:
         console.print(f"[bold]resuming[/] {resume} from its last checkpoint")
+        if (Path(resume) / "recipe.yaml").is_file():  # else api.train says what is missing
+            _print_precision(_recipe([str(Path(resume) / "recipe.yaml")]).train.precision)
         summary = api.train(resume=resume)
         recipe = _recipe([str(Path(resume) / "recipe.yaml")])  # the run's own, for what follows
     else:
@@ -74,6 +84,7 @@ def train(
         console.print(
             f"[bold]recipe[/] {recipe.name}: model {recipe.model.name}, data {recipe.data.source or recipe.data.train}"
         )
+        _print_precision(recipe.train.precision)
         summary = api.train(recipe)
     if summary.get("rank"):  # another process of a multi-process run: rank 0 reports
         return
