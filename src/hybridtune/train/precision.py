@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 NATIVE_FLAGS = ("avx512_bf16", "amx_bf16")
-PROBE_SIZE = 512  # a 512² matmul: ~0.27 GFLOP, a few ms on any CPU of this decade
-PROBE_REPEATS = 5
+PROBE_SIZE = 384  # a 384² matmul: 0.11 GFLOP, about a millisecond on a current CPU core
+PROBE_REPEATS = 8
 
 
 @dataclass(frozen=True)
@@ -61,22 +61,23 @@ def _cache_file() -> Path:
 
 
 def probe(threads: int | None = None) -> dict:
-    """Time a PROBE_SIZE² matmul in fp32 and in bf16 (best of PROBE_REPEATS each): GFLOP/s of both."""
+    """GFLOP/s of a PROBE_SIZE² matmul in fp32 and in bf16: the best of PROBE_REPEATS each, the two
+    kinds alternating, so that a busy machine slows both alike instead of deciding the comparison."""
     size, flop = PROBE_SIZE, 2 * PROBE_SIZE**3
-    out = {}
     generator = torch.Generator().manual_seed(0)
+    operands = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(size, size, generator=generator).to(dtype)
-        b = torch.randn(size, size, generator=generator).to(dtype)
-        for _ in range(2):  # warm-up: kernel selection, thread pool, first-touch of memory
+        a, b = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
+        for _ in range(2):  # warm-up: kernel selection, thread pool, first touch of memory
             torch.mm(a, b)
-        best = float("inf")
-        for _ in range(PROBE_REPEATS):
+        operands[name] = (a, b)
+    best = dict.fromkeys(operands, float("inf"))
+    for _ in range(PROBE_REPEATS):
+        for name, (a, b) in operands.items():
             started = time.perf_counter()
             torch.mm(a, b)
-            best = min(best, time.perf_counter() - started)
-        out[name] = round(flop / best / 1e9, 1)
-    return out
+            best[name] = min(best[name], time.perf_counter() - started)
+    return {name: round(flop / seconds / 1e9, 1) for name, seconds in best.items()}
 
 
 def measured_speeds(model: str, flags: set[str]) -> dict:
