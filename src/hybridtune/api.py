@@ -21,7 +21,7 @@ from transformers import set_seed
 
 from hybridtune import distributed, rundir, strategy
 from hybridtune.data import Splits, token_cache
-from hybridtune.errors import UserError
+from hybridtune.errors import RunFailed, TrainingStopped, UserError, one_line
 from hybridtune.model.anatomy import Anatomy
 from hybridtune.model.loading import load_tokenizer, resolve
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
@@ -31,6 +31,7 @@ from hybridtune.tasks import causal_lm, classification, prompt_classification, t
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
 from hybridtune.train import trunk_cache
 from hybridtune.train.precision import autocast
+from hybridtune.train.precision import choose as choose_precision
 
 # recipe `task` -> task module. A task module owns what differs between tasks: columns, row checks,
 # label space, encode, collator, load_model, metrics, report, eval_frame, predict and its tables
@@ -69,7 +70,19 @@ class Prepared:
     token_cache: dict | None = None
 
 
+def quiet_libraries() -> None:
+    """The run's own progress (Trainer's bar, one line per evaluation) is what a user reads; the
+    libraries' bars (datasets' "Map" / "Saving the dataset", transformers' shard writing) only flood a
+    compare's log."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.disable_progress_bar()
+
+
 def prepare(recipe: Recipe) -> Prepared:
+    quiet_libraries()
     task = task_for(recipe)
     data_cfg = recipe.data
     splits = task.load_splits(data_cfg)
@@ -167,19 +180,39 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
             stage_plan=prep.plan.stages,
         )
         datasets = cache.add_rows(prep.datasets)
+    phase = {"step": "writing the run dir", "written": checkpoint is not None, "trainer": None}
     try:
-        return _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets)
+        summary = _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, phase)
+    except KeyboardInterrupt:
+        raise  # interrupted, not failed: `hybridtune train --resume` goes on from the last checkpoint
+    except BaseException as e:
+        if not (main and phase["written"]):
+            raise  # nothing of this run was written (e.g. its name was taken): the error says why
+        step = phase["step"]
+        trainer = phase["trainer"]
+        if step == "training" and trainer is not None:
+            step = f"training (step {trainer.state.global_step} of {trainer.state.max_steps})"
+        last = rundir.last_checkpoint(run)
+        rundir.mark_failed(run, step, one_line(e), last.name if last else None)
+        if isinstance(e, UserError | TrainingStopped):
+            raise  # their own one-line message and exit code (2 / 3)
+        resume = f"; resume: hybridtune train --resume {run}" if last else ""
+        raise RunFailed(f"{run}: {step} failed: {one_line(e)}{resume}") from e
     finally:
         if cache is not None:
             cache.close()
+    if checkpoint is not None:  # a failed run resumed to its end is no longer failed
+        (run / rundir.FAILED).unlink(missing_ok=True)
+    return summary
 
 
-def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets) -> dict:
+def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, phase) -> dict:
     """`train` from the run dir on: run files, Trainer, final/, the test evaluation, report.json."""
     from hybridtune.train.engine import make_trainer, resolve_precision
 
     if main and checkpoint is None:
         rundir.new_run_dir(run)
+        phase["written"] = True
         rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
         rundir.write_json(
             run / "run.json",
@@ -219,6 +252,7 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets) 
             with autocast(recipe.train.precision):
                 zero_shot = prep.task.zero_shot(prep.tokenizer, prep.datasets["test"], prep.labels)
             rundir.write_json(run / "zero_shot.json", zero_shot)
+    phase.update(step="training", trainer=trainer)
     started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
@@ -232,7 +266,9 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets) 
 
     if not main:  # rank 0 saves and evaluates; the others are done
         return {"run_dir": str(run), "rank": distributed.rank()}
+    phase["step"] = "saving final/"
     rundir.save_dir_atomically(run / "final", save)
+    phase["step"] = "the test evaluation"
     with autocast(recipe.train.precision):  # as Trainer's validation passes ran
         test = prep.task.report(model, prep.tokenizer, datasets["test"], prep.labels)  # cached too
     rundir.write_json(run / "eval.json", test)
@@ -263,9 +299,11 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets) 
         "epochs": state.epoch,
         "steps": state.global_step,
         "precision": resolve_precision(recipe.train.precision),
+        "precision_reason": choose_precision(recipe.train.precision).reason,
         "trunk_cache": cache.summary() if cache is not None else {"used": False, "depth": 0},
         "token_cache": prep.token_cache,
     }
+    phase["step"] = "writing report.json"
     rundir.write_json(run / "report.json", summary)
     return summary
 
@@ -310,10 +348,10 @@ def load_run(run_dir: str) -> LoadedRun:
     final = str(run / "final")
     tokenizer = load_tokenizer(final, where=f"{run}/final")
     if info["format"] == "peft":
-        from peft import PeftModel
+        from hybridtune.strategy.peft import load_adapter
 
         base, _ = task.load_model(resolve(recipe.model.name), tokenizer, labels)
-        model = PeftModel.from_pretrained(base, final)
+        model = load_adapter(base, final)
     else:
         model, _ = task.load_model(final, tokenizer, labels)
     model = strategy.restore(model, recipe, final)

@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import typer
 
-from hybridtune.errors import EXIT_TRAINING_STOPPED, EXIT_USER_ERROR, TrainingStopped, UserError
+from hybridtune.errors import (
+    EXIT_TRAINING_STOPPED,
+    EXIT_USER_ERROR,
+    RunFailed,
+    TrainingStopped,
+    UserError,
+    one_line,
+)
 
 app = typer.Typer(
     help="Fine-tune Hugging Face models with hybrid strategies.",
@@ -23,9 +32,23 @@ app = typer.Typer(
 )
 
 
+DEBUG = {"on": os.environ.get("HYBRIDTUNE_DEBUG", "") not in ("", "0")}
+
+
+@app.callback()
+def options(
+    debug: bool = typer.Option(
+        False, "--debug", help="print the traceback of a failure (also: HYBRIDTUNE_DEBUG=1)"
+    ),
+) -> None:
+    if debug:
+        DEBUG["on"] = True
+
+
 def friendly(fn):
-    """Turn a UserError into one message on stderr and exit code 2; a training stop (NaN loss) into
-    one message and exit code 3."""
+    """Turn a UserError into one message on stderr and exit code 2; a failure after the run dir exists
+    (RunFailed), a training stop (NaN loss) or anything unexpected into one message and exit code 3.
+    `--debug` prints the traceback as well."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,8 +57,20 @@ def friendly(fn):
         except UserError as e:
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
-        except TrainingStopped as e:
+        except (TrainingStopped, RunFailed) as e:
+            if DEBUG["on"]:
+                traceback.print_exception(e.__cause__ or e)
             typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(EXIT_TRAINING_STOPPED) from None
+        except (KeyboardInterrupt, typer.Exit, SystemExit):
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug or the machine: one line, the traceback on request
+            if DEBUG["on"]:
+                traceback.print_exception(e)
+            hint = "" if DEBUG["on"] else " (--debug prints the traceback)"
+            typer.secho(
+                f"error: {fn.__name__.rstrip('_')} failed: {one_line(e)}{hint}", fg=typer.colors.RED, err=True
+            )
             raise typer.Exit(EXIT_TRAINING_STOPPED) from None
 
     return wrapper
@@ -47,6 +82,14 @@ def _recipe(args: list[str] | None):
     args = list(args or [])
     path = args.pop(0) if args and "=" not in args[0] else None
     return load_recipe(path, args)
+
+
+def _print_precision(precision: str) -> None:
+    from hybridtune.report.console import console
+    from hybridtune.train.precision import choose
+
+    choice = choose(precision)
+    console.print(f"[bold]precision[/] {choice.precision}: {choice.reason}", highlight=False)
 
 
 @app.command()
@@ -67,6 +110,8 @@ def train(
         raise UserError("--resume", f"a recipe or overrides too ({' '.join(args)})", "--resume RUN_DIR alone")
     if resume:
         console.print(f"[bold]resuming[/] {resume} from its last checkpoint")
+        if (Path(resume) / "recipe.yaml").is_file():  # else api.train says what is missing
+            _print_precision(_recipe([str(Path(resume) / "recipe.yaml")]).train.precision)
         summary = api.train(resume=resume)
         recipe = _recipe([str(Path(resume) / "recipe.yaml")])  # the run's own, for what follows
     else:
@@ -74,6 +119,7 @@ def train(
         console.print(
             f"[bold]recipe[/] {recipe.name}: model {recipe.model.name}, data {recipe.data.source or recipe.data.train}"
         )
+        _print_precision(recipe.train.precision)
         summary = api.train(recipe)
     if summary.get("rank"):  # another process of a multi-process run: rank 0 reports
         return
@@ -190,7 +236,11 @@ def params(
 @app.command()
 @friendly
 def compare(
-    suite: str = typer.Argument(None, help="a suite YAML (default: the default suite on the bundled data)"),
+    args: list[str] = typer.Argument(
+        None,
+        help="[SUITE.yaml] [key.path=value ...]: a suite (default: the default suite on the bundled data) "
+        "and overrides applied to every strategy, e.g. train.precision=fp32 train.max_steps=50",
+    ),
     seeds: int = typer.Option(None, "--seeds", help="run every strategy with this many seeds (42, 43, ...)"),
     out: str = typer.Option(None, "--out", help="the compare dir (default: runs/compare-<suite name>)"),
 ) -> None:
@@ -202,8 +252,14 @@ def compare(
     from hybridtune.report.console import console
     from hybridtune.rundir import read_json
 
+    args = list(args or [])
+    suite = args.pop(0) if args and "=" not in args[0] else None
     root = run_compare(
-        suite, out, seeds, echo=lambda text: console.print(text, markup=False, highlight=False)
+        suite,
+        out,
+        seeds,
+        echo=lambda text: console.print(text, markup=False, highlight=False),
+        overrides=args,
     )
     summary = read_json(root / "comparison.json")["summary"]
     header, body = table_rows(summary)
@@ -214,6 +270,42 @@ def compare(
         table.add_row(*row)
     console.print(table)
     console.print(f"report: [bold]{root / 'report.html'}[/]")
+
+
+@app.command()
+@friendly
+def runs(
+    root: str = typer.Argument("runs", help="a dir of runs (default: runs/), a compare dir or one run dir"),
+    clean: str = typer.Option(
+        None, "--clean", help="remove the runs of this status (failed | interrupted), after listing them"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """List run dirs with their status (finished / failed / resumable / interrupted), headline metric
+    and size; `--clean failed` removes the failed ones."""
+    import shutil
+
+    from hybridtune import rundir
+    from hybridtune.report.console import console, runs_table
+
+    base = Path(root)
+    if not base.is_dir():
+        raise UserError(root, "no such directory", "a dir holding run dirs (default: runs/)")
+    if clean is not None and clean not in ("failed", "interrupted"):
+        raise UserError(
+            "--clean", repr(clean), "failed or interrupted (finished and resumable runs are kept)"
+        )
+    rows = [rundir.describe(run) for run in rundir.find_runs(base)]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        console.print(runs_table(rows, f"runs under {base}: {len(rows)}"))
+    if clean is not None:
+        doomed = [r for r in rows if r["status"] == clean]
+        for r in doomed:
+            shutil.rmtree(r["run"])
+            typer.echo(f"removed {r['run']} ({clean})")
+        typer.echo(f"removed {len(doomed)} {clean} run(s)")
 
 
 def _weights(text: str | None) -> list[float] | None:

@@ -60,6 +60,15 @@ class Suite(BaseModel):
     overrides: list[str] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
     strategies: list[Strategy] = Field(..., min_length=1)
+    # `hybridtune compare SUITE key=value ...`: not a suite key, set by load_suite
+    cli_overrides: list[str] = Field(default_factory=list, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_cli_key(cls, value):
+        if isinstance(value, dict) and "cli_overrides" in value:
+            raise ValueError("cli_overrides is set on the command line (key=value), not in a suite")
+        return value
 
 
 # the default suite: one of each family, 1 epoch of the full Rotten Tomatoes train split each,
@@ -84,7 +93,9 @@ DEFAULT_SUITE = {
 }
 
 
-def load_suite(path: str | None, seeds: int | None = None) -> tuple[Suite, Path]:
+def load_suite(
+    path: str | None, seeds: int | None = None, overrides: list[str] | None = None
+) -> tuple[Suite, Path]:
     """The suite and the dir its recipe paths are relative to."""
     if path is None:
         raw, base = dict(DEFAULT_SUITE), RECIPES
@@ -107,6 +118,8 @@ def load_suite(path: str | None, seeds: int | None = None) -> tuple[Suite, Path]
         if seeds < 1:
             raise UserError("--seeds", str(seeds), "a number of seeds >= 1")
         suite.seeds = [suite.seeds[0] + i for i in range(seeds)]
+    # key=value from the command line: applied to every strategy, after the suite's own (so they win)
+    suite.cli_overrides = list(overrides or [])
     return suite, base
 
 
@@ -118,7 +131,8 @@ def plan_runs(suite: Suite, base: Path) -> list[dict]:
     for i, strategy in enumerate(suite.strategies):
         path = Path(strategy.recipe)
         path = path if path.is_absolute() or path.exists() else base / path
-        recipe = load_recipe(path, [*suite.overrides, *strategy.overrides])  # fails early, with the key path
+        overrides = [*suite.overrides, *strategy.overrides, *suite.cli_overrides]
+        recipe = load_recipe(path, overrides)  # fails early, with the key path
         name = strategy.name or recipe.name
         if name in names:
             raise UserError(
@@ -132,7 +146,7 @@ def plan_runs(suite: Suite, base: Path) -> list[dict]:
                     "seed": seed,
                     "recipe": str(path),
                     "run": f"{name}-s{seed}",
-                    "overrides": [*suite.overrides, *strategy.overrides, f"train.seed={seed}"],
+                    "overrides": [*overrides, f"train.seed={seed}"],
                 }
             )
     return runs
@@ -205,12 +219,19 @@ def _run_one(entry: dict, runs_dir: Path, echo=print) -> dict:
     }
 
 
-def compare(path: str | None = None, out: str | None = None, seeds: int | None = None, echo=print) -> Path:
-    """Run (or resume) a suite; returns the compare dir with comparison.csv/json, plots and report.html."""
+def compare(
+    path: str | None = None,
+    out: str | None = None,
+    seeds: int | None = None,
+    echo=print,
+    overrides: list[str] | None = None,
+) -> Path:
+    """Run (or resume) a suite; returns the compare dir with comparison.csv/json, plots and report.html.
+    `overrides` (key.path=value) apply to every strategy, validated with each before the first run."""
     from hybridtune import rundir
     from hybridtune.report.compare import write_outputs
 
-    suite, base = load_suite(path, seeds)
+    suite, base = load_suite(path, seeds, overrides)
     runs = plan_runs(suite, base)
     root = Path(out or Path("runs") / f"compare-{suite.name}")
     runs_dir = root / "runs"

@@ -33,6 +33,21 @@ class TrainingStopped(Exception):
     checkpoints, so the run can be resumed (`hybridtune train --resume RUN_DIR`) once fixed."""
 
 
+class RunFailed(Exception):
+    """A run failed after its run dir was written (a library error, out of memory, a disk error):
+    the CLI prints this one line (the step and the cause) and exits with code 3; `--debug` adds the
+    traceback. The run dir is marked failed (failed.json) and keeps its checkpoints."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` of an exception on one line, cut to `limit` characters (a library's message
+    may span lines or repeat a huge value)."""
+    text = re.sub(r"\s*\n\s*", " ", str(e)).strip()
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     """'did you mean X?' for a misspelt key or value, or None when nothing is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)

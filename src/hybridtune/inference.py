@@ -158,14 +158,14 @@ def load_causal(final: Path, base_model: str | None, fmt: str) -> tuple[nn.Modul
             )
     tokenizer = load_tokenizer(str(final), where=str(final))
     if fmt == "peft":
-        from peft import PeftModel
+        from hybridtune.strategy.peft import load_adapter
 
         if not base_model:
             raise UserError(
                 f"{final.parent}/run.json", "format peft without base_model", "the base model path"
             )
         base, _ = load_model(AutoModelForCausalLM, base_model, tokenizer, where="base_model")
-        model = PeftModel.from_pretrained(base, str(final))
+        model = load_adapter(base, final)
     else:
         model, _ = load_model(AutoModelForCausalLM, str(final), tokenizer, where=str(final))
     return model, tokenizer
@@ -185,10 +185,10 @@ def load_export(root: Path) -> Loaded:
     if fmt == "int8":
         model = load_int8(root)
     elif fmt == "peft":
-        from peft import PeftModel
+        from hybridtune.strategy.peft import load_adapter
 
         base, _ = task.load_model(info["base_model"], tokenizer, labels)
-        model = PeftModel.from_pretrained(base, str(root))
+        model = load_adapter(base, root)
     else:
         model, _ = task.load_model(str(root), tokenizer, labels)
     return Loaded(name, model, tokenizer, root.name, labels, task, DataConfig(**info["data"]), source=root)

@@ -10,6 +10,7 @@
       final/          the result in standard HF / PEFT format, with its tokenizer
       eval.json       test-split metrics: accuracy, macro-F1, per-class report, confusion matrix
       report.json     summary: metrics, parameters, time, throughput
+      failed.json     only in a run that failed after its dir was written: step, error, last checkpoint
 
 Files are written to a temporary name and renamed into place; a directory likewise.
 """
@@ -136,3 +137,81 @@ def check_run_dir(path: str) -> Path:
             "a run dir written by `hybridtune train`",
         )
     return run
+
+
+# --------------------------------------------------------------------------------------------------
+# status of a run dir: finished / failed / resumable / interrupted
+
+FAILED = "failed.json"
+STATUSES = ("finished", "failed", "resumable", "interrupted")
+
+
+def mark_failed(run: Path, step: str, error: str, last_checkpoint: str | None) -> None:
+    """Record why a run stopped (best effort: a full disk may be the cause)."""
+    try:
+        write_json(
+            run / FAILED,
+            {
+                "step": step,
+                "error": error,
+                "last_checkpoint": last_checkpoint,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            },
+        )
+    except (OSError, UserError):
+        pass
+
+
+def last_checkpoint(run: Path) -> Path | None:
+    from hybridtune.train.checkpoints import checkpoints
+
+    root = run / "checkpoints"
+    found = checkpoints(root) if root.is_dir() else []
+    return found[-1] if found else None
+
+
+def status(run: Path) -> str:
+    """finished (report.json), failed (failed.json), resumable (a complete checkpoint to go on from,
+    `hybridtune train --resume`), interrupted (killed before its first checkpoint: start it over)."""
+    if (run / "report.json").is_file():
+        return "finished"
+    if (run / FAILED).is_file():
+        return "failed"
+    return "resumable" if last_checkpoint(run) is not None else "interrupted"
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "run.json").is_file() and (path / "recipe.yaml").is_file()
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run dirs under `root` (itself, its children, and compare / ensemble dirs' runs below)."""
+    if is_run_dir(root):
+        return [root]
+    found = []
+    for path in sorted(root.rglob("run.json")):
+        run = path.parent
+        if is_run_dir(run) and not any(p.startswith(".") for p in run.relative_to(root).parts):
+            found.append(run)
+    return found
+
+
+def dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+def describe(run: Path) -> dict:
+    """One row of `hybridtune runs`: status, headline metric, size, why it failed."""
+    row: dict[str, Any] = {"run": str(run), "status": status(run), "size_bytes": dir_size(run)}
+    try:
+        if row["status"] == "finished":
+            report = read_json(run / "report.json")
+            metric = report.get("metric")
+            row["metric"], row["value"] = metric, (report.get("test") or {}).get(metric)
+        elif row["status"] == "failed":
+            failed = read_json(run / FAILED)
+            row["error"] = f"{failed.get('step')}: {failed.get('error')}"
+            row["last_checkpoint"] = failed.get("last_checkpoint")
+    except (OSError, ValueError, AttributeError):
+        row["error"] = "unreadable report.json / failed.json"
+    return row

@@ -80,6 +80,7 @@ def train_joint(recipe) -> dict:
     from hybridtune.strategy.plan import Plan
     from hybridtune.tasks import classification
     from hybridtune.train.engine import make_trainer, resolve_precision, training_arguments
+    from hybridtune.train.precision import choose
 
     cfg = recipe.ensemble
     members = member_recipes(recipe)
@@ -185,6 +186,7 @@ def train_joint(recipe) -> dict:
         "epochs": trainer.state.epoch,
         "steps": trainer.state.global_step,
         "precision": resolve_precision(recipe.train.precision),
+        "precision_reason": choose(recipe.train.precision).reason,
         "gain_over_best_member": test["accuracy"] - max(m["test"]["accuracy"] for m in result["members"]),
         "ensemble_validation": validation,
     }

@@ -89,6 +89,7 @@ def train(recipe) -> dict:
         "epochs": summaries[0]["epochs"],
         "steps": steps,
         "precision": summaries[0]["precision"],
+        "precision_reason": summaries[0].get("precision_reason"),
         "gain_over_best_member": test["accuracy"] - max(s["test"]["accuracy"] for s in summaries),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

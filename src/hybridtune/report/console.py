@@ -64,3 +64,30 @@ def params_table(table: dict) -> Table:
             for s in table["stages"]
         )
     return out
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def runs_table(rows: list[dict], title: str) -> Table:
+    """`hybridtune runs`: one line per run dir, its status, headline metric and size."""
+    table = Table(title=title)
+    for col in ("run", "status", "test metric", "size", "note"):
+        table.add_column(col, justify="right" if col in ("test metric", "size") else "left")
+    colour = {"finished": "green", "failed": "red", "resumable": "yellow", "interrupted": "yellow"}
+    for r in rows:
+        metric = f"{r['metric']} {r['value']:.4f}" if isinstance(r.get("value"), int | float) else "-"
+        note = r.get("error") or ""
+        if r["status"] == "resumable":
+            note = f"hybridtune train --resume {r['run']}"
+        elif r["status"] == "interrupted":
+            note = "killed before its first checkpoint: remove it and train again"
+        table.add_row(
+            r["run"], f"[{colour[r['status']]}]{r['status']}[/]", metric, _size(r["size_bytes"]), note
+        )
+    return table

@@ -32,7 +32,10 @@ its bias, say) cannot be saved that way and is refused before training; BitFit +
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import typing
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, model_validator
@@ -249,12 +252,26 @@ def apply(model: nn.Module, config: PeftConfig, build) -> nn.Module:
             f"nothing, with target_modules given, on {model.config.model_type} (peft has no IA3 default for it)",
             "the feed-forward modules among target_modules (IA3 rescales their input)",
         )
+    if kwargs.get("target_modules") == "all-linear" and "exclude_modules" not in kwargs:
+        # peft's all-linear leaves out only the output layer; a classifier's head (DistilBERT's
+        # pre_classifier, BERT's pooler) is trained whole as modules_to_save, which cannot also hold LoRA
+        kwargs["exclude_modules"] = head_linears(model, build.anatomy)
     if method == "adalora" and "total_step" not in kwargs:
         kwargs["total_step"] = build.total_steps
     if method == "prompt_tuning" and str(kwargs.get("prompt_tuning_init", "")).upper() == "TEXT":
         kwargs.setdefault("tokenizer_name_or_path", getattr(build.tokenizer, "name_or_path", None))
     if method in PROMPT_LEARNING:
         check_prompt_learning(model, method, kwargs["num_virtual_tokens"], build)
+        kwargs.update({k: v for k, v in prompt_dims(model, build.anatomy).items() if k not in kwargs})
+    if method == "prefix_tuning":
+        accept_prefix_cache(model)
+        if not takes_prefixes(model):
+            raise UserError(
+                "peft.method",
+                f"prefix_tuning on {type(model).__name__}, whose attention takes no key/value prefixes "
+                "(its forward has no past_key_values / cache argument)",
+                "another method for this architecture, e.g. lora, prompt_tuning or `soft_prompt:`",
+            )
     if build.keep:
         kwargs["modules_to_save"] = [
             *(kwargs.get("modules_to_save") or []),
@@ -272,6 +289,95 @@ def apply(model: nn.Module, config: PeftConfig, build) -> nn.Module:
         saved.modules_to_save = list(dict.fromkeys(saved.modules_to_save))
     build.keep.clear()  # all taken over: the originals stay frozen, the modules_to_save copies train
     return model
+
+
+def head_linears(model: nn.Module, anatomy) -> list[str]:
+    """Names of the linear layers outside the blocks and embeddings: the head and what feeds it."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if hasattr(module, "weight")
+        and getattr(module.weight, "ndim", 0) == 2
+        and not isinstance(module, nn.Embedding)
+        and anatomy.slot_of(f"{name}.weight") == "head"
+    ]
+
+
+def prompt_dims(model: nn.Module, anatomy) -> dict[str, int]:
+    """Prompt learning's sizes where peft cannot read them from the config (it knows `hidden_size` /
+    `n_embd` / `d_model`; DistilBERT says `dim`, `n_layers`, `n_heads`): from the model itself."""
+    config = model.config
+    known = {
+        "token_dim": ("hidden_size", "n_embd", "d_model"),
+        "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+    }
+    found = {
+        "token_dim": model.get_input_embeddings().embedding_dim,
+        "num_layers": anatomy.num_blocks,
+        "num_attention_heads": next(
+            (
+                getattr(config, k)
+                for k in ("num_attention_heads", "n_heads", "n_head", "num_heads")
+                if hasattr(config, k)
+            ),
+            None,
+        ),
+    }
+    missing = {k for k, names in known.items() if not any(n in config.to_dict() for n in names)}
+    return {k: v for k, v in found.items() if k in missing and v is not None}
+
+
+def takes_prefixes(model: nn.Module) -> bool:
+    """Whether peft's prefix tuning can hand this model its key/value prefixes (the same test peft
+    makes at the first forward, made here before anything is written)."""
+    if "past_key_values" in inspect.signature(model.forward).parameters:
+        return True
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return backbone is not None and "past_key_values" in inspect.signature(backbone.forward).parameters
+
+
+def accept_prefix_cache(model: nn.Module) -> nn.Module:
+    """Let peft's prefix tuning hand its key/value prefixes to a model that renamed the argument.
+
+    transformers 5.24 renamed encoders' `past_key_values` to `cache` (the old name still works
+    through its `deprecate_kwarg`, and the attention still prepends what the cache holds), but peft
+    (0.21) decides by the *signature* whether a model takes prefixes and refuses BERT-like models
+    ("Model does not support past key values ..."). The prefixes are still supplied through the
+    model's own attention: this gives the instance a forward whose signature names
+    `past_key_values` and passes it on as `cache`. A no-op where the model still takes
+    `past_key_values`, or takes no cache at all (then peft's own error stands)."""
+    forward = model.forward
+    signature = inspect.signature(forward)
+    params = signature.parameters
+    if "past_key_values" in params or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return model
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if backbone is None or "cache" not in inspect.signature(backbone.forward).parameters:
+        return model
+
+    @functools.wraps(forward)
+    def with_prefix(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return forward(*args, **kwargs)
+
+    named = [p for p in params.values() if p.kind is not p.VAR_KEYWORD]
+    rest = [p for p in params.values() if p.kind is p.VAR_KEYWORD]
+    prefix = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    with_prefix.__signature__ = signature.replace(parameters=[*named, prefix, *rest])
+    model.forward = with_prefix
+    return model
+
+
+def load_adapter(base: nn.Module, path: str | Path, **kwargs: Any) -> nn.Module:
+    """`PeftModel.from_pretrained` of a saved adapter, prefix tuning's cache shim included."""
+    from peft import PeftConfig as PeftAdapterConfig
+    from peft import PeftModel
+
+    if str(PeftAdapterConfig.from_pretrained(str(path)).peft_type.value).lower() == "prefix_tuning":
+        accept_prefix_cache(base)
+    return PeftModel.from_pretrained(base, str(path), **kwargs)
 
 
 def training_args(config: PeftConfig) -> dict:

@@ -1,0 +1,180 @@
+"""Every example recipe x every architecture family the anatomy supports: `prepare` and a few optimizer
+steps on a tiny model, or a refusal (exit 2) that names the pair and the reason. A library upgrade that
+breaks a (strategy, architecture) pair fails here, not in a user's run (docs/dependencies.md)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hybridtune import api
+from hybridtune.errors import UserError
+from hybridtune.recipe import load_recipe
+from hybridtune.train.engine import make_trainer, training_arguments
+
+from .conftest import sentiment_rows, write_csv
+
+RECIPE_DIR = Path(__file__).parent.parent / "recipes"
+RECIPES = sorted(p for p in RECIPE_DIR.glob("*.yaml") if "ensemble" not in yaml.safe_load(p.read_text()))
+ENCODERS = ("bert", "roberta", "distilbert", "mpnet")
+DECODERS = ("gpt2", "llama")
+# a template of our own for the decoders (the bundled BERT tokenizer has none)
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+# (recipe, family) pairs that are refused by design, with words the one-line refusal must contain;
+# every other pair must train. Each entry is a limit of the method, not of hybridtune's code.
+REFUSED = {
+    # peft passes inputs_embeds; a decoder's head reads the last position, a pad (docs/strategies-peft.md)
+    **{(name, dec): "peft.method" for name in ("prompt_tuning", "p_tuning") for dec in DECODERS},
+    # attention without a key/value cache argument: nowhere to put the prefixes
+    **{("prefix_tuning", enc): "takes no key/value prefixes" for enc in ("distilbert", "mpnet")},
+    # a masked-LM template ("It was {mask}.") cannot be answered by a decoder, which answers last
+    **{("pet_minilm", dec): "prompt.template" for dec in DECODERS},
+    # SFT needs a causal LM head, which transformers does not have for these encoders
+    **{
+        (n, e): "AutoModelForCausalLM"
+        for n in ("sft_chatterbot_smollm2", "sft_rotten_tomatoes_smollm2")
+        for e in ("distilbert", "mpnet")
+    },
+}
+
+
+def _config(family: str, vocab: int, pad: int):
+    from transformers import (
+        BertConfig,
+        DistilBertConfig,
+        GPT2Config,
+        LlamaConfig,
+        MPNetConfig,
+        RobertaConfig,
+    )
+
+    encoder = dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64)
+    return {
+        "bert": lambda: BertConfig(vocab_size=vocab, max_position_embeddings=160, **encoder),
+        # RoBERTa / MPNet count positions from pad + 1: two more than the longest input
+        "roberta": lambda: RobertaConfig(
+            vocab_size=vocab, max_position_embeddings=162, pad_token_id=pad, **encoder
+        ),
+        "mpnet": lambda: MPNetConfig(
+            vocab_size=vocab, max_position_embeddings=162, pad_token_id=pad, **encoder
+        ),
+        "distilbert": lambda: DistilBertConfig(
+            vocab_size=vocab,
+            dim=32,
+            n_layers=6,
+            n_heads=2,
+            hidden_dim=64,
+            max_position_embeddings=160,
+            pad_token_id=pad,
+        ),
+        "gpt2": lambda: GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=6, n_head=2, n_positions=160, pad_token_id=pad
+        ),
+        "llama": lambda: LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=6,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            max_position_embeddings=160,
+            pad_token_id=pad,
+        ),
+    }[family]()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir) -> dict[str, str]:
+    """One tiny 6-block base model per family, with the bundled tokenizer (decoders: a chat template)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    out = {}
+    for family in (*ENCODERS, *DECODERS):
+        torch.manual_seed(0)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        model = AutoModel.from_config(_config(family, tokenizer.vocab_size, tokenizer.pad_token_id))
+        path = tmp_path_factory.mktemp(f"tiny-{family}")
+        if family in DECODERS:
+            tokenizer.chat_template = TEMPLATE
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        out[family] = str(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("matrix-data")
+    rng = random.Random(0)
+    words = ["paris", "london", "ana", "bob", "monday", "film", "the", "was", "in", "met"]
+    tags = {"paris": "B-loc", "london": "B-loc", "ana": "B-person", "bob": "B-person"}
+    conll = root / "ner.conll"
+    conll.write_text(
+        "\n".join(
+            "\n".join(f"{w}\t{tags.get(w, 'O')}" for w in rng.sample(words, 5)) + "\n" for _ in range(60)
+        )
+    )
+    pairs = root / "pairs.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"prompt": f"what is {i} plus one?", "response": f"it is {i + 1}"}) + "\n"
+            for i in range(60)
+        )
+    )
+    return {
+        "classification": str(write_csv(root / "sentiment.csv", sentiment_rows(60))),
+        "prompt_classification": str(write_csv(root / "sentiment.csv", sentiment_rows(60))),
+        "token_classification": str(conll),
+        "causal_lm": str(pairs),
+    }
+
+
+def _one_step(recipe, tmp_path: Path) -> None:
+    prep = api.prepare(recipe)
+    held = [p for n, p in prep.model.named_parameters() if n in prep.plan.optimizer_names(prep.model)]
+    before = [p.detach().clone() for p in held]
+    args = training_arguments(recipe.train, recipe.output, tmp_path / "ck")
+    args.save_strategy = args.eval_strategy = "no"
+    args.load_best_model_at_end = False
+    trainer = make_trainer(
+        prep.model, prep.tokenizer, prep.datasets, recipe, args, tmp_path, None, plan=prep.plan, callbacks=[]
+    )
+    trainer.train()
+    assert trainer.state.global_step == 8
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, held, strict=True)), "nothing moved"
+
+
+@pytest.mark.parametrize("family", [*ENCODERS, *DECODERS])
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_trains_one_step_on_every_family_or_is_refused_by_name(
+    path, family, models, data, tmp_path
+):
+    task = yaml.safe_load(path.read_text()).get("task", "classification")
+    overrides = [
+        f"model={models[family]}",
+        f"data.source={data[task]}",
+        "data.max_length=48",
+        "train.max_steps=8",  # staged recipes need room for their stages
+        "train.batch_size=8",
+        "train.precision=fp32",
+        "train.lr=0.01",
+        "train.early_stopping.patience=null",
+        f"output.dir={tmp_path}",
+    ]
+    expected = REFUSED.get((path.stem, family))
+    try:
+        recipe = load_recipe(path, overrides)
+        _one_step(recipe, tmp_path)
+    except UserError as e:
+        assert expected is not None, f"refused, but expected to train: {e}"
+        assert expected in str(e) and "\n" not in str(e), str(e)
+        return
+    assert expected is None, f"trained, but expected a refusal naming {expected!r}"
