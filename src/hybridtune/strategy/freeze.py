@@ -28,7 +28,10 @@ from hybridtune.model.depth import fraction_blocks, level_blocks
 
 NAMED = ("all", "none", "head", "embeddings", "norms", "final_norm", "bias")
 KEYED = ("top_frac", "bottom_frac", "level", "top_k", "bottom_k", "layers", "patterns")
-SHAPES = "{top_frac: F}, {bottom_frac: F}, {level: K, levels: L}, {top_k: N}, {bottom_k: N}, {layers: [i, ...]}, {patterns: [regex, ...]}"
+SHAPES = (
+    "{top_frac: F}, {bottom_frac: F}, {level: K, levels: L}, {top_k: N}, {bottom_k: N}, "
+    "{layers: [i, ...]}, {patterns: [regex, ...]}"
+)
 
 
 def _whole(value: Any) -> bool:
@@ -71,7 +74,8 @@ def _atom(atom: Any, at: str) -> str | dict:
             raise _bad(
                 f"{at}.level",
                 bad[0] if bad else level,
-                f"a level (or a list of levels) in 0..{levels - 1} (negative: from the top), below levels={levels}",
+                f"a level (or a list of levels) in 0..{levels - 1} (negative: from the top), "
+                f"below levels={levels}",
             )
         return {"level": ks, "levels": levels}
     if len(atom) != 1:
