@@ -36,13 +36,31 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field("bundled:minilm", description="bundled:minilm, a local model dir, or a hub id")
+    name: str = Field(
+        "bundled:minilm",
+        description="bundled:minilm | bundled:smollm2, a local model dir, a .gguf file (de-quantized once "
+        "into a cached plain copy), or a hub id",
+    )
+    gguf_file: str | None = Field(
+        None, description="a .gguf file in the dir `name` (read as name: DIR/FILE.gguf, which it becomes)"
+    )
     revision: str | None = Field(None, description="hub revision (only for hub ids)")
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+        value = {"name": value} if isinstance(value, str) else value
+        if isinstance(value, dict) and value.get("gguf_file"):
+            # one spelling downstream: every loader sees a .gguf path in `name`
+            file, folder = str(value["gguf_file"]), str(value.get("name") or "")
+            if not file.lower().endswith(".gguf"):
+                raise ValueError(f"model.gguf_file: found {file!r}; expected a file name ending in .gguf")
+            if not folder or folder.startswith("bundled:"):
+                raise ValueError(
+                    f"model.gguf_file: found {file!r} with model.name {folder!r}; expected the dir that holds it"
+                )
+            value = {**value, "name": str(Path(folder) / file), "gguf_file": None}
+        return value
 
 
 class SplitConfig(Section):
