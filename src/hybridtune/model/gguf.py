@@ -78,7 +78,9 @@ def _check_file(gguf: Path, where: str) -> None:
     with gguf.open("rb") as f:
         head = f.read(4)
     if head != MAGIC:
-        raise UserError(where, f"'{gguf}', not a GGUF file (it starts with {head!r})", f"a file starting {MAGIC!r}")
+        raise UserError(
+            where, f"'{gguf}', not a GGUF file (it starts with {head!r})", f"a file starting {MAGIC!r}"
+        )
 
 
 def content_hash(path: Path) -> str:
@@ -113,7 +115,9 @@ def architecture(gguf: Path, where: str = "model.name") -> str:
         return bytes(field.parts[field.data[0]]).decode("utf-8")
     except Exception as e:  # gguf raises ValueError, KeyError, IndexError on a damaged file
         raise UserError(
-            where, f"'{gguf}', an unreadable GGUF file ({type(e).__name__}: {e})", "a complete GGUF file"
+            where,
+            f"'{gguf}', an unreadable GGUF file, truncated or damaged ({type(e).__name__}: {e})",
+            "a complete GGUF file",
         ) from None
 
 
@@ -138,7 +142,8 @@ def _convert(gguf: Path, out: Path, where: str) -> None:
                 where,
                 f"'{name}', a GGUF of architecture '{arch}', which transformers "
                 f"{transformers.__version__} cannot read",
-                "a GGUF of one of " + ", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES)),
+                "a GGUF of one of "
+                + ", ".join(sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer"})),
             ) from None
         # a line of its own only once the file is known to be readable: a refusal stays one line
         print(f"hybridtune: writing a plain copy of {name} to {out.parent} (once)", file=sys.stderr)
@@ -148,7 +153,9 @@ def _convert(gguf: Path, out: Path, where: str) -> None:
     except (OSError, ValueError, KeyError, NotImplementedError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise UserError(
-            where, f"'{gguf.name}', which transformers could not load ({type(e).__name__}: {first})", "a GGUF file transformers reads"
+            where,
+            f"'{gguf.name}', which transformers could not load ({type(e).__name__}: {first})",
+            "a GGUF file transformers reads",
         ) from None
     finally:
         transformers.logging.set_verbosity(verbosity)

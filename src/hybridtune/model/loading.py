@@ -28,7 +28,9 @@ def resolve(name: str) -> str:
     if not looks_local:
         return name  # a hub id: transformers fetches it when a network exists
     if not path.is_dir():
-        raise UserError(WHERE, f"'{name}' (no such directory)", "bundled:minilm, a model dir, a .gguf file, or a hub id")
+        raise UserError(
+            WHERE, f"'{name}' (no such directory)", "bundled:minilm, a model dir, a .gguf file, or a hub id"
+        )
     if not (path / "config.json").is_file():
         raise UserError(WHERE, f"'{name}' without config.json", "a model dir written by save_pretrained")
     return str(path)
