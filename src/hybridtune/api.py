@@ -244,6 +244,7 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets) 
         "run_dir": str(run),
         "recipe": recipe.name,
         "test": {k: test[k] for k in prep.task.HEADLINE},
+        "warnings": test.get("warnings", []),  # e.g. no better than the majority class (tasks/baseline.py)
         **({"zero_shot_test": {k: zero_shot[k] for k in prep.task.HEADLINE}} if zero_shot else {}),
         "best_validation": state.best_metric,
         "best_checkpoint": state.best_model_checkpoint,
