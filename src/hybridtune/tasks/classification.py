@@ -220,7 +220,7 @@ def eval_frame(data: str | None, data_cfg, labels: Labels) -> pd.DataFrame:
     if data is None:
         frame = load_splits(data_cfg).test
     else:
-        frame = read_table(data, "--data")
+        frame = read_table(data, "--data", data_cfg.delimiter)
         if isinstance(frame, dict):
             frame = frame["test"] if "test" in frame else next(iter(frame.values()))
         check_columns(frame, columns(data_cfg), data)
