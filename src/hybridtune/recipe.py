@@ -36,13 +36,31 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
-    name: str = Field("bundled:minilm", description="bundled:minilm, a local model dir, or a hub id")
+    name: str = Field(
+        "bundled:minilm",
+        description="bundled:minilm | bundled:smollm2, a local model dir, a .gguf file (de-quantized once "
+        "into a cached plain copy), or a hub id",
+    )
+    gguf_file: str | None = Field(
+        None, description="a .gguf file in the dir `name` (read as name: DIR/FILE.gguf, which it becomes)"
+    )
     revision: str | None = Field(None, description="hub revision (only for hub ids)")
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+        value = {"name": value} if isinstance(value, str) else value
+        if isinstance(value, dict) and value.get("gguf_file"):
+            # one spelling downstream: every loader sees a .gguf path in `name`
+            file, folder = str(value["gguf_file"]), str(value.get("name") or "")
+            if not file.lower().endswith(".gguf"):
+                raise ValueError(f"model.gguf_file: found {file!r}; expected a file name ending in .gguf")
+            if not folder or folder.startswith("bundled:"):
+                raise ValueError(
+                    f"model.gguf_file: found {file!r} with model.name {folder!r}; expected the dir that holds it"
+                )
+            value = {**value, "name": str(Path(folder) / file), "gguf_file": None}
+        return value
 
 
 class SplitConfig(Section):
@@ -63,6 +81,11 @@ class DataConfig(Section):
     train: str | None = Field(None, description="explicit train file (instead of `source`)")
     validation: str | None = None
     test: str | None = None
+    delimiter: str | None = Field(
+        None,
+        description="of CSV files: one character (`tab` or \\t for a tab); default: sniffed among , ; tab | "
+        "(a .tsv file: tab)",
+    )
     text_column: str = "text"
     text_pair_column: str | None = Field(None, description="second text for sentence-pair tasks")
     label_column: str = "label"
@@ -89,6 +112,15 @@ class DataConfig(Section):
             return {"source": value}
         if isinstance(value, dict) and value.get("train") and "source" not in value:
             value = {**value, "source": None}  # explicit files replace the default source
+        return value
+
+    @field_validator("delimiter", mode="before")
+    @classmethod
+    def _delimiter(cls, value: Any) -> Any:
+        # a tab is hard to write on a command line or in YAML without quotes: `tab` and `\t` say it
+        value = {"tab": "\t", "\\t": "\t"}.get(value, value) if isinstance(value, str) else value
+        if isinstance(value, str) and (len(value) != 1 or value in '"\r\n'):
+            raise ValueError("one character other than a quote or a line break (`tab` for a tab)")
         return value
 
     @model_validator(mode="after")
@@ -324,6 +356,8 @@ def apply_override(raw: dict, item: str) -> None:
     try:
         value = yaml.safe_load(text) if text else None
     except yaml.YAMLError:
+        value = text
+    if text in ("|", ">"):  # YAML reads a lone block-scalar indicator as '': meant is the character
         value = text
     node = raw
     parts = key.split(".")

@@ -29,6 +29,15 @@ def check_columns(frame: pd.DataFrame, columns: dict[str, str], origin: str) -> 
     """`columns`: recipe key -> column name; every one must exist in the frame."""
     present = [c for c in frame.columns if c != "_where"]
     for key, column in columns.items():
+        if column not in present and len(present) == 1 and "delimiter" in frame.attrs:
+            # a CSV file the delimiter split into nothing: every row is one column
+            shown = {"\t": "tab"}.get(frame.attrs["delimiter"], repr(frame.attrs["delimiter"]))
+            raise UserError(
+                f"{origin} (data.delimiter)",
+                f"every row one column ('{present[0][:60]}') when split at {shown}",
+                f"the columns {', '.join(repr(c) for c in columns.values())}: set data.delimiter to the "
+                "file's delimiter",
+            )
         if column not in present:
             raise UserError(
                 f"{origin} (data.{key})",
@@ -72,7 +81,7 @@ def load_splits(
         if bundled.is_bundled(cfg.source):
             table, label_names = bundled.dataset(cfg.source)
         else:
-            table = read_table(cfg.source, "data.source")
+            table = read_table(cfg.source, "data.source", cfg.delimiter)
         if isinstance(table, dict):  # a saved DatasetDict brings its own splits
             frames = {name: table[name] for name in SPLITS if name in table}
             if "train" not in frames:
@@ -83,7 +92,7 @@ def load_splits(
         for name in SPLITS:
             path = getattr(cfg, name)
             if path:
-                frames[name] = read_table(path, f"data.{name}")
+                frames[name] = read_table(path, f"data.{name}", cfg.delimiter)
                 if isinstance(frames[name], dict):
                     raise UserError(
                         f"data.{name}", "a dataset dict", "a single split (file or saved Dataset)"

@@ -77,6 +77,7 @@ def train_joint(recipe) -> dict:
     trunk, one trunk forward per batch; each is then saved as a normal run under members/<i>."""
     from hybridtune import api
     from hybridtune.recipe import recipe_to_yaml
+    from hybridtune.strategy.peft import save_base_config
     from hybridtune.strategy.plan import Plan
     from hybridtune.tasks import classification
     from hybridtune.train.engine import make_trainer, resolve_precision, training_arguments
@@ -151,6 +152,7 @@ def train_joint(recipe) -> dict:
         def save(tmp: Path, model=model, prep=prep) -> None:
             model.save_pretrained(tmp)
             prep.tokenizer.save_pretrained(tmp)
+            save_base_config(model, tmp)
 
         rundir.save_dir_atomically(member_run / "final", save)
         test = classification.report(model, prep.tokenizer, prep.datasets["test"], prep.labels)

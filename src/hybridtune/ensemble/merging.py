@@ -30,6 +30,7 @@ def merge_adapters(
 
     from hybridtune.model.loading import resolve
     from hybridtune.recipe import recipe_to_yaml
+    from hybridtune.strategy.peft import save_base_config
     from hybridtune.tasks import classification
     from hybridtune.tasks.classification import full_report
 
@@ -91,6 +92,7 @@ def merge_adapters(
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp / "final", selected_adapters=["default"])
         tokenizer.save_pretrained(tmp / "final")
+        save_base_config(model, tmp / "final")
         merged = recipe.model_copy(update={"name": f"{recipe.name}-merged"})
         rundir.write_text(tmp / "recipe.yaml", recipe_to_yaml(merged))
         rundir.write_json(tmp / "run.json", {**info, "merged_from": summary["members"]})

@@ -1,4 +1,4 @@
-"""Load a base model and its tokenizer: bundled name, local dir, or hub id (when a network exists)."""
+"""Load a base model and its tokenizer: bundled name, local dir, GGUF file, or hub id (with a network)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,28 @@ from typing import Any
 
 from hybridtune import bundled
 from hybridtune.errors import UserError
+from hybridtune.model import gguf
 
 WHERE = "model.name"
 
 
 def resolve(name: str) -> str:
-    """A path for bundled names and local dirs (checked), the id itself for a hub id."""
+    """A path for bundled names, local dirs and GGUF files (checked; a GGUF file: its cached plain
+    copy), the id itself for a hub id."""
     if bundled.is_bundled(name):
         return bundled.model_path(name, WHERE)
     path = Path(name).expanduser()
+    if gguf.is_gguf_name(name):
+        return str(gguf.plain_dir(path, WHERE))
     looks_local = (
         name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1 or os.sep + os.sep in name
     )
     if not looks_local:
         return name  # a hub id: transformers fetches it when a network exists
     if not path.is_dir():
-        raise UserError(WHERE, f"'{name}' (no such directory)", "bundled:minilm, a model dir, or a hub id")
+        raise UserError(
+            WHERE, f"'{name}' (no such directory)", "bundled:minilm, a model dir, a .gguf file, or a hub id"
+        )
     if not (path / "config.json").is_file():
         raise UserError(WHERE, f"'{name}' without config.json", "a model dir written by save_pretrained")
     return str(path)

@@ -49,6 +49,9 @@ def run_row(run_dir: Path, measured: dict) -> dict:
         (r for r in evals if best is not None and abs(r.get(key, float("nan")) - best) < 1e-12), None
     )
     test = report["test"]
+    warnings = report.get("warnings")
+    if warnings is None and (run_dir / "eval.json").is_file():  # a run from before report.json had them
+        warnings = rundir.read_json(run_dir / "eval.json").get("warnings")
     return {
         "metric": metric,
         "test_metric": test.get(metric),
@@ -66,6 +69,8 @@ def run_row(run_dir: Path, measured: dict) -> dict:
         # the depth the run started caching at; an ensemble's report has none (its members do)
         "cached_blocks": (report.get("trunk_cache") or {}).get("depth"),
         "curve": [(r["time_s"], r["step"], r[f"eval_{metric}"]) for r in evals],
+        # a run no better than the majority class, or predicting one class (tasks/baseline.py)
+        "warnings": warnings or [],
     }
 
 
@@ -87,7 +92,19 @@ def aggregate(rows: list[dict]) -> list[dict]:
         for key, _, _ in COLUMNS:
             entry[key], entry[key + "_std"] = _mean_std([r[key] for r in entry["runs"]])
         entry["metric"] = entry["runs"][0]["metric"]
+        entry["warnings"] = warning_summary(entry["runs"])
     return list(out.values())
+
+
+def warning_summary(runs: list[dict]) -> str:
+    """e.g. "majority baseline 2/3, one class 1/3": how many seeds drew each kind of warning."""
+    from hybridtune.tasks.baseline import short
+
+    counts: dict[str, int] = {}
+    for run in runs:
+        for kind in dict.fromkeys(short(run["warnings"])):
+            counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{kind} {n}/{len(runs)}" for kind, n in counts.items())
 
 
 def _fmt(value, std, kind: str) -> str:
@@ -104,9 +121,11 @@ def _fmt(value, std, kind: str) -> str:
 
 def table_rows(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     metric = summary[0]["metric"]
-    header = ["strategy", "seeds"] + [label.format(metric=metric) for _, label, _ in COLUMNS]
+    header = ["strategy", "seeds"] + [label.format(metric=metric) for _, label, _ in COLUMNS] + ["warnings"]
     body = [
-        [s["strategy"], str(len(s["seeds"]))] + [_fmt(s[k], s[k + "_std"], kind) for k, _, kind in COLUMNS]
+        [s["strategy"], str(len(s["seeds"]))]
+        + [_fmt(s[k], s[k + "_std"], kind) for k, _, kind in COLUMNS]
+        + [s.get("warnings") or "-"]
         for s in summary
     ]
     return header, body
@@ -210,7 +229,9 @@ def write_outputs(root: Path, runs: list[dict], measured: dict, name: str) -> li
         rows.append({"strategy": entry["strategy"], "seed": entry["seed"], "run": entry["run"], **row})
     summary = aggregate(rows)
     header, body = table_rows(summary)
-    flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
+    flat = [
+        {**{k: v for k, v in r.items() if k != "curve"}, "warnings": "; ".join(r["warnings"])} for r in rows
+    ]
     with (root / ".comparison.csv.tmp").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]))
         writer.writeheader()

@@ -6,6 +6,7 @@ import sys
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 # piped or redirected, rich would wrap wide tables (the compare table) at 80 columns
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -17,6 +18,7 @@ def eval_tables(report: dict, title: str = "test") -> list[Table]:
     summary.add_column("value", justify="right")
     summary.add_row("accuracy", f"{100 * report['accuracy']:.2f} %")
     summary.add_row("macro-F1", f"{100 * report['f1_macro']:.2f} %")
+    add_baseline_rows(summary, report, "class")
 
     per_class = Table(title="per class")
     for col in ("label", "precision", "recall", "F1", "support"):
@@ -36,7 +38,25 @@ def eval_tables(report: dict, title: str = "test") -> list[Table]:
         confusion.add_column(name, justify="right")
     for name, row in zip(report["labels"], report["confusion_matrix"], strict=True):
         confusion.add_row(name, *map(str, row))
-    return [summary, per_class, confusion]
+    return [summary, per_class, confusion, *warning_lines(report)]
+
+
+def add_baseline_rows(summary: Table, report: dict, unit: str) -> None:
+    """The majority baseline and the most-predicted label (tasks/baseline.py); an eval.json written
+    before they existed has neither."""
+    base = report.get("baseline")
+    if base:
+        summary.add_row(
+            f"majority-{unit} baseline", f"{100 * base['majority_share']:.2f} % ({base['majority_label']})"
+        )
+        summary.add_row(
+            f"most-predicted {unit}",
+            f"{100 * base['top_predicted_share']:.2f} % ({base['top_predicted_label']})",
+        )
+
+
+def warning_lines(report: dict) -> list[Text]:
+    return [Text(f"warning: {w}", style="bold yellow") for w in report.get("warnings", [])]
 
 
 def params_table(table: dict) -> Table:

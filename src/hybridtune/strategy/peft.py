@@ -46,6 +46,8 @@ from hybridtune.errors import UserError, did_you_mean
 from hybridtune.model.anatomy import block_layout
 
 ALIASES = {"dora": ("lora", {"use_dora": True})}
+# beside a peft adapter in final/: the base model's config as the run built it (label names included)
+BASE_CONFIG = "base_config.json"
 # set by the task, never by the user
 RESERVED = {"task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping"}
 # attention projections LoRA targets when peft has no default for the architecture
@@ -378,6 +380,17 @@ def load_adapter(base: nn.Module, path: str | Path, **kwargs: Any) -> nn.Module:
     if str(PeftAdapterConfig.from_pretrained(str(path)).peft_type.value).lower() == "prefix_tuning":
         accept_prefix_cache(base)
     return PeftModel.from_pretrained(base, str(path), **kwargs)
+
+
+def save_base_config(model: nn.Module, out_dir: Path) -> None:
+    """peft saves an adapter and no transformers config, so a classifier's label names (id2label,
+    label2id) would live only in run.json: the base loaded by itself shows LABEL_0, LABEL_1, ... Write
+    the config the run built the base with beside the adapter, under a name of its own: a `config.json`
+    there would make transformers take final/ for a whole model (`integrations/peft.py:
+    maybe_load_adapters` loads the base named in adapter_config.json only when config.json is absent).
+    Load: `from_pretrained(BASE, config=AutoConfig.from_pretrained("final/base_config.json"))`."""
+    if hasattr(model, "peft_config"):
+        model.get_base_model().config.to_json_file(Path(out_dir) / BASE_CONFIG)
 
 
 def training_args(config: PeftConfig) -> dict:

@@ -169,7 +169,7 @@ def eval_frame(data: str | None, data_cfg, labels: Labels) -> pd.DataFrame:
     """The rows to evaluate: the recipe's test split, or every row of `data` (a file or dataset dir)."""
     if data is None:
         return load_splits(data_cfg).test
-    frame = read_table(data, "--data")
+    frame = read_table(data, "--data", data_cfg.delimiter)
     if isinstance(frame, dict):
         frame = frame["test"] if "test" in frame else next(iter(frame.values()))
     check_columns(frame, columns(data_cfg), data)

@@ -19,6 +19,7 @@ from hybridtune.data import load_splits as load_data_splits
 from hybridtune.data.sources import read_table
 from hybridtune.errors import UserError
 from hybridtune.inference import to_device
+from hybridtune.tasks import baseline
 
 NAME = "classification"
 peft_task_type = "SEQ_CLS"
@@ -164,19 +165,26 @@ def compute_metrics(eval_pred) -> dict[str, float]:
 
 
 def full_report(y_true: np.ndarray, logits: np.ndarray, labels: Labels) -> dict:
-    """accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
+    """accuracy, macro-F1, per-class precision/recall/F1/support, the confusion matrix, the
+    majority-class baseline and the warnings of a model no better than it (tasks/baseline.py)."""
     y_pred = logits.argmax(-1)
     ids = list(range(len(labels.names)))
     per_class = classification_report(
         y_true, y_pred, labels=ids, target_names=labels.names, output_dict=True, zero_division=0
     )
+    accuracy = float(accuracy_score(y_true, y_pred))
+    names = labels.names
+    base = baseline.shares([names[i] for i in y_true], [names[i] for i in y_pred], names)
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy": accuracy,
         "f1_macro": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
         "n": int(len(y_true)),
         "per_class": {name: per_class[name] for name in labels.names},
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
         "labels": labels.names,
+        # the majority-class baseline and the most-predicted class; warnings when no better (baseline.py)
+        "baseline": base,
+        "warnings": baseline.classification_warnings(accuracy, base, len(y_true)),
     }
 
 
@@ -212,7 +220,7 @@ def eval_frame(data: str | None, data_cfg, labels: Labels) -> pd.DataFrame:
     if data is None:
         frame = load_splits(data_cfg).test
     else:
-        frame = read_table(data, "--data")
+        frame = read_table(data, "--data", data_cfg.delimiter)
         if isinstance(frame, dict):
             frame = frame["test"] if "test" in frame else next(iter(frame.values()))
         check_columns(frame, columns(data_cfg), data)

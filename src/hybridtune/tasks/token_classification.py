@@ -29,6 +29,7 @@ from hybridtune.data.conll import check_sentence
 from hybridtune.data.sources import read_table
 from hybridtune.errors import UserError
 from hybridtune.inference import to_device
+from hybridtune.tasks import baseline
 from hybridtune.tasks.classification import Labels
 
 NAME = "token_classification"
@@ -185,17 +186,26 @@ def make_compute_metrics(labels: Labels):
 
 
 def full_report(gold: list[list[str]], pred: list[list[str]], labels: Labels) -> dict:
-    """The headline scores, and precision / recall / F1 / support per entity type."""
+    """The headline scores, precision / recall / F1 / support per entity type, the majority-tag
+    baseline and the warnings of a model that found no entities (tasks/baseline.py)."""
     from seqeval.metrics import classification_report
     from seqeval.metrics.sequence_labeling import get_entities
 
     per_type = classification_report(gold, pred, output_dict=True, zero_division=0)
     types = sorted({name[2:] for name in labels.names if name != "O"})
     empty = {"precision": 0.0, "recall": 0.0, "f1-score": 0.0, "support": 0}
+    headline = scores(gold, pred)
+    entities = sum(len(get_entities(tags)) for tags in gold)
+    words_gold, words_pred = [t for s in gold for t in s], [t for s in pred for t in s]
+    base = baseline.shares(
+        words_gold, words_pred, labels.names
+    )  # over words: the majority tag is almost always O
     return {
-        **scores(gold, pred),
+        **headline,
         "n": len(gold),
-        "entities": sum(len(get_entities(tags)) for tags in gold),
+        "entities": entities,
+        "baseline": base,
+        "warnings": baseline.token_warnings(headline, base, len(words_gold), entities),
         "per_type": {
             t: {k: (int(v) if k == "support" else float(v)) for k, v in per_type.get(t, empty).items()}
             for t in types
@@ -237,7 +247,7 @@ def eval_frame(data: str | None, data_cfg, labels: Labels) -> pd.DataFrame:
     """The rows to evaluate: the recipe's test split, or every sentence of `data` (file or dataset dir)."""
     if data is None:
         return load_splits(data_cfg).test
-    frame = read_table(data, "--data")
+    frame = read_table(data, "--data", data_cfg.delimiter)
     if isinstance(frame, dict):
         frame = frame["test"] if "test" in frame else next(iter(frame.values()))
     check_columns(frame, columns(data_cfg), data)
@@ -317,6 +327,8 @@ def format_prediction(row: dict) -> str:
 def eval_tables(report: dict, title: str = "test") -> list:
     from rich.table import Table
 
+    from hybridtune.report.console import add_baseline_rows, warning_lines
+
     summary = Table(title=f"{title}: {report['n']} sentences, {report['entities']} entities")
     summary.add_column("metric")
     summary.add_column("value", justify="right")
@@ -328,6 +340,7 @@ def eval_tables(report: dict, title: str = "test") -> list:
         ("accuracy", "token accuracy"),
     ):
         summary.add_row(label, f"{100 * report[key]:.2f} %")
+    add_baseline_rows(summary, report, "tag")
     per_type = Table(title="per entity type")
     for col in ("type", "precision", "recall", "F1", "support"):
         per_type.add_column(col, justify="left" if col == "type" else "right")
@@ -339,4 +352,4 @@ def eval_tables(report: dict, title: str = "test") -> list:
             f"{row['f1-score']:.3f}",
             str(row["support"]),
         )
-    return [summary, per_type]
+    return [summary, per_type, *warning_lines(report)]
