@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from hybridtune.errors import UserError, did_you_mean
-from hybridtune.search.space import FAMILIES, SEARCHED, SEARCHED_TRAIN, Space, TrainSpace, VerdictConfig
+from hybridtune.search.space import FAMILIES, Families, SEARCHED, SEARCHED_TRAIN, Space, TrainSpace, VerdictConfig
 
 
 @dataclass
@@ -67,12 +67,19 @@ def load_space(path: str | None, overrides: list[str] | None = None) -> Space:
         raise _space_error(e, origin) from None
 
 
+# the names users bring from peft's and the papers' vocabulary, for did-you-mean
+FAMILIAR = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
+            "learning_rate": "lr", "num_train_epochs": "epochs", "warmup_ratio": "warmup",
+            "lr_scheduler_type": "schedule", "per_device_train_batch_size": "batch_size"}  # fmt: skip
+
+
 def _owner(loc: tuple) -> type[BaseModel] | None:
     if len(loc) == 1:
         return Space
     if loc[0] == "families" and len(loc) == 3:
         return FAMILIES.get(str(loc[1]))
-    return {"train": TrainSpace, "verdict": VerdictConfig}.get(str(loc[0])) if len(loc) == 2 else None
+    owners = {"train": TrainSpace, "verdict": VerdictConfig, "families": Families}
+    return owners.get(str(loc[0])) if len(loc) == 2 else None
 
 
 def _space_error(e: ValidationError, origin: str) -> UserError:
@@ -82,9 +89,9 @@ def _space_error(e: ValidationError, origin: str) -> UserError:
     if err["type"] == "extra_forbidden":
         owner = _owner(loc)
         allowed = sorted(owner.model_fields) if owner else []
-        return UserError(
-            where, f"unknown key '{loc[-1]}'", "one of " + ", ".join(allowed), did_you_mean(str(loc[-1]), allowed)
-        )
+        key = str(loc[-1])
+        hint = f"did you mean '{FAMILIAR[key]}'?" if FAMILIAR.get(key) in allowed else did_you_mean(key, allowed)
+        return UserError(where, f"unknown key '{key}'", "one of " + ", ".join(allowed), hint)
     msg = re.sub(r"^(Value error, |Assertion failed, )", "", err["msg"])
     pointed = re.fullmatch(r"([\w.]+): found (.+); expected (.+)", msg, re.S)
     if pointed:
@@ -189,7 +196,7 @@ def _check_corners(ctx: Context) -> None:
     from hybridtune.search.space import recipe_dict
 
     shared = {k: p.corners()[0] for k, p in dict(ctx.space.train).items()}
-    for family, settings in ctx.space.families.items():
+    for family, settings in ctx.space.chosen().items():
         params = dict(settings)
         for end in (0, -1):
             values = {k: p.corners()[end] for k, p in params.items()}

@@ -172,6 +172,24 @@ def strategy_keys(family: str, v: dict[str, Any], blocks: int) -> dict[str, Any]
     raise KeyError(family)
 
 
+class Families(BaseModel):
+    """The families searched: those named (a space file restricts the default, which has all)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    full: Full | None = None
+    freeze_top: FreezeTop | None = None
+    freeze_bottom: FreezeBottom | None = None
+    bitfit: BitFit | None = None
+    lora: Lora | None = None
+    dora: Lora | None = None
+    ia3: IA3 | None = None
+    adapters: Adapters | None = None
+    soft_prompt_lora: SoftPromptLora | None = None
+    llrd: Llrd | None = None
+    staged: Staged | None = None
+
+
 # ---- the space --------------------------------------------------------------------------------------
 
 
@@ -213,7 +231,7 @@ class Space(BaseModel):
     base: dict | str = Field(default_factory=dict, description="recipe keys every trial shares, or a recipe file")
     metric: str | None = Field(None, description="validation metric (default: the task's main metric)")
     objectives: list[Literal["metric", "params", "time", "memory"]] = Field(default_factory=lambda: ["metric"])
-    families: dict[str, Any] = Field(default_factory=lambda: {name: {} for name in FAMILIES})
+    families: Families = Field(default_factory=lambda: {name: {} for name in FAMILIES})
     train: TrainSpace = Field(default_factory=TrainSpace)
     evaluations: int = Field(4, ge=1, description="validations per trial (the rungs the pruner compares)")
     sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
@@ -229,28 +247,14 @@ class Space(BaseModel):
             if not all(isinstance(v, str) for v in value):
                 raise ValueError("found a list with non-names; expected family names or a mapping")
             return {name: {} for name in value}
+        if isinstance(value, dict):  # `lora:` with nothing under it = lora with its defaults
+            return {k: ({} if v is None else v) for k, v in value.items()}
         return value
-
-    @field_validator("families")
-    @classmethod
-    def _families(cls, value: dict) -> dict:
-        from hybridtune.errors import did_you_mean
-
-        if not value:
-            raise ValueError("found no family; expected at least one of " + ", ".join(FAMILIES))
-        out = {}
-        for name, settings in value.items():
-            if name not in FAMILIES:
-                hint = did_you_mean(name, FAMILIES)
-                raise ValueError(
-                    f"found unknown family {name!r}; expected one of {', '.join(FAMILIES)}"
-                    + (f" ({hint})" if hint else "")
-                )
-            out[name] = FAMILIES[name].model_validate(settings or {})
-        return out
 
     @model_validator(mode="after")
     def _objectives(self) -> Space:
+        if not self.chosen():
+            raise ValueError("families: found no family; expected at least one of " + ", ".join(FAMILIES))
         if "metric" not in self.objectives:
             raise ValueError("objectives: found no 'metric'; expected the validation metric among them")
         if len(set(self.objectives)) < len(self.objectives):
@@ -259,6 +263,10 @@ class Space(BaseModel):
             self.objectives = ["metric", *[o for o in self.objectives if o != "metric"]]
         return self
 
+    def chosen(self) -> dict[str, Family]:
+        """The searched families and their settings, in the order of FAMILIES."""
+        return {name: getattr(self.families, name) for name in FAMILIES if getattr(self.families, name) is not None}
+
     def directions(self, metric: str) -> list[str]:
         first = "minimize" if metric == "loss" else "maximize"
         return [first] + ["minimize"] * (len(self.objectives) - 1)
@@ -266,7 +274,7 @@ class Space(BaseModel):
     def identity(self) -> dict:
         """What makes two searches the same study (resume): everything but the verdict's settings."""
         dump = self.model_dump(mode="python", exclude={"verdict"})
-        dump["families"] = {k: _yaml(v) for k, v in self.families.items()}
+        dump["families"] = {k: _yaml(v) for k, v in self.chosen().items()}
         dump["train"] = _yaml(self.train)
         return dump
 
@@ -277,9 +285,10 @@ def _yaml(model: BaseModel) -> dict:
 
 def sample(space: Space, trial: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """A trial's family, its family values and the shared training values (Optuna suggest calls)."""
-    names = list(space.families)
+    chosen = space.chosen()
+    names = list(chosen)
     family = names[0] if len(names) == 1 else trial.suggest_categorical("family", names)
-    settings = space.families[family]
+    settings = chosen[family]
     values = {k: p.sample(trial, f"{family}.{k}") for k, p in dict(settings).items()}
     shared = {k: p.sample(trial, k) for k, p in dict(space.train).items()}
     return family, values, shared
