@@ -36,7 +36,11 @@ def _space(path: Path, tiny_bert: str, data: str, **extra) -> Path:
             "freeze_top": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}},
         },
         "train": {"epochs": 1.0, "batch_size": 16, "warmup": 0.0, "weight_decay": 0.0, "schedule": "linear"},
-        "verdict": {"top": 2, "seeds": 2, "reference": {"train": {"epochs": 1, "lr": 0.005, "batch_size": 16}}},
+        "verdict": {
+            "top": 2,
+            "seeds": 2,
+            "reference": {"train": {"epochs": 1, "lr": 0.005, "batch_size": 16}},
+        },
     }
     space.update(extra)
     path.write_text(yaml.safe_dump(space))
@@ -66,7 +70,9 @@ def test_outputs_and_every_trial_recipe_is_valid(searched):
         recipe = load_recipe(run / "recipe.yaml")  # valid: the schema accepts it as it is
         assert recipe.name == t["family"]
         # no early stopping in this base: every trial validates the space's 4 times
-        evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in x]
+        evals = [
+            json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in x
+        ]
         assert len(evals) == t["evaluations"] == 4
         assert t["value"] == max(e["eval_accuracy"] for e in evals)
         assert not (run / "final").exists() and not (run / "eval.json").exists()  # the search never tests
@@ -167,7 +173,9 @@ def test_weak_trials_are_pruned_early(tmp_path, tiny_bert, sentiment_csv):
     assert weak["state"] == "pruned" and weak["evaluations"] == 1, lines
     marker = json.loads((Path(weak["run_dir"]) / "trial.json").read_text())
     assert marker["state"] == "pruned"
-    steps = [json.loads(x)["step"] for x in (Path(weak["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        json.loads(x)["step"] for x in (Path(weak["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]
     assert max(steps) < 12  # stopped before the end of its 12 steps
     assert any("trial 1" in line and "pruned at evaluation 1" in line for line in lines)
 
@@ -175,7 +183,19 @@ def test_weak_trials_are_pruned_early(tmp_path, tiny_bert, sentiment_csv):
 def test_kill_9_mid_search_and_resume_keeps_finished_trials(tmp_path, tiny_bert, sentiment_csv):
     space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0})
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "hybridtune", "search", str(space), "--trials", "3", "--out", str(out), "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hybridtune",
+        "search",
+        str(space),
+        "--trials",
+        "3",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "HYBRIDTUNE_TEST_KILL_AT": "trial:2", "HF_HUB_OFFLINE": "1"}
     killed = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
@@ -238,8 +258,16 @@ def test_plot_labels_never_overlap():
     [
         ({"families": []}, [], ["families", "no family"]),
         ({"families": {"lroa": {}}}, [], ["families", "lroa", "did you mean 'lora'"]),
-        ({"families": {"lora": {"rank": [4]}}}, [], ["families.lora.rank", "unknown key", "did you mean 'r'"]),
-        ({"families": {"full": {"lr": {"low": 1e-3, "high": 1e-4}}}}, [], ["families.full.lr", "low", "high"]),
+        (
+            {"families": {"lora": {"rank": [4]}}},
+            [],
+            ["families.lora.rank", "unknown key", "did you mean 'r'"],
+        ),
+        (
+            {"families": {"full": {"lr": {"low": 1e-3, "high": 1e-4}}}},
+            [],
+            ["families.full.lr", "low", "high"],
+        ),
         ({"families": {"lora": {"r": []}}}, [], ["families.lora.r", "empty list"]),
         ({"metric": "bleu"}, [], ["metric", "bleu", "accuracy"]),
         ({"objectives": ["params"]}, [], ["objectives", "metric"]),
@@ -274,6 +302,10 @@ def test_a_dir_holding_another_study_is_refused(tmp_path, tiny_bert, sentiment_c
     out = tmp_path / "out"
     run_search(str(space), [], str(out), trials=1, threads=1, echo=lambda *_: None)
     listing = sorted(p.name for p in out.rglob("*"))
-    result = CliRunner().invoke(app, ["search", str(space), "families=[full]", "--out", str(out), "--trials", "1"])
-    assert result.exit_code == 2 and "--out" in result.stderr and "another study" in result.stderr, result.stderr
+    result = CliRunner().invoke(
+        app, ["search", str(space), "families=[full]", "--out", str(out), "--trials", "1"]
+    )
+    assert result.exit_code == 2 and "--out" in result.stderr and "another study" in result.stderr, (
+        result.stderr
+    )
     assert sorted(p.name for p in out.rglob("*")) == listing  # nothing written

@@ -228,7 +228,9 @@ def _train(
     )
     resumed_epoch = rundir.read_json(checkpoint / "trainer_state.json")["epoch"] if checkpoint else 0.0
     zero_shot = None
-    if hasattr(prep.task, "zero_shot") and main and not search_trial:  # what the prompt alone scores, before training: the lift
+    if (
+        hasattr(prep.task, "zero_shot") and main and not search_trial
+    ):  # what the prompt alone scores, before training: the lift
         if checkpoint is not None and (run / "zero_shot.json").is_file():  # measured when the run began
             zero_shot = rundir.read_json(run / "zero_shot.json")
         else:

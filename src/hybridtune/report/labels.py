@@ -1,7 +1,7 @@
 """Point labels on a matplotlib plot that never overlap each other or the points.
 
 Each label tries offsets around its point, nearest first, and takes the first whose box (measured
-by the renderer, in display pixels) overlaps no label placed before it and no point marker; a
+by the renderer, in display pixels) overlaps no label placed before it no point marker and not the legend; a
 label with no free spot is left out of the plot and returned, for the caller to list beside it.
 matplotlib has no label placement of its own (adjustText would be a dependency for these lines).
 """
@@ -25,6 +25,9 @@ def place_labels(ax, xs: list[float], ys: list[float], labels: list[str], fontsi
     pad = 3.0  # pixels around each point marker
     points = [ax.transData.transform((x, y)) for x, y in zip(xs, ys, strict=True)]
     taken = [Bbox.from_extents(px - pad, py - pad, px + pad, py + pad) for px, py in points]
+    legend = ax.get_legend()
+    if legend is not None:
+        taken.append(legend.get_window_extent(renderer))
     frame = ax.get_window_extent(renderer)
     left_out = []
     for (x, y), label in zip(zip(xs, ys, strict=True), labels, strict=True):

@@ -35,7 +35,9 @@ class Param:
                 return self.choices[0]
             return trial.suggest_categorical(name, list(self.choices))
         if self.integer:
-            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+            return trial.suggest_int(
+                name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
     def corners(self) -> list:

@@ -65,7 +65,9 @@ def fronts(rows: list[dict], ctx: Context) -> dict[str, list[int]]:
     }  # fmt: skip
     if len(ctx.space.objectives) > 1:
         maximize = [up] + [False] * (len(ctx.space.objectives) - 1)
-        out["objectives"] = [done[i]["number"] for i in non_dominated([tuple(r["values"]) for r in done], maximize)]
+        out["objectives"] = [
+            done[i]["number"] for i in non_dominated([tuple(r["values"]) for r in done], maximize)
+        ]
     return out
 
 
@@ -79,10 +81,16 @@ def pareto_plot(rows: list[dict], front: list[int], key: str, xlabel: str, metri
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     ax.scatter([r[key] for r in done], [100 * r["value"] for r in done], s=14, color="#bbb", label="trial")
     ax.step([r[key] for r in on], [100 * r["value"] for r in on], where="post", color="#1f77b4", alpha=0.6)
-    ax.scatter([r[key] for r in on], [100 * r["value"] for r in on], s=28, color="#1f77b4", label="Pareto front")
+    ax.scatter(
+        [r[key] for r in on], [100 * r["value"] for r in on], s=28, color="#1f77b4", label="Pareto front"
+    )
     if log:
         ax.set_xscale("log")
-    ax.set(xlabel=xlabel, ylabel=f"validation {metric} %", title=f"Validation {metric} vs {xlabel.split(' (')[0]}")
+    ax.set(
+        xlabel=xlabel,
+        ylabel=f"validation {metric} %",
+        title=f"Validation {metric} vs {xlabel.split(' (')[0]}",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -111,7 +119,18 @@ def _table(header: list[str], body: list[list[str]], ident: str) -> str:
 
 
 def trials_table(rows: list[dict], metric: str, front: set[int]) -> tuple[list[str], list[list[str]]]:
-    header = ["trial", "family", "state", f"val {metric}", "evaluations", "trainable", "train s", "peak MiB", "Pareto", "settings"]
+    header = [
+        "trial",
+        "family",
+        "state",
+        f"val {metric}",
+        "evaluations",
+        "trainable",
+        "train s",
+        "peak MiB",
+        "Pareto",
+        "settings",
+    ]
     body = [
         [str(r["number"]), r["family"] or "-", r["state"], _cell(r["value"], "pct") if metric != "loss" else _cell(r["value"]),
          _cell(r["evaluations"]), _cell(r["trainable"]), _cell(r["train_seconds"]), _cell(r["peak_memory_mib"]),
@@ -140,7 +159,9 @@ def verdict_table(verdict: dict) -> tuple[list[str], list[list[str]]]:
 
 def write_outputs(root: Path, study, ctx: Context) -> dict:
     rows = trial_rows(study)
-    rundir.write_json(root / "trials.json", {"metric": ctx.metric, "objectives": ctx.space.objectives, "trials": rows})
+    rundir.write_json(
+        root / "trials.json", {"metric": ctx.metric, "objectives": ctx.space.objectives, "trials": rows}
+    )
     with (root / ".trials.csv.tmp").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
@@ -157,8 +178,12 @@ def write_outputs(root: Path, study, ctx: Context) -> dict:
         rundir.write_text(pareto_dir / f"trial-{n:04d}.yaml", recipes[f"trial-{n:04d}.yaml"])
     images = {}
     if any(r["state"] == "complete" for r in rows):
-        images["pareto_params.png"] = pareto_plot(rows, front["params"], "trainable", "trainable parameters (log scale)", ctx.metric, True)
-        images["pareto_time.png"] = pareto_plot(rows, front["time"], "train_seconds", "training time s", ctx.metric, False)
+        images["pareto_params.png"] = pareto_plot(
+            rows, front["params"], "trainable", "trainable parameters (log scale)", ctx.metric, True
+        )
+        images["pareto_time.png"] = pareto_plot(
+            rows, front["time"], "train_seconds", "training time s", ctx.metric, False
+        )
     for name, data in images.items():
         (root / name).write_bytes(data)
     verdict = rundir.read_json(root / "verdict.json") if (root / "verdict.json").is_file() else None
@@ -173,13 +198,17 @@ def pareto_recipe(root: Path, number: int) -> str:
     from hybridtune.recipe import load_recipe, recipe_to_yaml
 
     recipe = load_recipe(root / "trials" / f"trial-{number:04d}" / "recipe.yaml")
-    recipe = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": "runs", "name": None})})
+    recipe = recipe.model_copy(
+        update={"output": recipe.output.model_copy(update={"dir": "runs", "name": None})}
+    )
     recipe = recipe.model_copy(update={"name": f"{recipe.name}-trial{number}"})
     head = f"# trial {number} of the search in {root}: `hybridtune train` runs it as is\n"
     return head + yaml.safe_dump(yaml.safe_load(recipe_to_yaml(recipe)), sort_keys=False)
 
 
-def html_report(ctx: Context, rows, front: set[int], images: dict, recipes: dict, verdict: dict | None) -> str:
+def html_report(
+    ctx: Context, rows, front: set[int], images: dict, recipes: dict, verdict: dict | None
+) -> str:
     import base64
 
     name = ctx.space.name
@@ -204,9 +233,12 @@ def html_report(ctx: Context, rows, front: set[int], images: dict, recipes: dict
     header, body = trials_table(rows, ctx.metric, front)
     parts += ["<h2>Trials</h2>", _table(header, body, "trials")]
     details = "\n".join(
-        f"<details><summary>{html.escape(k)}</summary><pre>{html.escape(v)}</pre></details>" for k, v in recipes.items()
+        f"<details><summary>{html.escape(k)}</summary><pre>{html.escape(v)}</pre></details>"
+        for k, v in recipes.items()
     )
-    parts.append(f"<h2>Pareto recipes (<code>pareto/</code>, run with <code>hybridtune train</code>)</h2>{details}")
+    parts.append(
+        f"<h2>Pareto recipes (<code>pareto/</code>, run with <code>hybridtune train</code>)</h2>{details}"
+    )
     del done
     return (
         f'<!doctype html><html><head><meta charset="utf-8"><title>hybridtune search: {html.escape(name)}</title>'

@@ -19,7 +19,15 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from hybridtune.errors import UserError, did_you_mean
-from hybridtune.search.space import FAMILIES, Families, SEARCHED, SEARCHED_TRAIN, Space, TrainSpace, VerdictConfig
+from hybridtune.search.space import (
+    FAMILIES,
+    SEARCHED,
+    SEARCHED_TRAIN,
+    Families,
+    Space,
+    TrainSpace,
+    VerdictConfig,
+)
 
 
 @dataclass
@@ -35,7 +43,7 @@ class Context:
     n_train: int
     seed: int
     explicit_eval_steps: bool
-    extra: dict = field(default_factory=dict)
+    linear: list[str] = field(default_factory=list)  # a block's linear layers: LoRA's "all-linear"
 
 
 def load_space(path: str | None, overrides: list[str] | None = None) -> Space:
@@ -90,7 +98,9 @@ def _space_error(e: ValidationError, origin: str) -> UserError:
         owner = _owner(loc)
         allowed = sorted(owner.model_fields) if owner else []
         key = str(loc[-1])
-        hint = f"did you mean '{FAMILIAR[key]}'?" if FAMILIAR.get(key) in allowed else did_you_mean(key, allowed)
+        hint = (
+            f"did you mean '{FAMILIAR[key]}'?" if FAMILIAR.get(key) in allowed else did_you_mean(key, allowed)
+        )
         return UserError(where, f"unknown key '{key}'", "one of " + ", ".join(allowed), hint)
     msg = re.sub(r"^(Value error, |Assertion failed, )", "", err["msg"])
     pointed = re.fullmatch(r"([\w.]+): found (.+); expected (.+)", msg, re.S)
@@ -103,7 +113,10 @@ def _space_error(e: ValidationError, origin: str) -> UserError:
     if err["type"] == "literal_error" and "expected" in ctx:
         value = err.get("input")
         return UserError(
-            where, repr(value), "one of " + ctx["expected"], did_you_mean(str(value), re.findall(r"'([^']+)'", ctx["expected"]))
+            where,
+            repr(value),
+            "one of " + ctx["expected"],
+            did_you_mean(str(value), re.findall(r"'([^']+)'", ctx["expected"])),
         )
     return UserError(where, repr(err.get("input")), re.sub(r"^Input should be ", "", msg))
 
@@ -134,26 +147,36 @@ def base_recipe(space: Space, origin: str) -> dict:
         raise UserError(
             f"{origin}: base.train.{key}",
             f"{train[key]!r}, a setting the search samples",
-            f"it in the space (train.{key}: one value fixes it)" if key in dict(space.train)
+            f"it in the space (train.{key}: one value fixes it)"
+            if key in dict(space.train)
             else "no train.lr / max_steps in the base (each family has its lr range)",
         )
     for key in ("name", "warmup"):
         if key in (raw.get("schedule") or {}):
-            raise UserError(f"{origin}: base.schedule.{key}", "a setting the search samples", f"train.{'schedule' if key == 'name' else key} in the space")
+            raise UserError(
+                f"{origin}: base.schedule.{key}",
+                "a setting the search samples",
+                f"train.{'schedule' if key == 'name' else key} in the space",
+            )
     return raw
 
 
-def model_blocks(model_name: str) -> int:
-    """The model's number of blocks, from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
+def model_shape(model_name: str) -> tuple[int, list[str]]:
+    """The model's number of blocks and the linear layers of a block (names relative to the block),
+    from its config alone: the model is built on the meta device, no weights loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModel
 
+    from hybridtune.model.anatomy import Anatomy
     from hybridtune.model.loading import resolve
 
     config = AutoConfig.from_pretrained(resolve(model_name))
-    blocks = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    if not blocks:
-        raise UserError("base.model", f"{model_name}, whose config names no layer count", "a transformer")
-    return int(blocks)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    anatomy = Anatomy.of(model)
+    block = model.get_submodule(f"{anatomy.blocks_path}.0")
+    linear = [name for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    return anatomy.num_blocks, linear
 
 
 def resolve(space: Space, origin: str) -> Context:
@@ -174,7 +197,7 @@ def resolve(space: Space, origin: str) -> Context:
         )
     task = api.task_for(recipe)
     splits = task.load_splits(recipe.data)  # a bad data file stops here, by file:row
-    blocks = model_blocks(recipe.model.name)
+    blocks, linear = model_shape(recipe.model.name)
     ctx = Context(
         space=space,
         origin=origin,
@@ -185,6 +208,7 @@ def resolve(space: Space, origin: str) -> Context:
         n_train=len(splits.train),
         seed=recipe.train.seed,
         explicit_eval_steps=bool((raw.get("train") or {}).get("eval_steps")),
+        linear=linear,
     )
     _check_corners(ctx)
     return ctx
@@ -201,7 +225,7 @@ def _check_corners(ctx: Context) -> None:
         for end in (0, -1):
             values = {k: p.corners()[end] for k, p in params.items()}
             validate_recipe(
-                finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks)),
+                finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear)),
                 f"{ctx.origin}: families.{family}",
             )
 
@@ -256,7 +280,12 @@ def cheapest_trial_seconds(ctx: Context) -> float:
     model.eval()
     texts = splits.train.iloc[:batch]
     data = task.encode(texts, tokenizer, labels, recipe.data)
-    batch_inputs = task.collator(tokenizer)([{k: data[i][k] for k in ("input_ids", "attention_mask") if k in data.column_names} for i in range(len(data))])
+    batch_inputs = task.collator(tokenizer)(
+        [
+            {k: data[i][k] for k in ("input_ids", "attention_mask") if k in data.column_names}
+            for i in range(len(data))
+        ]
+    )
     with torch.no_grad():
         model(**batch_inputs)  # warm-up
         started = time.perf_counter()

@@ -135,8 +135,12 @@ def _layers(share: float, blocks: int) -> list[int] | None:
     return None if k >= blocks else list(range(blocks - k, blocks))
 
 
-def strategy_keys(family: str, v: dict[str, Any], blocks: int) -> dict[str, Any]:
-    """The recipe sections of one family's trial, from its sampled values `v`."""
+def strategy_keys(
+    family: str, v: dict[str, Any], blocks: int, linear: list[str] | None = None
+) -> dict[str, Any]:
+    """The recipe sections of one family's trial, from its sampled values `v`; `linear`: the linear
+    layers of a block, LoRA's `all-linear` (QLoRA, Dettmers et al. 2023: adapting every linear layer
+    of the blocks), named explicitly because peft's `all-linear` cannot take layers_to_transform."""
     if family == "full":
         return {}
     if family == "freeze_top":
@@ -150,6 +154,8 @@ def strategy_keys(family: str, v: dict[str, Any], blocks: int) -> dict[str, Any]
     if family in ("lora", "dora"):
         peft: dict[str, Any] = {"method": family}
         peft |= {k: v[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+        if v["target_modules"] == "all-linear" and linear:
+            peft["target_modules"] = list(linear)
         layers = _layers(v["layer_share"], blocks)
         return {"peft": peft | ({"layers_to_transform": layers} if layers else {})}
     if family == "adapters":
@@ -168,7 +174,9 @@ def strategy_keys(family: str, v: dict[str, Any], blocks: int) -> dict[str, Any]
             {"fraction": f, "train": [{"top_k": max(1, blocks // 2)}]},
             {"train": ["all"]},
         ]
-        return {"stages": stages} | ({"lr": {"layer_decay": v["layer_decay"]}} if v["layer_decay"] < 1 else {})
+        return {"stages": stages} | (
+            {"lr": {"layer_decay": v["layer_decay"]}} if v["layer_decay"] < 1 else {}
+        )
     raise KeyError(family)
 
 
@@ -228,9 +236,13 @@ class Space(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, validate_default=True)
 
     name: str = Field("search", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    base: dict | str = Field(default_factory=dict, description="recipe keys every trial shares, or a recipe file")
+    base: dict | str = Field(
+        default_factory=dict, description="recipe keys every trial shares, or a recipe file"
+    )
     metric: str | None = Field(None, description="validation metric (default: the task's main metric)")
-    objectives: list[Literal["metric", "params", "time", "memory"]] = Field(default_factory=lambda: ["metric"])
+    objectives: list[Literal["metric", "params", "time", "memory"]] = Field(
+        default_factory=lambda: ["metric"]
+    )
     families: Families = Field(default_factory=lambda: {name: {} for name in FAMILIES})
     train: TrainSpace = Field(default_factory=TrainSpace)
     evaluations: int = Field(4, ge=1, description="validations per trial (the rungs the pruner compares)")
@@ -265,7 +277,11 @@ class Space(BaseModel):
 
     def chosen(self) -> dict[str, Family]:
         """The searched families and their settings, in the order of FAMILIES."""
-        return {name: getattr(self.families, name) for name in FAMILIES if getattr(self.families, name) is not None}
+        return {
+            name: getattr(self.families, name)
+            for name in FAMILIES
+            if getattr(self.families, name) is not None
+        }
 
     def directions(self, metric: str) -> list[str]:
         first = "minimize" if metric == "loss" else "maximize"
@@ -294,13 +310,15 @@ def sample(space: Space, trial: Any) -> tuple[str, dict[str, Any], dict[str, Any
     return family, values, shared
 
 
-def recipe_dict(base: dict, family: str, v: dict, t: dict, blocks: int) -> dict:
+def recipe_dict(
+    base: dict, family: str, v: dict, t: dict, blocks: int, linear: list[str] | None = None
+) -> dict:
     """The recipe (a dict for `validate_recipe`) of one trial: the base, the family's sections, the
     shared training values."""
     import copy
 
     raw = copy.deepcopy(base)
-    raw.update(strategy_keys(family, v, blocks))
+    raw.update(strategy_keys(family, v, blocks, linear))
     train = raw.setdefault("train", {})
     train.update({"lr": v["lr"], "epochs": t["epochs"], "batch_size": t["batch_size"]})
     train["weight_decay"] = t["weight_decay"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,9 @@ def sampler_for(ctx: Context):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if kind == "tpe":
-            return optuna.samplers.TPESampler(seed=space.seed, multivariate=True, group=True, n_startup_trials=8)
+            return optuna.samplers.TPESampler(
+                seed=space.seed, multivariate=True, group=True, n_startup_trials=8
+            )
         if kind == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=space.seed, population_size=16)
         return optuna.samplers.RandomSampler(seed=space.seed)
@@ -133,7 +134,9 @@ def finished(study) -> list:
     ]
 
 
-def prepare(space_path: str | None, overrides: list[str], out: str | None, budget: str | None, trials: int | None):
+def prepare(
+    space_path: str | None, overrides: list[str], out: str | None, budget: str | None, trials: int | None
+):
     """Every check, nothing written: the context, the dir, the budget in seconds, the trial count."""
     if trials is not None and trials < 1:
         raise UserError("--trials", str(trials), "a number of trials >= 1")
@@ -190,7 +193,9 @@ def run_search(
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError("--out", f"'{root}' that cannot be written ({e.strerror})", "a writable directory") from None
+        raise UserError(
+            "--out", f"'{root}' that cannot be written ({e.strerror})", "a writable directory"
+        ) from None
     rundir.write_json(
         root / MANIFEST,
         {"space": _jsonable(ctx.space.identity()), "base": _jsonable(ctx.base), "metric": ctx.metric,
@@ -235,7 +240,9 @@ def _one_trial(study, ctx: Context, root: Path, run_trial, index: int, total: in
     head = f"trial {trial.number} ({index + 1}{of}) {info['family']}"
     if state == "complete" and not any(math.isnan(v) for v in values):
         study.tell(trial, values)
-        echo(f"{head}: validation {ctx.metric} {info['value']:.4f} after {info['evaluations']} evaluations, {info['seconds']:.1f} s")
+        echo(
+            f"{head}: validation {ctx.metric} {info['value']:.4f} after {info['evaluations']} evaluations, {info['seconds']:.1f} s"
+        )
     elif state == "pruned":
         study.tell(trial, state=TrialState.PRUNED)
         echo(f"{head}: pruned at evaluation {info['evaluations']}, {info['seconds']:.1f} s")

@@ -61,7 +61,7 @@ def trial_recipe(ctx: Context, trial: Any, out: Path):
     from hybridtune.recipe import validate_recipe
 
     family, values, shared = sample(ctx.space, trial)
-    raw = finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks))
+    raw = finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear))
     raw["name"] = f"{family}"
     raw.setdefault("output", {}).update({"dir": str(out / "trials"), "name": f"trial-{trial.number:04d}"})
     return validate_recipe(raw, f"trial {trial.number}"), family

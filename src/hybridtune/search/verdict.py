@@ -57,7 +57,9 @@ def candidates(study, ctx: Context, top: int) -> list[dict]:
         seen.add(key)
         raw = recipe.model_dump(mode="json", exclude_unset=False)
         raw.pop("output")
-        out.append({"name": f"trial-{t.number:04d}", "trial": t.number, "family": t.user_attrs["family"], "raw": raw})
+        out.append(
+            {"name": f"trial-{t.number:04d}", "trial": t.number, "family": t.user_attrs["family"], "raw": raw}
+        )
         if len(out) == top:
             break
     return out
@@ -111,8 +113,16 @@ def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
     for entry in entries[1:]:
         entry["paired"] = p = paired(entry["values"], ref["values"], up)
         entry["verdict"] = p["verdict"]
-        ci = f"95 % CI {scale * p['low']:+.2f} to {scale * p['high']:+.2f}" if p["low"] is not None else "no interval from 1 seed"
-        word = {"better": "better than", "worse": "worse than", "no difference detectable": "not detectably different from"}
+        ci = (
+            f"95 % CI {scale * p['low']:+.2f} to {scale * p['high']:+.2f}"
+            if p["low"] is not None
+            else "no interval from 1 seed"
+        )
+        word = {
+            "better": "better than",
+            "worse": "worse than",
+            "no difference detectable": "not detectably different from",
+        }
         sentences.append(
             f"{entry['name']} ({entry['family']}) is {word[p['verdict']]} full fine-tuning on the test split: "
             f"{scale * p['mean']:+.2f}{unit} test {metric} ({ci}, {len(seeds)} seeds)."
