@@ -309,3 +309,19 @@ def test_a_dir_holding_another_study_is_refused(tmp_path, tiny_bert, sentiment_c
         result.stderr
     )
     assert sorted(p.name for p in out.rglob("*")) == listing  # nothing written
+
+
+def test_lora_on_every_linear_layer_of_the_top_blocks(tmp_path, tiny_bert, sentiment_csv):
+    """`all-linear` with a layer share: the block's linear layers by name (peft's own `all-linear`
+    refuses layers_to_transform), LoRA only in the top block of two."""
+    space = _space(
+        tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0},
+        families={"lora": {"r": 2, "target_modules": "all-linear", "layer_share": 0.5}},
+    )  # fmt: skip
+    root = run_search(str(space), [], str(tmp_path / "out"), trials=1, threads=1, echo=lambda *_: None)
+    (trial,) = _trials(root)
+    assert trial["state"] == "complete", trial
+    peft = load_recipe(Path(trial["run_dir"]) / "recipe.yaml").peft.kwargs()
+    assert peft["layers_to_transform"] == [1] and "intermediate.dense" in peft["target_modules"]
+    rows = {r["slot"]: r for r in json.loads((Path(trial["run_dir"]) / "params.json").read_text())["rows"]}
+    assert rows["block.0"]["added"] == 0 and rows["block.1"]["added"] > 0

@@ -212,7 +212,6 @@ def html_report(
     import base64
 
     name = ctx.space.name
-    done = [r for r in rows if r["state"] == "complete"]
     counts = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail")}
     intro = (
         f"{len(rows)} trials ({counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed) "
@@ -239,7 +238,6 @@ def html_report(
     parts.append(
         f"<h2>Pareto recipes (<code>pareto/</code>, run with <code>hybridtune train</code>)</h2>{details}"
     )
-    del done
     return (
         f'<!doctype html><html><head><meta charset="utf-8"><title>hybridtune search: {html.escape(name)}</title>'
         f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>"

@@ -135,28 +135,28 @@ def base_recipe(space: Space, origin: str) -> dict:
     else:
         raw = copy.deepcopy(space.base)
         validate_recipe(raw, f"{origin}: base")
-    for key in sorted(SEARCHED & set(raw)):
+    clash = sorted(SEARCHED & set(raw))
+    if clash:
         raise UserError(
-            f"{origin}: base.{key}",
-            f"a {key} section, which the search sets per family",
+            f"{origin}: base.{clash[0]}",
+            f"a {clash[0]} section, which the search sets per family",
             "strategy keys only in `families` (the base holds model, data and the rest)",
         )
     train = raw.get("train") or {}
-    searched = {"lr", "max_steps", *(k for k in dict(space.train) if k in SEARCHED_TRAIN)}
-    for key in sorted(searched & set(train)):
+    clash = sorted({"lr", "max_steps", *(k for k in dict(space.train) if k in SEARCHED_TRAIN)} & set(train))
+    if clash:
+        key = clash[0]
         raise UserError(
             f"{origin}: base.train.{key}",
             f"{train[key]!r}, a setting the search samples",
             f"it in the space (train.{key}: one value fixes it)"
             if key in dict(space.train)
-            else "no train.lr / max_steps in the base (each family has its lr range)",
+            else "no train.lr / max_steps in the base (each family has its lr range; epochs set the length)",
         )
-    for key in ("name", "warmup"):
+    for key, where in (("name", "train.schedule"), ("warmup", "train.warmup")):
         if key in (raw.get("schedule") or {}):
             raise UserError(
-                f"{origin}: base.schedule.{key}",
-                "a setting the search samples",
-                f"train.{'schedule' if key == 'name' else key} in the space",
+                f"{origin}: base.schedule.{key}", "a setting the search samples", f"{where} in the space"
             )
     return raw
 

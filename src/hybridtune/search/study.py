@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,9 @@ def run_search(
             if seconds - spent < (min(durations) if durations else 0.0):
                 echo(f"budget: {seconds - spent:.0f} s left, less than the shortest trial; stopping")
                 break
-        spent += _one_trial(study, ctx, root, run_trial, len(done), n_trials, echo)
+        started = time.perf_counter()
+        _one_trial(study, ctx, root, run_trial, len(done), n_trials, echo)
+        spent += time.perf_counter() - started  # this process's wall time, asking and telling included
     shutil.rmtree(root / "cache", ignore_errors=True)
     write_outputs(root, study, ctx)
     if ctx.space.verdict.top:
