@@ -183,7 +183,8 @@ def run_search(
         if seeds < 1:
             raise UserError("--seeds", str(seeds), "a number of seeds >= 1")
         ctx.space.verdict.seeds = seeds
-    threads = threads or len(os.sched_getaffinity(0))
+    # default: OMP_NUM_THREADS when the user set it (as `hybridtune train` honours it), else every CPU
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
     if threads < 1:
         raise UserError("--threads", str(threads), "a number of threads >= 1")
     # one trial at a time, on every core it is given: trials never share cores (two 2-thread runs on
