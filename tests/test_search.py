@@ -78,6 +78,8 @@ def test_outputs_and_every_trial_recipe_is_valid(searched):
         assert not (run / "final").exists() and not (run / "eval.json").exists()  # the search never tests
         # a family's settings exist only in its own trials
         assert {k.split(".")[0] for k in t["params"] if "." in k} <= {t["family"]}
+    assert os.environ.get("HYBRIDTUNE_CACHE_DIR") != str(searched / "cache")  # not left set
+    assert not (searched / "cache").exists()
     html = (searched / "report.html").read_text()
     assert 'id="trials"' in html and 'id="verdict"' in html and "data:image/png;base64," in html
 

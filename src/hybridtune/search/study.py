@@ -174,10 +174,6 @@ def run_search(
     import optuna
     import torch
 
-    from hybridtune.search.report import write_outputs
-    from hybridtune.search.trial import run_trial
-    from hybridtune.search.verdict import run_verdict
-
     ctx, root, seconds, n_trials, resuming = prepare(space_path, overrides or [], out, budget, trials)
     if seeds is not None:
         if seeds < 1:
@@ -187,11 +183,7 @@ def run_search(
     threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
     if threads < 1:
         raise UserError("--threads", str(threads), "a number of threads >= 1")
-    # one trial at a time, on every core it is given: trials never share cores (two 2-thread runs on
-    # 2 cores were measured 8x slower each, docs/search.md)
-    torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    os.environ.setdefault(CACHE_DIR_ENV, str(root / "cache"))  # token + trunk caches shared by the trials
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -203,6 +195,30 @@ def run_search(
         {"space": _jsonable(ctx.space.identity()), "base": _jsonable(ctx.base), "metric": ctx.metric,
          "objectives": ctx.space.objectives, "blocks": ctx.blocks, "n_train": ctx.n_train},
     )  # fmt: skip
+    before = os.environ.get(CACHE_DIR_ENV), torch.get_num_threads()
+    if before[0] is None:  # token + trunk caches shared by the trials (a user's own dir wins)
+        os.environ[CACHE_DIR_ENV] = str(root / "cache")
+    # one trial at a time, on every core it is given: trials never share cores (two 2-thread runs on
+    # 2 cores were measured 8x slower each, docs/search.md)
+    torch.set_num_threads(threads)
+    try:
+        _loop(ctx, root, seconds, n_trials, resuming, echo)
+    finally:  # this process (a Python caller's) gets its settings back
+        torch.set_num_threads(before[1])
+        if before[0] is None:
+            os.environ.pop(CACHE_DIR_ENV, None)
+            shutil.rmtree(root / "cache", ignore_errors=True)
+    return root
+
+
+def _loop(
+    ctx: Context, root: Path, seconds: float | None, n_trials: int | None, resuming: bool, echo
+) -> None:
+    """The trials (until N are finished or the budget is spent), the outputs, the verdict."""
+    from hybridtune.search.report import write_outputs
+    from hybridtune.search.trial import run_trial
+    from hybridtune.search.verdict import run_verdict
+
     study = open_study(root, ctx, fresh=not resuming)
     recover(study, root, echo)
     done = finished(study)
@@ -221,12 +237,10 @@ def run_search(
         started = time.perf_counter()
         _one_trial(study, ctx, root, run_trial, len(done), n_trials, echo)
         spent += time.perf_counter() - started  # this process's wall time, asking and telling included
-    shutil.rmtree(root / "cache", ignore_errors=True)
     write_outputs(root, study, ctx)
     if ctx.space.verdict.top:
         run_verdict(root, study, ctx, echo)
         write_outputs(root, study, ctx)
-    return root
 
 
 def _one_trial(study, ctx: Context, root: Path, run_trial, index: int, total: int | None, echo) -> float:
