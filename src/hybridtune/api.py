@@ -130,8 +130,17 @@ def params(recipe: Recipe) -> dict:
     return prepare(recipe).params
 
 
-def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dict:
+def train(
+    recipe: Recipe | None = None,
+    resume: str | Path | None = None,
+    callbacks: list | tuple = (),
+    search_trial: bool = False,
+) -> dict:
     """Train one recipe end to end; returns the summary written to `report.json`.
+
+    `callbacks`: more `TrainerCallback`s (a search's pruning callback). `search_trial`: a trial of
+    `hybridtune search`, which sees only the validation split: no checkpoints, no final/, no test
+    evaluation, no progress bar; report.json holds the validation results (search/trial.py).
 
     `resume`: an interrupted run dir to continue from its last checkpoint (its own recipe.yaml;
     model, optimizer, scheduler, RNG states, data order, stage and early stopping restored), which
@@ -166,6 +175,8 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
     main = distributed.is_main()
     for key, value in strategy.training_args(recipe).items():
         setattr(args, key, value)
+    if search_trial:  # the best validation metric is Trainer's own bookkeeping, with or without saves
+        args.save_strategy, args.load_best_model_at_end = "no", False
     is_peft = hasattr(prep.model, "peft_config")
     cache, datasets = None, prep.datasets
     if prep.trunk_depth:
@@ -183,7 +194,20 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
         datasets = cache.add_rows(prep.datasets)
     phase = {"step": "writing the run dir", "written": checkpoint is not None, "trainer": None}
     try:
-        summary = _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, phase)
+        summary = _train(
+            recipe,
+            prep,
+            run,
+            args,
+            checkpoint,
+            main,
+            is_peft,
+            cache,
+            datasets,
+            phase,
+            list(callbacks),
+            search_trial,
+        )
     except KeyboardInterrupt:
         raise  # interrupted, not failed: `hybridtune train --resume` goes on from the last checkpoint
     except BaseException as e:
@@ -207,7 +231,9 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
     return summary
 
 
-def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, phase) -> dict:
+def _train(
+    recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, phase, extra=(), search_trial=False
+) -> dict:
     """`train` from the run dir on: run files, Trainer, final/, the test evaluation, report.json."""
     from hybridtune.train.engine import make_trainer, resolve_precision
 
@@ -239,14 +265,17 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, 
         run,
         prep.task.make_compute_metrics(prep.labels),
         plan=prep.plan,
-        callbacks=strategy.callbacks(prep.model, recipe, prep.build),
+        callbacks=[*strategy.callbacks(prep.model, recipe, prep.build), *extra],
         collator=prep.task.collator(prep.tokenizer),  # token classification pads its label lists too
         resume_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None,
         trunk_cache=cache,
+        progress=not search_trial,
     )
     resumed_epoch = rundir.read_json(checkpoint / "trainer_state.json")["epoch"] if checkpoint else 0.0
     zero_shot = None
-    if hasattr(prep.task, "zero_shot") and main:  # what the prompt alone scores, before training: the lift
+    if (
+        hasattr(prep.task, "zero_shot") and main and not search_trial
+    ):  # what the prompt alone scores, before training: the lift
         if checkpoint is not None and (run / "zero_shot.json").is_file():  # measured when the run began
             zero_shot = rundir.read_json(run / "zero_shot.json")
         else:
@@ -268,19 +297,21 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, 
 
     if not main:  # rank 0 saves and evaluates; the others are done
         return {"run_dir": str(run), "rank": distributed.rank()}
-    phase["step"] = "saving final/"
-    rundir.save_dir_atomically(run / "final", save)
-    phase["step"] = "the test evaluation"
-    with autocast(recipe.train.precision):  # as Trainer's validation passes ran
-        test = prep.task.report(model, prep.tokenizer, datasets["test"], prep.labels)  # cached too
-    rundir.write_json(run / "eval.json", test)
+    test = None
+    if not search_trial:
+        phase["step"] = "saving final/"
+        rundir.save_dir_atomically(run / "final", save)
+        phase["step"] = "the test evaluation"
+        with autocast(recipe.train.precision):  # as Trainer's validation passes ran
+            test = prep.task.report(model, prep.tokenizer, datasets["test"], prep.labels)  # cached too
+        rundir.write_json(run / "eval.json", test)
     state = trainer.state
     trainable = max([prep.params["trainable"], *(s["trainable"] for s in prep.params.get("stages", []))])
     summary = {
         "run_dir": str(run),
         "recipe": recipe.name,
-        "test": {k: test[k] for k in prep.task.HEADLINE},
-        "warnings": test.get("warnings", []),  # e.g. no better than the majority class (tasks/baseline.py)
+        **({"test": {k: test[k] for k in prep.task.HEADLINE}} if test is not None else {}),
+        "warnings": test.get("warnings", []) if test is not None else [],  # tasks/baseline.py
         **({"zero_shot_test": {k: zero_shot[k] for k in prep.task.HEADLINE}} if zero_shot else {}),
         "best_validation": state.best_metric,
         "best_checkpoint": state.best_model_checkpoint,

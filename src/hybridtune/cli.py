@@ -496,6 +496,38 @@ def serve(
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
 
+@app.command()
+@friendly
+def search(
+    args: list[str] = typer.Argument(
+        None, help="[SPACE.yaml] [key.path=value ...]; no space = the default space over every family"
+    ),
+    budget: str = typer.Option(None, "--budget", help="time for the trials, e.g. 90s, 60m, 1.5h"),
+    trials: int = typer.Option(None, "--trials", help="number of trials (default 20 without --budget)"),
+    out: str = typer.Option(None, "--out", help="the search dir (default: runs/search-<space name>)"),
+    seeds: int = typer.Option(None, "--seeds", help="verdict: seeds per retrained recipe (default 3)"),
+    threads: int = typer.Option(None, "--threads", help="torch threads of the trials (default: every CPU)"),
+) -> None:
+    """Search strategies and their settings (Optuna, pruned), then retrain the best with seeds and test
+    them against full fine-tuning. Resumable."""
+    from hybridtune.report.console import console
+    from hybridtune.search import run_search
+
+    items = list(args or [])
+    space = items.pop(0) if items and "=" not in items[0] else None
+    root = run_search(
+        space,
+        items,
+        out,
+        budget,
+        trials,
+        threads,
+        seeds,
+        echo=lambda text: console.print(text, markup=False, highlight=False),
+    )
+    console.print(f"report: [bold]{root / 'report.html'}[/]; Pareto recipes: [bold]{root / 'pareto'}[/]")
+
+
 def main() -> None:
     sys.exit(app())
 

@@ -238,6 +238,7 @@ def make_trainer(
     collator=None,
     resume_step: int | None = None,
     trunk_cache=None,
+    progress: bool = True,
 ) -> Trainer:
     """The run's HybridTrainer with its callbacks; `trunk_cache` (train/trunk_cache.py), when given,
     keeps its row column in the batches and follows the frozen depth (after the stage switch)."""
@@ -268,7 +269,8 @@ def make_trainer(
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(Progress())
+    if progress:  # a search trial prints no bar: the search prints one line per trial
+        trainer.add_callback(Progress())
     if trunk_cache is not None:  # last: a stage switch has set requires_grad before it looks
         trainer.add_callback(TrunkCacheCallback(trunk_cache))
     return trainer

@@ -1,0 +1,109 @@
+"""Benchmark: `hybridtune search` with a budget, then its verdict; and what the trials would cost one
+by one through `hybridtune train`.
+
+    .venv/bin/python benchmarks/bench_search.py [SPACE.yaml] [key=value ...] [--budget 60m | --trials N]
+        [--seeds 3] [--one-by-one 5] [--out DIR]
+
+1. The search (default: the default space on Rotten Tomatoes) runs as one child process with the
+   budget, then retrains the best recipes and full fine-tuning with `--seeds` seeds and tests them
+   (the verdict). Its wall time, peak RSS, the trials (complete / pruned / failed) and the verdict's
+   sentences are printed.
+2. The first `--one-by-one` complete trials' recipes (their own recipe.yaml, as the search ran them)
+   are each trained by `hybridtune train` in a process of its own, as a user would without the
+   search: the ratio of their wall times to the same trials' wall times inside the search (one
+   long-lived process, shared token and trunk caches, no checkpoints, no test pass) is the saving
+   per trial. Run on a quiet machine; the CPU is named in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from common import PYTHON, machine, run_child
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("args", nargs="*", help="[SPACE.yaml] [key=value ...]")
+    parser.add_argument("--budget", default=None)
+    parser.add_argument("--trials", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--one-by-one", type=int, default=5, help="trials rerun through `hybridtune train`")
+    parser.add_argument("--out", default=None)
+    opts = parser.parse_args()
+    if opts.budget is None and opts.trials is None:
+        opts.budget = "60m"
+    out = Path(opts.out or tempfile.mkdtemp(prefix="bench-search-")) / "search"
+    cmd = [PYTHON, "-m", "hybridtune", "search", *opts.args, "--out", str(out), "--seeds", str(opts.seeds)]
+    cmd += ["--budget", opts.budget] if opts.budget else ["--trials", str(opts.trials)]
+    searched = run_child(cmd)
+    trials = json.loads((out / "trials.json").read_text())["trials"]
+    states = {s: sum(t["state"] == s for t in trials) for s in ("complete", "pruned", "fail")}
+    verdict_path = out / "verdict.json"
+    verdict = json.loads(verdict_path.read_text()) if verdict_path.is_file() else {"sentences": []}
+
+    chosen = [t for t in trials if t["state"] == "complete"][: opts.one_by_one]
+    one_by_one = []
+    scratch = Path(tempfile.mkdtemp(prefix="bench-search-train-"))
+    for t in chosen:
+        recipe = Path(t["run_dir"]) / "recipe.yaml"
+        alone = run_child(
+            [
+                PYTHON,
+                "-m",
+                "hybridtune",
+                "train",
+                str(recipe),
+                f"output.dir={scratch}",
+                f"output.name=t{t['number']}",
+            ]
+        )
+        report = json.loads((scratch / f"t{t['number']}" / "report.json").read_text())
+        one_by_one.append(
+            {
+                "trial": t["number"],
+                "family": t["family"],
+                "search_wall": t["seconds"],
+                "search_train": t["train_seconds"],
+                "alone_wall": alone["wall_s"],
+                "alone_train": report["train_seconds"],
+            }
+        )
+
+    print(f"machine: {machine()}")
+    print(f"search: {' '.join(cmd[2:])}")
+    print(
+        f"  wall {searched['wall_s']:.0f} s (trials + verdict), peak RSS {searched['max_rss_mib']:.0f} MiB; "
+        f"{len(trials)} trials: {states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed"
+    )
+    for sentence in verdict["sentences"]:
+        print(f"  {sentence}")
+    if not one_by_one:
+        return
+    # wall = training + what surrounds it (start-up, loading, encoding; alone also checkpoints, final/,
+    # the test pass); the training seconds are shown so that a busy machine slowing one side is seen
+    print("trial  family            search wall s (train s)  train-cmd wall s (train s)  wall ratio")
+    for r in one_by_one:
+        print(
+            f"{r['trial']:>5}  {r['family']:<16}  {r['search_wall']:>13.1f} ({r['search_train']:>6.1f})"
+            f"  {r['alone_wall']:>16.1f} ({r['alone_train']:>6.1f})  {r['alone_wall'] / r['search_wall']:9.2f}x"
+        )
+    total_in = sum(r["search_wall"] for r in one_by_one)
+    total_alone = sum(r["alone_wall"] for r in one_by_one)
+    over_in = sum(r["search_wall"] - r["search_train"] for r in one_by_one) / len(one_by_one)
+    over_alone = sum(r["alone_wall"] - r["alone_train"] for r in one_by_one) / len(one_by_one)
+    med = statistics.median(r["alone_wall"] / r["search_wall"] for r in one_by_one)
+    print(
+        f"total wall: search {total_in:.1f} s, one by one {total_alone:.1f} s: {total_alone / total_in:.2f}x "
+        f"(median {med:.2f}x); outside training per trial: {over_in:.1f} s in the search, {over_alone:.1f} s alone"
+    )
+
+
+if __name__ == "__main__":
+    main()

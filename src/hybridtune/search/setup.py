@@ -1,0 +1,293 @@
+"""Everything a search checks before it writes anything: the space file and its key=value overrides,
+the base recipe, the metric, the data (read once: its size sets each trial's evaluation steps), the
+model's depth (a share of blocks -> a count) and, with --budget, whether one trial can fit.
+
+Every problem is a `UserError` naming the key path (`space.yaml: families.lora.r`): exit 2, nothing
+written.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from hybridtune.errors import UserError, did_you_mean
+from hybridtune.search.space import (
+    FAMILIES,
+    SEARCHED,
+    SEARCHED_TRAIN,
+    Families,
+    Space,
+    TrainSpace,
+    VerdictConfig,
+)
+
+
+@dataclass
+class Context:
+    """A checked space, ready to run: the base recipe dict, the metric, the data and model facts."""
+
+    space: Space
+    origin: str
+    base: dict
+    task: str
+    metric: str
+    blocks: int
+    n_train: int
+    seed: int
+    explicit_eval_steps: bool
+    linear: list[str] = field(default_factory=list)  # a block's linear layers: LoRA's "all-linear"
+
+
+def load_space(path: str | None, overrides: list[str] | None = None) -> Space:
+    """The space of a YAML file (or the default), with `key.path=value` overrides, validated."""
+    from hybridtune.recipe import apply_override
+
+    origin = path or "default space"
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(str(path), "no such file", "a search space YAML file")
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise UserError(where, f"invalid YAML ({getattr(e, 'problem', e)})", "a YAML mapping") from None
+        if not isinstance(raw, dict):
+            raise UserError(str(path), f"a YAML {type(raw).__name__}", "a mapping of search space keys")
+        if isinstance(raw.get("base"), str):  # a recipe file, relative to the space file
+            base = Path(raw["base"])
+            raw["base"] = str(base if base.is_absolute() or base.exists() else p.parent / base)
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        return Space.model_validate(raw)
+    except ValidationError as e:
+        raise _space_error(e, origin) from None
+
+
+# the names users bring from peft's and the papers' vocabulary, for did-you-mean
+FAMILIAR = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "target_modules",
+            "learning_rate": "lr", "num_train_epochs": "epochs", "warmup_ratio": "warmup",
+            "lr_scheduler_type": "schedule", "per_device_train_batch_size": "batch_size"}  # fmt: skip
+
+
+def _owner(loc: tuple) -> type[BaseModel] | None:
+    if len(loc) == 1:
+        return Space
+    if loc[0] == "families" and len(loc) == 3:
+        return FAMILIES.get(str(loc[1]))
+    owners = {"train": TrainSpace, "verdict": VerdictConfig, "families": Families}
+    return owners.get(str(loc[0])) if len(loc) == 2 else None
+
+
+def _space_error(e: ValidationError, origin: str) -> UserError:
+    err = e.errors()[0]
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    where = f"{origin}: " + (".".join(map(str, loc)) or "(top level)")
+    if err["type"] == "extra_forbidden":
+        owner = _owner(loc)
+        allowed = sorted(owner.model_fields) if owner else []
+        key = str(loc[-1])
+        hint = (
+            f"did you mean '{FAMILIAR[key]}'?" if FAMILIAR.get(key) in allowed else did_you_mean(key, allowed)
+        )
+        return UserError(where, f"unknown key '{key}'", "one of " + ", ".join(allowed), hint)
+    msg = re.sub(r"^(Value error, |Assertion failed, )", "", err["msg"])
+    pointed = re.fullmatch(r"([\w.]+): found (.+); expected (.+)", msg, re.S)
+    if pointed:
+        return UserError(f"{origin}: {pointed[1]}", pointed[2], pointed[3])
+    found = re.fullmatch(r"found (.+?); expected (.+)", msg, re.S)
+    if found:
+        return UserError(where, found[1], found[2])
+    ctx = err.get("ctx") or {}
+    if err["type"] == "literal_error" and "expected" in ctx:
+        value = err.get("input")
+        return UserError(
+            where,
+            repr(value),
+            "one of " + ctx["expected"],
+            did_you_mean(str(value), re.findall(r"'([^']+)'", ctx["expected"])),
+        )
+    return UserError(where, repr(err.get("input")), re.sub(r"^Input should be ", "", msg))
+
+
+def base_recipe(space: Space, origin: str) -> dict:
+    """The base as a recipe dict (a recipe file is read), checked: valid, and setting none of the keys
+    the search sets (a contradiction: the search would silently override it)."""
+    from hybridtune.recipe import load_recipe, validate_recipe
+
+    if isinstance(space.base, str):
+        p = Path(space.base)
+        if not p.is_file():
+            raise UserError(f"{origin}: base", f"'{space.base}', no such file", "a recipe file or a mapping")
+        raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+        load_recipe(p)  # its own errors, by its own file name
+    else:
+        raw = copy.deepcopy(space.base)
+        validate_recipe(raw, f"{origin}: base")
+    clash = sorted(SEARCHED & set(raw))
+    if clash:
+        raise UserError(
+            f"{origin}: base.{clash[0]}",
+            f"a {clash[0]} section, which the search sets per family",
+            "strategy keys only in `families` (the base holds model, data and the rest)",
+        )
+    train = raw.get("train") or {}
+    clash = sorted({"lr", "max_steps", *(k for k in dict(space.train) if k in SEARCHED_TRAIN)} & set(train))
+    if clash:
+        key = clash[0]
+        raise UserError(
+            f"{origin}: base.train.{key}",
+            f"{train[key]!r}, a setting the search samples",
+            f"it in the space (train.{key}: one value fixes it)"
+            if key in dict(space.train)
+            else "no train.lr / max_steps in the base (each family has its lr range; epochs set the length)",
+        )
+    for key, where in (("name", "train.schedule"), ("warmup", "train.warmup")):
+        if key in (raw.get("schedule") or {}):
+            raise UserError(
+                f"{origin}: base.schedule.{key}", "a setting the search samples", f"{where} in the space"
+            )
+    return raw
+
+
+def model_shape(model_name: str) -> tuple[int, list[str]]:
+    """The model's number of blocks and the linear layers of a block (names relative to the block),
+    from its config alone: the model is built on the meta device, no weights loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from hybridtune.model.anatomy import Anatomy
+    from hybridtune.model.loading import resolve
+
+    config = AutoConfig.from_pretrained(resolve(model_name))
+    with torch.device("meta"):
+        model = AutoModel.from_config(config)
+    anatomy = Anatomy.of(model)
+    block = model.get_submodule(f"{anatomy.blocks_path}.0")
+    linear = [name for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    return anatomy.num_blocks, linear
+
+
+def resolve(space: Space, origin: str) -> Context:
+    """Every check that needs the base recipe, the data and the model config."""
+    from hybridtune import api
+    from hybridtune.recipe import TASK_DEFAULTS, validate_recipe
+
+    raw = base_recipe(space, origin)
+    recipe = validate_recipe(raw, f"{origin}: base")
+    metrics = TASK_DEFAULTS[recipe.task]["metrics"]
+    metric = space.metric or TASK_DEFAULTS[recipe.task]["metric"]
+    if metric not in metrics:
+        raise UserError(
+            f"{origin}: metric",
+            f"{metric!r}, not a validation metric of task {recipe.task}",
+            "one of " + ", ".join(metrics),
+            did_you_mean(metric, metrics),
+        )
+    task = api.task_for(recipe)
+    splits = task.load_splits(recipe.data)  # a bad data file stops here, by file:row
+    blocks, linear = model_shape(recipe.model.name)
+    ctx = Context(
+        space=space,
+        origin=origin,
+        base=raw,
+        task=recipe.task,
+        metric=metric,
+        blocks=blocks,
+        n_train=len(splits.train),
+        seed=recipe.train.seed,
+        explicit_eval_steps=bool((raw.get("train") or {}).get("eval_steps")),
+        linear=linear,
+    )
+    _check_corners(ctx)
+    return ctx
+
+
+def _check_corners(ctx: Context) -> None:
+    """Each family's recipe at the ends of its settings validates (e.g. a schedule with stages)."""
+    from hybridtune.recipe import validate_recipe
+    from hybridtune.search.space import recipe_dict
+
+    shared = {k: p.corners()[0] for k, p in dict(ctx.space.train).items()}
+    for family, settings in ctx.space.chosen().items():
+        params = dict(settings)
+        for end in (0, -1):
+            values = {k: p.corners()[end] for k, p in params.items()}
+            validate_recipe(
+                finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear)),
+                f"{ctx.origin}: families.{family}",
+            )
+
+
+def finish(ctx: Context, raw: dict) -> dict:
+    """A trial's recipe dict completed: the metric, and evaluation steps so that the run validates
+    `evaluations` times (4 by default) unless the base names its own `train.eval_steps`."""
+    from hybridtune.recipe import validate_recipe
+    from hybridtune.strategy.plan import planned_steps
+
+    train = raw.setdefault("train", {})
+    train.setdefault("early_stopping", {})["metric"] = ctx.metric
+    if not ctx.explicit_eval_steps:
+        steps = planned_steps(validate_recipe(raw, ctx.origin).train, ctx.n_train)
+        train["eval_steps"] = max(1, steps // ctx.space.evaluations)
+    return raw
+
+
+def parse_budget(text: str | None) -> float | None:
+    """'90s', '60m', '1.5h' or plain seconds -> seconds."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not m or float(m[1]) <= 0:
+        raise UserError("--budget", repr(text), "a time such as 90s, 60m or 1.5h")
+    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
+
+
+def cheapest_trial_seconds(ctx: Context) -> float:
+    """A lower bound on one trial's time, measured here: the smallest planned number of steps times
+    one forward pass of the base model on a training batch (every trial's step does at least that),
+    without the evaluations. Nothing is written."""
+    import torch
+
+    from hybridtune import api
+    from hybridtune.model.loading import load_tokenizer, resolve
+    from hybridtune.recipe import validate_recipe
+    from hybridtune.strategy.plan import planned_steps
+
+    train = ctx.space.train
+    epochs, batch = min(train.epochs.corners()), max(train.batch_size.corners())
+    raw = copy.deepcopy(ctx.base)
+    raw.setdefault("train", {}).update({"epochs": epochs, "batch_size": batch})
+    recipe = validate_recipe(raw)
+    steps = planned_steps(recipe.train, ctx.n_train)
+    task = api.task_for(recipe)
+    splits = task.load_splits(recipe.data)
+    labels = task.label_space(splits, recipe.data)
+    path = resolve(recipe.model.name)
+    tokenizer = load_tokenizer(path)
+    model, _ = task.load_model(path, tokenizer, labels)
+    model.eval()
+    texts = splits.train.iloc[:batch]
+    data = task.encode(texts, tokenizer, labels, recipe.data)
+    batch_inputs = task.collator(tokenizer)(
+        [
+            {k: data[i][k] for k in ("input_ids", "attention_mask") if k in data.column_names}
+            for i in range(len(data))
+        ]
+    )
+    with torch.no_grad():
+        model(**batch_inputs)  # warm-up
+        started = time.perf_counter()
+        model(**batch_inputs)
+    return steps * (time.perf_counter() - started)

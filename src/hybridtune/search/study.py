@@ -1,0 +1,270 @@
+"""The study: Optuna storage in the search dir, sampler, pruner, the loop and its budget, resume.
+
+    hybridtune search [SPACE.yaml] [key=value ...] --budget 60m | --trials N [--out DIR]
+
+The study lives in `<out>/study.journal` (Optuna's JournalStorage, a file backend: appends only,
+so a search killed at any point reopens with every finished trial). On reopening, a trial the
+killed process left running is marked failed ("interrupted") and its parameters are queued again,
+so it runs once more, whole; finished trials are never rerun. `--trials N` counts every finished
+trial of the study (earlier runs included); `--budget` counts the trials' own time, earlier runs
+included: the search starts no trial once the time left is below the shortest trial so far.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from hybridtune import rundir
+from hybridtune.errors import UserError
+from hybridtune.search.setup import Context, cheapest_trial_seconds, load_space, parse_budget, resolve
+from hybridtune.train.trunk_store import CACHE_DIR_ENV
+
+JOURNAL = "study.journal"
+MANIFEST = "search.json"
+
+
+def sampler_for(ctx: Context):
+    """TPE for one objective (Bergstra et al. 2011; multivariate + group: the family's settings are
+    modelled together, and only in that family's trials), NSGA-II for several (Deb et al. 2002)."""
+    import optuna
+
+    space = ctx.space
+    kind = space.sampler
+    if kind == "auto":
+        kind = "tpe" if len(space.objectives) == 1 else "nsga2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if kind == "tpe":
+            return optuna.samplers.TPESampler(
+                seed=space.seed, multivariate=True, group=True, n_startup_trials=8
+            )
+        if kind == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=space.seed, population_size=16)
+        return optuna.samplers.RandomSampler(seed=space.seed)
+
+
+def pruner_for(ctx: Context):
+    """Hyperband (Li et al. 2018) or successive halving (ASHA, Li et al. 2020) over the trial's
+    evaluations: rung r holds the trials that reached evaluation r; the weak ones stop there."""
+    import optuna
+
+    n = ctx.space.evaluations
+    kind = ctx.space.pruner
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n, reduction_factor=2)
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    return optuna.pruners.NopPruner()
+
+
+def check_out_dir(root: Path, ctx: Context) -> bool:
+    """True if `root` holds this same study (resume); a dir holding another study, or anything that
+    is not a search dir, is refused."""
+    manifest = root / MANIFEST
+    if manifest.is_file():
+        held = rundir.read_json(manifest)
+        if held.get("space") != _jsonable(ctx.space.identity()) or held.get("base") != _jsonable(ctx.base):
+            raise UserError(
+                "--out",
+                f"'{root}', which holds another study ({held.get('space', {}).get('name')}, a different space or base)",
+                "a new dir, or the same space to resume it",
+            )
+        return True
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise UserError("--out", f"'{root}', a non-empty dir that is not a search dir", "a new or empty dir")
+    return False
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def open_study(root: Path, ctx: Context, fresh: bool):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(root / JOURNAL)))
+    study = optuna.create_study(
+        study_name=ctx.space.name,
+        storage=storage,
+        directions=ctx.space.directions(ctx.metric),
+        sampler=sampler_for(ctx),
+        pruner=pruner_for(ctx),
+        load_if_exists=True,
+    )
+    if fresh:
+        for params in ctx.space.enqueue:
+            study.enqueue_trial(params)
+    return study
+
+
+def recover(study, root: Path, echo) -> None:
+    """Trials a killed search left running: marked failed (interrupted), their run dirs removed,
+    their parameters queued to run again, whole."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        study.set_user_attr(f"interrupted_{t.number}", True)
+        shutil.rmtree(root / "trials" / f"trial-{t.number:04d}", ignore_errors=True)
+        if t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        echo(f"trial {t.number}: interrupted earlier, queued again")
+
+
+def finished(study) -> list:
+    from optuna.trial import TrialState
+
+    interrupted = {k for k in study.user_attrs if k.startswith("interrupted_")}
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        and f"interrupted_{t.number}" not in interrupted
+    ]
+
+
+def prepare(
+    space_path: str | None, overrides: list[str], out: str | None, budget: str | None, trials: int | None
+):
+    """Every check, nothing written: the context, the dir, the budget in seconds, the trial count."""
+    if trials is not None and trials < 1:
+        raise UserError("--trials", str(trials), "a number of trials >= 1")
+    seconds = parse_budget(budget)
+    space = load_space(space_path, overrides)
+    ctx = resolve(space, space_path or "default space")
+    root = Path(out or Path("runs") / f"search-{space.name}")
+    resuming = check_out_dir(root, ctx)
+    if seconds is not None and not resuming:
+        floor = cheapest_trial_seconds(ctx)
+        if seconds < floor:
+            raise UserError(
+                "--budget",
+                f"{budget} ({seconds:.0f} s), too small for one trial: the cheapest needs at least "
+                f"{floor:.0f} s here (its steps x one forward pass, measured)",
+                f"a budget of at least {math.ceil(floor)} s",
+            )
+    if trials is None and seconds is None:
+        trials = 20
+    return ctx, root, seconds, trials, resuming
+
+
+def run_search(
+    space_path: str | None = None,
+    overrides: list[str] | None = None,
+    out: str | None = None,
+    budget: str | None = None,
+    trials: int | None = None,
+    threads: int | None = None,
+    seeds: int | None = None,
+    echo=print,
+) -> Path:
+    """Run (or resume) a search, then the verdict; returns the search dir."""
+    import optuna
+    import torch
+
+    ctx, root, seconds, n_trials, resuming = prepare(space_path, overrides or [], out, budget, trials)
+    if seeds is not None:
+        if seeds < 1:
+            raise UserError("--seeds", str(seeds), "a number of seeds >= 1")
+        ctx.space.verdict.seeds = seeds
+    # default: OMP_NUM_THREADS when the user set it (as `hybridtune train` honours it), else every CPU
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+    if threads < 1:
+        raise UserError("--threads", str(threads), "a number of threads >= 1")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            "--out", f"'{root}' that cannot be written ({e.strerror})", "a writable directory"
+        ) from None
+    rundir.write_json(
+        root / MANIFEST,
+        {"space": _jsonable(ctx.space.identity()), "base": _jsonable(ctx.base), "metric": ctx.metric,
+         "objectives": ctx.space.objectives, "blocks": ctx.blocks, "n_train": ctx.n_train},
+    )  # fmt: skip
+    before = os.environ.get(CACHE_DIR_ENV), torch.get_num_threads()
+    if before[0] is None:  # token + trunk caches shared by the trials (a user's own dir wins)
+        os.environ[CACHE_DIR_ENV] = str(root / "cache")
+    # one trial at a time, on every core it is given: trials never share cores (two 2-thread runs on
+    # 2 cores were measured 8x slower each, docs/search.md)
+    torch.set_num_threads(threads)
+    try:
+        _loop(ctx, root, seconds, n_trials, resuming, echo)
+    finally:  # this process (a Python caller's) gets its settings back
+        torch.set_num_threads(before[1])
+        if before[0] is None:
+            os.environ.pop(CACHE_DIR_ENV, None)
+            shutil.rmtree(root / "cache", ignore_errors=True)
+    return root
+
+
+def _loop(
+    ctx: Context, root: Path, seconds: float | None, n_trials: int | None, resuming: bool, echo
+) -> None:
+    """The trials (until N are finished or the budget is spent), the outputs, the verdict."""
+    from hybridtune.search.report import write_outputs
+    from hybridtune.search.trial import run_trial
+    from hybridtune.search.verdict import run_verdict
+
+    study = open_study(root, ctx, fresh=not resuming)
+    recover(study, root, echo)
+    done = finished(study)
+    if done:
+        echo(f"{len(done)} trial(s) finished earlier, kept")
+    spent = sum(t.user_attrs.get("seconds", 0.0) for t in done)
+    while True:
+        done = finished(study)
+        if n_trials is not None and len(done) >= n_trials:
+            break
+        if seconds is not None:
+            durations = [t.user_attrs["seconds"] for t in done if "seconds" in t.user_attrs]
+            if seconds - spent < (min(durations) if durations else 0.0):
+                echo(f"budget: {seconds - spent:.0f} s left, less than the shortest trial; stopping")
+                break
+        started = time.perf_counter()
+        _one_trial(study, ctx, root, run_trial, len(done), n_trials, echo)
+        spent += time.perf_counter() - started  # this process's wall time, asking and telling included
+    write_outputs(root, study, ctx)
+    if ctx.space.verdict.top:
+        run_verdict(root, study, ctx, echo)
+        write_outputs(root, study, ctx)
+
+
+def _one_trial(study, ctx: Context, root: Path, run_trial, index: int, total: int | None, echo) -> float:
+    from optuna.trial import TrialState
+
+    from hybridtune.search.trial import objective_values
+
+    trial = study.ask()
+    state, info = run_trial(ctx, trial, root)
+    for key in info:
+        if key not in ("number", "state"):
+            trial.set_user_attr(key, info[key])
+    values = objective_values(ctx, info)
+    of = f"/{total}" if total else ""
+    head = f"trial {trial.number} ({index + 1}{of}) {info['family']}"
+    if state == "complete" and not any(math.isnan(v) for v in values):
+        study.tell(trial, values)
+        echo(
+            f"{head}: validation {ctx.metric} {info['value']:.4f} after {info['evaluations']} evaluations, {info['seconds']:.1f} s"
+        )
+    elif state == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+        echo(f"{head}: pruned at evaluation {info['evaluations']}, {info['seconds']:.1f} s")
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+        echo(f"{head}: failed ({info.get('error', 'no value')})")
+    return info["seconds"]

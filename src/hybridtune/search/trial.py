@@ -1,0 +1,147 @@
+"""One trial, in this process: the trial's recipe through the one-run pipeline (`api.train` with
+`search_trial=True`: validation only, no checkpoints, no final/), with a pruning callback.
+
+Trials run one after the other in the search's own long-lived process, so the interpreter, torch,
+transformers and the tokenized splits (data/token_cache.py keeps them in the process; on disk under
+HYBRIDTUNE_CACHE_DIR) are loaded once, and the frozen-trunk caches of equal frozen depths are shared
+through the same dir (train/trunk_store.py). Each trial's run dir `<search>/trials/trial-NNNN/` is an
+ordinary run dir (recipe.yaml, run.json, params.json, metrics.jsonl, tensorboard/, report.json) plus
+`trial.json`: its state (complete | pruned | failed), values and what it cost.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from transformers import TrainerCallback
+
+from hybridtune import rundir
+from hybridtune.errors import TrainingStopped, UserError
+from hybridtune.search.setup import Context, finish
+from hybridtune.search.space import recipe_dict, sample
+from hybridtune.train.checkpoints import maybe_kill
+
+
+class PruningCallback(TrainerCallback):
+    """Reports the validation metric to Optuna after each evaluation (the step is the evaluation's
+    number: the rungs of successive halving / Hyperband, Li et al. 2018); when the pruner says so,
+    training stops at once, cleanly (Trainer's own stop: callbacks end, the event file closes), and
+    `trial.py` marks the trial pruned. A multi-objective study cannot prune (Optuna has no
+    intermediate values for several objectives): there it only counts."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, prune: bool):
+        self.trial, self.key, self.prune = trial, f"eval_{metric}", prune
+        self.evaluations, self.pruned, self.curve = 0, False, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            maybe_kill("trial", self.trial.number)  # the test hook: SIGKILL in the middle of trial N
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or self.key not in metrics:
+            return
+        self.evaluations += 1
+        value = float(metrics[self.key])
+        self.curve.append((state.global_step, value))
+        if not self.prune:
+            return
+        self.trial.report(value, self.evaluations)
+        if self.trial.should_prune():
+            self.pruned = True
+            control.should_training_stop = True
+
+
+def trial_recipe(ctx: Context, trial: Any, out: Path):
+    """The trial's recipe (validated) and its family; written to run as is by `hybridtune train`."""
+    from hybridtune.recipe import validate_recipe
+
+    family, values, shared = sample(ctx.space, trial)
+    raw = finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear))
+    raw["name"] = f"{family}"
+    raw.setdefault("output", {}).update({"dir": str(out / "trials"), "name": f"trial-{trial.number:04d}"})
+    return validate_recipe(raw, f"trial {trial.number}"), family
+
+
+def peak_memory_start() -> None:
+    """Reset the peak memory: CUDA's allocator statistics, or Linux's peak RSS (VmHWM) of this
+    process, which writing 5 to /proc/self/clear_refs resets (proc(5))."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the peak since the process began
+
+
+def peak_memory_mib() -> float | None:
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def objective_values(ctx: Context, info: dict) -> list[float]:
+    table = {
+        "metric": info.get("value"),
+        "params": info.get("trainable"),
+        "time": info.get("train_seconds"),
+        "memory": info.get("peak_memory_mib"),
+    }
+    return [float(table[o]) if table[o] is not None else math.nan for o in ctx.space.objectives]
+
+
+def run_trial(ctx: Context, trial: optuna.Trial, out: Path) -> tuple[str, dict]:
+    """Train one trial; returns (state, info) with state complete | pruned | failed. The caller
+    tells Optuna. A trial whose recipe the model cannot take (a UserError from prepare) or whose loss
+    turned NaN fails alone; the search goes on."""
+    from hybridtune import api
+
+    started = time.perf_counter()
+    recipe, family = trial_recipe(ctx, trial, out)
+    run = Path(recipe.output.dir) / recipe.output.name
+    info: dict[str, Any] = {"number": trial.number, "family": family, "run_dir": str(run)}
+    multi = len(ctx.space.objectives) > 1
+    callback = PruningCallback(trial, ctx.metric, prune=not multi and ctx.space.pruner != "none")
+    peak_memory_start()
+    try:
+        summary = api.train(recipe, callbacks=[callback], search_trial=True)
+    except (UserError, TrainingStopped) as e:
+        state, info["error"] = "failed", str(e)
+    else:
+        state = "pruned" if callback.pruned else "complete"
+        info |= {
+            "value": summary["best_validation"],
+            "trainable": summary["trainable"],
+            "trainable_pct": summary["trainable_pct"],
+            "train_seconds": summary["train_seconds"],
+            "steps": summary["steps"],
+            "epochs": summary["epochs"],
+        }
+    info |= {
+        "state": state,
+        "evaluations": callback.evaluations,
+        "curve": callback.curve,
+        "peak_memory_mib": peak_memory_mib(),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if run.is_dir():  # a recipe refused by prepare never made its run dir
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)  # Trainer's output dir: nothing saved there
+        rundir.write_json(run / "trial.json", {**info, "params": trial.params})
+    return state, info

@@ -1,0 +1,139 @@
+"""The verdict: the best few recipes of the search and the reference (full fine-tuning, the default
+recipe on the search's data) retrained with N fresh seeds and tested once, on the test split the
+search never saw.
+
+Seeds: the search's own seed + 1, + 2, ... : the trials all ran with the search's seed, and the best
+of them were picked on that seed's validation score, so retraining with it would carry the
+selection's luck into the verdict. Each candidate is paired with the reference by seed (same seed:
+same data order and head initialisation), so the seed-to-seed noise they share cancels in the
+difference; the 95 % interval of the mean paired difference is Student's t with n - 1 degrees of
+freedom. Better / worse when the interval excludes zero, else "no difference detectable".
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+from hybridtune import rundir
+from hybridtune.search.setup import Context, finish
+
+
+def paired(candidate: list[float], reference: list[float], higher_is_better: bool = True) -> dict:
+    """Mean and 95 % t-interval of the paired differences candidate - reference, and the verdict."""
+    from scipy import stats
+
+    diffs = [a - b for a, b in zip(candidate, reference, strict=True)]
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    out = {"diffs": diffs, "mean": mean, "sd": None, "low": None, "high": None}
+    if n > 1:
+        sd = statistics.stdev(diffs)
+        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+        out |= {"sd": sd, "low": mean - half, "high": mean + half}
+    if out["low"] is not None and (out["low"] > 0 or out["high"] < 0):
+        better = (out["low"] > 0) == higher_is_better
+        out["verdict"] = "better" if better else "worse"
+    else:
+        out["verdict"] = "no difference detectable"
+    return out
+
+
+def candidates(study, ctx: Context, top: int) -> list[dict]:
+    """The `top` best complete trials by validation metric, one per distinct recipe."""
+    from hybridtune.recipe import load_recipe, recipe_to_yaml
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    done.sort(key=lambda t: t.values[0], reverse=ctx.metric != "loss")
+    out, seen = [], set()
+    for t in done:
+        recipe = load_recipe(Path(t.user_attrs["run_dir"]) / "recipe.yaml")
+        key = recipe_to_yaml(recipe.model_copy(update={"output": None, "name": "x"}))
+        if key in seen:
+            continue
+        seen.add(key)
+        raw = recipe.model_dump(mode="json", exclude_unset=False)
+        raw.pop("output")
+        out.append(
+            {"name": f"trial-{t.number:04d}", "trial": t.number, "family": t.user_attrs["family"], "raw": raw}
+        )
+        if len(out) == top:
+            break
+    return out
+
+
+def reference(ctx: Context) -> dict:
+    """The default recipe (full fine-tuning) with the search's base and the verdict's reference keys,
+    evaluated as often as the trials."""
+    raw = copy.deepcopy(ctx.base)
+    for key, value in ctx.space.verdict.reference.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    raw.setdefault("name", "reference")
+    return finish(ctx, raw)
+
+
+def _train(raw: dict, seed: int, target: Path, echo) -> dict:
+    """One verdict run (resumed: a finished one is kept); its test metrics from its own eval.json."""
+    from hybridtune import api
+    from hybridtune.recipe import validate_recipe
+
+    if not (target / "report.json").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # an unfinished run of ours: start it over
+        run = copy.deepcopy(raw)
+        run.setdefault("train", {})["seed"] = seed
+        run["output"] = {"dir": str(target.parent), "name": target.name}
+        echo(f"verdict: training {target.name}")
+        api.train(validate_recipe(run, str(target)))
+        shutil.rmtree(target / "checkpoints", ignore_errors=True)  # the best model is in final/
+    return rundir.read_json(target / "eval.json")
+
+
+def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
+    verdict_cfg = ctx.space.verdict
+    seeds = [ctx.seed + 1 + i for i in range(verdict_cfg.seeds)]
+    metric = ctx.metric
+    up = metric != "loss"
+    entries = [{"name": "reference", "trial": None, "family": "full (reference)", "raw": reference(ctx)}]
+    entries += candidates(study, ctx, verdict_cfg.top)
+    for entry in entries:
+        runs = [root / "verdict" / f"{entry['name']}-s{seed}" for seed in seeds]
+        entry["runs"] = [str(r) for r in runs]
+        entry["values"] = [_train(entry["raw"], s, r, echo)[metric] for s, r in zip(seeds, runs, strict=True)]
+        entry["mean"] = statistics.fmean(entry["values"])
+        entry["sd"] = statistics.stdev(entry["values"]) if len(seeds) > 1 else 0.0
+    ref = entries[0]
+    sentences = []
+    scale, unit = (1, "") if metric == "loss" else (100, " pt")
+    for entry in entries[1:]:
+        entry["paired"] = p = paired(entry["values"], ref["values"], up)
+        entry["verdict"] = p["verdict"]
+        ci = (
+            f"95 % CI {scale * p['low']:+.2f} to {scale * p['high']:+.2f}"
+            if p["low"] is not None
+            else "no interval from 1 seed"
+        )
+        word = {
+            "better": "better than",
+            "worse": "worse than",
+            "no difference detectable": "not detectably different from",
+        }
+        sentences.append(
+            f"{entry['name']} ({entry['family']}) is {word[p['verdict']]} full fine-tuning on the test split: "
+            f"{scale * p['mean']:+.2f}{unit} test {metric} ({ci}, {len(seeds)} seeds)."
+        )
+    out = {
+        "metric": metric,
+        "seeds": seeds,
+        "candidates": [{k: v for k, v in e.items() if k != "raw"} for e in entries],
+        "sentences": sentences,
+    }
+    rundir.write_json(root / "verdict.json", out)
+    for s in sentences:
+        echo(s)
+    return out

@@ -1,0 +1,329 @@
+"""hybridtune search on a tiny model: valid and reproducible trial recipes, pruning, kill -9 and
+resume, the Pareto fronts, the verdict's numbers, the space's conditional sampling, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from hybridtune.recipe import load_recipe, validate_recipe
+from hybridtune.search import run_search
+from hybridtune.search.report import non_dominated
+from hybridtune.search.space import FAMILIES, Space, recipe_dict, sample
+from hybridtune.search.verdict import paired
+
+
+def _space(path: Path, tiny_bert: str, data: str, **extra) -> Path:
+    """A tiny space: the tiny BERT on the synthetic sentiment data, 1 epoch of 12 steps, 4 evaluations."""
+    space = {
+        "name": "tiny",
+        "base": {
+            "model": tiny_bert,
+            "data": {"source": data, "max_length": 48},
+            "train": {"precision": "fp32", "logging_steps": 5, "early_stopping": {"patience": None}},
+        },
+        "families": {
+            "full": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+            "lora": {"lr": {"low": 3e-3, "high": 3e-2, "log": True}, "r": [2, 4]},
+            "bitfit": {"lr": {"low": 3e-3, "high": 3e-2, "log": True}},
+            "freeze_top": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+        },
+        "train": {"epochs": 1.0, "batch_size": 16, "warmup": 0.0, "weight_decay": 0.0, "schedule": "linear"},
+        "verdict": {
+            "top": 2,
+            "seeds": 2,
+            "reference": {"train": {"epochs": 1, "lr": 0.005, "batch_size": 16}},
+        },
+    }
+    space.update(extra)
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_bert, sentiment_csv) -> Path:
+    """One two-objective search of 6 trials + the verdict (2 recipes + the reference, 2 seeds)."""
+    tmp = tmp_path_factory.mktemp("search")
+    space = _space(tmp / "space.yaml", tiny_bert, sentiment_csv, objectives=["metric", "params"])
+    return run_search(str(space), [], str(tmp / "out"), trials=6, threads=1, echo=lambda *_: None)
+
+
+def _trials(root: Path) -> list[dict]:
+    return json.loads((root / "trials.json").read_text())["trials"]
+
+
+def test_outputs_and_every_trial_recipe_is_valid(searched):
+    for name in ("trials.csv", "trials.json", "pareto.json", "pareto_params.png", "pareto_time.png",
+                 "report.html", "verdict.json", "study.journal", "search.json"):  # fmt: skip
+        assert (searched / name).stat().st_size > 0, name
+    trials = _trials(searched)
+    assert len(trials) == 6 and all(t["state"] == "complete" for t in trials)
+    for t in trials:
+        run = Path(t["run_dir"])
+        recipe = load_recipe(run / "recipe.yaml")  # valid: the schema accepts it as it is
+        assert recipe.name == t["family"]
+        # no early stopping in this base: every trial validates the space's 4 times
+        evals = [
+            json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in x
+        ]
+        assert len(evals) == t["evaluations"] == 4
+        assert t["value"] == max(e["eval_accuracy"] for e in evals)
+        assert not (run / "final").exists() and not (run / "eval.json").exists()  # the search never tests
+        # a family's settings exist only in its own trials
+        assert {k.split(".")[0] for k in t["params"] if "." in k} <= {t["family"]}
+    assert os.environ.get("HYBRIDTUNE_CACHE_DIR") != str(searched / "cache")  # not left set
+    assert not (searched / "cache").exists()
+    html = (searched / "report.html").read_text()
+    assert 'id="trials"' in html and 'id="verdict"' in html and "data:image/png;base64," in html
+
+
+def test_a_trial_recipe_retrained_gives_its_score(searched, tmp_path):
+    from hybridtune import api
+
+    best = max(_trials(searched), key=lambda t: (t["value"], -t["number"]))
+    path = searched / "pareto" / f"trial-{best['number']:04d}.yaml"
+    if not path.is_file():  # not on a front: its own run dir holds the same recipe
+        path = Path(best["run_dir"]) / "recipe.yaml"
+    summary = api.train(load_recipe(path, [f"output.dir={tmp_path}"]))
+    assert summary["best_validation"] == pytest.approx(best["value"], abs=1e-12)
+
+
+def test_pareto_sets_are_exactly_the_non_dominated_trials(searched):
+    trials = [t for t in _trials(searched) if t["state"] == "complete"]
+    front = json.loads((searched / "pareto.json").read_text())
+
+    def brute(key):
+        return sorted(
+            a["number"]
+            for a in trials
+            if not any(
+                b["value"] >= a["value"] and b[key] <= a[key] and (b["value"] > a["value"] or b[key] < a[key])
+                for b in trials
+            )
+        )
+
+    assert sorted(front["params"]) == brute("trainable")
+    assert sorted(front["time"]) == brute("train_seconds")
+    study = optuna.load_study(
+        study_name="tiny",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(searched / "study.journal"))
+        ),
+    )
+    assert sorted(front["objectives"]) == sorted(t.number for t in study.best_trials)
+    on_any = {n for numbers in front.values() for n in numbers}
+    assert {p.name for p in (searched / "pareto").iterdir()} == {f"trial-{n:04d}.yaml" for n in on_any}
+
+
+def test_non_dominated_by_hand():
+    points = [(0.8, 10), (0.8, 10), (0.9, 20), (0.7, 5), (0.7, 30), (0.85, 10)]
+    # (0.8, 10) twice: both dominated by (0.85, 10); (0.7, 30) by everything with fewer params
+    assert non_dominated(points, [True, False]) == [2, 3, 5]
+
+
+def test_verdict_numbers_equal_the_retrained_runs(searched):
+    verdict = json.loads((searched / "verdict.json").read_text())
+    assert verdict["seeds"] == [43, 44]  # fresh seeds: the trials ran with 42
+    ref, *cands = verdict["candidates"]
+    assert ref["name"] == "reference" and len(cands) == 2
+    for c in verdict["candidates"]:
+        values = [json.loads((Path(r) / "eval.json").read_text())["accuracy"] for r in c["runs"]]
+        assert c["values"] == values
+        assert [load_recipe(Path(r) / "recipe.yaml").train.seed for r in c["runs"]] == [43, 44]
+    for c in cands:
+        p = c["paired"]
+        assert p["diffs"] == [a - b for a, b in zip(c["values"], ref["values"], strict=True)]
+        assert p["mean"] == pytest.approx(sum(p["diffs"]) / 2)
+    assert len(verdict["sentences"]) == 2
+    for sentence, c in zip(verdict["sentences"], cands, strict=True):
+        word = {"better": "better than", "worse": "worse than", "no difference detectable": "not detectably"}
+        assert word[c["verdict"]] in sentence and c["name"] in sentence
+
+
+def test_paired_interval_and_words():
+    from scipy import stats
+
+    out = paired([0.80, 0.82, 0.84], [0.78, 0.79, 0.80])
+    diffs = [0.02, 0.03, 0.04]
+    half = stats.t.ppf(0.975, 2) * 0.01 / 3**0.5
+    assert out["mean"] == pytest.approx(0.03) and out["low"] == pytest.approx(0.03 - half)
+    assert out["diffs"] == pytest.approx(diffs) and out["verdict"] == "better"
+    assert paired([0.7, 0.7, 0.7], [0.8, 0.81, 0.79])["verdict"] == "worse"
+    assert paired([0.8, 0.7, 0.9], [0.8, 0.8, 0.8])["verdict"] == "no difference detectable"
+    assert paired([0.5, 0.5, 0.5], [0.7, 0.72, 0.71], higher_is_better=False)["verdict"] == "better"  # a loss
+
+
+def test_weak_trials_are_pruned_early(tmp_path, tiny_bert, sentiment_csv):
+    """Successive halving on the validation loss: trial 1 (lr 1e-7 learns nothing) is stopped at the
+    first rung; its run dir says so; no traceback, no test evaluation."""
+    space = _space(
+        tmp_path / "space.yaml", tiny_bert, sentiment_csv,
+        families={"full": {"lr": [0.005, 1e-7]}}, metric="loss", pruner="successive_halving",
+        enqueue=[{"full.lr": 0.005}, {"full.lr": 1e-7}], verdict={"top": 0},
+    )  # fmt: skip
+    lines: list[str] = []
+    root = run_search(str(space), [], str(tmp_path / "out"), trials=2, threads=1, echo=lines.append)
+    good, weak = _trials(root)
+    assert good["state"] == "complete" and good["evaluations"] == 4
+    assert weak["state"] == "pruned" and weak["evaluations"] == 1, lines
+    marker = json.loads((Path(weak["run_dir"]) / "trial.json").read_text())
+    assert marker["state"] == "pruned"
+    steps = [
+        json.loads(x)["step"] for x in (Path(weak["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert max(steps) < 12  # stopped before the end of its 12 steps
+    assert any("trial 1" in line and "pruned at evaluation 1" in line for line in lines)
+
+
+def test_kill_9_mid_search_and_resume_keeps_finished_trials(tmp_path, tiny_bert, sentiment_csv):
+    space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0})
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "hybridtune",
+        "search",
+        str(space),
+        "--trials",
+        "3",
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+    ]
+    env = {**os.environ, "HYBRIDTUNE_TEST_KILL_AT": "trial:2", "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    before = {n: (out / "trials" / f"trial-{n:04d}" / "trial.json") for n in (0, 1)}
+    kept = {n: (p.read_text(), p.stat().st_mtime_ns) for n, p in before.items()}
+    assert (out / "trials" / "trial-0002").is_dir()  # killed mid-trial
+
+    resumed = subprocess.run(cmd, env={**env, "HYBRIDTUNE_TEST_KILL_AT": ""}, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "2 trial(s) finished earlier, kept" in resumed.stdout
+    assert "trial 2: interrupted earlier, queued again" in resumed.stdout
+    assert {n: (p.read_text(), p.stat().st_mtime_ns) for n, p in before.items()} == kept  # not rerun
+    trials = _trials(out)
+    assert [t["number"] for t in trials] == [0, 1, 3] and all(t["state"] == "complete" for t in trials)
+    retry = json.loads((out / "trials" / "trial-0003" / "trial.json").read_text())
+    killed_params = retry["params"]  # the interrupted trial's settings, run again whole
+    assert not (out / "trials" / "trial-0002").exists()
+    assert killed_params == trials[2]["params"]
+
+
+def test_every_family_samples_a_valid_conditional_recipe():
+    space = Space()  # the default space: every family
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        family, values, shared = sample(space, trial)
+        seen.add(family)
+        assert {k.split(".")[0] for k in trial.params if "." in k} == {family}
+        raw = recipe_dict({}, family, values, shared, blocks=6)
+        validate_recipe(raw)
+        study.tell(trial, 0.5)
+    assert seen == set(FAMILIES)
+
+
+def test_plot_labels_never_overlap():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hybridtune.report.labels import boxes_overlap, place_labels
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [1, 1.02, 1.04, 1.06, 2, 2.01, 3, 3, 3]
+    ys = [0.5, 0.51, 0.5, 0.52, 0.7, 0.7, 0.9, 0.9, 0.91]
+    ax.scatter(xs, ys)
+    fig.tight_layout()
+    left = place_labels(ax, xs, ys, [f"#{i} a long label" for i in range(len(xs))])
+    assert boxes_overlap(ax) == []
+    assert len(ax.texts) + len(left) == len(xs)
+    plt.close(fig)
+
+
+# ---- bad input: exit 2, one line naming the key path, nothing written ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "args", "words"),
+    [
+        ({"families": []}, [], ["families", "no family"]),
+        ({"families": {"lroa": {}}}, [], ["families", "lroa", "did you mean 'lora'"]),
+        (
+            {"families": {"lora": {"rank": [4]}}},
+            [],
+            ["families.lora.rank", "unknown key", "did you mean 'r'"],
+        ),
+        (
+            {"families": {"full": {"lr": {"low": 1e-3, "high": 1e-4}}}},
+            [],
+            ["families.full.lr", "low", "high"],
+        ),
+        ({"families": {"lora": {"r": []}}}, [], ["families.lora.r", "empty list"]),
+        ({"metric": "bleu"}, [], ["metric", "bleu", "accuracy"]),
+        ({"objectives": ["params"]}, [], ["objectives", "metric"]),
+        ({}, ["base.peft.r=8"], ["base.peft", "families"]),
+        ({}, ["base.train.epochs=3"], ["base.train.epochs", "train.epochs"]),
+        ({}, ["--budget", "0.001s"], ["--budget", "too small for one trial"]),
+        ({}, ["--budget", "soon"], ["--budget", "60m"]),
+    ],
+)
+def test_bad_input_exits_2_before_writing(tmp_path, tiny_bert, sentiment_csv, extra, args, words):
+    from typer.testing import CliRunner
+
+    from hybridtune.cli import app
+
+    space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv, **extra)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["search", str(space), *args, "--out", str(out), "--trials", "1"])
+    message = result.stderr.strip()
+    assert result.exit_code == 2, (result.exit_code, message, result.exception)
+    assert len(message.splitlines()) == 1 and "found" in message and "expected" in message, message
+    for word in words:
+        assert word in message, (word, message)
+    assert not out.exists()
+
+
+def test_a_dir_holding_another_study_is_refused(tmp_path, tiny_bert, sentiment_csv):
+    from typer.testing import CliRunner
+
+    from hybridtune.cli import app
+
+    space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0}, families=["bitfit"])
+    out = tmp_path / "out"
+    run_search(str(space), [], str(out), trials=1, threads=1, echo=lambda *_: None)
+    listing = sorted(p.name for p in out.rglob("*"))
+    result = CliRunner().invoke(
+        app, ["search", str(space), "families=[full]", "--out", str(out), "--trials", "1"]
+    )
+    assert result.exit_code == 2 and "--out" in result.stderr and "another study" in result.stderr, (
+        result.stderr
+    )
+    assert sorted(p.name for p in out.rglob("*")) == listing  # nothing written
+
+
+def test_lora_on_every_linear_layer_of_the_top_blocks(tmp_path, tiny_bert, sentiment_csv):
+    """`all-linear` with a layer share: the block's linear layers by name (peft's own `all-linear`
+    refuses layers_to_transform), LoRA only in the top block of two."""
+    space = _space(
+        tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0},
+        families={"lora": {"r": 2, "target_modules": "all-linear", "layer_share": 0.5}},
+    )  # fmt: skip
+    root = run_search(str(space), [], str(tmp_path / "out"), trials=1, threads=1, echo=lambda *_: None)
+    (trial,) = _trials(root)
+    assert trial["state"] == "complete", trial
+    peft = load_recipe(Path(trial["run_dir"]) / "recipe.yaml").peft.kwargs()
+    assert peft["layers_to_transform"] == [1] and "intermediate.dense" in peft["target_modules"]
+    rows = {r["slot"]: r for r in json.loads((Path(trial["run_dir"]) / "params.json").read_text())["rows"]}
+    assert rows["block.0"]["added"] == 0 and rows["block.1"]["added"] > 0
