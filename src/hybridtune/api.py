@@ -163,8 +163,6 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
     run = Path(distributed.broadcast(str(run)))
     args.output_dir = str(run / "checkpoints")
     main = distributed.is_main()
-    if main:  # every check has passed: the run starts by saying what max_length cuts
-        long_texts.announce(prep.truncation)
     for key, value in strategy.training_args(recipe).items():
         setattr(args, key, value)
     is_peft = hasattr(prep.model, "peft_config")
@@ -210,6 +208,8 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets) 
         )
         rundir.write_json(run / "params.json", prep.params)
     distributed.barrier()  # the run dir exists before any process trains
+    if main:  # every check has passed (the run dir too): the run starts by saying what max_length cuts
+        long_texts.announce(prep.truncation)
 
     trainer = make_trainer(
         prep.model,
