@@ -292,3 +292,21 @@ def test_bad_values_exit_2(overrides, words, tmp_path):
     result = CliRunner().invoke(app, ["train", *overrides, f"output.dir={tmp_path}"])
     assert result.exit_code == 2 and words[0] in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_benchmark_smoke():
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_long_texts.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [
+        line
+        for line in proc.stdout.splitlines()
+        if line.startswith(("| truncate", "| head_tail", "| chunks"))
+    ]
+    assert len(rows) == 3, proc.stdout
+    assert "CPU: " in proc.stdout
