@@ -223,6 +223,29 @@ def test_predict_and_eval_of_a_chunks_run_pool_documents(trained, last_word):
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 1
 
 
+def test_serve_and_an_export_of_a_chunks_run_pool_documents(trained, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from hybridtune import inference
+    from hybridtune.export import export
+    from hybridtune.serve import create_app
+
+    run = trained("chunks")
+    texts = [text for text, _ in _last_word_rows(4, seed=11)]
+    expected = [row["probs"] for row in api.predict(str(run), texts)]
+    with TestClient(create_app(run)) as client:
+        response = client.post("/v1/classify", json={"texts": texts})
+    assert response.status_code == 200, response.text
+    for got, want in zip(response.json()["predictions"], expected, strict=True):
+        assert got["probs"] == pytest.approx(want, abs=1e-5)
+    export(str(run), "merged", str(tmp_path / "merged"))
+    loaded = inference.load(tmp_path / "merged")
+    assert loaded.data_cfg.long_texts == "chunks" and loaded.labels.pool == "mean"
+    rows = loaded.task.predict(loaded.model, loaded.tokenizer, loaded.labels, loaded.data_cfg, texts)
+    for got, want in zip(rows, expected, strict=True):
+        assert got["probs"] == pytest.approx(want, abs=1e-5)
+
+
 def test_max_pooling_scores_with_the_max_of_windows(trained, last_word):
     loaded = api.load_run(str(trained("chunks")))
     loaded.labels.pool = "max"
@@ -258,6 +281,52 @@ def test_trunk_cache_serves_chunked_windows(tmp_path, tiny_bert, last_word):
     ]
     summary = api.train(load_recipe(None, overrides))
     assert summary["trunk_cache"]["used"] and summary["test"]["n"] == 100
+
+
+def test_token_cache_keeps_the_counts_and_keys_the_setting(quick, tmp_path, monkeypatch):
+    from hybridtune.data import token_cache
+    from hybridtune.train.trunk_store import CACHE_DIR_ENV
+
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(token_cache, "_memo", type(token_cache._memo)())
+    first = api.prepare(load_recipe(None, quick(None, "data.max_length=8")))
+    monkeypatch.setattr(token_cache, "_memo", type(token_cache._memo)())  # a new process
+    again = api.prepare(load_recipe(None, quick(None, "data.max_length=8")))
+    assert again.token_cache["from_cache"] == ["train", "validation", "test"]
+    assert again.truncation == first.truncation and first.truncation["splits"]["train"]["cut"] > 0
+    chunked = api.prepare(load_recipe(None, quick(None, "data.max_length=8", "data.long_texts=chunks")))
+    assert chunked.token_cache["from_cache"] == []
+    assert len(chunked.datasets["train"]) > len(first.datasets["train"]) == len(first.splits.train)
+    # the plan counts windows: an epoch is as many steps as the windows make
+    assert chunked.plan.steps_per_epoch > first.plan.steps_per_epoch
+
+
+def test_an_ensemble_of_chunks_members_pools_each_member(tmp_path, tiny_bert, last_word):
+    from hybridtune import ensemble
+
+    overrides = [
+        f"model.name={tiny_bert}",
+        f"data.train={last_word['train']}",
+        f"data.test={last_word['test']}",
+        "data.max_train_samples=40",
+        "data.max_length=16",
+        "data.long_texts=chunks",
+        "ensemble.members=2",
+        "ensemble.shared_trunk=true",  # trained together, scored through the shared trunk
+        "freeze.trainable=[head]",
+        "train.max_steps=4",
+        "train.precision=fp32",
+        f"output.dir={tmp_path}",
+    ]
+    run = api.train(load_recipe(None, overrides))["run_dir"]
+    texts = [text for text, _ in _last_word_rows(3, seed=5)]
+    assert len(api.predict(run, texts)) == 3
+    loaded = ensemble.Ensemble(run)
+    assert loaded.shared is not None
+    frame = classification.prediction_frame(loaded.data_cfg, texts)
+    for member, logits in zip(loaded.members, loaded.shared.logits(frame), strict=True):
+        np.testing.assert_allclose(logits, member.logits(frame), atol=1e-5)  # shared = alone, pooled
+    assert api.evaluate(run)["n"] == 100
 
 
 # --------------------------------------------------------------------------------------------------
