@@ -20,7 +20,7 @@ import torch
 from transformers import set_seed
 
 from hybridtune import distributed, rundir, strategy
-from hybridtune.data import Splits, token_cache
+from hybridtune.data import Splits, long_texts, token_cache
 from hybridtune.errors import RunFailed, TrainingStopped, UserError, one_line
 from hybridtune.model.anatomy import Anatomy
 from hybridtune.model.loading import load_tokenizer, resolve
@@ -69,6 +69,8 @@ class Prepared:
     trunk_depth: int = 0  # frozen bottom blocks the run starts caching (train/trunk_cache.py); 0 = none
     # the splits read from the token cache, and the seconds encoding took (data/token_cache.py)
     token_cache: dict | None = None
+    # what max_length cuts of each split's texts (data/long_texts.py); None: the task does not count
+    truncation: dict | None = None
 
 
 def quiet_libraries() -> None:
@@ -88,12 +90,17 @@ def prepare(recipe: Recipe) -> Prepared:
     data_cfg = recipe.data
     splits = task.load_splits(data_cfg)
     labels = task.label_space(splits, data_cfg)
-    if hasattr(labels, "generation"):  # causal_lm: evaluation generates with the recipe's settings
-        labels.generation = recipe.generation
+    _bind_labels(labels, recipe)
     path = resolve(recipe.model.name)
     tokenizer = load_tokenizer(path)
     set_seed(recipe.train.seed)  # the new head's initialisation is part of the run's reproducibility
     model, new_params = task.load_model(path, tokenizer, labels)
+    # encoded before the plan: with data.long_texts: chunks a training example is a window, not a text
+    started = time.perf_counter()
+    datasets, cached, counts = token_cache.encode_splits(task, recipe, splits, tokenizer, labels)
+    encoded = {"from_cache": cached, "seconds": round(time.perf_counter() - started, 3)}
+    truncation = long_texts.report(counts, data_cfg)
+    n_train = len(datasets["train"])
     anatomy = Anatomy.of(model)
     base_ids = {id(p) for p in model.parameters()}
     build = strategy.Build(
@@ -102,12 +109,12 @@ def prepare(recipe: Recipe) -> Prepared:
         new_params=new_params,
         tokenizer=tokenizer,
         max_length=data_cfg.max_length,
-        total_steps=planned_steps(recipe.train, len(splits.train)),
+        total_steps=planned_steps(recipe.train, n_train),
         recipe=recipe,
         labels=labels,
     )
     model = strategy.apply(model, recipe, build)
-    plan = make_plan(model, recipe, anatomy, base_ids, len(splits.train))
+    plan = make_plan(model, recipe, anatomy, base_ids, n_train)
     held = plan.optimizer_names(model)
     params = param_table(model, anatomy, base_ids, {n: v for n, v in plan.lrs.items() if n in held})
     if plan.stages is not None:
@@ -117,12 +124,18 @@ def prepare(recipe: Recipe) -> Prepared:
             "freeze", "a strategy that leaves no parameter trainable", "at least one trainable parameter"
         )
     depth = trunk_cache.plan_depth(recipe, model, anatomy, plan.base_names)  # `on` that cannot: UserError
-    started = time.perf_counter()
-    datasets, cached = token_cache.encode_splits(task, recipe, splits, tokenizer, labels)
-    encoded = {"from_cache": cached, "seconds": round(time.perf_counter() - started, 3)}
-    return Prepared(
-        recipe, task, splits, labels, tokenizer, model, anatomy, build, plan, params, datasets, depth, encoded
-    )
+    prep = Prepared(recipe, task, splits, labels, tokenizer, model, anatomy, build, plan, params, datasets)
+    prep.trunk_depth, prep.token_cache, prep.truncation = depth, encoded, truncation
+    return prep
+
+
+def _bind_labels(labels, recipe: Recipe) -> None:
+    """The recipe's settings a task's evaluation reads off its labels: causal_lm generates with
+    `generation`; classification pools a chunked document's windows by `data.pool`."""
+    if hasattr(labels, "generation"):
+        labels.generation = recipe.generation
+    if hasattr(labels, "pool"):
+        labels.pool = recipe.data.pool
 
 
 def params(recipe: Recipe) -> dict:
@@ -255,6 +268,8 @@ def _train(
         )
         rundir.write_json(run / "params.json", prep.params)
     distributed.barrier()  # the run dir exists before any process trains
+    if main:  # every check has passed (the run dir too): the run starts by saying what max_length cuts
+        long_texts.announce(prep.truncation)
 
     trainer = make_trainer(
         prep.model,
@@ -336,6 +351,7 @@ def _train(
         "precision_reason": choose_precision(recipe.train.precision).reason,
         "trunk_cache": cache.summary() if cache is not None else {"used": False, "depth": 0},
         "token_cache": prep.token_cache,
+        "truncation": prep.truncation,
     }
     phase["step"] = "writing report.json"
     rundir.write_json(run / "report.json", summary)
@@ -377,8 +393,7 @@ def load_run(run_dir: str) -> LoadedRun:
     recipe = load_recipe(run / "recipe.yaml")
     task = task_for(recipe)
     labels = task.Labels(values=info["label_values"], names=info["labels"])
-    if hasattr(labels, "generation"):
-        labels.generation = recipe.generation
+    _bind_labels(labels, recipe)  # a chunks run scores new texts per document, as it was evaluated
     final = str(run / "final")
     tokenizer = load_tokenizer(final, where=f"{run}/final")
     if info["format"] == "peft":

@@ -69,7 +69,9 @@ def export(run_dir: str, fmt: str, out: str, echo: Callable[[str], None] = lambd
     if loaded.labels is not None:
         meta |= {"labels": loaded.labels.names, "label_values": loaded.labels.values}
         data = loaded.recipe.data
-        meta["data"] = {k: getattr(data, k) for k in ("text_column", "text_pair_column", "max_length")}
+        # and how it reads long texts: an export of a chunks run pools a document's windows as the run did
+        keys = ("text_column", "text_pair_column", "max_length", "long_texts", "stride", "pool")
+        meta["data"] = {k: getattr(data, k) for k in keys}
     auto = LOAD[loaded.task_name]
     if fmt == "peft":
         _check_peft(loaded, info)

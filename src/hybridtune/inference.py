@@ -180,7 +180,10 @@ def load_export(root: Path) -> Loaded:
         model, tokenizer = load_causal(root, base, "peft" if fmt == "peft" else "model")
         return Loaded(CAUSAL, model, tokenizer, root.name, source=root)
     task = task_module(name)
+    data_cfg = DataConfig(**info["data"])
     labels = task.Labels(values=info["label_values"], names=info["labels"])
+    if hasattr(labels, "pool"):  # an export of a chunks run pools a document's windows as the run did
+        labels.pool = data_cfg.pool
     tokenizer = load_tokenizer(str(root), where=str(root))
     if fmt == "int8":
         model = load_int8(root)
@@ -191,7 +194,7 @@ def load_export(root: Path) -> Loaded:
         model = load_adapter(base, root)
     else:
         model, _ = task.load_model(str(root), tokenizer, labels)
-    return Loaded(name, model, tokenizer, root.name, labels, task, DataConfig(**info["data"]), source=root)
+    return Loaded(name, model, tokenizer, root.name, labels, task, data_cfg, source=root)
 
 
 def _load_model_dir(root: Path) -> Loaded:

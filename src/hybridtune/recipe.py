@@ -99,7 +99,22 @@ class DataConfig(Section):
         "the last turn, the assistant's, is the response",
     )
     split: SplitConfig = SplitConfig()
-    max_length: int = Field(128, ge=8, le=32768, description="tokens per example (longer ones are truncated)")
+    max_length: int = Field(
+        128, ge=8, le=32768, description="tokens per example (longer texts: see `long_texts`)"
+    )
+    long_texts: Literal["truncate", "head_tail", "chunks"] = Field(
+        "truncate",
+        description="texts longer than max_length (classification; docs/data.md): truncate = keep the "
+        "start; head_tail = keep the first quarter and the last three quarters of the budget (Sun et al. "
+        "2019); chunks = windows of max_length over the whole text, each a training example, scores "
+        "pooled per document",
+    )
+    stride: int | None = Field(
+        None, ge=0, description="chunks: tokens two neighbouring windows share; default max_length // 4"
+    )
+    pool: Literal["mean", "max"] = Field(
+        "mean", description="chunks: a document's logits from its windows' logits (validation, test, predict)"
+    )
     max_train_samples: int | None = Field(None, ge=1, description="use only the first N training examples")
     max_eval_samples: int | None = Field(
         None, ge=1, description="use only the first N validation/test examples"
@@ -133,6 +148,27 @@ class DataConfig(Section):
         if not self.source and not self.train:
             raise ValueError("data.source: found neither `source` nor `train`; expected one of them")
         return self
+
+    @model_validator(mode="after")
+    def _long_texts(self) -> DataConfig:
+        # a windowing key without windows would be silently ignored: say so instead
+        for key in ("stride", "pool"):
+            if getattr(self, key) != DataConfig.model_fields[key].default and self.long_texts != "chunks":
+                raise ValueError(
+                    f"data.{key}: found {getattr(self, key)!r} with data.long_texts {self.long_texts}; "
+                    f"expected data.long_texts: chunks (`{key}` shapes the windows of chunks only)"
+                )
+        if self.stride is not None and self.stride >= self.max_length // 2:
+            raise ValueError(
+                f"data.stride: found {self.stride}; expected fewer than {self.max_length // 2} tokens "
+                f"(half of data.max_length {self.max_length}), so each window brings new text"
+            )
+        return self
+
+    def window_stride(self) -> int:
+        """The overlap of chunks' windows: `stride`, or a quarter of max_length (a window sees a
+        quarter of its neighbour's context, as the HF question-answering examples' doc_stride does)."""
+        return self.stride if self.stride is not None else self.max_length // 4
 
 
 class EarlyStoppingConfig(Section):
@@ -213,6 +249,16 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         "metric": "loss",
         "metrics": ("loss",),
     },
+}
+
+
+# why a task keeps `data.long_texts: truncate`: its examples are not one text with one label
+LONG_TEXTS_REFUSED = {
+    "token_classification": "task token_classification (a label per word: windows would need word "
+    "alignment across them)",
+    "causal_lm": "task causal_lm (an example is a prompt and its response, cut by its own rule)",
+    "prompt_classification": "task prompt_classification (the template keeps the end of a text, "
+    "next to the answer slot)",
 }
 
 
@@ -297,6 +343,13 @@ class Recipe(Section):
                 f"objective: found a mixed LM objective with task {self.task}, whose model has no LM head; "
                 "expected task: prompt_classification"
             )
+        if self.data.long_texts != "truncate":
+            why = LONG_TEXTS_REFUSED.get(self.task) or ("a text pair" if self.data.text_pair_column else None)
+            if why:
+                raise ValueError(
+                    f"data.long_texts: found {self.data.long_texts} with {why}; expected truncate "
+                    "(head_tail and chunks read single texts of task classification)"
+                )
         if self.fusion is not None and self.task == "token_classification":
             raise ValueError(
                 "fusion: found fusion with task token_classification; expected a classification task"

@@ -13,6 +13,10 @@ split's rows. The key is the same for every strategy and seed of one data set an
   `<dir>/tokens/<key>/` (datasets' arrow files, written under a temp name and renamed when complete)
   and the next run loads it into memory instead of tokenizing.
 
+An entry also holds what the encoding kept of the split's texts (the truncation report's counts,
+data/long_texts.py), so a run that reads its splits from the cache reports them too. `data` in
+the key covers `long_texts`, `stride` and `pool`.
+
 Why not datasets' own fingerprint cache: it keys a `.map` on the function's pickled bytes and the
 source dataset's fingerprint; our splits are built from pandas frames (no source fingerprint) and
 the tokenizer's pickled state changes when a call sets its truncation, so the same work would miss.
@@ -31,7 +35,8 @@ from hybridtune import __version__
 from hybridtune.rundir import publish_dir
 from hybridtune.train.trunk_store import shared_dir
 
-FORMAT = 1  # bump when what an entry holds changes
+FORMAT = 2  # bump when what an entry holds changes (2: the truncation counts, counts.json)
+COUNTS = "counts.json"  # in an entry: what the encoding kept of the split's texts (data/long_texts.py)
 MEMO_SIZE = 8  # encodings kept in the process (3 splits x a couple of tasks)
 _memo: OrderedDict[str, object] = OrderedDict()
 
@@ -83,42 +88,52 @@ def split_key(recipe, tokenizer_hash: str, labels, frame: pd.DataFrame) -> str:
     return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
-def _load(entry: Path):
+def _load(entry: Path) -> tuple | None:
     import datasets
 
     if not (entry / "dataset_info.json").is_file():
         return None
-    return datasets.load_from_disk(str(entry), keep_in_memory=True)  # in memory: .map never writes here
+    counts = json.loads((entry / COUNTS).read_text()) if (entry / COUNTS).is_file() else None
+    # in memory: .map never writes here
+    return datasets.load_from_disk(str(entry), keep_in_memory=True), counts
 
 
-def _save(entry: Path, dataset) -> None:
+def _save(entry: Path, dataset, counts: dict | None) -> None:
+    def write(tmp: Path) -> None:
+        dataset.save_to_disk(str(tmp))
+        (tmp / COUNTS).write_text(json.dumps(counts))
+
     try:
-        publish_dir(entry, lambda tmp: dataset.save_to_disk(str(tmp)))
+        publish_dir(entry, write)
     except OSError:
         pass  # a cache that cannot be written is no cache: the run goes on with its own encoding
 
 
-def encode_splits(task, recipe, splits, tokenizer, labels, names=("train", "validation", "test")) -> dict:
-    """({split: task.encode(splits[split], ...)}, [the splits read from a cache])."""
+def encode_splits(task, recipe, splits, tokenizer, labels, names=("train", "validation", "test")) -> tuple:
+    """({split: task.encode(splits[split], ...)}, [the splits read from a cache], {split: what the
+    encoding kept of the texts, or None for a task that does not count (data/long_texts.py)})."""
     tok = tokenizer_digest(tokenizer)
     root = shared_dir()
-    out, cached = {}, []
+    out, cached, counts = {}, [], {}
     for name in names:
         frame = splits[name]
         key = split_key(recipe, tok, labels, frame)
-        dataset = _memo.get(key)
+        found = _memo.get(key)
         entry = root / "tokens" / key if root is not None else None
-        if dataset is None and entry is not None:
-            dataset = _load(entry)
-        if dataset is None:
-            dataset = task.encode(frame, tokenizer, labels, recipe.data)
+        if found is None and entry is not None:
+            found = _load(entry)
+        if found is None:
+            if hasattr(task, "encode_counted"):
+                found = task.encode_counted(frame, tokenizer, labels, recipe.data)
+            else:
+                found = task.encode(frame, tokenizer, labels, recipe.data), None
             if entry is not None:
-                _save(entry, dataset)
+                _save(entry, *found)
         else:
             cached.append(name)
-        _memo[key] = dataset
+        _memo[key] = found
         _memo.move_to_end(key)
         while len(_memo) > MEMO_SIZE:
             _memo.popitem(last=False)
-        out[name] = dataset
-    return out, cached
+        out[name], counts[name] = found
+    return out, cached, counts

@@ -76,7 +76,9 @@ def merge_adapters(
     frames = split_frames(first)
     truth = {s: y_true(f, first) for s, f in frames.items()}
     dataset = {s: classification.encode(f, tokenizer, None, recipe.data) for s, f in frames.items()}
-    logits = {s: classification.logits_of(model, tokenizer, d) for s, d in dataset.items()}
+    logits = {
+        s: classification.logits_of(model, tokenizer, d, pool_by=labels.pool) for s, d in dataset.items()
+    }
     test = full_report(truth["test"], logits["test"], labels)
     summary = {
         "kind": f"merge_adapters:{method}",

@@ -63,7 +63,8 @@ class Member:
         from hybridtune.tasks.classification import encode, logits_of
 
         dataset = encode(frame, self.loaded.tokenizer, None, self.loaded.recipe.data)
-        return logits_of(model or self.loaded.model, self.loaded.tokenizer, dataset)
+        # a chunks member: one row per document, its windows pooled as the member was evaluated
+        return logits_of(model or self.loaded.model, self.loaded.tokenizer, dataset, pool_by=self.labels.pool)
 
 
 def load_member(path: str | Path) -> Member:

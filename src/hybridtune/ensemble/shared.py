@@ -82,18 +82,24 @@ class SharedTrunk:
 
     @torch.no_grad()
     def logits(self, frame, batch_size: int = 128) -> list[np.ndarray]:
+        from hybridtune.data.long_texts import DOC, pool
         from hybridtune.tasks.classification import collator, encode
 
         leader = self.members[0].loaded
         dataset = encode(frame, leader.tokenizer, None, leader.recipe.data)
         collate = collator(leader.tokenizer)
-        features = [dict(row) for row in dataset]
+        features = [{k: v for k, v in row.items() if k != DOC} for row in dataset]
         out: list[list[np.ndarray]] = [[] for _ in self.members]
         for start in range(0, len(features), batch_size):
             batch = collate(features[start : start + batch_size])
             for i, m in enumerate(self.members):  # the leader first: it fills the cache
                 out[i].append(m.loaded.model(**batch).logits.float().cpu().numpy())
             self.cache.clear()
+        if DOC in dataset.column_names:  # chunks members: a row per document, as each was evaluated
+            return [
+                pool(np.concatenate(x), dataset[DOC], m.labels.pool)
+                for x, m in zip(out, self.members, strict=True)
+            ]
         return [np.concatenate(x) for x in out]
 
 

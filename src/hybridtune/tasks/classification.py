@@ -8,6 +8,7 @@ a new classifier on top of any backbone), its loss (the model's cross-entropy) a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -16,6 +17,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 
 from hybridtune.data import Splits, check_columns, check_texts
 from hybridtune.data import load_splits as load_data_splits
+from hybridtune.data.long_texts import DOC, encode_texts, per_document, pool
 from hybridtune.data.sources import read_table
 from hybridtune.errors import UserError
 from hybridtune.inference import to_device
@@ -30,6 +32,7 @@ HEADLINE = ("accuracy", "f1_macro", "n")  # the test metrics in report.json's su
 class Labels:
     values: list  # the label values as found in the data, in id order
     names: list[str]
+    pool: str = "mean"  # data.pool: a document's logits from its windows' (data.long_texts: chunks)
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -116,17 +119,23 @@ def label_space(splits, data_cfg) -> Labels:
 
 
 def encode(frame: pd.DataFrame, tokenizer, labels: Labels | None, data_cfg):
-    """A datasets.Dataset of input_ids / attention_mask (/ token_type_ids) and `labels` ids."""
+    """A datasets.Dataset of input_ids / attention_mask (/ token_type_ids) and `labels` ids; with
+    `data.long_texts: chunks`, a row per window and a `doc` column (data/long_texts.py)."""
+    return encode_counted(frame, tokenizer, labels, data_cfg)[0]
+
+
+def encode_counted(frame: pd.DataFrame, tokenizer, labels: Labels | None, data_cfg) -> tuple:
+    """(`encode`'s dataset, what it kept of the texts: data/long_texts.py's counts, as JSON)."""
     import datasets
 
     texts = frame[data_cfg.text_column].tolist()
     pairs = frame[data_cfg.text_pair_column].tolist() if data_cfg.text_pair_column else None
-    enc = tokenizer(texts, pairs, truncation=True, max_length=data_cfg.max_length)
-    columns = dict(enc)
+    columns, counts = encode_texts(tokenizer, texts, pairs, data_cfg)
     if labels is not None and data_cfg.label_column in frame:
         index = {v: i for i, v in enumerate(labels.values)}
-        columns["labels"] = [index[v] for v in frame[data_cfg.label_column]]
-    return datasets.Dataset.from_dict(columns)
+        ids = [index[v] for v in frame[data_cfg.label_column]]
+        columns["labels"] = [ids[d] for d in columns[DOC]] if DOC in columns else ids
+    return datasets.Dataset.from_dict(columns), counts.to_json()
 
 
 def load_model(path: str, tokenizer, labels: Labels):
@@ -151,12 +160,17 @@ def collator(tokenizer):
 
 
 def make_compute_metrics(labels: Labels):
-    return compute_metrics
+    return partial(compute_metrics, pool_by=labels.pool)
 
 
-def compute_metrics(eval_pred) -> dict[str, float]:
+def compute_metrics(eval_pred, pool_by: str = "mean") -> dict[str, float]:
+    """Accuracy and macro-F1; per document when the labels come with the windows' documents (the
+    engine hands them over for a chunked split: (labels, docs))."""
     logits, y_true = eval_pred
     logits = logits[0] if isinstance(logits, tuple) else logits
+    if isinstance(y_true, tuple):
+        y_true, docs = y_true
+        logits, y_true = pool(logits, docs, pool_by), per_document(y_true, docs)
     y_pred = np.asarray(logits).argmax(-1)
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -189,14 +203,17 @@ def full_report(y_true: np.ndarray, logits: np.ndarray, labels: Labels) -> dict:
 
 
 @torch.no_grad()
-def logits_of(model: torch.nn.Module, tokenizer, dataset, batch_size: int = 128) -> np.ndarray:
-    """Logits for every row of a tokenized dataset, in order. Rows are batched by length (sorted,
-    then put back in order): dynamic padding pads each batch to its longest row, so sorting cuts
-    the padding a forward pass computes on (the attention mask makes the result the same)."""
+def logits_of(
+    model: torch.nn.Module, tokenizer, dataset, batch_size: int = 128, pool_by: str = "mean"
+) -> np.ndarray:
+    """Logits for every row of a tokenized dataset, in order; for a chunked one (a `doc` column),
+    for every document: its windows' logits pooled by `pool_by` (mean | max). Rows are batched by
+    length (sorted, then put back in order): dynamic padding pads each batch to its longest row, so
+    sorting cuts the padding a forward pass computes on (the attention mask makes the result the same)."""
     collate = collator(tokenizer)
     model.eval()
     device = next(model.parameters()).device
-    features = [{k: v for k, v in row.items() if k != "labels"} for row in dataset]
+    features = [{k: v for k, v in row.items() if k not in ("labels", DOC)} for row in dataset]
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     out = []
     for i in range(0, len(order), batch_size):
@@ -207,12 +224,15 @@ def logits_of(model: torch.nn.Module, tokenizer, dataset, batch_size: int = 128)
         return np.zeros((0, 0))
     logits = np.empty_like(np.concatenate(out))
     logits[order] = np.concatenate(out)
-    return logits
+    return pool(logits, dataset[DOC], pool_by) if DOC in dataset.column_names else logits
 
 
 def report(model: torch.nn.Module, tokenizer, dataset, labels: Labels) -> dict:
-    """`full_report` of the model's predictions on an encoded dataset (with labels)."""
-    return full_report(np.asarray(dataset["labels"]), logits_of(model, tokenizer, dataset), labels)
+    """`full_report` of the model's predictions on an encoded dataset (with labels), per document."""
+    y_true = np.asarray(dataset["labels"])
+    if DOC in dataset.column_names:
+        y_true = per_document(y_true, dataset[DOC])
+    return full_report(y_true, logits_of(model, tokenizer, dataset, pool_by=labels.pool), labels)
 
 
 def eval_frame(data: str | None, data_cfg, labels: Labels) -> pd.DataFrame:
@@ -242,7 +262,8 @@ def predict(
     """Label, score and class probabilities for each text (`encoder`: another task's `encode`)."""
     frame = prediction_frame(data_cfg, texts, text_pairs)
     dataset = (encoder or encode)(frame, tokenizer, None, data_cfg)
-    probs = torch.softmax(torch.from_numpy(logits_of(model, tokenizer, dataset)), -1).numpy()
+    logits = logits_of(model, tokenizer, dataset, pool_by=labels.pool)
+    probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
     return prediction_rows(texts, probs, labels.names)
 
 

@@ -23,6 +23,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from hybridtune.data.long_texts import DOC
 from hybridtune.errors import TrainingStopped
 from hybridtune.rundir import DISK_ERRORS, disk_error
 from hybridtune.train.checkpoints import KILL_ENV, KillAtStep, checkpoints, save_checkpoint
@@ -69,9 +70,21 @@ class HybridTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         """Trainer keeps the dataset columns the model's forward names; also keep `keep_columns`
-        (the trunk cache's row index, which its forward pre-hook takes out)."""
+        (the trunk cache's row index, which its forward pre-hook takes out) and a chunked split's
+        `doc` (data/long_texts.py), which `compute_loss` / `prediction_step` take out."""
         super()._set_signature_columns_if_needed()
-        self._signature_columns += [c for c in self.keep_columns if c not in self._signature_columns]
+        keep = [*self.keep_columns, DOC]
+        self._signature_columns += [c for c in keep if c not in self._signature_columns]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Trainer's, with a chunked split's window documents handed to compute_metrics next to the
+        labels, as (labels, docs): validation pools the windows of a document, in whatever order the
+        eval sampler (length-grouped) and the processes gathered them."""
+        docs = inputs.pop(DOC, None)
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if docs is not None and labels is not None:
+            labels = (labels, docs.to(labels.device))
+        return loss, logits, labels
 
     def _save_checkpoint(self, model, trial):
         """Atomic: written to a temp dir, renamed when complete (train/checkpoints.py). Distributed
@@ -100,6 +113,7 @@ class HybridTrainer(Trainer):
         reaches the weights, or its batch is skipped (skip)."""
         from hybridtune.strategy.objective import objective_of
 
+        inputs.pop(DOC, None)  # a training window's document: the model never sees it
         objective = objective_of(model) if model.training else None
         if objective is None:
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from hybridtune.data.long_texts import DOC
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import canonical, unwrap
 from hybridtune.train import trunk_store
@@ -221,7 +222,7 @@ class TrunkCache:
         """The split's states at the current depth: built (or loaded from the shared dir) on first use."""
         if split not in self.stores:
             started = time.perf_counter()
-            columns = [c for c in self.datasets[split].column_names if c not in ("labels", ROW)]
+            columns = [c for c in self.datasets[split].column_names if c not in ("labels", ROW, DOC)]
             features = self.datasets[split].select_columns(columns).to_dict()
             shared, loaded = trunk_store.shared_dir(), False
             if shared is None:
