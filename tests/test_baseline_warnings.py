@@ -80,7 +80,7 @@ def test_token_classification_warns_when_no_entity_is_found():
 def collapsed(monkeypatch):
     from hybridtune.tasks import classification
 
-    def constant(model, tokenizer, dataset, batch_size: int = 128) -> np.ndarray:
+    def constant(model, tokenizer, dataset, batch_size: int = 128, pool_by: str = "mean") -> np.ndarray:
         return np.tile([2.0, -2.0], (len(dataset), 1))  # always the first label
 
     monkeypatch.setattr(classification, "logits_of", constant)
