@@ -7,15 +7,19 @@ A recipe with no keys at all is the default recipe: MiniLM, fully fine-tuned on 
 
 from __future__ import annotations
 
+import math
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hybridtune import safe_yaml
 from hybridtune.ensemble import EnsembleConfig
 from hybridtune.errors import UserError, did_you_mean
+from hybridtune.paths import NAME_RULE, is_safe_name
 from hybridtune.strategy.adapters import AdaptersConfig
 from hybridtune.strategy.freeze import FreezeConfig
 from hybridtune.strategy.fusion import FusionConfig
@@ -32,7 +36,8 @@ from hybridtune.tasks.causal_lm import GenerationConfig
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf / nan are no setting of any key (a NaN epoch count trained; an inf weight decay diverged)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -45,12 +50,16 @@ class ModelConfig(Section):
         return {"name": value} if isinstance(value, str) else value
 
 
+# numpy's and torch's seeds: 0 .. 2**32 - 1 (numpy refuses anything else, with a traceback)
+SEED_MAX = 2**32 - 1
+
+
 class SplitConfig(Section):
     """How a single source is split into train / validation / test (stratified, seeded, de-duplicated)."""
 
     validation: float = Field(0.1, gt=0, lt=0.5)
     test: float = Field(0.1, gt=0, lt=0.5)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="the split's seed (numpy's range)")
 
 
 class DataConfig(Section):
@@ -116,18 +125,19 @@ class EarlyStoppingConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: float = Field(3, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    # the upper bounds are far above any real run and stop a typo (1e300 epochs planned 1.2e16 steps)
+    epochs: float = Field(3, gt=0, le=10_000)
+    max_steps: int | None = Field(None, ge=1, le=10**9, description="overrides epochs when set")
+    batch_size: int = Field(32, ge=1, le=2**20)
+    eval_batch_size: int = Field(128, ge=1, le=2**20)
+    grad_accum: int = Field(1, ge=1, le=2**20)
     lr: float = Field(5e-5, gt=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0, le=100)
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
     )
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: every epoch)")
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
@@ -154,8 +164,18 @@ class TrainConfig(Section):
 
 class OutputConfig(Section):
     dir: str = "runs"
-    name: str | None = Field(None, description="run dir name (default: <recipe name>-<timestamp>)")
+    name: str | None = Field(
+        None, description="run dir name, inside `dir` (default: <recipe name>-<timestamp>)"
+    )
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (the best is always kept)")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        # a path component: '../x', 'a/b' or '/abs' would put the run outside `dir`
+        if value is not None and not is_safe_name(value):
+            raise ValueError(NAME_RULE)
+        return value
 
 
 # per task: the bundled data a recipe without `data` trains on, the metrics its validation reports
@@ -279,8 +299,8 @@ class Recipe(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
-            raise ValueError("a name of letters, digits, '.', '_' or '-'")
+        if not is_safe_name(value):
+            raise ValueError(NAME_RULE)
         return value
 
 
@@ -298,7 +318,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserError(str(path), "no such file", "a recipe YAML file")
         try:
             text = p.read_text(encoding="utf-8-sig")
-            raw = yaml.safe_load(text) or {}
+            raw = safe_yaml.load(text) or {}
         except UnicodeDecodeError as e:
             raise UserError(
                 str(path), f"bytes that are not UTF-8 ({e.reason})", "a UTF-8 text file"
@@ -322,7 +342,7 @@ def apply_override(raw: dict, item: str) -> None:
     if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
         raise UserError(f"override '{item}'", "no key=value", "key.path=value, e.g. train.epochs=1")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = safe_yaml.load(text) if text else None
     except yaml.YAMLError:
         value = text
     node = raw
@@ -344,9 +364,28 @@ def apply_override(raw: dict, item: str) -> None:
 
 def validate_recipe(raw: dict, origin: str = "recipe") -> Recipe:
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         raise _user_error(e, origin) from None
+    # the strategy parts' own config classes too: no inf / nan anywhere (a string "nan" included,
+    # which pydantic reads as a float)
+    bad = _non_finite(recipe.model_dump(mode="python"))
+    if bad is not None:
+        key, value = bad
+        raise UserError(f"{origin}: {key}", repr(value), "a finite number")
+    return recipe
+
+
+def _non_finite(value: Any, path: str = "") -> tuple[str, float] | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(top level)", value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        found = _non_finite(child, where)
+        if found is not None:
+            return found
+    return None
 
 
 def _key_path(loc: tuple) -> str:
@@ -419,7 +458,7 @@ def _user_error(e: ValidationError, origin: str) -> UserError:
     if pointed:
         return UserError(f"{origin}: {pointed[1]}", pointed[2], pointed[3])
     found = err.get("input")
-    found_text = "nothing" if found is None else f"{found!r} ({type(found).__name__})"
+    found_text = "nothing" if found is None else f"{_short_repr(found)} ({type(found).__name__})"
     if err["type"] == "missing":
         found_text = "nothing"
     expected = err["msg"]
@@ -431,6 +470,18 @@ def _user_error(e: ValidationError, origin: str) -> UserError:
     expected = re.sub(r"^(Value error, |Input should be )", "", expected)
     more = len(e.errors()) - 1
     return UserError(where, found_text, expected, f"and {more} more problem(s)" if more else None)
+
+
+# a value in a message is cut short: the value of an alias bomb, a 10 MB string, a list of a million
+# items would make the message itself the problem (its repr alone ran out of memory)
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 80, 80
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
