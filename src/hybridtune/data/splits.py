@@ -42,6 +42,12 @@ def cut(
 def split(
     frame: pd.DataFrame, validation: float, test: float, seed: int, stratify: str | None
 ) -> dict[str, pd.DataFrame]:
+    if len(frame) < 3:
+        raise UserError(
+            "data.split",
+            f"{len(frame)} distinct example(s) to split into train / validation / test",
+            "at least 3 distinct examples, or explicit data.train / data.validation / data.test files",
+        )
     rest, test_part = cut(frame, test, stratify, seed)
     train, val = cut(rest, validation / (1 - test), stratify, seed)
     return {"train": train, "validation": val, "test": test_part}
