@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -82,6 +84,16 @@ def create_app(
     # checked by Guard before the body is read; declared here too so that the OpenAPI spec says so
     def authorized(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:  # noqa: B008
         return None
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> Response:
+        # FastAPI's own handler echoes each bad input back: a lone surrogate in it cannot be encoded
+        # (a 500), and a 1 MiB value would come back whole. The field and the reason are enough.
+        errors = [
+            {"type": err.get("type"), "loc": err.get("loc"), "msg": err.get("msg")} for err in e.errors()
+        ]
+        content = json.dumps({"detail": errors}, ensure_ascii=True, default=str)  # \ud800 stays escaped
+        return Response(content, status_code=422, media_type="application/json")
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, e: UserError) -> JSONResponse:
