@@ -22,7 +22,7 @@ from hybridtune.cli import app as cli
 from hybridtune.generation import chat_prompt
 from hybridtune.serve import Limits, create_app
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"

@@ -164,6 +164,12 @@ def train(
     checkpoint = None
     if resume is not None:
         checkpoint = prepare_resume(Path(resume))
+        # a hand-edited or truncated state is bad input (exit 2), found before the model loads
+        rundir.read_meta(
+            checkpoint / "trainer_state.json",
+            {"epoch": (int, float), "global_step": int, "log_history": list},
+        )
+        rundir.read_meta(Path(resume) / "run.json", {"task": str})
         recipe = load_recipe(Path(resume) / "recipe.yaml")
     recipe = recipe or load_recipe()
     if recipe.ensemble is not None:
@@ -382,17 +388,23 @@ def task_of(run_dir: str) -> Any:
     from hybridtune import ensemble
 
     if ensemble.is_ensemble(run_dir):
-        return TASKS[rundir.read_json(Path(run_dir) / ensemble.MANIFEST)["task"]]
-    run = rundir.check_run_dir(run_dir)
-    return TASKS[rundir.read_json(run / "run.json")["task"]]
+        path = Path(run_dir) / ensemble.MANIFEST
+    else:
+        path = rundir.check_run_dir(run_dir) / "run.json"
+    name = rundir.read_meta(path, {"task": str})["task"]
+    if name not in TASKS:
+        raise UserError(str(path), f"task {name[:40]!r}", "one of " + ", ".join(TASKS))
+    return TASKS[name]
 
 
 def load_run(run_dir: str) -> LoadedRun:
+    from hybridtune.inference import labels_of
+
     run = rundir.check_run_dir(run_dir)
-    info = rundir.read_json(run / "run.json")
+    info = rundir.read_meta(run / "run.json", {"format": str})
     recipe = load_recipe(run / "recipe.yaml")
     task = task_for(recipe)
-    labels = task.Labels(values=info["label_values"], names=info["labels"])
+    labels = labels_of(task, info, run / "run.json")
     _bind_labels(labels, recipe)  # a chunks run scores new texts per document, as it was evaluated
     final = str(run / "final")
     tokenizer = load_tokenizer(final, where=f"{run}/final")

@@ -473,27 +473,39 @@ def serve(
     max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="dynamic batching window"),
     max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="larger bodies get 413"),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="the most a request may ask"),
+    max_pending: int = typer.Option(
+        64, "--max-pending", min=1, help="requests in the server at once (queued or running); more get 503"
+    ),
+    timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="seconds a request may wait; then 503"),
 ) -> None:
     """Serve a model over HTTP: /v1/classify, or /v1/generate and OpenAI-compatible /v1/completions and
-    /v1/chat/completions for causal LMs; /health, /metrics, /docs. Bearer-token auth."""
+    /v1/chat/completions for causal LMs; /health, /metrics, /docs. Bearer-token auth; bounded work."""
     import os
 
-    import uvicorn
+    from hybridtune.serve import TOKEN_ENV, Limits, check_token, create_app, run
 
-    from hybridtune.serve import TOKEN_ENV, Limits, create_app
-
+    if not 1 <= port <= 65535:
+        raise UserError("--port", str(port), "a TCP port from 1 to 65535")
     token = None
     if token_file is not None:
+        where = f"--token-file {token_file}"
         if not token_file.is_file():
-            raise UserError(f"--token-file {token_file}", "no such file", "a file holding the token")
-        token = token_file.read_text(encoding="utf-8").strip() or None
-    token = token or os.environ.get(TOKEN_ENV) or None
+            raise UserError(where, "no such file", "a file holding the token")
+        try:
+            text = token_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(
+                where, f"a file that cannot be read as text ({one_line(e)})", "a token file"
+            ) from None
+        token = check_token(text, where)  # an empty file is an error, not a fall-back to the variable
+    elif not no_auth and os.environ.get(TOKEN_ENV) is not None:
+        token = check_token(os.environ[TOKEN_ENV], f"${TOKEN_ENV}")
     if token is None and not no_auth:
         raise UserError("serve", "no token", f"--token-file FILE or ${TOKEN_ENV} (or --no-auth)")
-    limits = Limits(max_body_bytes, max_batch, max_wait_ms, max_new_tokens)
+    limits = Limits(max_body_bytes, max_batch, max_wait_ms, max_new_tokens, max_pending, timeout)
     app_ = create_app(path, token=None if no_auth else token, limits=limits)
     typer.echo(f"serving {path} on http://{host}:{port} (auth: {'off' if no_auth else 'bearer token'})")
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    run(app_, host, port, limits)
 
 
 @app.command()

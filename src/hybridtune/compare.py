@@ -20,6 +20,10 @@ suite asks for now, else starts over. The table, csv/json, plots and the
 HTML report are made from the run dirs' own files (report/compare.py). The runs share the states of
 their frozen trunks through `<out>/cache` (HYBRIDTUNE_CACHE_DIR, docs/speed.md), removed when the
 compare finishes.
+
+The compare dir is marked as such (`.hybridtune-compare`, paths.py): `--out` must be a new or empty
+dir or an earlier compare dir, and what compare deletes (an unfinished run it starts over, its
+cache) lies inside a dir it marked. Suite and strategy names are plain names (no '/', no '..').
 """
 
 from __future__ import annotations
@@ -32,12 +36,23 @@ import time
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hybridtune import safe_yaml
 from hybridtune.errors import UserError
+from hybridtune.paths import NAME_RULE, claim, inside, is_safe_name
 from hybridtune.train.trunk_store import CACHE_DIR_ENV
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
+MARKER = ".hybridtune-compare"  # in every compare dir: what compare may clean up is inside one
+
+
+def _plain_name(value: str | None) -> str | None:
+    # the run dirs are <out>/runs/<name>-s<seed>, deleted and redone when unfinished: a name such as
+    # '../../x' or '/home/me' would point them outside the compare dir
+    if value is not None and not is_safe_name(value):
+        raise ValueError(NAME_RULE)
+    return value
 
 
 class Strategy(BaseModel):
@@ -46,6 +61,8 @@ class Strategy(BaseModel):
     recipe: str
     name: str | None = None
     overrides: list[str] = Field(default_factory=list)
+
+    _name = field_validator("name")(_plain_name)
 
     @model_validator(mode="before")
     @classmethod
@@ -62,6 +79,17 @@ class Suite(BaseModel):
     strategies: list[Strategy] = Field(..., min_length=1)
     # `hybridtune compare SUITE key=value ...`: not a suite key, set by load_suite
     cli_overrides: list[str] = Field(default_factory=list, exclude=True)
+
+    _name = field_validator("name")(_plain_name)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seed_range(cls, value: list[int]) -> list[int]:
+        from hybridtune.recipe import SEED_MAX
+
+        if any(not 0 <= seed <= SEED_MAX for seed in value):
+            raise ValueError(f"seeds from 0 to {SEED_MAX}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -104,16 +132,26 @@ def load_suite(
         if not p.is_file():
             raise UserError(path, "no such file", "a suite YAML file")
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8-sig")) or {}
+            raw = safe_yaml.load(p.read_text(encoding="utf-8-sig")) or {}
+        except UnicodeDecodeError:
+            raise UserError(path, "bytes that are not UTF-8", "a UTF-8 text file") from None
         except yaml.YAMLError as e:
-            raise UserError(path, f"invalid YAML ({e})", "a YAML mapping") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else path
+            raise UserError(
+                where, f"invalid YAML ({getattr(e, 'problem', None) or e})", "a YAML mapping"
+            ) from None
+        if not isinstance(raw, dict):
+            raise UserError(path, f"a YAML {type(raw).__name__}", "a mapping of suite keys")
         base = p.parent
     try:
         suite = Suite.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        raise UserError(f"{path or 'default suite'}: {where}", repr(err.get("input")), err["msg"]) from None
+        found = repr(err.get("input"))[:100]
+        expected = err["msg"].removeprefix("Value error, ")
+        raise UserError(f"{path or 'default suite'}: {where}", found, expected) from None
     if seeds is not None:
         if seeds < 1:
             raise UserError("--seeds", str(seeds), "a number of seeds >= 1")
@@ -183,6 +221,17 @@ def resumable(entry: dict, runs_dir: Path) -> Path | None:
     return found[-1] if same else None
 
 
+def _start_over(target: Path, runs_dir: Path) -> None:
+    """Remove an unfinished run of ours so that it starts over: only a real dir (not a link)
+    directly inside the marked compare dir's runs/."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise UserError(str(target), "a link or a file where a run dir goes", "a run dir written by compare")
+    if target.exists():
+        if target.parent != runs_dir or not inside(target, runs_dir):
+            raise UserError(str(target), "a run dir outside the compare dir", f"a dir inside {runs_dir}")
+        shutil.rmtree(target)
+
+
 def _run_one(entry: dict, runs_dir: Path, echo=print) -> dict:
     """Train one entry in its own process; wall time and the child's peak RSS (from wait4). An
     interrupted run of the entry goes on from its last checkpoint (`resumable`), else starts over."""
@@ -192,7 +241,7 @@ def _run_one(entry: dict, runs_dir: Path, echo=print) -> dict:
         echo(f"  {entry['run']}: interrupted earlier, resumed from {checkpoint.name}")
         cmd = [sys.executable, "-m", "hybridtune", "train", "--resume", str(target)]
     else:
-        shutil.rmtree(target, ignore_errors=True)  # an unfinished run of ours: start it over
+        _start_over(target, runs_dir)
         cmd = [sys.executable, "-m", "hybridtune", "train", entry["recipe"], *_entry_args(entry, runs_dir)]
     env = {
         **os.environ,
@@ -233,10 +282,12 @@ def compare(
 
     suite, base = load_suite(path, seeds, overrides)
     runs = plan_runs(suite, base)
-    root = Path(out or Path("runs") / f"compare-{suite.name}")
+    root = claim(Path(out or Path("runs") / f"compare-{suite.name}"), MARKER, "compare dir", "--out")
     runs_dir = root / "runs"
+    if runs_dir.is_symlink() or (runs_dir.exists() and not runs_dir.is_dir()):
+        raise UserError("--out", f"'{runs_dir}', a link or a file", "a compare dir whose runs/ is its own")
     try:
-        runs_dir.mkdir(parents=True, exist_ok=True)
+        runs_dir.mkdir(exist_ok=True)
     except OSError as e:
         raise UserError(
             "--out", f"'{root}' that cannot be written ({e.strerror})", "a writable directory"
@@ -259,7 +310,9 @@ def compare(
         rundir.write_json(measured_path, measured)
         done_now += 1
     echo(f"{_bar(len(runs), len(runs))} all {len(runs)} runs done")
-    shutil.rmtree(root / "cache", ignore_errors=True)  # the shared trunk caches; kept while unfinished
+    cache = root / "cache"  # the shared trunk caches, kept while unfinished; only our own dir's
+    if cache.is_dir() and not cache.is_symlink():
+        shutil.rmtree(cache, ignore_errors=True)
     write_outputs(root, runs, measured, suite.name)
     return root
 

@@ -19,6 +19,8 @@ class UserError(Exception):
     """A problem in the user's input: recipe, data, model path or output dir."""
 
     def __init__(self, where: str, found: str, expected: str, hint: str | None = None):
+        # a user's value is cut short: a message must never be the size of the bad input itself
+        where, found = _cap(str(where), 300), _cap(str(found), 500)
         self.where, self.found, self.expected, self.hint = where, found, expected, hint
         message = f"{where}: found {found}; expected {expected}"
         if hint:
@@ -37,6 +39,10 @@ class RunFailed(Exception):
     """A run failed after its run dir was written (a library error, out of memory, a disk error):
     the CLI prints this one line (the step and the cause) and exits with code 3; `--debug` adds the
     traceback. The run dir is marked failed (failed.json) and keeps its checkpoints."""
+
+
+def _cap(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def one_line(e: BaseException, limit: int = 300) -> str:

@@ -20,7 +20,8 @@ What cannot be merged is refused by name: bottleneck adapters (a non-linear modu
 sublayers), a soft prompt and peft's prompt-learning methods (virtual tokens, not weights) have no
 plain-weights form; `--format peft` cannot hold hybridtune's own parts either. Every export is
 written to a temp dir and renamed (`rundir.save_dir_atomically`); export.json records its format,
-task, labels and how to load it.
+task, labels and how to load it. An export dir holds the marker `.hybridtune-export` (paths.py):
+`--out` must be a new or empty dir or an earlier export (marked); nothing else is ever replaced.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from hybridtune import inference, rundir
 from hybridtune.errors import UserError
 from hybridtune.inference import CAUSAL, EXPORT_JSON, INT8_WEIGHTS, Loaded
 from hybridtune.model.anatomy import unwrap
+from hybridtune.paths import inside
 from hybridtune.strategy import adapters, prompt
 
 FORMATS = ("merged", "peft", "int8")
@@ -45,6 +47,7 @@ LOAD = {
     "token_classification": "AutoModelForTokenClassification",
     CAUSAL: "AutoModelForCausalLM",
 }
+MARKER = ".hybridtune-export"  # an export dir: the only kind of existing dir `--out` replaces
 
 
 def export(run_dir: str, fmt: str, out: str, echo: Callable[[str], None] = lambda _: None) -> dict:
@@ -52,8 +55,8 @@ def export(run_dir: str, fmt: str, out: str, echo: Callable[[str], None] = lambd
     if fmt not in FORMATS:
         raise UserError("--format", f"'{fmt}'", "one of " + ", ".join(FORMATS))
     root = rundir.check_run_dir(run_dir)
-    info = rundir.read_json(root / "run.json")
-    target = _target(out)
+    info = rundir.read_meta(root / "run.json", {"task": str})
+    target = _target(out, root)
     if fmt == "int8" and info["task"] == CAUSAL:
         raise UserError("--format int8", "a causal_lm run", "a classification or token classification run")
     # merging runs on the GPU when there is one; int8 is measured against fp32 on the CPU, where it runs
@@ -76,11 +79,11 @@ def export(run_dir: str, fmt: str, out: str, echo: Callable[[str], None] = lambd
     if fmt == "peft":
         _check_peft(loaded, info)
         meta["load"] = f"peft.PeftModel.from_pretrained(transformers.{auto}.from_pretrained(BASE_MODEL), DIR)"
-        rundir.save_dir_atomically(target, lambda tmp: _save_peft(root / "final", meta, tmp))
+        _save(target, lambda tmp: _save_peft(root / "final", meta, tmp))
     elif fmt == "merged":
         model = merged(loaded)
         meta["load"] = f"transformers.{auto}.from_pretrained(DIR)"
-        rundir.save_dir_atomically(target, lambda tmp: _save_merged(model, loaded.tokenizer, meta, tmp))
+        _save(target, lambda tmp: _save_merged(model, loaded.tokenizer, meta, tmp))
     else:
         model = merged(loaded)
         echo(f"int8: quantizing the merged model and scoring both on {root.name}'s test split (CPU)")
@@ -88,18 +91,34 @@ def export(run_dir: str, fmt: str, out: str, echo: Callable[[str], None] = lambd
             f"quantize_dynamic(transformers.{auto}.from_config(AutoConfig.from_pretrained(DIR)), "
             f"{{torch.nn.Linear}}, dtype=torch.qint8).load_state_dict(torch.load(DIR/{INT8_WEIGHTS}))"
         )
-        rundir.save_dir_atomically(target, lambda tmp: _save_int8(model, loaded, meta, tmp))
+        _save(target, lambda tmp: _save_int8(model, loaded, meta, tmp))
     echo(f"{fmt} export written to {target}")
     return meta
 
 
-def _target(out: str) -> Path:
-    """The export dir: new, empty, or an earlier export (replaced); its parent must be writable."""
+def _save(target: Path, write: Callable[[Path], None]) -> None:
+    def save(tmp: Path) -> None:
+        write(tmp)
+        (tmp / MARKER).touch()
+
+    rundir.save_dir_atomically(target, save)
+
+
+def _target(out: str, run: Path) -> Path:
+    """The export dir: new, empty, or an earlier export (marked; replaced); its parent must be
+    writable. Resolved, so that '.' has a name to rename."""
     path = Path(out)
-    if path.exists() and not (path / EXPORT_JSON).is_file() and (not path.is_dir() or any(path.iterdir())):
+    if path.is_symlink():
+        raise UserError("--out", f"'{out}', a symbolic link", "a new dir or an earlier export (not a link)")
+    path = path.resolve()
+    if path.exists() and not (path / MARKER).is_file() and (not path.is_dir() or any(path.iterdir())):
         raise UserError(
-            "--out", f"'{out}', which exists and is not an export", "a new dir or an earlier export"
+            "--out",
+            f"'{out}', which exists and is not an export (no {MARKER})",
+            "a new or empty dir, or an earlier export written by `hybridtune export`",
         )
+    if inside(run, path) or path.parent == path:
+        raise UserError("--out", f"'{out}', which holds the run itself", "a dir outside the run dir")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -111,56 +111,80 @@ class _Cancelled(StoppingCriteria):
 @dataclass
 class Stream:
     """A streamed generation: iterate for text pieces (blocking); `result` is complete afterwards.
-    Setting `cancel` (the client went away) ends the generation at the next token."""
+    Setting `cancel` (the client went away) ends the generation at the next token.
+
+    Iterating runs the generation in a thread of its own. A server that bounds its model calls runs
+    `work` where it runs them (serve's batcher, as a `Job`) and iterates `pieces()` instead;
+    `timeout` then bounds the wait for each piece (queue.Empty when it passes)."""
 
     model: object
     tokenizer: object
     prompt: str
     sampling: Sampling
+    timeout: float | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     result: Completion = field(default_factory=Completion)
 
+    def __post_init__(self) -> None:
+        self.streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=self.timeout
+        )
+        self.done = threading.Event()  # work() returned: its ids or its error are in _outputs
+        self._outputs: dict = {}
+
+    def work(self) -> None:
+        """The generation itself (blocking); an error is re-raised to the consumer by pieces()."""
+        try:
+            if self.cancel.is_set():  # given up before it started (a timeout, a client gone)
+                return
+            enc = _encode(self.model, self.tokenizer, [self.prompt])
+            self._outputs["prompt_tokens"] = int(enc["input_ids"].shape[1])
+            with torch.no_grad():
+                ids = self.model.generate(
+                    **enc,
+                    **self.sampling.kwargs(self.tokenizer),
+                    streamer=self.streamer,
+                    stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancel)]),
+                )
+            self._outputs["ids"] = ids[0, enc["input_ids"].shape[1] :].tolist()
+        except BaseException as e:  # re-raised in the consumer; end() unblocks it
+            self._outputs["error"] = e
+        finally:
+            self.streamer.end()
+            self.done.set()
+
     def __iter__(self) -> Iterator[str]:
-        tokenizer, sampling = self.tokenizer, self.sampling
-        enc = _encode(self.model, tokenizer, [self.prompt])
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        outputs: dict = {}
-
-        def work() -> None:
-            try:
-                with torch.no_grad():
-                    outputs["ids"] = self.model.generate(
-                        **enc,
-                        **sampling.kwargs(tokenizer),
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancel)]),
-                    )
-            except BaseException as e:  # re-raised in the consumer below; end() unblocks it
-                outputs["error"] = e
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
+        thread = threading.Thread(target=self.work, daemon=True)
         thread.start()
-        # a piece that may be the beginning of a stop string waits until the next one decides
+        try:
+            yield from self.pieces()
+        finally:  # done, stopped, or the consumer went away: end the generation either way
+            self.cancel.set()
+            thread.join()
+
+    def pieces(self) -> Iterator[str]:
+        """The text as it is decoded, holding back what may be the start of a stop string."""
+        sampling = self.sampling
         hold = max((len(s) for s in sampling.stop), default=1) - 1
         text, sent, stopped = "", 0, False
         try:
-            for piece in streamer:
+            for piece in self.streamer:
                 text += piece
                 cut, stopped = cut_at_stop(text, sampling.stop)
                 if stopped:
                     text = cut
-                    self.cancel.set()
                     break
                 if len(text) - hold > sent:
                     yield text[sent : len(text) - hold]
                     sent = len(text) - hold
             if len(text) > sent:
                 yield text[sent:]
-        finally:  # done, stopped, or the consumer went away: end the generation either way
-            self.cancel.set()
-            thread.join()
-        if "error" in outputs:
-            raise outputs["error"]
-        ids, ended = _until_eos(self.model, outputs["ids"][0, enc["input_ids"].shape[1] :].tolist())
-        self.result = _completion(text, stopped, ids, ended, int(enc["input_ids"].shape[1]), sampling)
+        finally:
+            self.cancel.set()  # a stop string, or the consumer went away: generation ends at the next token
+        self.done.wait()  # it has started (a piece came, or its end): it ends within a token
+        if "error" in self._outputs:
+            raise self._outputs["error"]
+        if "ids" not in self._outputs:
+            raise RuntimeError("the generation was cancelled before it started")
+        ids, ended = _until_eos(self.model, self._outputs["ids"])
+        self.result = _completion(text, stopped, ids, ended, self._outputs["prompt_tokens"], sampling)

@@ -110,9 +110,10 @@ def _load_run(root: Path) -> Loaded:
     from hybridtune import api
 
     rundir.check_run_dir(str(root))
-    info = rundir.read_json(root / "run.json")
+    info = rundir.read_meta(root / "run.json", {"task": str})
     if info["task"] == CAUSAL:
-        model, tokenizer = load_causal(root / "final", info.get("base_model"), info.get("format", "model"))
+        base, fmt = _causal_fields(info, root / "run.json")
+        model, tokenizer = load_causal(root / "final", base, fmt)
         return Loaded(CAUSAL, model, tokenizer, root.name, source=root)
     run = api.load_run(str(root))
     return Loaded(
@@ -147,6 +148,35 @@ def _load_ensemble(root: Path) -> Loaded:
     )
 
 
+def _causal_fields(info: dict, path: Path) -> tuple[str | None, str]:
+    """base_model and format of a causal run.json / export.json, checked (a hand-edited file)."""
+    base, fmt = info.get("base_model"), info.get("format", "model")
+    if base is not None and not isinstance(base, str):
+        raise UserError(str(path), f"base_model of type {type(base).__name__}", "a model path or hub id")
+    if fmt not in ("model", "peft", "merged", "int8"):
+        raise UserError(str(path), f"format {str(fmt)[:40]!r}", "model, peft, merged or int8")
+    return base, fmt
+
+
+def labels_of(task: Any, info: dict, path: Path) -> Any:
+    """The task's Labels from the labels / label_values of a run.json or export.json, checked."""
+    names, values = info.get("labels"), info.get("label_values")
+    scalar = (str, int)
+    if (
+        not isinstance(names, list)
+        or not isinstance(values, list)
+        or len(names) != len(values)
+        or not names
+        or not all(isinstance(n, scalar) and not isinstance(n, bool) for n in [*names, *values])
+    ):
+        raise UserError(
+            str(path),
+            "labels / label_values that are not two equally long, non-empty lists of names",
+            "the labels written by `hybridtune train` / `export`",
+        )
+    return task.Labels(values=values, names=[str(n) for n in names])
+
+
 def load_causal(final: Path, base_model: str | None, fmt: str) -> tuple[nn.Module, Any]:
     """A causal LM saved whole, or a base model + the peft adapter in `final`."""
     from transformers import AutoModelForCausalLM
@@ -173,15 +203,29 @@ def load_causal(final: Path, base_model: str | None, fmt: str) -> tuple[nn.Modul
 
 def load_export(root: Path) -> Loaded:
     """An export dir: merged, peft or int8 (see export.py), with the labels export.json keeps."""
-    info = rundir.read_json(root / EXPORT_JSON)
-    name, fmt = info["task"], info["format"]
+    from pydantic import ValidationError
+
+    meta = root / EXPORT_JSON
+    info = rundir.read_meta(meta, {"task": str, "format": str})
+    name = info["task"]
     if name == CAUSAL:
-        base = info.get("base_model") if fmt == "peft" else None
+        base, fmt = _causal_fields(info, meta)
+        base = base if fmt == "peft" else None
         model, tokenizer = load_causal(root, base, "peft" if fmt == "peft" else "model")
         return Loaded(CAUSAL, model, tokenizer, root.name, source=root)
+    fmt = info["format"]
+    if fmt not in ("merged", "peft", "int8"):
+        raise UserError(str(meta), f"format {fmt[:40]!r}", "merged, peft or int8")
     task = task_module(name)
-    data_cfg = DataConfig(**info["data"])
-    labels = task.Labels(values=info["label_values"], names=info["labels"])
+    labels = labels_of(task, info, meta)
+    try:
+        data_cfg = DataConfig(**rundir.read_meta(meta, {"data": dict})["data"])
+    except (ValidationError, TypeError):
+        raise UserError(
+            str(meta), "a 'data' entry that is no data section", "text_column, max_length"
+        ) from None
+    if fmt == "peft" and not isinstance(info.get("base_model"), str):
+        raise UserError(str(meta), "a peft export without base_model", "the base model path")
     if hasattr(labels, "pool"):  # an export of a chunks run pools a document's windows as the run did
         labels.pool = data_cfg.pool
     tokenizer = load_tokenizer(str(root), where=str(root))
@@ -245,7 +289,9 @@ def load_int8(root: Path) -> nn.Module:
     the saved int8 state dict (plain torch + transformers; export.json's "load" says the same)."""
     from transformers import AutoConfig
 
-    info = rundir.read_json(root / EXPORT_JSON)
+    info = rundir.read_meta(root / EXPORT_JSON, {"task": str})
+    if info["task"] not in ("classification", "token_classification", CAUSAL):
+        raise UserError(str(root / EXPORT_JSON), f"task {info['task'][:40]!r}", "an exported task")
     auto = _auto_class(info["task"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -14,8 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hybridtune import safe_yaml
 from hybridtune.ensemble import EnsembleConfig
-from hybridtune.errors import UserError, did_you_mean
+from hybridtune.errors import UserError
+from hybridtune.paths import NAME_RULE, is_safe_name
+from hybridtune.recipe_errors import non_finite, user_error
 from hybridtune.strategy.adapters import AdaptersConfig
 from hybridtune.strategy.freeze import FreezeConfig
 from hybridtune.strategy.fusion import FusionConfig
@@ -32,7 +35,8 @@ from hybridtune.tasks.causal_lm import GenerationConfig
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf / nan are no setting of any key (a NaN epoch count trained; an inf weight decay diverged)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -63,12 +67,16 @@ class ModelConfig(Section):
         return value
 
 
+# numpy's and torch's seeds: 0 .. 2**32 - 1 (numpy refuses anything else, with a traceback)
+SEED_MAX = 2**32 - 1
+
+
 class SplitConfig(Section):
     """How a single source is split into train / validation / test (stratified, seeded, de-duplicated)."""
 
     validation: float = Field(0.1, gt=0, lt=0.5)
     test: float = Field(0.1, gt=0, lt=0.5)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="the split's seed (numpy's range)")
 
 
 class DataConfig(Section):
@@ -184,18 +192,19 @@ class EarlyStoppingConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: float = Field(3, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    # the upper bounds are far above any real run and stop a typo (1e300 epochs planned 1.2e16 steps)
+    epochs: float = Field(3, gt=0, le=10_000)
+    max_steps: int | None = Field(None, ge=1, le=10**9, description="overrides epochs when set")
+    batch_size: int = Field(32, ge=1, le=2**20)
+    eval_batch_size: int = Field(128, ge=1, le=2**20)
+    grad_accum: int = Field(1, ge=1, le=2**20)
     lr: float = Field(5e-5, gt=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0, le=100)
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
     )
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=SEED_MAX)
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: every epoch)")
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
@@ -222,8 +231,18 @@ class TrainConfig(Section):
 
 class OutputConfig(Section):
     dir: str = "runs"
-    name: str | None = Field(None, description="run dir name (default: <recipe name>-<timestamp>)")
+    name: str | None = Field(
+        None, description="run dir name, inside `dir` (default: <recipe name>-<timestamp>)"
+    )
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (the best is always kept)")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        # a path component: '../x', 'a/b' or '/abs' would put the run outside `dir`
+        if value is not None and not is_safe_name(value):
+            raise ValueError(NAME_RULE)
+        return value
 
 
 # per task: the bundled data a recipe without `data` trains on, the metrics its validation reports
@@ -364,8 +383,8 @@ class Recipe(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
-            raise ValueError("a name of letters, digits, '.', '_' or '-'")
+        if not is_safe_name(value):
+            raise ValueError(NAME_RULE)
         return value
 
 
@@ -383,7 +402,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserError(str(path), "no such file", "a recipe YAML file")
         try:
             text = p.read_text(encoding="utf-8-sig")
-            raw = yaml.safe_load(text) or {}
+            raw = safe_yaml.load(text) or {}
         except UnicodeDecodeError as e:
             raise UserError(
                 str(path), f"bytes that are not UTF-8 ({e.reason})", "a UTF-8 text file"
@@ -407,7 +426,7 @@ def apply_override(raw: dict, item: str) -> None:
     if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
         raise UserError(f"override '{item}'", "no key=value", "key.path=value, e.g. train.epochs=1")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = safe_yaml.load(text) if text else None
     except yaml.YAMLError:
         value = text
     if text in ("|", ">"):  # YAML reads a lone block-scalar indicator as '': meant is the character
@@ -431,93 +450,16 @@ def apply_override(raw: dict, item: str) -> None:
 
 def validate_recipe(raw: dict, origin: str = "recipe") -> Recipe:
     try:
-        return Recipe.model_validate(raw)
+        recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise _user_error(e, origin) from None
-
-
-def _key_path(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The pydantic model that owns the last key of `loc` (for did-you-mean on unknown keys)."""
-    model: Any = Recipe
-    for part in loc[:-1]:
-        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
-            return None
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        candidates = [
-            a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        model = candidates[0] if candidates else None
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-# the names users bring from transformers.TrainingArguments, for did-you-mean
-FAMILIAR_NAMES = {
-    "learning_rate": "lr",
-    "num_train_epochs": "epochs",
-    "num_epochs": "epochs",
-    "epoch": "epochs",
-    "per_device_train_batch_size": "batch_size",
-    "per_device_eval_batch_size": "eval_batch_size",
-    "gradient_accumulation_steps": "grad_accum",
-    "warmup_ratio": "schedule.warmup",
-    "warmup_steps": "schedule.warmup",
-    "warmup": "schedule.warmup",
-    "lr_scheduler_type": "schedule.name",
-    "scheduler": "schedule.name",
-    "bf16": "precision",
-    "fp16": "precision",
-    "output_dir": "dir",
-}
-
-
-def _user_error(e: ValidationError, origin: str) -> UserError:
-    err = e.errors()[0]
-    loc = tuple(
-        p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-union")))
-    )
-    where = f"{origin}: {_key_path(loc)}"
-    if err["type"] == "extra_forbidden":
-        owner = _model_at(loc)
-        allowed = sorted(owner.model_fields) if owner else []
-        key = str(loc[-1])
-        familiar = FAMILIAR_NAMES.get(key)
-        if familiar and (familiar in allowed or "." in familiar):
-            hint = f"did you mean '{familiar}'?"
-        else:
-            hint = did_you_mean(key, allowed)
-        return UserError(
-            where, f"unknown key '{key}'", "one of " + ", ".join(allowed) if allowed else "no such key", hint
-        )
-    # a check across sections names its own key: "key.path: found X; expected Y"
-    pointed = re.fullmatch(r"Value error, ([\w.\[\]]+): found (.+); expected (.+)", err["msg"], re.S)
-    if pointed:
-        return UserError(f"{origin}: {pointed[1]}", pointed[2], pointed[3])
-    found = err.get("input")
-    found_text = "nothing" if found is None else f"{found!r} ({type(found).__name__})"
-    if err["type"] == "missing":
-        found_text = "nothing"
-    expected = err["msg"]
-    ctx = err.get("ctx") or {}
-    if err["type"] == "literal_error" and "expected" in ctx:
-        expected = "one of " + ctx["expected"]
-        hint = did_you_mean(str(found), re.findall(r"'([^']+)'", ctx["expected"]))
-        return UserError(where, found_text, expected, hint)
-    expected = re.sub(r"^(Value error, |Input should be )", "", expected)
-    more = len(e.errors()) - 1
-    return UserError(where, found_text, expected, f"and {more} more problem(s)" if more else None)
+        raise user_error(e, origin, Recipe) from None
+    # the strategy parts' own config classes too: no inf / nan anywhere (a string "nan" included,
+    # which pydantic reads as a float)
+    bad = non_finite(recipe.model_dump(mode="python"))
+    if bad is not None:
+        key, value = bad
+        raise UserError(f"{origin}: {key}", repr(value), "a finite number")
+    return recipe
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

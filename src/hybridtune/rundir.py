@@ -128,6 +128,47 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def read_meta(path: Path, required: dict[str, type | tuple[type, ...]] | None = None) -> dict:
+    """A metadata file of a run / export / ensemble dir (run.json, export.json, ensemble.json,
+    trainer_state.json) that a user hands us: a JSON object holding each `required` key with a value
+    of its type, else a UserError naming the file (a hand-edited or truncated file is bad input,
+    not a bug)."""
+    expected = "a JSON object" + (
+        " with " + ", ".join(f"'{k}' ({_type_name(t)})" for k, t in required.items()) if required else ""
+    )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(str(path), "no such file", expected) from None
+    except OSError as e:
+        raise UserError(str(path), f"a file that cannot be read ({e.strerror})", expected) from None
+    except UnicodeDecodeError:
+        raise UserError(str(path), "bytes that are not UTF-8", expected) from None
+    except ValueError as e:  # JSONDecodeError; also a number too long to convert
+        where = f"{path}:line {e.lineno}" if isinstance(e, json.JSONDecodeError) else str(path)
+        raise UserError(where, f"invalid JSON ({getattr(e, 'msg', e)})", expected) from None
+    except RecursionError:
+        raise UserError(str(path), "JSON nested too deep", expected) from None
+    if not isinstance(data, dict):
+        raise UserError(str(path), f"a JSON {type(data).__name__}", expected)
+    for key, kind in (required or {}).items():
+        if key not in data:
+            raise UserError(str(path), f"no '{key}'", expected)
+        value = data[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _types(kind)):
+            raise UserError(str(path), f"'{key}' of type {type(value).__name__}", expected)
+    return data
+
+
+def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", list: "a list", dict: "an object", int: "an integer", float: "a number"}
+    return " or ".join(names.get(k, "null" if k is type(None) else k.__name__) for k in _types(kind))
+
+
 def check_run_dir(path: str) -> Path:
     run = Path(path)
     if not (run / "run.json").is_file() or not (run / "final").is_dir():

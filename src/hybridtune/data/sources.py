@@ -64,6 +64,9 @@ def read_table(
         ) from None
     if frame.empty:
         raise UserError(str(path), "no rows", "at least one example")
+    twice = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
+    if twice:
+        raise UserError(str(path), f"the column name(s) {twice} twice", "unique column names")
     return frame
 
 
@@ -114,6 +117,11 @@ def _read_csv(path: Path, sep: str) -> pd.DataFrame:
             if not header or all(not h.strip() for h in header):
                 raise UserError(f"{path}:row 1", "no header", "a header row naming the columns")
             header = [h.strip() for h in header]
+            twice = sorted({h for h in header if header.count(h) > 1})
+            if twice:  # a second column of one name would shadow the first
+                raise UserError(
+                    f"{path}:row 1", f"the column name(s) {twice} twice in the header", "unique column names"
+                )
             row = 1
             rows, places = [], []
             for record in reader:
@@ -173,9 +181,11 @@ def _read_json(path: Path) -> pd.DataFrame:
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow
+
     try:
         frame = pd.read_parquet(path)
-    except Exception as e:  # pyarrow raises many types for a corrupt file
+    except (OSError, ValueError, pyarrow.ArrowException) as e:  # what a corrupt file raises
         raise UserError(
             str(path), f"an unreadable parquet file ({type(e).__name__})", "a parquet file"
         ) from None
@@ -185,10 +195,11 @@ def _read_parquet(path: Path) -> pd.DataFrame:
 
 def _read_hf_dir(path: Path, where: str) -> pd.DataFrame | dict[str, pd.DataFrame]:
     import datasets
+    import pyarrow
 
     try:
         loaded = datasets.load_from_disk(str(path))
-    except Exception as e:
+    except (OSError, ValueError, KeyError, pyarrow.ArrowException) as e:  # not a (whole) saved dataset
         raise UserError(
             where,
             f"'{path}', not a saved HF dataset ({type(e).__name__})",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from hybridtune.errors import UserError
+
 
 def drop_duplicates(frame: pd.DataFrame, text_columns: list[str]) -> pd.DataFrame:
     key = frame[text_columns].astype(str).apply(lambda col: col.str.strip())
@@ -23,6 +25,13 @@ def cut(
     """(rest, part) with `part` about `fraction` of the rows."""
     labels = frame[stratify].astype(str) if stratify else None
     n_part = max(1, round(len(frame) * fraction))
+    if len(frame) - n_part < 1:  # scikit-learn's own error is a traceback about test_size
+        raise UserError(
+            "data.split",
+            f"{len(frame)} distinct example(s) to split a part of {fraction:.0%} from",
+            "at least 3 distinct examples (train, validation and test each get one), or explicit "
+            "data.train / data.validation / data.test files",
+        )
     can_stratify = labels is not None and labels.value_counts().min() >= 2 and n_part >= labels.nunique()
     rest, part = train_test_split(
         frame, test_size=n_part, random_state=seed, stratify=labels if can_stratify else None, shuffle=True
@@ -33,6 +42,12 @@ def cut(
 def split(
     frame: pd.DataFrame, validation: float, test: float, seed: int, stratify: str | None
 ) -> dict[str, pd.DataFrame]:
+    if len(frame) < 3:
+        raise UserError(
+            "data.split",
+            f"{len(frame)} distinct example(s) to split into train / validation / test",
+            "at least 3 distinct examples, or explicit data.train / data.validation / data.test files",
+        )
     rest, test_part = cut(frame, test, stratify, seed)
     train, val = cut(rest, validation / (1 - test), stratify, seed)
     return {"train": train, "validation": val, "test": test_part}

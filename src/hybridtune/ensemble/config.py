@@ -4,6 +4,7 @@ package shares. No torch here: `recipe.py` imports this module."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +36,9 @@ class EnsembleConfig(BaseModel):
     combine: Literal[
         "mean_logits", "mean_probs", "vote", "weighted", "uniform_soup", "greedy_soup", "merge_adapters"
     ] = "mean_logits"
-    weights: list[float] | None = Field(None, description="combine: weighted / merge_adapters")
+    weights: list[float] | None = Field(
+        None, description="combine: weighted / merge_adapters; finite, non-negative, positive sum"
+    )
     merge_method: Literal[MERGE_METHODS] = Field("cat", description="combine: merge_adapters (peft)")  # type: ignore[valid-type]
     shared_trunk: bool = Field(
         False,
@@ -69,6 +72,8 @@ def check_weights(weights: list[float] | None, k: int, where: str) -> None:
         return
     if len(weights) != k:
         raise UserError(where, f"{len(weights)} weights", f"one weight per member ({k})")
+    if not all(math.isfinite(w) for w in weights):
+        raise UserError(where, f"weights {weights}", "finite numbers (no nan / inf)")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise UserError(where, f"weights {weights}", "non-negative weights with a positive sum")
 

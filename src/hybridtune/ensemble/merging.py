@@ -48,15 +48,15 @@ def merge_adapters(
     infos = []
     for p in paths:
         run = rundir.check_run_dir(p)
-        info = rundir.read_json(run / "run.json")
+        info = rundir.read_meta(run / "run.json", {"task": str, "format": str, "labels": list})
         if info["task"] != "classification":
             raise UserError(str(p), f"a {info['task']} run", "classification LoRA runs")
         cfg_path = run / "final" / "adapter_config.json"
-        peft_type = rundir.read_json(cfg_path).get("peft_type") if cfg_path.is_file() else None
+        peft_type = rundir.read_meta(cfg_path).get("peft_type") if cfg_path.is_file() else None
         if info["format"] != "peft" or peft_type != "LORA":
             raise UserError(str(p), f"a run whose final/ is {peft_type or 'a full model'}", "LoRA runs")
         infos.append(info)
-    if len({i["base_model"] for i in infos}) > 1 or len({tuple(i["labels"]) for i in infos}) > 1:
+    if len({str(i.get("base_model")) for i in infos}) > 1 or len({tuple(i["labels"]) for i in infos}) > 1:
         raise UserError("merge-adapters", "runs of different bases or label sets", "LoRA runs of one base")
     first = load_member(paths[0])
     tokenizer, labels, recipe = first.loaded.tokenizer, first.labels, first.loaded.recipe

@@ -15,6 +15,7 @@ from hybridtune import rundir
 from hybridtune.ensemble.config import COMBINES, MANIFEST, check_weights, is_ensemble
 from hybridtune.ensemble.shared import SharedTrunk
 from hybridtune.errors import UserError
+from hybridtune.paths import inside
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -80,9 +81,22 @@ def load_member(path: str | Path) -> Member:
     return Member(Path(path), loaded)
 
 
+def _inputs(member: Member) -> tuple:
+    data = member.loaded.recipe.data
+    return data.text_column, data.text_pair_column, data.label_column
+
+
 def check_same_labels(members: list[Member]) -> None:
+    """Members share the label set and read the same columns (every member scores the first
+    member's rows: a member of another text column would find no text in them)."""
     first = members[0]
     for m in members[1:]:
+        if _inputs(m) != _inputs(first):
+            raise UserError(
+                str(m.path),
+                f"text / text pair / label columns {_inputs(m)}",
+                f"the columns of {first.path}: {_inputs(first)} (members must read the same data)",
+            )
         if m.labels.names != first.labels.names:
             raise UserError(
                 str(m.path),
@@ -111,13 +125,12 @@ def member_logits(paths: list[str], frames: dict | None = None, data: str | None
     """Load each member in turn (one in memory at a time) and collect its logits on each frame."""
     out: dict[str, list[np.ndarray]] = {}
     first = None
-    names = None
     for path in paths:
         m = load_member(path)
         if first is None:
-            first, names = m, m.labels.names
+            first = m
             frames = frames or split_frames(m, data)
-        elif m.labels.names != names:
+        else:
             check_same_labels([first, m])
         for split, frame in frames.items():
             out.setdefault(split, []).append(m.logits(frame))
@@ -223,6 +236,28 @@ def _copy_member(src: Path, dst: Path) -> None:
     shutil.copytree(src / "final", dst / "final")
 
 
+def read_manifest(root: Path) -> dict:
+    """ensemble.json, checked: a combine method, a member path inside the dir for each member, and
+    finite weights (one per member) where it has them (a hand-edited manifest is bad input)."""
+    path = root / MANIFEST
+    manifest = rundir.read_meta(path, {"combine": str, "members": list, "task": str})
+    members, weights = manifest["members"], manifest.get("weights")
+    if manifest["combine"] not in COMBINES:
+        raise UserError(str(path), f"combine {manifest['combine'][:40]!r}", "one of " + ", ".join(COMBINES))
+    if len(members) < 2 or not all(isinstance(m, str) and m for m in members):
+        raise UserError(str(path), f"members {str(members)[:100]}", "two or more member dirs")
+    for m in members:
+        if not inside(root / m, root):
+            raise UserError(str(path), f"member '{m[:100]}' outside the ensemble dir", "members/<i>")
+    if weights is not None:
+        if not isinstance(weights, list) or not all(
+            isinstance(w, int | float) and not isinstance(w, bool) for w in weights
+        ):
+            raise UserError(str(path), f"weights {str(weights)[:100]}", "a list of numbers or null")
+        check_weights([float(w) for w in weights], len(members), str(path))
+    return manifest
+
+
 class Ensemble:
     """A saved output ensemble, loaded: every member in memory, predictions combined.
 
@@ -231,7 +266,7 @@ class Ensemble:
 
     def __init__(self, path: str | Path, share_trunk: bool = True):
         self.path = Path(path)
-        manifest = rundir.read_json(self.path / MANIFEST)
+        manifest = read_manifest(self.path)
         self.combine, self.weights = manifest["combine"], manifest["weights"]
         self.members = [load_member(self.path / m) for m in manifest["members"]]
         check_same_labels(self.members)

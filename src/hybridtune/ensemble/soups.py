@@ -64,7 +64,7 @@ def soup(paths: list[str], out: str, greedy: bool = False) -> dict:
     members = [load_member(p) for p in paths]
     check_same_labels(members)
     first = members[0]
-    bases = {rundir.read_json(m.path / "run.json")["base_model"] for m in members}
+    bases = {str(rundir.read_meta(m.path / "run.json").get("base_model")) for m in members}
     if len(bases) > 1:
         raise UserError(
             "soup", f"members fine-tuned from different bases {sorted(bases)}", "members of one base model"

@@ -14,6 +14,16 @@ from hybridtune.model import gguf
 WHERE = "model.name"
 
 
+def bad_file_errors() -> tuple[type[BaseException], ...]:
+    """What a missing, truncated or malformed model / tokenizer file raises in transformers and its
+    readers (a config that is no JSON: OSError; an unknown model type, a broken tokenizer.json:
+    ValueError; a cut-off safetensors file: SafetensorError). Only these are bad input (exit 2):
+    out of memory, an interrupt or a bug in a library propagate (exit 3, `--debug` for the traceback)."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, SafetensorError)
+
+
 def resolve(name: str) -> str:
     """A path for bundled names, local dirs and GGUF files (checked; a GGUF file: its cached plain
     copy), the id itself for a hub id."""
@@ -50,7 +60,7 @@ def load_tokenizer(path: str, where: str = WHERE):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
+    except bad_file_errors() as e:
         raise UserError(
             where,
             f"'{path}' whose tokenizer could not be loaded ({_first_line(e)})",
@@ -66,7 +76,7 @@ def load_model(auto_class: Any, path: str, tokenizer, where: str = WHERE, **kwar
     _quiet_transformers()
     try:
         model, info = auto_class.from_pretrained(path, output_loading_info=True, **kwargs)
-    except Exception as e:
+    except bad_file_errors() as e:
         raise UserError(
             where, f"'{path}' that could not be loaded ({_first_line(e)})", "a loadable transformers model"
         ) from None

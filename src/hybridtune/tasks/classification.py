@@ -59,6 +59,9 @@ def _as_label(value, where: str):
         or (isinstance(value, str) and not value.strip())
     ):
         raise UserError(where, "no label", "a label in every row")
+    if not isinstance(value, (str, int, float, np.integer, np.floating)):  # a JSON list or object
+        found = repr(value)[:60]
+        raise UserError(where, f"label {found} ({type(value).__name__})", "an integer or a class name")
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, (int, np.integer)):
