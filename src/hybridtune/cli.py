@@ -243,6 +243,12 @@ def compare(
     ),
     seeds: int = typer.Option(None, "--seeds", help="run every strategy with this many seeds (42, 43, ...)"),
     out: str = typer.Option(None, "--out", help="the compare dir (default: runs/compare-<suite name>)"),
+    reference: str = typer.Option(
+        None,
+        "--reference",
+        help="a strategy of the suite (e.g. full): every other one paired with it seed by seed, "
+        "with a 95 % interval and better / no difference detectable / worse",
+    ),
 ) -> None:
     """Train strategies side by side: a table, comparison.csv/json, plots and report.html. Resumable."""
     from rich.table import Table
@@ -260,8 +266,10 @@ def compare(
         seeds,
         echo=lambda text: console.print(text, markup=False, highlight=False),
         overrides=args,
+        reference=reference,
     )
-    summary = read_json(root / "comparison.json")["summary"]
+    comparison = read_json(root / "comparison.json")
+    summary = comparison["summary"]
     header, body = table_rows(summary)
     table = Table(title=f"compare: {root}")
     for i, col in enumerate(header):
@@ -269,6 +277,8 @@ def compare(
     for row in body:
         table.add_row(*row)
     console.print(table)
+    for sentence in comparison.get("sentences", []):
+        console.print(sentence, markup=False, highlight=False)
     console.print(f"report: [bold]{root / 'report.html'}[/]")
 
 

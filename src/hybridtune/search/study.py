@@ -196,6 +196,7 @@ def run_search(
         if seeds < 1:
             raise UserError("--seeds", str(seeds), "a number of seeds >= 1")
         ctx.space.verdict.seeds = seeds
+    asked = threads  # ray: the local Ray's CPUs, every CPU unless given
     # default: OMP_NUM_THREADS when the user set it (as `hybridtune train` honours it), else every CPU
     threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
     if threads < 1:
@@ -204,7 +205,7 @@ def run_search(
     cluster = None
     if backend == "ray":  # started (or joined) before anything is written: a resource it lacks is bad input
         root = root.resolve()  # the paths Ray's workers are given do not depend on their cwd
-        cluster = ray_tune.connect(address, threads, cpus_per_trial, gpus_per_trial)
+        cluster = ray_tune.connect(address, asked, cpus_per_trial, gpus_per_trial)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
