@@ -80,6 +80,63 @@ def test_outputs_and_numbers_equal_the_run_files(compared):
     assert f"{100 * full['test_metric']:.2f}" in page and f"{probe['trainable']:,.0f}" in page
 
 
+def test_reference_pairs_every_strategy_seed_by_seed(suite, compared, tmp_path):
+    """`--reference full`: the kept runs (nothing retrained) with the search verdict's columns; the
+    numbers are the run files' test scores, paired by seed."""
+    from scipy import stats
+    from typer.testing import CliRunner
+
+    from hybridtune.cli import app
+
+    copy = Path(shutil.copytree(compared, tmp_path / "copy"))
+    result = CliRunner().invoke(
+        app, ["compare", str(suite), "--seeds", "2", "--reference", "full", "--out", str(copy)]
+    )
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    data = json.loads((copy / "comparison.json").read_text())
+    test = {
+        r["run"]: json.loads((copy / "runs" / r["run"] / "eval.json").read_text())["accuracy"]
+        for r in data["runs"]
+    }
+    diffs = [test["probe-s1"] - test["full-s1"], test["probe-s2"] - test["full-s2"]]
+    full, probe = data["summary"]
+    assert full["vs_reference"] == {"reference": "full", "is_reference": True}
+    v = probe["vs_reference"]
+    assert v["diffs"] == pytest.approx(diffs) and v["seeds"] == [1, 2]
+    half = stats.t.ppf(0.975, 1) * abs(diffs[0] - diffs[1]) / 2**0.5 / 2**0.5
+    assert v["low"] == pytest.approx(sum(diffs) / 2 - half) and v["high"] == pytest.approx(
+        sum(diffs) / 2 + half
+    )
+    word = (
+        "no difference detectable" if v["low"] <= 0 <= v["high"] else ("better" if v["low"] > 0 else "worse")
+    )
+    assert v["verdict"] == word
+    (sentence,) = data["sentences"]
+    assert sentence.startswith("probe is ") and ("than full" in sentence or "different from full" in sentence)
+    assert f"{100 * v['mean']:+.2f} pt test accuracy" in sentence and "2 seeds" in sentence
+    with (copy / "comparison.csv").open() as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert float(rows["probe-s2"]["diff_vs_reference"]) == pytest.approx(diffs[1])
+    assert rows["probe-s1"]["verdict"] == word and rows["full-s1"]["verdict"] == "(reference)"
+    out = " ".join(result.stdout.split())
+    assert "Δ vs full" in out and sentence in out  # the table's columns and the sentence, printed
+    page = (copy / "report.html").read_text()
+    assert "95 % CI of Δ" in page and f"{100 * v['mean']:+.2f}" in page and sentence in page
+
+
+def test_a_bad_reference_is_refused_before_anything_runs(suite, tmp_path):
+    from typer.testing import CliRunner
+
+    from hybridtune.cli import app
+
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", str(suite), "--reference", "ful", "--out", str(out)])
+    message = result.stderr.strip()
+    assert result.exit_code == 2 and len(message.splitlines()) == 1, message
+    assert "--reference" in message and "one of full, probe" in message and "did you mean 'full'" in message
+    assert not out.exists()
+
+
 def test_resume_keeps_finished_runs_and_redoes_an_unfinished_one(suite, compared, tmp_path):
     compared = Path(shutil.copytree(compared, tmp_path / "copy"))
     before = {p.name: (p / "report.json").stat().st_mtime_ns for p in (compared / "runs").iterdir()}

@@ -243,6 +243,12 @@ def compare(
     ),
     seeds: int = typer.Option(None, "--seeds", help="run every strategy with this many seeds (42, 43, ...)"),
     out: str = typer.Option(None, "--out", help="the compare dir (default: runs/compare-<suite name>)"),
+    reference: str = typer.Option(
+        None,
+        "--reference",
+        help="a strategy of the suite (e.g. full): every other one paired with it seed by seed, "
+        "with a 95 % interval and better / no difference detectable / worse",
+    ),
 ) -> None:
     """Train strategies side by side: a table, comparison.csv/json, plots and report.html. Resumable."""
     from rich.table import Table
@@ -260,8 +266,10 @@ def compare(
         seeds,
         echo=lambda text: console.print(text, markup=False, highlight=False),
         overrides=args,
+        reference=reference,
     )
-    summary = read_json(root / "comparison.json")["summary"]
+    comparison = read_json(root / "comparison.json")
+    summary = comparison["summary"]
     header, body = table_rows(summary)
     table = Table(title=f"compare: {root}")
     for i, col in enumerate(header):
@@ -269,6 +277,8 @@ def compare(
     for row in body:
         table.add_row(*row)
     console.print(table)
+    for sentence in comparison.get("sentences", []):
+        console.print(sentence, markup=False, highlight=False)
     console.print(f"report: [bold]{root / 'report.html'}[/]")
 
 
@@ -518,10 +528,18 @@ def search(
     trials: int = typer.Option(None, "--trials", help="number of trials (default 20 without --budget)"),
     out: str = typer.Option(None, "--out", help="the search dir (default: runs/search-<space name>)"),
     seeds: int = typer.Option(None, "--seeds", help="verdict: seeds per retrained recipe (default 3)"),
-    threads: int = typer.Option(None, "--threads", help="torch threads of the trials (default: every CPU)"),
+    threads: int = typer.Option(
+        None, "--threads", help="torch threads of the trials (default: every CPU); ray: the local Ray's CPUs"
+    ),
+    backend: str = typer.Option("local", "--backend", help="local (one trial at a time) or ray (Ray Tune)"),
+    address: str = typer.Option(None, "--address", help="ray: a running cluster (host:6379 or auto)"),
+    cpus_per_trial: int = typer.Option(None, "--cpus-per-trial", help="ray: CPUs (threads) per trial (1)"),
+    gpus_per_trial: float = typer.Option(
+        None, "--gpus-per-trial", help="ray: GPUs per trial (default 1 where there are GPUs)"
+    ),
 ) -> None:
     """Search strategies and their settings (Optuna, pruned), then retrain the best with seeds and test
-    them against full fine-tuning. Resumable."""
+    them against full fine-tuning. Resumable. `--backend ray` runs the trials side by side on Ray Tune."""
     from hybridtune.report.console import console
     from hybridtune.search import run_search
 
@@ -536,6 +554,10 @@ def search(
         threads,
         seeds,
         echo=lambda text: console.print(text, markup=False, highlight=False),
+        backend=backend,
+        address=address,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
     )
     console.print(f"report: [bold]{root / 'report.html'}[/]; Pareto recipes: [bold]{root / 'pareto'}[/]")
 

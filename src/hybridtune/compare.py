@@ -274,14 +274,25 @@ def compare(
     seeds: int | None = None,
     echo=print,
     overrides: list[str] | None = None,
+    reference: str | None = None,
 ) -> Path:
     """Run (or resume) a suite; returns the compare dir with comparison.csv/json, plots and report.html.
-    `overrides` (key.path=value) apply to every strategy, validated with each before the first run."""
+    `overrides` (key.path=value) apply to every strategy, validated with each before the first run.
+    `reference`: a strategy of the suite every other one is paired with, seed by seed."""
     from hybridtune import rundir
+    from hybridtune.errors import did_you_mean
     from hybridtune.report.compare import write_outputs
 
     suite, base = load_suite(path, seeds, overrides)
     runs = plan_runs(suite, base)
+    names = list(dict.fromkeys(entry["strategy"] for entry in runs))
+    if reference is not None and reference not in names:
+        raise UserError(
+            "--reference",
+            f"'{reference}', not a strategy of this suite",
+            "one of " + ", ".join(names),
+            did_you_mean(reference, names),
+        )
     root = claim(Path(out or Path("runs") / f"compare-{suite.name}"), MARKER, "compare dir", "--out")
     runs_dir = root / "runs"
     if runs_dir.is_symlink() or (runs_dir.exists() and not runs_dir.is_dir()):
@@ -313,7 +324,7 @@ def compare(
     cache = root / "cache"  # the shared trunk caches, kept while unfinished; only our own dir's
     if cache.is_dir() and not cache.is_symlink():
         shutil.rmtree(cache, ignore_errors=True)
-    write_outputs(root, runs, measured, suite.name)
+    write_outputs(root, runs, measured, suite.name, reference)
     return root
 
 

@@ -1,5 +1,7 @@
 """The outputs of a compare: rows read from each run dir, mean ± std over seeds, comparison.csv /
-.json, PNG plots and a self-contained report.html (no CDN: images are inlined, works offline).
+.json, PNG plots and a self-contained report.html (no CDN: images are inlined, works offline). With
+a reference strategy (`--reference`), each strategy's test metric paired seed by seed with the
+reference's: the mean difference, its 95 % interval and the word (report/stats.py).
 
 Every number comes from a run's own files (report.json, eval.json, params.json, metrics.jsonl) or
 from the compare's measurement of the run's process (measured.json: wall time, peak RSS).
@@ -107,6 +109,49 @@ def warning_summary(runs: list[dict]) -> str:
     return ", ".join(f"{kind} {n}/{len(runs)}" for kind, n in counts.items())
 
 
+def add_paired(summary: list[dict], rows: list[dict], reference: str) -> list[str]:
+    """Each strategy's test metric against the reference's, seed by seed (the same seed: the same
+    data order and head initialisation); sets `vs_reference` on every summary entry and
+    `diff_vs_reference` on every run row; returns the sentences."""
+    from hybridtune.report.stats import higher_is_better, paired, sentence
+
+    ref_by_seed = {r["seed"]: r["test_metric"] for r in rows if r["strategy"] == reference}
+    for row in rows:
+        ref = ref_by_seed.get(row["seed"])
+        usable = row["test_metric"] is not None and ref is not None
+        row["diff_vs_reference"] = row["test_metric"] - ref if usable else None
+    sentences = []
+    for s in summary:
+        if s["strategy"] == reference:
+            s["vs_reference"] = {"reference": reference, "is_reference": True}
+            continue
+        pairs = [
+            (r["test_metric"], ref_by_seed[r["seed"]], r["seed"])
+            for r in s["runs"]
+            if r["test_metric"] is not None and ref_by_seed.get(r["seed"]) is not None
+        ]
+        if not pairs:
+            s["vs_reference"] = {"reference": reference, "verdict": None}
+            continue
+        p = paired([a for a, _, _ in pairs], [b for _, b, _ in pairs], higher_is_better(s["metric"]))
+        s["vs_reference"] = {"reference": reference, "seeds": [seed for _, _, seed in pairs], **p}
+        sentences.append(sentence(s["strategy"], p, reference, s["metric"], len(pairs)))
+    return sentences
+
+
+def _paired_cells(s: dict) -> list[str]:
+    from hybridtune.report.stats import scale
+
+    v = s.get("vs_reference") or {}
+    if v.get("is_reference"):
+        return ["(reference)", "-", "-"]
+    if v.get("verdict") is None:
+        return ["-", "-", "-"]
+    k, _ = scale(s["metric"])
+    ci = f"{k * v['low']:+.2f} to {k * v['high']:+.2f}" if v["low"] is not None else "-"
+    return [f"{k * v['mean']:+.2f}", ci, v["verdict"]]
+
+
 def _fmt(value, std, kind: str) -> str:
     if value is None:
         return "-"
@@ -128,6 +173,10 @@ def table_rows(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
         + [s.get("warnings") or "-"]
         for s in summary
     ]
+    reference = next((s["vs_reference"]["reference"] for s in summary if s.get("vs_reference")), None)
+    if reference is not None:  # the search verdict's columns (search/report.py verdict_table)
+        header += [f"Δ vs {reference}", "95 % CI of Δ", "verdict"]
+        body = [row + _paired_cells(s) for row, s in zip(body, summary, strict=True)]
     return header, body
 
 
@@ -204,7 +253,12 @@ img{max-width:100%;margin:1em 0;border:1px solid #eee}pre{background:#f7f7f7;pad
 
 
 def html_report(
-    name: str, header: list[str], body: list[list[str]], images: dict[str, bytes], recipes: dict[str, str]
+    name: str,
+    header: list[str],
+    body: list[list[str]],
+    images: dict[str, bytes],
+    recipes: dict[str, str],
+    sentences: list[str] | None = None,
 ) -> str:
     rows = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body)
     imgs = "\n".join(
@@ -218,19 +272,25 @@ def html_report(
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>hybridtune compare: {html.escape(name)}</title>
 <style>{CSS}</style></head><body><h1>hybridtune compare: {html.escape(name)}</h1>
 <p>Mean ± std over seeds. Every figure is read from the run dirs under <code>runs/</code>.</p>
-<table id="comparison"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead><tbody>
+{"".join(f"<p><b>{html.escape(x)}</b></p>" for x in sentences or [])}<table id="comparison"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead><tbody>
 {rows}</tbody></table><div class="plots">{imgs}</div><h2>Recipes (resolved)</h2>{details}</body></html>"""
 
 
-def write_outputs(root: Path, runs: list[dict], measured: dict, name: str) -> list[dict]:
+def write_outputs(
+    root: Path, runs: list[dict], measured: dict, name: str, reference: str | None = None
+) -> list[dict]:
     rows = []
     for entry in runs:
         row = run_row(root / "runs" / entry["run"], measured.get(entry["run"], {}))
         rows.append({"strategy": entry["strategy"], "seed": entry["seed"], "run": entry["run"], **row})
     summary = aggregate(rows)
+    sentences = add_paired(summary, rows, reference) if reference else []
     header, body = table_rows(summary)
+    paired_of = {s["strategy"]: s.get("vs_reference") or {} for s in summary}
     flat = [
-        {**{k: v for k, v in r.items() if k != "curve"}, "warnings": "; ".join(r["warnings"])} for r in rows
+        {**{k: v for k, v in r.items() if k != "curve"}, "warnings": "; ".join(r["warnings"])}
+        | (_paired_csv(paired_of[r["strategy"]]) if reference else {})
+        for r in rows
     ]
     with (root / ".comparison.csv.tmp").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat[0]))
@@ -243,6 +303,7 @@ def write_outputs(root: Path, runs: list[dict], measured: dict, name: str) -> li
             "name": name,
             "runs": rows,
             "summary": [{k: v for k, v in s.items() if k != "runs"} for s in summary],
+            **({"reference": reference, "sentences": sentences} if reference else {}),
         },
     )
     images = plots(summary)
@@ -251,5 +312,16 @@ def write_outputs(root: Path, runs: list[dict], measured: dict, name: str) -> li
     recipes = {
         s["strategy"]: (root / "runs" / s["runs"][0]["run"] / "recipe.yaml").read_text() for s in summary
     }
-    rundir.write_text(root / "report.html", html_report(name, header, body, images, recipes))
+    rundir.write_text(root / "report.html", html_report(name, header, body, images, recipes, sentences))
     return summary
+
+
+def _paired_csv(v: dict) -> dict:
+    """The strategy's paired columns on each of its run rows (the csv has one row per run)."""
+    return {
+        "reference": v.get("reference"),
+        "vs_reference_mean": v.get("mean"),
+        "vs_reference_low": v.get("low"),
+        "vs_reference_high": v.get("high"),
+        "verdict": "(reference)" if v.get("is_reference") else v.get("verdict"),
+    }

@@ -29,9 +29,12 @@ JOURNAL = "study.journal"
 MANIFEST = "search.json"
 
 
-def sampler_for(ctx: Context):
+def sampler_for(ctx: Context, parallel: bool = False):
     """TPE for one objective (Bergstra et al. 2011; multivariate + group: the family's settings are
-    modelled together, and only in that family's trials), NSGA-II for several (Deb et al. 2002)."""
+    modelled together, and only in that family's trials), NSGA-II for several (Deb et al. 2002).
+    `parallel` (trials running side by side, the Ray backend): TPE's constant liar, which counts a
+    running trial as a bad one so that parallel asks do not all pick the same point (Optuna's
+    advice for distributed TPE)."""
     import optuna
 
     space = ctx.space
@@ -42,7 +45,7 @@ def sampler_for(ctx: Context):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if kind == "tpe":
             return optuna.samplers.TPESampler(
-                seed=space.seed, multivariate=True, group=True, n_startup_trials=8
+                seed=space.seed, multivariate=True, group=True, n_startup_trials=8, constant_liar=parallel
             )
         if kind == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=space.seed, population_size=16)
@@ -89,12 +92,17 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def open_study(root: Path, ctx: Context, fresh: bool):
-    import optuna
+def journal(root: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    storage = JournalStorage(JournalFileBackend(str(root / JOURNAL)))
+    return JournalStorage(JournalFileBackend(str(root / JOURNAL)))
+
+
+def open_study(root: Path, ctx: Context, fresh: bool, storage=None):
+    import optuna
+
+    storage = storage or journal(root)
     study = optuna.create_study(
         study_name=ctx.space.name,
         storage=storage,
@@ -169,24 +177,40 @@ def run_search(
     threads: int | None = None,
     seeds: int | None = None,
     echo=print,
+    backend: str = "local",
+    address: str | None = None,
+    cpus_per_trial: int | None = None,
+    gpus_per_trial: float | None = None,
 ) -> Path:
-    """Run (or resume) a search, then the verdict; returns the search dir."""
+    """Run (or resume) a search, then the verdict; returns the search dir. `backend="ray"` runs the
+    trials on Ray Tune (search/ray_tune.py): a local Ray this call starts, or the cluster at
+    `address`, `cpus_per_trial` / `gpus_per_trial` each."""
     import optuna
     import torch
 
+    from hybridtune.search import ray_tune
+
+    ray_tune.check_options(backend, address, cpus_per_trial, gpus_per_trial)
     ctx, root, seconds, n_trials, resuming = prepare(space_path, overrides or [], out, budget, trials)
     if seeds is not None:
         if seeds < 1:
             raise UserError("--seeds", str(seeds), "a number of seeds >= 1")
         ctx.space.verdict.seeds = seeds
+    asked = threads  # ray: the local Ray's CPUs, every CPU unless given
     # default: OMP_NUM_THREADS when the user set it (as `hybridtune train` honours it), else every CPU
     threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
     if threads < 1:
         raise UserError("--threads", str(threads), "a number of threads >= 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    cluster = None
+    if backend == "ray":  # started (or joined) before anything is written: a resource it lacks is bad input
+        root = root.resolve()  # the paths Ray's workers are given do not depend on their cwd
+        cluster = ray_tune.connect(address, asked, cpus_per_trial, gpus_per_trial)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        if cluster is not None:
+            cluster.close()
         raise UserError(
             "--out", f"'{root}' that cannot be written ({e.strerror})", "a writable directory"
         ) from None
@@ -202,8 +226,10 @@ def run_search(
     # 2 cores were measured 8x slower each, docs/search.md)
     torch.set_num_threads(threads)
     try:
-        _loop(ctx, root, seconds, n_trials, resuming, echo)
+        _loop(ctx, root, seconds, n_trials, resuming, echo, cluster)
     finally:  # this process (a Python caller's) gets its settings back
+        if cluster is not None:
+            cluster.close()
         torch.set_num_threads(before[1])
         if before[0] is None:
             os.environ.pop(CACHE_DIR_ENV, None)
@@ -212,20 +238,28 @@ def run_search(
 
 
 def _loop(
-    ctx: Context, root: Path, seconds: float | None, n_trials: int | None, resuming: bool, echo
+    ctx: Context, root: Path, seconds: float | None, n_trials: int | None, resuming: bool, echo, cluster=None
 ) -> None:
     """The trials (until N are finished or the budget is spent), the outputs, the verdict."""
     from hybridtune.search.report import write_outputs
     from hybridtune.search.trial import run_trial
     from hybridtune.search.verdict import run_verdict
 
-    study = open_study(root, ctx, fresh=not resuming)
+    storage = journal(root)
+    study = open_study(root, ctx, fresh=not resuming, storage=storage)
     recover(study, root, echo)
     done = finished(study)
     if done:
         echo(f"{len(done)} trial(s) finished earlier, kept")
     spent = sum(t.user_attrs.get("seconds", 0.0) for t in done)
-    while True:
+    if cluster is not None:
+        from hybridtune.search.ray_tune import run_trials
+
+        left = None if n_trials is None else max(0, n_trials - len(done))
+        run_trials(
+            cluster, ctx, root, storage, sampler_for(ctx, parallel=True), seconds, spent, left, done, echo
+        )
+    while cluster is None:
         done = finished(study)
         if n_trials is not None and len(done) >= n_trials:
             break
@@ -244,18 +278,24 @@ def _loop(
 
 
 def _one_trial(study, ctx: Context, root: Path, run_trial, index: int, total: int | None, echo) -> float:
+    trial = study.ask()
+    state, info = run_trial(ctx, trial, root)
+    record(study, trial, ctx, state, info, f"({index + 1}{f'/{total}' if total else ''})", echo)
+    return info["seconds"]
+
+
+def record(study, trial, ctx: Context, state: str, info: dict, count: str, echo) -> None:
+    """Tell the study how a trial ended (its info as user attributes: the trials table reads them)
+    and say it in one line; both backends end their trials here."""
     from optuna.trial import TrialState
 
     from hybridtune.search.trial import objective_values
 
-    trial = study.ask()
-    state, info = run_trial(ctx, trial, root)
     for key in info:
         if key not in ("number", "state"):
             trial.set_user_attr(key, info[key])
     values = objective_values(ctx, info)
-    of = f"/{total}" if total else ""
-    head = f"trial {trial.number} ({index + 1}{of}) {info['family']}"
+    head = f"trial {trial.number} {count} {info['family']}"
     if state == "complete" and not any(math.isnan(v) for v in values):
         study.tell(trial, values)
         echo(
@@ -267,4 +307,3 @@ def _one_trial(study, ctx: Context, root: Path, run_trial, index: int, total: in
     else:
         study.tell(trial, state=TrialState.FAIL)
         echo(f"{head}: failed ({info.get('error', 'no value')})")
-    return info["seconds"]

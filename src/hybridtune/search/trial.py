@@ -32,11 +32,13 @@ class PruningCallback(TrainerCallback):
     number: the rungs of successive halving / Hyperband, Li et al. 2018); when the pruner says so,
     training stops at once, cleanly (Trainer's own stop: callbacks end, the event file closes), and
     `trial.py` marks the trial pruned. A multi-objective study cannot prune (Optuna has no
-    intermediate values for several objectives): there it only counts."""
+    intermediate values for several objectives): there it only counts. `on_evaluation(value, n)`,
+    when given, hears each evaluation too (the Ray backend reports it to Ray Tune's scheduler)."""
 
-    def __init__(self, trial: optuna.Trial, metric: str, prune: bool):
+    def __init__(self, trial: optuna.Trial, metric: str, prune: bool, on_evaluation=None):
         self.trial, self.key, self.prune = trial, f"eval_{metric}", prune
         self.evaluations, self.pruned, self.curve = 0, False, []
+        self.on_evaluation = on_evaluation
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 2:
@@ -48,6 +50,8 @@ class PruningCallback(TrainerCallback):
         self.evaluations += 1
         value = float(metrics[self.key])
         self.curve.append((state.global_step, value))
+        if self.on_evaluation is not None:
+            self.on_evaluation(value, self.evaluations)
         if not self.prune:
             return
         self.trial.report(value, self.evaluations)
@@ -107,10 +111,11 @@ def objective_values(ctx: Context, info: dict) -> list[float]:
     return [float(table[o]) if table[o] is not None else math.nan for o in ctx.space.objectives]
 
 
-def run_trial(ctx: Context, trial: optuna.Trial, out: Path) -> tuple[str, dict]:
+def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) -> tuple[str, dict]:
     """Train one trial; returns (state, info) with state complete | pruned | failed. The caller
     tells Optuna. A trial whose recipe the model cannot take (a UserError from prepare) or whose loss
-    turned NaN fails alone; the search goes on."""
+    turned NaN fails alone; the search goes on. `on_evaluation(value, n, info)` hears each
+    evaluation with what is known of the trial so far."""
     from hybridtune import api
 
     started = time.perf_counter()
@@ -118,7 +123,16 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path) -> tuple[str, dict]:
     run = Path(recipe.output.dir) / recipe.output.name
     info: dict[str, Any] = {"number": trial.number, "family": family, "run_dir": str(run)}
     multi = len(ctx.space.objectives) > 1
-    callback = PruningCallback(trial, ctx.metric, prune=not multi and ctx.space.pruner != "none")
+    hook = None
+    if on_evaluation is not None:
+
+        def hook(value: float, n: int) -> None:
+            so_far = {"evaluations": n, "curve": callback.curve, "seconds": time.perf_counter() - started}
+            on_evaluation(value, n, info | so_far)
+
+    callback = PruningCallback(
+        trial, ctx.metric, prune=not multi and ctx.space.pruner != "none", on_evaluation=hook
+    )
     peak_memory_start()
     try:
         summary = api.train(recipe, callbacks=[callback], search_trial=True)

@@ -7,39 +7,22 @@ of them were picked on that seed's validation score, so retraining with it would
 selection's luck into the verdict. Each candidate is paired with the reference by seed (same seed:
 same data order and head initialisation), so the seed-to-seed noise they share cancels in the
 difference; the 95 % interval of the mean paired difference is Student's t with n - 1 degrees of
-freedom. Better / worse when the interval excludes zero, else "no difference detectable".
+freedom. Better / worse when the interval excludes zero, else "no difference detectable" (the
+statistics: report/stats.py, which `hybridtune compare --reference` uses too).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import shutil
 import statistics
 from pathlib import Path
 
 from hybridtune import rundir
+from hybridtune.report.stats import higher_is_better, paired, sentence
 from hybridtune.search.setup import Context, finish
 
-
-def paired(candidate: list[float], reference: list[float], higher_is_better: bool = True) -> dict:
-    """Mean and 95 % t-interval of the paired differences candidate - reference, and the verdict."""
-    from scipy import stats
-
-    diffs = [a - b for a, b in zip(candidate, reference, strict=True)]
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    out = {"diffs": diffs, "mean": mean, "sd": None, "low": None, "high": None}
-    if n > 1:
-        sd = statistics.stdev(diffs)
-        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-        out |= {"sd": sd, "low": mean - half, "high": mean + half}
-    if out["low"] is not None and (out["low"] > 0 or out["high"] < 0):
-        better = (out["low"] > 0) == higher_is_better
-        out["verdict"] = "better" if better else "worse"
-    else:
-        out["verdict"] = "no difference detectable"
-    return out
+__all__ = ["paired", "run_verdict"]
 
 
 def candidates(study, ctx: Context, top: int) -> list[dict]:
@@ -98,7 +81,7 @@ def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
     verdict_cfg = ctx.space.verdict
     seeds = [ctx.seed + 1 + i for i in range(verdict_cfg.seeds)]
     metric = ctx.metric
-    up = metric != "loss"
+    up = higher_is_better(metric)
     entries = [{"name": "reference", "trial": None, "family": "full (reference)", "raw": reference(ctx)}]
     entries += candidates(study, ctx, verdict_cfg.top)
     for entry in entries:
@@ -109,24 +92,11 @@ def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
         entry["sd"] = statistics.stdev(entry["values"]) if len(seeds) > 1 else 0.0
     ref = entries[0]
     sentences = []
-    scale, unit = (1, "") if metric == "loss" else (100, " pt")
     for entry in entries[1:]:
         entry["paired"] = p = paired(entry["values"], ref["values"], up)
         entry["verdict"] = p["verdict"]
-        ci = (
-            f"95 % CI {scale * p['low']:+.2f} to {scale * p['high']:+.2f}"
-            if p["low"] is not None
-            else "no interval from 1 seed"
-        )
-        word = {
-            "better": "better than",
-            "worse": "worse than",
-            "no difference detectable": "not detectably different from",
-        }
-        sentences.append(
-            f"{entry['name']} ({entry['family']}) is {word[p['verdict']]} full fine-tuning on the test split: "
-            f"{scale * p['mean']:+.2f}{unit} test {metric} ({ci}, {len(seeds)} seeds)."
-        )
+        name = f"{entry['name']} ({entry['family']})"
+        sentences.append(sentence(name, p, "full fine-tuning", metric, len(seeds)))
     out = {
         "metric": metric,
         "seeds": seeds,

@@ -1,0 +1,98 @@
+"""`hybridtune search --backend ray`: the same trials on Ray Tune (a local Ray of 2 CPUs), the same
+outputs as the local backend; and the flags refused where they cannot apply."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from hybridtune.search import run_search
+from tests.test_search import _space
+
+HAS_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(
+    not HAS_RAY, reason="ray is not installed (pip install 'hybridtune[ray]', part of the dev extra)"
+)
+
+
+def _table(root: Path) -> tuple[list[str], list[dict]]:
+    with (root / "trials.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    return list(reader.fieldnames or []), rows
+
+
+@needs_ray
+def test_ray_backend_writes_the_local_backends_tables(tmp_path, tiny_bert, sentiment_csv):
+    space = _space(
+        tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0},
+        families={"bitfit": {"lr": [0.01, 0.02]}}, pruner="none",
+    )  # fmt: skip
+    local = run_search(str(space), [], str(tmp_path / "local"), trials=1, threads=1, echo=lambda *_: None)
+    lines: list[str] = []
+    root = run_search(
+        str(space), [], str(tmp_path / "ray"), trials=2, threads=2, echo=lines.append,
+        backend="ray", cpus_per_trial=1,
+    )  # fmt: skip
+    assert any("2 trial(s) at a time (1 CPU each)" in line for line in lines), lines
+    header, rows = _table(root)
+    assert header == _table(local)[0]
+    assert len(rows) == 2 and all(r["state"] == "complete" for r in rows), rows
+    assert sorted(r["number"] for r in rows) == ["0", "1"]
+    ray_json = json.loads((root / "trials.json").read_text())
+    local_json = json.loads((local / "trials.json").read_text())
+    assert {k for k in ray_json if k != "trials"} == {k for k in local_json if k != "trials"}
+    assert [set(t) for t in ray_json["trials"]] == [set(local_json["trials"][0])] * 2
+    for t in ray_json["trials"]:
+        run = Path(t["run_dir"])
+        evals = [
+            json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in x
+        ]
+        assert t["evaluations"] == len(evals) == 4 and t["value"] == max(e["eval_accuracy"] for e in evals)
+        assert json.loads((run / "trial.json").read_text())["state"] == "complete"
+    assert {t["params"]["bitfit.lr"] for t in ray_json["trials"]} <= {0.01, 0.02}
+    for name in ("pareto.json", "report.html", "study.journal"):
+        assert (root / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--address", "auto"], ["--address", "--backend ray"]),
+        (["--cpus-per-trial", "2"], ["--cpus-per-trial", "--backend ray"]),
+        (["--backend", "spark"], ["--backend", "local or ray"]),
+        (["--backend", "ray", "--cpus-per-trial", "0"], ["--cpus-per-trial", ">= 1"]),
+    ],
+)
+def test_backend_flags_refused_before_writing(tmp_path, tiny_bert, sentiment_csv, args, words):
+    from typer.testing import CliRunner
+
+    from hybridtune.cli import app
+
+    space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["search", str(space), *args, "--out", str(out), "--trials", "1"])
+    message = result.stderr.strip()
+    assert result.exit_code == 2 and len(message.splitlines()) == 1, (result.exit_code, message)
+    assert all(w in message for w in words), message
+    assert not out.exists()
+
+
+def test_ray_backend_without_ray_says_how_to_install(tmp_path, tiny_bert, sentiment_csv, monkeypatch):
+    from typer.testing import CliRunner
+
+    from hybridtune.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
+    space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv)
+    result = CliRunner().invoke(app, ["search", str(space), "--backend", "ray", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.stderr
+    assert "pip install 'hybridtune[ray]'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
