@@ -117,7 +117,8 @@ def prepare(recipe: Recipe) -> Prepared:
         )
     depth = trunk_cache.plan_depth(recipe, model, anatomy, plan.base_names)  # `on` that cannot: UserError
     started = time.perf_counter()
-    datasets, cached = token_cache.encode_splits(task, recipe, splits, tokenizer, labels)
+    names = tuple(n for n in ("train", "validation", "test") if len(splits[n]))  # few-shot: no validation
+    datasets, cached = token_cache.encode_splits(task, recipe, splits, tokenizer, labels, names)
     encoded = {"from_cache": cached, "seconds": round(time.perf_counter() - started, 3)}
     return Prepared(
         recipe, task, splits, labels, tokenizer, model, anatomy, build, plan, params, datasets, depth, encoded
@@ -163,6 +164,10 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
     run = Path(distributed.broadcast(str(run)))
     args.output_dir = str(run / "checkpoints")
     main = distributed.is_main()
+    if recipe.data.validation_shots == 0:  # few-shot without validation: fixed steps, the last model
+        from hybridtune.train.engine import without_validation
+
+        without_validation(args)
     for key, value in strategy.training_args(recipe).items():
         setattr(args, key, value)
     is_peft = hasattr(prep.model, "peft_config")
@@ -252,8 +257,15 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, 
             with autocast(recipe.train.precision):
                 zero_shot = prep.task.zero_shot(prep.tokenizer, prep.datasets["test"], prep.labels)
             rundir.write_json(run / "zero_shot.json", zero_shot)
+    started, record = time.perf_counter(), None
+    if recipe.contrastive is not None and checkpoint is None:  # a resumed run is past this stage
+        from hybridtune.strategy import contrastive
+
+        phase["step"] = "contrastive tuning"
+        record = contrastive.run(prep, resolve_precision(recipe.train.precision))
+        if main:
+            rundir.write_json(run / "contrastive.json", record)
     phase.update(step="training", trainer=trainer)
-    started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
     model = trainer.model
@@ -302,6 +314,19 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, 
         "precision_reason": choose_precision(recipe.train.precision).reason,
         "trunk_cache": cache.summary() if cache is not None else {"used": False, "depth": 0},
         "token_cache": prep.token_cache,
+        # few-shot: the draw trained on (data/shots.py); contrastive: its stage, inside train_seconds
+        **(
+            {
+                "few_shot": {
+                    "shots": recipe.data.shots,
+                    "draw": recipe.data.draw,
+                    "train_rows": len(prep.splits.train),
+                }
+            }
+            if recipe.data.shots
+            else {}
+        ),
+        **({"contrastive": {k: v for k, v in record.items() if k != "losses"}} if record else {}),
     }
     phase["step"] = "writing report.json"
     rundir.write_json(run / "report.json", summary)

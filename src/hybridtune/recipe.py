@@ -14,14 +14,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hybridtune.data.augment import AugmentConfig
 from hybridtune.ensemble import EnsembleConfig
 from hybridtune.errors import UserError, did_you_mean
 from hybridtune.strategy.adapters import AdaptersConfig
+from hybridtune.strategy.contrastive import ContrastiveConfig
 from hybridtune.strategy.freeze import FreezeConfig
 from hybridtune.strategy.fusion import FusionConfig
 from hybridtune.strategy.lr import LrConfig
 from hybridtune.strategy.objective import ObjectiveConfig
 from hybridtune.strategy.peft import PeftConfig
+from hybridtune.strategy.pooling import PoolingConfig
 from hybridtune.strategy.prompt import SoftPromptConfig
 from hybridtune.strategy.schedule import ScheduleConfig
 from hybridtune.strategy.stages import StagesConfig
@@ -81,6 +84,25 @@ class DataConfig(Section):
     max_eval_samples: int | None = Field(
         None, ge=1, description="use only the first N validation/test examples"
     )
+    # few-shot (data/shots.py, docs/few_shot.md): k per class drawn from the train split, seeded
+    shots: int | None = Field(
+        None, ge=1, description="few-shot: k labelled examples per class from the train split"
+    )
+    draws: int = Field(
+        1, ge=1, description="few-shot: seeded draws; compare runs each strategy on every draw"
+    )
+    draw: int = Field(
+        0, ge=0, description="few-shot: the draw this run trains on, 0 .. draws-1 (compare sets it)"
+    )
+    validation_shots: int | None = Field(
+        None,
+        ge=0,
+        description="few-shot: per class from the validation split (default: = shots); 0 = no validation: "
+        "train.epochs / max_steps, the last model kept",
+    )
+    augment: AugmentConfig | None = Field(
+        None, description="EDA copies of the training texts (data/augment.py)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -100,6 +122,19 @@ class DataConfig(Section):
             )
         if not self.source and not self.train:
             raise ValueError("data.source: found neither `source` nor `train`; expected one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _few_shot(self) -> DataConfig:
+        if self.draw >= self.draws:
+            raise ValueError(
+                f"data.draw: found {self.draw} with data.draws {self.draws}; expected 0 .. {self.draws - 1}"
+            )
+        if self.shots is None and (self.validation_shots is not None or self.draws > 1):
+            key = "validation_shots" if self.validation_shots is not None else "draws"
+            raise ValueError(
+                f"data.{key}: found it without data.shots; expected data.shots (k per class) too"
+            )
         return self
 
 
@@ -199,6 +234,9 @@ class Recipe(Section):
     prompt: PromptConfig | None = None  # task: prompt_classification (template + verbalizer)
     fusion: FusionConfig | None = None
     objective: ObjectiveConfig | None = None
+    pooling: PoolingConfig | None = None  # classification: the head on the mean-pooled embedding
+    # a stage before the head: pairs, cosine loss (SetFit); classification only
+    contrastive: ContrastiveConfig | None = None
     # the training plan
     lr: LrConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()
@@ -265,6 +303,36 @@ class Recipe(Section):
                 f"objective: found a mixed LM objective with task {self.task}, whose model has no LM head; "
                 "expected task: prompt_classification"
             )
+        labelled = self.task in ("classification", "prompt_classification")
+        for key in ("shots", "augment"):
+            if getattr(self.data, key) is not None and not labelled:
+                raise ValueError(
+                    f"data.{key}: found it with task {self.task}; expected a classification task (one label per text)"
+                )
+        for key in ("pooling", "contrastive"):
+            if getattr(self, key) is not None and self.task != "classification":
+                raise ValueError(f"{key}: found it with task {self.task}; expected task: classification")
+        if self.ensemble is not None and self.data.validation_shots == 0:
+            raise ValueError(
+                "data.validation_shots: found 0 with `ensemble`; expected a validation split (members "
+                "are weighed, souped and reported on it)"
+            )
+        if self.contrastive is not None:
+            if self.stages is not None:
+                raise ValueError(
+                    "contrastive: found it with `stages`; expected one of them (the stage trains what "
+                    "the parts leave trainable, then `contrastive.then` decides)"
+                )
+            if self.data.text_pair_column:
+                raise ValueError(
+                    f"contrastive: found data.text_pair_column {self.data.text_pair_column!r}; expected "
+                    "single texts (pairs are made of two training texts)"
+                )
+            if self.contrastive.head == "logistic" and self.pooling is None:
+                raise ValueError(
+                    "contrastive.head: found logistic without `pooling`; expected pooling: mean (the "
+                    "logistic head reads the pooled embedding the body was tuned on)"
+                )
         if self.fusion is not None and self.task == "token_classification":
             raise ValueError(
                 "fusion: found fusion with task token_classification; expected a classification task"

@@ -42,7 +42,7 @@ def run_row(run_dir: Path, measured: dict) -> dict:
     metric = report["metric"]
     evals = [r for r in logs if f"eval_{metric}" in r]
     key, best = (
-        "eval_" + report["best_validation_metric"].removeprefix("eval_"),
+        "eval_" + (report["best_validation_metric"] or "").removeprefix("eval_"),  # None: no validation
         report.get("best_validation"),
     )
     best_eval = next(
@@ -77,7 +77,8 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One entry per strategy, in suite order: mean and std of every column over its seeds."""
+    """One entry per strategy, in suite order: mean and std of every column over its runs (seeds, and
+    the draws of a few-shot recipe)."""
     out: dict[str, dict] = {}
     for row in rows:
         entry = out.setdefault(row["strategy"], {"strategy": row["strategy"], "seeds": [], "runs": []})
@@ -104,7 +105,8 @@ def _fmt(value, std, kind: str) -> str:
 
 def table_rows(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     metric = summary[0]["metric"]
-    header = ["strategy", "seeds"] + [label.format(metric=metric) for _, label, _ in COLUMNS]
+    # "runs": seeds × few-shot draws, the number each mean ± std is taken over
+    header = ["strategy", "runs"] + [label.format(metric=metric) for _, label, _ in COLUMNS]
     body = [
         [s["strategy"], str(len(s["seeds"]))] + [_fmt(s[k], s[k + "_std"], kind) for k, _, kind in COLUMNS]
         for s in summary
@@ -198,7 +200,7 @@ def html_report(
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>hybridtune compare: {html.escape(name)}</title>
 <style>{CSS}</style></head><body><h1>hybridtune compare: {html.escape(name)}</h1>
-<p>Mean ± std over seeds. Every figure is read from the run dirs under <code>runs/</code>.</p>
+<p>Mean ± std over seeds (and few-shot draws). Every figure is read from the run dirs under <code>runs/</code>.</p>
 <table id="comparison"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead><tbody>
 {rows}</tbody></table><div class="plots">{imgs}</div><h2>Recipes (resolved)</h2>{details}</body></html>"""
 
@@ -207,7 +209,15 @@ def write_outputs(root: Path, runs: list[dict], measured: dict, name: str) -> li
     rows = []
     for entry in runs:
         row = run_row(root / "runs" / entry["run"], measured.get(entry["run"], {}))
-        rows.append({"strategy": entry["strategy"], "seed": entry["seed"], "run": entry["run"], **row})
+        rows.append(
+            {
+                "strategy": entry["strategy"],
+                "seed": entry["seed"],
+                "draw": entry.get("draw"),  # few-shot: the draw of k per class (None: the whole split)
+                "run": entry["run"],
+                **row,
+            }
+        )
     summary = aggregate(rows)
     header, body = table_rows(summary)
     flat = [{k: v for k, v in r.items() if k != "curve"} for r in rows]
