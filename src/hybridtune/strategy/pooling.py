@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from hybridtune.model.anatomy import live, unwrap
+from hybridtune.model.anatomy import canonical, live, unwrap
 
 ATTR = "hybridtune_pooling"
 
@@ -98,7 +98,22 @@ def pooler_of(model: nn.Module) -> Pooler | None:
     return getattr(unwrap(model), ATTR, None)
 
 
+def bypassed(model: nn.Module, anatomy) -> list[tuple[str, nn.Parameter]]:
+    """Backbone parameters the pooled embedding skips: what comes after the last block and feeds
+    the head (BERT's pooler). They get no gradient, so they do not train."""
+    prefix = getattr(unwrap(model), "base_model_prefix", "") + "."
+    return [
+        (n, p)
+        for n, p in model.named_parameters()
+        if anatomy.slot_of(n) == "head" and canonical(n).startswith(prefix)
+    ]
+
+
 def apply(model: nn.Module, config: PoolingConfig, build=None) -> nn.Module:
+    if build is not None:
+        for _, p in bypassed(model, build.anatomy):
+            p.requires_grad_(False)
+            build.keep.pop(id(p), None)  # even where `freeze` selected it (the head)
     if pooler_of(model) is not None:
         return model
     pooler = Pooler(config)
