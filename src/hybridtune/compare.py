@@ -12,6 +12,9 @@ A suite:
       - recipes/full.yaml                  # a recipe file (relative to the suite file or cwd)
       - {recipe: recipes/lora.yaml, name: lora-r16, overrides: ["peft.r=16"]}
 
+A few-shot recipe (`data.shots` k with `data.draws` n) runs once per seed *and* draw
+(`<name>-s<seed>-d<draw>`, `data.draw` set), and its row is the mean ± sd over all of them.
+
 Each run is its own `hybridtune train` process (its peak RSS is its own; a crash stops only that
 run) writing a normal run dir under `<out>/runs/`. A finished run (its report.json exists) is never
 redone, so an interrupted compare picks up where it stopped: the run it was in the middle of goes on
@@ -177,16 +180,21 @@ def plan_runs(suite: Suite, base: Path) -> list[dict]:
                 f"strategies[{i}]", f"a second strategy named '{name}'", "unique names (give `name:`)"
             )
         names.add(name)
+        # few-shot (data.shots with data.draws n): every seed on every draw, mean ± sd over them all
+        draws = range(recipe.data.draws) if recipe.data.shots and recipe.data.draws > 1 else [None]
         for seed in suite.seeds:
-            runs.append(
-                {
-                    "strategy": name,
-                    "seed": seed,
-                    "recipe": str(path),
-                    "run": f"{name}-s{seed}",
-                    "overrides": [*overrides, f"train.seed={seed}"],
-                }
-            )
+            for draw in draws:
+                runs.append(
+                    {
+                        "strategy": name,
+                        "seed": seed,
+                        "draw": draw,
+                        "recipe": str(path),
+                        "run": f"{name}-s{seed}" + (f"-d{draw}" if draw is not None else ""),
+                        "overrides": [*overrides, f"train.seed={seed}"]
+                        + ([f"data.draw={draw}"] if draw is not None else []),
+                    }
+                )
     return runs
 
 

@@ -15,16 +15,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hybridtune import safe_yaml
+from hybridtune.data.augment import AugmentConfig
 from hybridtune.ensemble import EnsembleConfig
 from hybridtune.errors import UserError
 from hybridtune.paths import NAME_RULE, is_safe_name
 from hybridtune.recipe_errors import non_finite, user_error
 from hybridtune.strategy.adapters import AdaptersConfig
+from hybridtune.strategy.contrastive import ContrastiveConfig
 from hybridtune.strategy.freeze import FreezeConfig
 from hybridtune.strategy.fusion import FusionConfig
 from hybridtune.strategy.lr import LrConfig
 from hybridtune.strategy.objective import ObjectiveConfig
 from hybridtune.strategy.peft import PeftConfig
+from hybridtune.strategy.pooling import PoolingConfig
 from hybridtune.strategy.prompt import SoftPromptConfig
 from hybridtune.strategy.schedule import ScheduleConfig
 from hybridtune.strategy.stages import StagesConfig
@@ -127,6 +130,25 @@ class DataConfig(Section):
     max_eval_samples: int | None = Field(
         None, ge=1, description="use only the first N validation/test examples"
     )
+    # few-shot (data/shots.py, docs/few_shot.md): k per class drawn from the train split, seeded
+    shots: int | None = Field(
+        None, ge=1, description="few-shot: k labelled examples per class from the train split"
+    )
+    draws: int = Field(
+        1, ge=1, description="few-shot: seeded draws; compare runs each strategy on every draw"
+    )
+    draw: int = Field(
+        0, ge=0, description="few-shot: the draw this run trains on, 0 .. draws-1 (compare sets it)"
+    )
+    validation_shots: int | None = Field(
+        None,
+        ge=0,
+        description="few-shot: per class from the validation split (default: = shots); 0 = no validation: "
+        "train.epochs / max_steps, the last model kept",
+    )
+    augment: AugmentConfig | None = Field(
+        None, description="EDA copies of the training texts (data/augment.py)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -177,6 +199,19 @@ class DataConfig(Section):
         """The overlap of chunks' windows: `stride`, or a quarter of max_length (a window sees a
         quarter of its neighbour's context, as the HF question-answering examples' doc_stride does)."""
         return self.stride if self.stride is not None else self.max_length // 4
+
+    @model_validator(mode="after")
+    def _few_shot(self) -> DataConfig:
+        if self.draw >= self.draws:
+            raise ValueError(
+                f"data.draw: found {self.draw} with data.draws {self.draws}; expected 0 .. {self.draws - 1}"
+            )
+        if self.shots is None and (self.validation_shots is not None or self.draws > 1):
+            key = "validation_shots" if self.validation_shots is not None else "draws"
+            raise ValueError(
+                f"data.{key}: found it without data.shots; expected data.shots (k per class) too"
+            )
+        return self
 
 
 class EarlyStoppingConfig(Section):
@@ -296,6 +331,9 @@ class Recipe(Section):
     prompt: PromptConfig | None = None  # task: prompt_classification (template + verbalizer)
     fusion: FusionConfig | None = None
     objective: ObjectiveConfig | None = None
+    pooling: PoolingConfig | None = None  # classification: the head on the mean-pooled embedding
+    # a stage before the head: pairs, cosine loss (SetFit); classification only
+    contrastive: ContrastiveConfig | None = None
     # the training plan
     lr: LrConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()
@@ -368,6 +406,36 @@ class Recipe(Section):
                 raise ValueError(
                     f"data.long_texts: found {self.data.long_texts} with {why}; expected truncate "
                     "(head_tail and chunks read single texts of task classification)"
+                )
+        labelled = self.task in ("classification", "prompt_classification")
+        for key in ("shots", "augment"):
+            if getattr(self.data, key) is not None and not labelled:
+                raise ValueError(
+                    f"data.{key}: found it with task {self.task}; expected a classification task (one label per text)"
+                )
+        for key in ("pooling", "contrastive"):
+            if getattr(self, key) is not None and self.task != "classification":
+                raise ValueError(f"{key}: found it with task {self.task}; expected task: classification")
+        if self.ensemble is not None and self.data.validation_shots == 0:
+            raise ValueError(
+                "data.validation_shots: found 0 with `ensemble`; expected a validation split (members "
+                "are weighed, souped and reported on it)"
+            )
+        if self.contrastive is not None:
+            if self.stages is not None:
+                raise ValueError(
+                    "contrastive: found it with `stages`; expected one of them (the stage trains what "
+                    "the parts leave trainable, then `contrastive.then` decides)"
+                )
+            if self.data.text_pair_column:
+                raise ValueError(
+                    f"contrastive: found data.text_pair_column {self.data.text_pair_column!r}; expected "
+                    "single texts (pairs are made of two training texts)"
+                )
+            if self.contrastive.head == "logistic" and self.pooling is None:
+                raise ValueError(
+                    "contrastive.head: found logistic without `pooling`; expected pooling: mean (the "
+                    "logistic head reads the pooled embedding the body was tuned on)"
                 )
         if self.fusion is not None and self.task == "token_classification":
             raise ValueError(

@@ -122,7 +122,17 @@ def load_splits(
     if cfg.max_eval_samples:
         for name in ("validation", "test"):
             frames[name] = frames[name].iloc[: cfg.max_eval_samples]
+    if getattr(cfg, "shots", None):  # few-shot: draw `data.draw` of k per class (data/shots.py)
+        from hybridtune.data import shots
+
+        frames = shots.apply(frames, cfg, stratify)
+    if getattr(cfg, "augment", None) is not None:  # EDA copies of the training texts (data/augment.py)
+        from hybridtune.data.augment import augment
+
+        frames["train"] = augment(frames["train"], text_columns[0], stratify, cfg.augment, cfg.draw)
     for name in SPLITS:
+        if name == "validation" and getattr(cfg, "validation_shots", None) == 0:
+            continue  # few-shot without a validation split: a fixed number of steps, the last model
         if len(frames[name]) == 0:
             raise UserError(f"data ({name} split)", "no examples", "at least one example per split")
     return Splits(**{name: frames[name].reset_index(drop=True) for name in SPLITS}, label_names=label_names)

@@ -44,7 +44,7 @@ def run_row(run_dir: Path, measured: dict) -> dict:
     metric = report["metric"]
     evals = [r for r in logs if f"eval_{metric}" in r]
     key, best = (
-        "eval_" + report["best_validation_metric"].removeprefix("eval_"),
+        "eval_" + (report["best_validation_metric"] or "").removeprefix("eval_"),  # None: no validation
         report.get("best_validation"),
     )
     best_eval = next(
@@ -84,7 +84,8 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One entry per strategy, in suite order: mean and std of every column over its seeds."""
+    """One entry per strategy, in suite order: mean and std of every column over its runs (seeds, and
+    the draws of a few-shot recipe)."""
     out: dict[str, dict] = {}
     for row in rows:
         entry = out.setdefault(row["strategy"], {"strategy": row["strategy"], "seeds": [], "runs": []})
@@ -115,9 +116,10 @@ def add_paired(summary: list[dict], rows: list[dict], reference: str) -> list[st
     `diff_vs_reference` on every run row; returns the sentences."""
     from hybridtune.report.stats import higher_is_better, paired, sentence
 
-    ref_by_seed = {r["seed"]: r["test_metric"] for r in rows if r["strategy"] == reference}
+    # paired by (seed, few-shot draw): the reference's run on the same seed and the same labelled rows
+    ref_by_seed = {(r["seed"], r.get("draw")): r["test_metric"] for r in rows if r["strategy"] == reference}
     for row in rows:
-        ref = ref_by_seed.get(row["seed"])
+        ref = ref_by_seed.get((row["seed"], row.get("draw")))
         usable = row["test_metric"] is not None and ref is not None
         row["diff_vs_reference"] = row["test_metric"] - ref if usable else None
     sentences = []
@@ -126,9 +128,9 @@ def add_paired(summary: list[dict], rows: list[dict], reference: str) -> list[st
             s["vs_reference"] = {"reference": reference, "is_reference": True}
             continue
         pairs = [
-            (r["test_metric"], ref_by_seed[r["seed"]], r["seed"])
+            (r["test_metric"], ref_by_seed[(r["seed"], r.get("draw"))], r["seed"])
             for r in s["runs"]
-            if r["test_metric"] is not None and ref_by_seed.get(r["seed"]) is not None
+            if r["test_metric"] is not None and ref_by_seed.get((r["seed"], r.get("draw"))) is not None
         ]
         if not pairs:
             s["vs_reference"] = {"reference": reference, "verdict": None}
@@ -166,7 +168,8 @@ def _fmt(value, std, kind: str) -> str:
 
 def table_rows(summary: list[dict]) -> tuple[list[str], list[list[str]]]:
     metric = summary[0]["metric"]
-    header = ["strategy", "seeds"] + [label.format(metric=metric) for _, label, _ in COLUMNS] + ["warnings"]
+    # "runs": seeds × few-shot draws, the number each mean ± std is taken over
+    header = ["strategy", "runs"] + [label.format(metric=metric) for _, label, _ in COLUMNS] + ["warnings"]
     body = [
         [s["strategy"], str(len(s["seeds"]))]
         + [_fmt(s[k], s[k + "_std"], kind) for k, _, kind in COLUMNS]
@@ -271,7 +274,7 @@ def html_report(
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>hybridtune compare: {html.escape(name)}</title>
 <style>{CSS}</style></head><body><h1>hybridtune compare: {html.escape(name)}</h1>
-<p>Mean ± std over seeds. Every figure is read from the run dirs under <code>runs/</code>.</p>
+<p>Mean ± std over seeds (and few-shot draws). Every figure is read from the run dirs under <code>runs/</code>.</p>
 {"".join(f"<p><b>{html.escape(x)}</b></p>" for x in sentences or [])}<table id="comparison"><thead><tr>{"".join(f"<th>{html.escape(h)}</th>" for h in header)}</tr></thead><tbody>
 {rows}</tbody></table><div class="plots">{imgs}</div><h2>Recipes (resolved)</h2>{details}</body></html>"""
 
@@ -282,7 +285,15 @@ def write_outputs(
     rows = []
     for entry in runs:
         row = run_row(root / "runs" / entry["run"], measured.get(entry["run"], {}))
-        rows.append({"strategy": entry["strategy"], "seed": entry["seed"], "run": entry["run"], **row})
+        rows.append(
+            {
+                "strategy": entry["strategy"],
+                "seed": entry["seed"],
+                "draw": entry.get("draw"),  # few-shot: the draw of k per class (None: the whole split)
+                "run": entry["run"],
+                **row,
+            }
+        )
     summary = aggregate(rows)
     sentences = add_paired(summary, rows, reference) if reference else []
     header, body = table_rows(summary)

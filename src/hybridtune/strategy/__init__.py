@@ -30,7 +30,17 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hybridtune.model.anatomy import Anatomy
-from hybridtune.strategy import adapters, freeze, fusion, objective, peft, prompt, verbalizer
+from hybridtune.strategy import (
+    adapters,
+    contrastive,
+    freeze,
+    fusion,
+    objective,
+    peft,
+    pooling,
+    prompt,
+    verbalizer,
+)
 
 # recipe key -> part, in the order of application (DESIGN: freeze -> peft -> prompt -> head/fusion -> objective)
 PARTS: dict[str, ModuleType] = {
@@ -38,10 +48,14 @@ PARTS: dict[str, ModuleType] = {
     "peft": peft,
     "adapters": adapters,
     "soft_prompt": prompt,
+    # classification: the head reads the mean-pooled embedding (after peft: hooks on what runs)
+    "pooling": pooling,
     # prompt_classification: the template + verbalizer scorer wraps all of the above; fusion wraps it
     "prompt": verbalizer,
     "fusion": fusion,
     "objective": objective,
+    # checks here; its stage (pairs, cosine loss, then the head) runs before the Trainer (api._train)
+    "contrastive": contrastive,
 }
 
 

@@ -239,6 +239,17 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
     )
 
 
+def without_validation(args: TrainingArguments) -> TrainingArguments:
+    """No validation split (few-shot, data.validation_shots: 0): no evaluation, no early stopping,
+    the model of the last step is the final one; checkpoints are still written (resume)."""
+    from transformers.trainer_utils import IntervalStrategy
+
+    args.eval_strategy = IntervalStrategy.NO
+    args.load_best_model_at_end = False
+    args.metric_for_best_model = None
+    return args
+
+
 def make_trainer(
     model,
     tokenizer,
@@ -264,7 +275,7 @@ def make_trainer(
         callbacks.append(tensorboard(run_dir / "tensorboard", resume_step))
     if plan.stages is not None:
         callbacks.append(StageCallback(plan.stages, plan.base_names, run_dir / "metrics.jsonl"))
-    if recipe.train.early_stopping.patience:
+    if recipe.train.early_stopping.patience and args.load_best_model_at_end:  # not without validation
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping.patience))
     if os.environ.get(KILL_ENV):
         callbacks.append(KillAtStep())
@@ -274,7 +285,7 @@ def make_trainer(
         model=model,
         args=args,
         train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"],
+        eval_dataset=datasets.get("validation"),  # none: few-shot without validation (data/shots.py)
         data_collator=collator or DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,

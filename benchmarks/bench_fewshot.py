@@ -1,0 +1,175 @@
+"""Few-shot: SetFit vs hybridtune on the very same k-shot draws (docs/few_shot.md).
+
+    # SetFit lives in an environment of its own (it pins its own sentence-transformers/transformers):
+    python -m venv /tmp/setfit-env && /tmp/setfit-env/bin/pip install torch setfit==1.2.0
+    python benchmarks/bench_fewshot.py --setfit-python /tmp/setfit-env/bin/python
+    python benchmarks/bench_fewshot.py --smoke          # hybridtune's side only, seconds: a wiring check
+
+For each data set (bundled Rotten Tomatoes, 2 classes; bundled chatterbot topics, 19 classes), each
+budget k (8, 16, 64 per class; a k larger than a data set's smallest class is skipped, said in the
+output) and each draw (5): hybridtune's draw (data/shots.py: seeded, nested) is written as
+train.jsonl and the test split as test.jsonl, and every side trains on exactly those rows, all with
+the bundled all-MiniLM-L6-v2, no validation split (only the k labels per class are used):
+
+  setfit                SetFit 1.x, paper settings (benchmarks/setfit_side.py)
+  hybridtune setfit     recipes/setfit.yaml: contrastive body tuning + closed-form logistic head
+  hybridtune full       recipes/few_shot_full.yaml: plain full fine-tuning, 20 epochs
+  hybridtune <other>    the other candidate recipes (CANDIDATES); "best" = the best mean per budget
+
+Each run is its own process (wall time measured from outside, model load included). Results: mean
+± sd of test accuracy over the draws, wall seconds, per data set and k, to stdout (markdown) and
+to --out (JSON). "best" is picked on the test split, so it is optimistic by construction; the
+table shows every candidate so that nothing is hidden behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PYTHON, ROOT, machine, run_child  # noqa: E402
+
+DATASETS = {"rotten_tomatoes": "bundled:rotten_tomatoes", "chatterbot_topics": "bundled:chatterbot_topics"}
+# hybridtune's recipes on each draw: name -> (recipe file, overrides)
+CANDIDATES = {
+    "hybridtune setfit": ("setfit.yaml", []),
+    "hybridtune full": ("few_shot_full.yaml", []),
+    "hybridtune setfit+eda": ("setfit.yaml", ["data.augment.n=4"]),
+    "hybridtune contrastive lora top": ("contrastive_lora_top.yaml", []),
+}
+BASELINES = ("setfit", "hybridtune setfit", "hybridtune full")
+
+
+def export_draw(source: str, k: int, draws: int, draw: int, out: Path, max_test: int | None) -> int:
+    """hybridtune's draw of k per class and its test split as jsonl; returns the number of classes."""
+    from hybridtune.recipe import load_recipe
+    from hybridtune.tasks import classification
+
+    overrides = draw_overrides(source, k, draws, draw, max_test)
+    splits = classification.load_splits(load_recipe(None, overrides).data)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("train", "test"):
+        splits[name][["text", "label"]].to_json(out / f"{name}.jsonl", orient="records", lines=True)
+    return splits.train["label"].nunique()
+
+
+def smallest_train_class(source: str) -> int:
+    from hybridtune.recipe import load_recipe
+    from hybridtune.tasks import classification
+
+    splits = classification.load_splits(load_recipe(None, [f"data.source={source}"]).data)
+    return int(splits.train["label"].value_counts().min())
+
+
+def draw_overrides(source: str, k: int, draws: int, draw: int, max_test: int | None) -> list[str]:
+    """The data settings of one draw: `export_draw` writes it for SetFit, hybridtune's runs draw it
+    themselves with the very same settings (data/shots.py is deterministic), so the rows are equal."""
+    out = [f"data.source={source}", f"data.shots={k}", f"data.draws={draws}", f"data.draw={draw}"]
+    return out + ["data.validation_shots=0"] + ([f"data.max_eval_samples={max_test}"] if max_test else [])
+
+
+def hybridtune_run(recipe: str, overrides: list[str], out: Path, draw: int) -> dict:
+    cmd = [PYTHON, "-m", "hybridtune", "train", str(ROOT / "recipes" / recipe), f"train.seed={draw}"]
+    measured = run_child([*cmd, f"output.dir={out}", *overrides])
+    run = max(out.iterdir(), key=lambda p: p.stat().st_mtime)
+    report = json.loads((run / "report.json").read_text())
+    return {
+        "test_accuracy": report["test"]["accuracy"],
+        "wall_s": measured["wall_s"],
+        "train_s": report["train_seconds"],
+        "train_rows": report["few_shot"]["train_rows"],
+    }
+
+
+def setfit_run(python: str, data: Path, out: Path, draw: int, model: str) -> dict:
+    result = out / f"setfit-{draw}.json"
+    cmd = [
+        python, str(ROOT / "benchmarks" / "setfit_side.py"), "--model", model,
+        "--train", str(data / "train.jsonl"), "--test", str(data / "test.jsonl"),
+        "--out", str(result), "--seed", str(draw),
+    ]  # fmt: skip
+    measured = run_child(cmd)
+    return {**json.loads(result.read_text()), "wall_s": measured["wall_s"]}
+
+
+def summarise(rows: list[dict]) -> dict:
+    accs = [100 * r["test_accuracy"] for r in rows]
+    walls = [r["wall_s"] for r in rows]
+    return {
+        "mean": statistics.mean(accs),
+        "sd": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "wall_s": statistics.mean(walls),
+        "draws": len(rows),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    ap.add_argument("--shots", nargs="+", type=int, default=[8, 16, 64])
+    ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--setfit-python", help="python of an environment with setfit installed")
+    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    ap.add_argument("--max-test", type=int, help="score on the first N test rows only")
+    ap.add_argument("--out", default="fewshot-results.json")
+    ap.add_argument("--smoke", action="store_true", help="hybridtune only, k=4, 1 draw, tiny settings")
+    a = ap.parse_args()
+    extra: list[str] = []
+    if a.smoke:
+        a.datasets, a.shots, a.draws, a.setfit_python, a.max_test = ["rotten_tomatoes"], [4], 1, None, 64
+        a.candidates = ["hybridtune setfit", "hybridtune full"]
+        extra = ["contrastive.pairs=2", "train.epochs=1", "train.precision=fp32"]
+    if not a.setfit_python and not a.smoke:
+        ap.error("--setfit-python is required (the SetFit side needs its own environment; see the docstring)")
+    from hybridtune.bundled import model_path
+
+    model = model_path("bundled:minilm")
+    results: dict = {"machine": machine(), "draws": a.draws, "tables": []}
+    lines = [f"machine: {results['machine']}", ""]
+    root = Path(tempfile.mkdtemp(prefix="bench-fewshot-"))
+    for name in a.datasets:
+        source = DATASETS[name]
+        smallest = smallest_train_class(source)
+        for k in a.shots:
+            if k > smallest:
+                lines.append(f"{name} k={k}: skipped, the smallest class has {smallest} training rows")
+                continue
+            sides: dict[str, list[dict]] = {}
+            for draw in range(a.draws):
+                data = root / name / f"k{k}" / f"d{draw}"
+                n_classes = export_draw(source, k, a.draws, draw, data, a.max_test)
+                if a.setfit_python:
+                    sides.setdefault("setfit", []).append(
+                        setfit_run(a.setfit_python, data, data, draw, model)
+                    )
+                for side in a.candidates:
+                    recipe, overrides = CANDIDATES[side]
+                    out = data / side.replace(" ", "_")
+                    settings = [*draw_overrides(source, k, a.draws, draw, a.max_test), *overrides, *extra]
+                    row = hybridtune_run(recipe, settings, out, draw)
+                    if not any(o.startswith("data.augment") for o in overrides):  # the draw, nothing else
+                        assert row["train_rows"] == k * n_classes, (side, row["train_rows"])
+                    sides.setdefault(side, []).append(row)
+            summary = {side: summarise(rows) for side, rows in sides.items()}
+            ours = [s for s in summary if s.startswith("hybridtune")]
+            best = max(ours, key=lambda s: summary[s]["mean"])
+            results["tables"].append(
+                {"dataset": name, "k": k, "classes": n_classes, "sides": summary, "best": best, "runs": sides}
+            )
+            lines += [f"## {name}, k = {k} per class ({n_classes} classes, {a.draws} draws)", ""]
+            lines += ["| side | test accuracy % (mean ± sd) | wall s per run |", "|---|---|---|"]
+            for side, s in summary.items():
+                mark = " (best hybridtune)" if side == best else ""
+                lines.append(f"| {side}{mark} | {s['mean']:.1f} ± {s['sd']:.1f} | {s['wall_s']:.1f} |")
+            lines.append("")
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

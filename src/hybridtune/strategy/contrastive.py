@@ -1,0 +1,300 @@
+"""contrastive: tune the body on pairs of training texts first, then the head (SetFit: Tunstall et
+al. 2022, "Efficient Few-Shot Learning Without Prompts", §3).
+
+    pooling: mean                 # the head reads the mean-pooled embedding (strategy/pooling.py)
+    contrastive:
+      pairs: 20                   # R: per training text, R same-label and R different-label pairs
+      sampling: random            # random | oversampling | undersampling | unique
+      epochs: 1
+      lr: 2.0e-5
+      head: logistic              # logistic: fit the head in closed form on the tuned embeddings
+      then: none                  # what the classification training trains next: none | head | all
+
+Stage 1 (its own loop, before the Trainer): pairs (a, b) of training texts with target 1 when they
+share a label and 0 otherwise; loss = (cos(p_a, p_b) - target)² (sentence-transformers'
+CosineSimilarityLoss, which SetFit uses) on the mean-pooled embedding p of the backbone. What trains
+is what the recipe's parts left trainable — full body, LoRA, BitFit, a freeze selection, adapters —
+each parameter at `contrastive.lr` times its layer-wise factor from `lr` (LLRD, head lr, groups):
+so "contrastive LoRA on the top half, then a head" is `freeze` + `peft` + `contrastive`. AdamW
+(weight decay 0.01), linear warmup over `warmup` of the steps, then linear decay (ST's defaults).
+
+Stage 2: `head: logistic` fits scikit-learn's LogisticRegression (lbfgs, C = `logistic_c`) on the
+pooled embeddings of the train split and writes it into the head's linear layer (BERT-like heads
+with `pooling`: the head is then exactly that regression); `head: train` leaves the head to the
+Trainer. Then the recipe's normal training runs on the model as tuned, training `then`: `head`
+(the body frozen), `all` (what the parts made trainable), or `none` (no Trainer steps: SetFit).
+
+Pairs (`sampling`), all seeded by train.seed:
+- random: SetFit's `num_iterations` = R: for each text, R partners of its label and R of another,
+  drawn at random (a class with one text pairs it with itself);
+- unique: every distinct pair once; oversampling: the smaller kind (usually same-label) repeated up
+  to the size of the larger (SetFit ≥ 1.0's default); undersampling: the larger cut to the smaller.
+`max_pairs` caps the total (a seeded subset).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from hybridtune.errors import UserError
+from hybridtune.strategy.pooling import embedding, head_modules
+
+
+class ContrastiveConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: int = Field(
+        20, ge=1, description="R: same-label and different-label pairs per text (sampling: random)"
+    )
+    sampling: Literal["random", "oversampling", "undersampling", "unique"] = "random"
+    max_pairs: int | None = Field(None, ge=1, description="at most this many pairs (a seeded subset)")
+    epochs: float = Field(1, gt=0, description="passes over the pairs")
+    batch_size: int = Field(16, ge=1, description="pairs per step")
+    lr: float = Field(
+        2e-5, gt=0, lt=1, description="body lr of this stage (times the `lr` section's factors)"
+    )
+    warmup: float = Field(0.1, ge=0, lt=1, description="share of the stage's steps spent warming up")
+    head: Literal["logistic", "train"] = Field(
+        "train",
+        description="logistic: fit the linear head in closed form (needs `pooling`); train: by the Trainer",
+    )
+    logistic_c: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic head (sklearn's C)")
+    then: Literal["head", "all", "none"] = Field(
+        "head",
+        description="what the classification training then trains: head, all (the parts' choice), none",
+    )
+
+
+def make_pairs(
+    labels: list[int], config: ContrastiveConfig, rng: np.random.Generator
+) -> list[tuple[int, int, float]]:
+    """(i, j, target) index pairs over the training rows; see the module docstring."""
+    labels_arr = np.asarray(labels)
+    by_label = {v: np.flatnonzero(labels_arr == v) for v in sorted(set(labels))}
+    not_label = {v: np.flatnonzero(labels_arr != v) for v in by_label}
+    n = len(labels)
+    out: list[tuple[int, int, float]] = []
+    if config.sampling == "random":
+        for _ in range(config.pairs):
+            for i in range(n):
+                same = by_label[labels[i]]
+                others = same[same != i] if len(same) > 1 else same
+                out.append((i, int(rng.choice(others)), 1.0))
+                out.append((i, int(rng.choice(not_label[labels[i]])), 0.0))
+    else:
+        pos = [
+            (int(a), int(b), 1.0)
+            for idx in by_label.values()
+            for x, a in enumerate(idx)
+            for b in idx[x + 1 :]
+        ]
+        neg = [(i, j, 0.0) for i in range(n) for j in range(i + 1, n) if labels[i] != labels[j]]
+        small, large = sorted([pos, neg], key=len)
+        if config.sampling == "oversampling" and small:
+            small = [small[k % len(small)] for k in range(len(large))]
+        elif config.sampling == "undersampling":
+            large = [large[k] for k in sorted(rng.choice(len(large), size=len(small), replace=False))]
+        out = small + large
+    order = rng.permutation(len(out))
+    if config.max_pairs is not None:
+        order = order[: config.max_pairs]
+    return [out[k] for k in order]
+
+
+def head_linear(model: nn.Module, n_labels: int) -> nn.Linear | None:
+    """The head's one linear layer, when the head is nothing else (dropout aside): BERT-like models
+    with `pooling`. None for heads with a hidden layer (RoBERTa, DistilBERT)."""
+    linears, other = [], []
+    for _, module in head_modules(model):
+        for sub in module.modules():
+            if isinstance(sub, nn.Linear):
+                linears.append(sub)
+            elif any(True for _ in sub.parameters(recurse=False)):
+                other.append(sub)
+    if len(linears) == 1 and not other and linears[0].out_features == n_labels:
+        return linears[0]
+    return None
+
+
+def apply(model: nn.Module, config: ContrastiveConfig, build) -> nn.Module:
+    """Checks only: the stage runs when training starts (`run`)."""
+    peft_config = next(iter(getattr(model, "peft_config", {}).values()), None)
+    if peft_config is not None and peft_config.is_prompt_learning:
+        raise UserError(
+            "contrastive",
+            f"peft method {peft_config.peft_type.value.lower()}, whose virtual tokens the pooled embedding "
+            "would not see",
+            "a weight method (lora, dora, ia3, ...), adapters, bitfit or freeze",
+        )
+    if config.head == "logistic" and head_linear(model, len(build.labels.names)) is None:
+        names = ", ".join(type(m).__name__ for _, m in head_modules(model))
+        raise UserError(
+            "contrastive.head",
+            f"logistic with a head of {names}, not one linear layer on the pooled embedding",
+            "head: train (the Trainer fits this head), or a BERT-like model",
+        )
+    return model
+
+
+def training_args(config: ContrastiveConfig) -> dict:
+    """`then: none`: the Trainer takes no step (the model is final after the stage)."""
+    if config.then != "none":
+        return {}
+    from transformers.trainer_utils import IntervalStrategy, SaveStrategy
+
+    return {
+        "num_train_epochs": 0,
+        "max_steps": -1,
+        "eval_strategy": IntervalStrategy.NO,
+        "save_strategy": SaveStrategy.NO,
+        "load_best_model_at_end": False,
+    }
+
+
+def _batches(tokenizer, texts: list[str], max_length: int, device) -> dict:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def tune(
+    model,
+    tokenizer,
+    texts,
+    labels,
+    config: ContrastiveConfig,
+    lr_factor,
+    seed: int,
+    max_length: int,
+    autocast,
+) -> dict:
+    """Stage 1: the body on pairs (cosine-similarity loss); returns what contrastive.json records."""
+    from transformers import get_linear_schedule_with_warmup
+
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    pairs = make_pairs(labels, config, rng)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in named:
+        decay = 0.0 if p.ndim < 2 else 0.01  # no decay on biases and norms, as Trainer does
+        groups.setdefault((config.lr * lr_factor(name), decay), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+    )
+    per_epoch = math.ceil(len(pairs) / config.batch_size)
+    steps = max(1, math.ceil(per_epoch * config.epochs))
+    schedule = get_linear_schedule_with_warmup(optimizer, round(config.warmup * steps), steps)
+    device = next(model.parameters()).device
+    model.train()
+    losses, started = [], time.perf_counter()
+    for step in range(steps):
+        k = (step % per_epoch) * config.batch_size
+        if step and step % per_epoch == 0:
+            pairs = [pairs[i] for i in rng.permutation(len(pairs))]  # a new order each pass
+        batch = pairs[k : k + config.batch_size]
+        a = _batches(tokenizer, [texts[i] for i, _, _ in batch], max_length, device)
+        b = _batches(tokenizer, [texts[j] for _, j, _ in batch], max_length, device)
+        target = torch.tensor([t for _, _, t in batch], device=device)
+        with autocast():
+            cos = F.cosine_similarity(embedding(model, a, False), embedding(model, b, False))
+        loss = F.mse_loss(cos.float(), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 5))
+    return {
+        "pairs": len(pairs),
+        "positive_pairs": int(sum(t for _, _, t in pairs)),
+        "steps": steps,
+        "seconds": round(time.perf_counter() - started, 2),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": losses,
+    }
+
+
+@torch.no_grad()
+def fit_logistic(
+    model, tokenizer, texts, labels, n_labels: int, c: float, normalize: bool, max_length: int, autocast
+) -> dict:
+    """Stage 2 (head: logistic): LogisticRegression on the pooled embeddings, written into the head."""
+    from sklearn.linear_model import LogisticRegression
+
+    linear = head_linear(model, n_labels)
+    device = next(model.parameters()).device
+    model.eval()
+    parts = []
+    for k in range(0, len(texts), 64):
+        with autocast():
+            parts.append(
+                embedding(model, _batches(tokenizer, texts[k : k + 64], max_length, device), normalize)
+            )
+    x = torch.cat(parts).float().cpu().numpy()
+    y = np.asarray(labels)
+    clf = LogisticRegression(C=c, max_iter=1000, fit_intercept=linear.bias is not None).fit(x, y)
+    coef, bias = clf.coef_, clf.intercept_ if linear.bias is not None else np.zeros(1)
+    weight = np.zeros((n_labels, x.shape[1]))
+    intercept = np.zeros(n_labels)
+    if len(clf.classes_) == 2:  # one row w: softmax over (-w/2, w/2) is sigmoid(w·x + b)
+        weight[clf.classes_] = np.stack([-coef[0] / 2, coef[0] / 2])
+        intercept[clf.classes_] = [-bias[0] / 2, bias[0] / 2]
+    else:
+        weight[clf.classes_], intercept[clf.classes_] = coef, bias
+    linear.weight.copy_(torch.as_tensor(weight, dtype=linear.weight.dtype))
+    if linear.bias is not None:
+        linear.bias.copy_(torch.as_tensor(intercept, dtype=linear.bias.dtype))
+    return {"train_accuracy": round(float(clf.score(x, y)), 4), "c": c}
+
+
+def run(prep, precision: str) -> dict:
+    """Both stages on a prepared run (api._train calls it before the Trainer); returns the record
+    written to contrastive.json."""
+    from hybridtune.train.precision import autocast as precision_autocast
+
+    recipe, config = prep.recipe, prep.recipe.contrastive
+    texts = prep.splits.train[recipe.data.text_column].tolist()
+    index = {v: i for i, v in enumerate(prep.labels.values)}
+    labels = [index[v] for v in prep.splits.train[recipe.data.label_column]]
+    lrs, base_lr = prep.plan.lrs, recipe.train.lr
+    autocast = lambda: precision_autocast(precision)  # noqa: E731
+    record = tune(
+        prep.model,
+        prep.tokenizer,
+        texts,
+        labels,
+        config,
+        lambda name: lrs[name][0] / base_lr if name in lrs else 1.0,
+        recipe.train.seed,
+        recipe.data.max_length,
+        autocast,
+    )
+    if config.head == "logistic":
+        normalize = recipe.pooling.normalize if recipe.pooling is not None else True
+        record["head"] = fit_logistic(
+            prep.model,
+            prep.tokenizer,
+            texts,
+            labels,
+            len(prep.labels.names),
+            config.logistic_c,
+            normalize,
+            recipe.data.max_length,
+            autocast,
+        )
+    if config.then == "head":
+        for name, p in prep.model.named_parameters():
+            if prep.anatomy.slot_of(name) != "head":
+                p.requires_grad_(False)
+    record["then"] = config.then
+    record["trainable_after"] = sum(p.numel() for p in prep.model.parameters() if p.requires_grad)
+    return record
