@@ -235,7 +235,7 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, ge=1, le=2**20)
     lr: float = Field(5e-5, gt=0, lt=1)
     weight_decay: float = Field(0.01, ge=0, le=100)
-    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
+    max_grad_norm: float = Field(1.0, gt=0, le=1e12)  # a huge value turns clipping off
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto = bf16 autocast where the CPU/GPU has native bf16, else fp32"
     )

@@ -108,6 +108,9 @@ class PeftConfig(BaseModel):
                 raise ValueError(f"unknown key '{key}' for {cls.__name__}" + (f" ({hint})" if hint else ""))
             if key == "target_modules" and value == "auto":
                 continue
+            if key == "layers_to_transform" and isinstance(value, dict):
+                share_of_depth(value)  # {top_frac: F} | {bottom_frac: F}: checked here, resolved in apply
+                continue
             try:
                 adapter = TypeAdapter(hints[key])
             except Exception:  # a type pydantic cannot express; peft checks it when the config is built
@@ -135,6 +138,19 @@ def _peft_table(method: str) -> dict:
 
     name = {"ia3": "IA3", "adalora": "ADALORA"}.get(method, "LORA")
     return getattr(utils, f"TRANSFORMERS_MODELS_TO_{name}_TARGET_MODULES_MAPPING")
+
+
+def share_of_depth(value: dict) -> tuple[str, float]:
+    """`layers_to_transform: {top_frac: F}` (or `bottom_frac`): peft's layers named relative to the
+    model's depth (model/depth.py's rule), so one recipe puts LoRA in the same share of any model."""
+    if len(value) != 1 or next(iter(value)) not in ("top_frac", "bottom_frac"):
+        raise ValueError(
+            f"layers_to_transform: {value!r} is not a list of block indices, {{top_frac: F}} or {{bottom_frac: F}}"
+        )
+    key, fraction = next(iter(value.items()))
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        raise ValueError(f"layers_to_transform.{key}: {fraction!r} is not a fraction in (0, 1]")
+    return key, float(fraction)
 
 
 def default_target_modules(model: nn.Module, anatomy, method: str = "lora") -> dict[str, Any]:
@@ -254,6 +270,13 @@ def apply(model: nn.Module, config: PeftConfig, build) -> nn.Module:
             f"nothing, with target_modules given, on {model.config.model_type} (peft has no IA3 default for it)",
             "the feed-forward modules among target_modules (IA3 rescales their input)",
         )
+    if isinstance(kwargs.get("layers_to_transform"), dict):
+        from hybridtune.model.depth import fraction_blocks
+
+        key, fraction = share_of_depth(kwargs["layers_to_transform"])
+        n = build.anatomy.num_blocks
+        k = fraction_blocks(n, fraction)
+        kwargs["layers_to_transform"] = list(range(n - k, n) if key == "top_frac" else range(k))
     if kwargs.get("target_modules") == "all-linear" and "exclude_modules" not in kwargs:
         # peft's all-linear leaves out only the output layer; a classifier's head (DistilBERT's
         # pre_classifier, BERT's pooler) is trained whole as modules_to_save, which cannot also hold LoRA
