@@ -96,13 +96,17 @@ def test_serve_feeds_the_model_the_ids_training_built(trained):
             assert client.post("/v1/chat/completions", json=chat).status_code == 200
             assert seen == [context]
             seen.clear()  # streamed: the same
-            with client.stream("POST", "/v1/generate", json={"prompt": question, "stream": True, **body}) as r:
+            with client.stream(
+                "POST", "/v1/generate", json={"prompt": question, "stream": True, **body}
+            ) as r:
                 assert r.status_code == 200 and list(r.iter_lines())
             assert seen == [context]
         # a completion continues its text as it stands, with training's special-token rule: no
         # [CLS] / [SEP] (the tiny tokenizer's own specials; [SEP] is this run's EOS)
         seen.clear()
-        assert client.post("/v1/completions", json={"prompt": "the sky is", "max_tokens": 2}).status_code == 200
+        assert (
+            client.post("/v1/completions", json={"prompt": "the sky is", "max_tokens": 2}).status_code == 200
+        )
         plain = loaded.tokenizer("the sky is", add_special_tokens=False)["input_ids"]
         assert seen == [plain] and loaded.tokenizer.eos_token_id not in seen[0]
 
@@ -163,5 +167,7 @@ def test_a_prompt_format_that_is_not_one_is_refused_naming_run_json(trained, tmp
     info = json.loads((copy / "run.json").read_text())
     (copy / "run.json").write_text(json.dumps(info | {"prompt_format": "jinja"}))
     for load in (inference.load, api.load_run):
-        with pytest.raises(UserError, match=r"run.json: found prompt_format 'jinja'; expected chat_template or plain"):
+        with pytest.raises(
+            UserError, match=r"run.json: found prompt_format 'jinja'; expected chat_template or plain"
+        ):
             load(str(copy))

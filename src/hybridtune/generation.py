@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from hybridtune.errors import UserError
 from hybridtune.device import to_device
+from hybridtune.errors import UserError
 
 CHAT_TEMPLATE, PLAIN = "chat_template", "plain"
 FORMATS = (CHAT_TEMPLATE, PLAIN)
