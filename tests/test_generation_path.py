@@ -17,10 +17,20 @@ from hybridtune.cli import app as cli
 from hybridtune.errors import UserError
 from hybridtune.recipe import load_recipe
 from hybridtune.serve import create_app
+from hybridtune.tasks import causal_lm
 
 from .test_causal_lm import pairs_jsonl, tiny_chat_gpt2  # noqa: F401  (fixtures)
 
 MAX_NEW = 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _say_it_again_elsewhere():
+    """causal_lm warns once per process about a tokenizer without a chat template; the modules after
+    this one (test_causal_lm) expect to hear it."""
+    told = set(causal_lm._told)
+    yield
+    causal_lm._told.intersection_update(told)
 
 
 def _recipe(model: str, data: str, out: Path, name: str):
