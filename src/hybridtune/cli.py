@@ -208,7 +208,7 @@ def generate(
     seed: int = typer.Option(None, "--seed", help="with --sample: a reproducible draw"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object per prompt"),
 ) -> None:
-    """Answer prompts with a causal_lm run (its chat template, as in training)."""
+    """Answer prompts with a causal_lm run (in the prompt format it trained with, as serve does)."""
     from hybridtune import api
 
     answers = api.generate(run_dir, prompts, max_new_tokens, sample, temperature, top_p, seed)
