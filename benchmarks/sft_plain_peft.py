@@ -46,7 +46,7 @@ def main(run: str, prompts: list[str]) -> None:
     )
     loss, tokens = causal_lm.response_loss(loaded.model, loaded.tokenizer, val)
     print(json.dumps({"validation_loss": loss, "validation_response_tokens": tokens}))
-    ours = causal_lm.generate(loaded.model, loaded.tokenizer, prompts, max_new)
+    ours = api.generate(run, prompts, max_new)  # `hybridtune generate`'s path
     info = json.loads(open(f"{run}/run.json").read())
     tokenizer = AutoTokenizer.from_pretrained(f"{run}/final")
     if info["format"] == "peft":

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hybridtune import api
+from hybridtune import api, generation
 from hybridtune.cli import app
 from hybridtune.errors import EXIT_USER_ERROR, UserError
 from hybridtune.recipe import load_recipe
@@ -267,8 +267,9 @@ def test_full_sft_lowers_held_out_loss_and_final_generates_the_same_with_plain_t
     # sampling: seeded draws repeat; `predict` on a causal run answers greedily
     loaded = api.load_run(str(run))
     draw = dict(max_new_tokens=6, do_sample=True, temperature=1.5, top_p=0.95, seed=7)
-    drawn = causal_lm.generate(loaded.model, loaded.tokenizer, PROMPTS, **draw)
-    assert drawn == causal_lm.generate(loaded.model, loaded.tokenizer, PROMPTS, **draw)
+    fmt = loaded.labels.prompt_format
+    drawn = generation.answer(loaded.model, loaded.tokenizer, PROMPTS, prompt_format=fmt, **draw)
+    assert drawn == generation.answer(loaded.model, loaded.tokenizer, PROMPTS, prompt_format=fmt, **draw)
     assert [r["response"] for r in api.predict(str(run), PROMPTS)] == answers  # recipe: 6 new tokens
     # the CLI, and a re-evaluation of the reloaded run, agree with what training wrote
     result = CliRunner().invoke(app, ["generate", str(run), PROMPTS[0], "--max-new-tokens", "6"])
@@ -312,9 +313,9 @@ def test_generate_refuses_bad_input_in_one_line(tmp_path):
     assert "found a classification run; expected a causal_lm run" in result.output
     assert "Traceback" not in result.output
     with pytest.raises(UserError, match="--top-p"):
-        causal_lm.generate(None, None, ["hi"], 4, do_sample=True, top_p=0)
+        generation.answer(None, None, ["hi"], 4, prompt_format="plain", do_sample=True, top_p=0)
     with pytest.raises(UserError, match="prompt 2: found an empty prompt"):
-        causal_lm.generate(None, None, ["hi", " "], 4)
+        generation.answer(None, None, ["hi", " "], 4, prompt_format="plain")
 
 
 @pytest.mark.parametrize("name", ["sft_chatterbot_smollm2", "sft_rotten_tomatoes_smollm2"])

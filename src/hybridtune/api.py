@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from hybridtune import distributed, rundir, strategy
+from hybridtune import distributed, generation, rundir, strategy
 from hybridtune.data import Splits, long_texts, token_cache
 from hybridtune.errors import RunFailed, TrainingStopped, UserError, one_line
 from hybridtune.model.anatomy import Anatomy
@@ -130,11 +130,14 @@ def prepare(recipe: Recipe) -> Prepared:
     return prep
 
 
-def _bind_labels(labels, recipe: Recipe) -> None:
+def _bind_labels(labels, recipe: Recipe, info: dict | None = None, where: str = "run.json") -> None:
     """The recipe's settings a task's evaluation reads off its labels: causal_lm generates with
-    `generation`; classification pools a chunked document's windows by `data.pool`."""
+    `generation` (a saved run: in run.json's prompt format); classification pools a chunked
+    document's windows by `data.pool`."""
     if hasattr(labels, "generation"):
         labels.generation = recipe.generation
+        if info is not None:
+            labels.prompt_format = generation.recorded_format(info, where)
     if hasattr(labels, "pool"):
         labels.pool = recipe.data.pool
 
@@ -430,7 +433,8 @@ def load_run(run_dir: str) -> LoadedRun:
     recipe = load_recipe(run / "recipe.yaml")
     task = task_for(recipe)
     labels = labels_of(task, info, run / "run.json")
-    _bind_labels(labels, recipe)  # a chunks run scores new texts per document, as it was evaluated
+    # a chunks run scores new texts per document, as it was evaluated; a causal run prompts as it trained
+    _bind_labels(labels, recipe, info, str(run / "run.json"))
     final = str(run / "final")
     tokenizer = load_tokenizer(final, where=f"{run}/final")
     if info["format"] == "peft":
@@ -504,19 +508,21 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
 ) -> list[str]:
-    """A causal_lm run's answer to each prompt (chat template as in training): greedy by default, or
-    sampled; `max_new_tokens` defaults to the recipe's `generation.max_new_tokens`."""
+    """A causal_lm run's answer to each prompt (in run.json's prompt format, as in training; the one
+    generation path, hybridtune/generation.py): greedy by default, or sampled; `max_new_tokens`
+    defaults to the recipe's `generation.max_new_tokens`."""
     task = task_of(run_dir)
-    if not hasattr(task, "generate"):
+    if task.NAME != "causal_lm":
         raise UserError(
             str(run_dir), f"a {task.NAME} run", "a causal_lm run (`generate` needs a language model)"
         )
     loaded = load_run(run_dir)
-    return loaded.task.generate(
+    return generation.answer(
         loaded.model,
         loaded.tokenizer,
         prompts,
         loaded.recipe.generation.max_new_tokens if max_new_tokens is None else max_new_tokens,
+        prompt_format=loaded.labels.prompt_format,
         do_sample=do_sample,
         temperature=temperature,
         top_p=top_p,

@@ -1,4 +1,8 @@
-"""The command line: arguments -> api calls. No logic of its own.
+"""The command line: arguments -> calls -> rendering (report/console.py). No logic of its own.
+
+The commands on one run and on many runs are here; those built on finished runs (ensemble, soup,
+merge-adapters, export, serve) are in cli_artifacts.py and registered below with the same error
+handling.
 
 A `UserError` (bad recipe, data row, path) prints one line and exits with code 2; anything else is
 a bug and keeps its traceback.
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import typer
 
+from hybridtune import cli_artifacts as artifacts
 from hybridtune.errors import (
     EXIT_TRAINING_STOPPED,
     EXIT_USER_ERROR,
@@ -85,11 +90,10 @@ def _recipe(args: list[str] | None):
 
 
 def _print_precision(precision: str) -> None:
-    from hybridtune.report.console import console
+    from hybridtune.report.console import console, precision_line
     from hybridtune.train.precision import choose
 
-    choice = choose(precision)
-    console.print(f"[bold]precision[/] {choice.precision}: {choice.reason}", highlight=False)
+    console.print(precision_line(choose(precision)), highlight=False)
 
 
 @app.command()
@@ -104,7 +108,7 @@ def train(
 ) -> None:
     """Train a recipe (default: MiniLM fully fine-tuned on Rotten Tomatoes) and evaluate it on the test split."""
     from hybridtune import api
-    from hybridtune.report.console import console, params_table
+    from hybridtune.report.console import console, ensemble_run, params_table, recipe_line, trained_line
 
     if resume and args:
         raise UserError("--resume", f"a recipe or overrides too ({' '.join(args)})", "--resume RUN_DIR alone")
@@ -116,24 +120,20 @@ def train(
         recipe = _recipe([str(Path(resume) / "recipe.yaml")])  # the run's own, for what follows
     else:
         recipe = _recipe(args)
-        console.print(
-            f"[bold]recipe[/] {recipe.name}: model {recipe.model.name}, data {recipe.data.source or recipe.data.train}"
-        )
+        console.print(recipe_line(recipe))
         _print_precision(recipe.train.precision)
         summary = api.train(recipe)
     if summary.get("rank"):  # another process of a multi-process run: rank 0 reports
         return
     run = Path(summary["run_dir"])
     if recipe.ensemble is not None:
-        _print_ensemble_run(summary)
+        for part in ensemble_run(summary):
+            console.print(part)
         return
     console.print(params_table(json.loads((run / "params.json").read_text())))
     for table in api.task_of(str(run)).eval_tables(json.loads((run / "eval.json").read_text())):
         console.print(table)
-    console.print(
-        f"trained in {summary['train_seconds']:.0f} s ({summary['train_samples_per_second']:.1f} samples/s, "
-        f"{summary['precision']}); run dir: [bold]{run}[/]"
-    )
+    console.print(trained_line(summary, run))
 
 
 @app.command("eval")
@@ -208,7 +208,7 @@ def generate(
     seed: int = typer.Option(None, "--seed", help="with --sample: a reproducible draw"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object per prompt"),
 ) -> None:
-    """Answer prompts with a causal_lm run (its chat template, as in training)."""
+    """Answer prompts with a causal_lm run (in the prompt format it trained with, as serve does)."""
     from hybridtune import api
 
     answers = api.generate(run_dir, prompts, max_new_tokens, sample, temperature, top_p, seed)
@@ -251,11 +251,8 @@ def compare(
     ),
 ) -> None:
     """Train strategies side by side: a table, comparison.csv/json, plots and report.html. Resumable."""
-    from rich.table import Table
-
     from hybridtune.compare import compare as run_compare
-    from hybridtune.report.compare import table_rows
-    from hybridtune.report.console import console
+    from hybridtune.report.console import compare_table, console
     from hybridtune.rundir import read_json
 
     args = list(args or [])
@@ -269,14 +266,7 @@ def compare(
         reference=reference,
     )
     comparison = read_json(root / "comparison.json")
-    summary = comparison["summary"]
-    header, body = table_rows(summary)
-    table = Table(title=f"compare: {root}")
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    for row in body:
-        table.add_row(*row)
-    console.print(table)
+    console.print(compare_table(root, comparison["summary"]))
     for sentence in comparison.get("sentences", []):
         console.print(sentence, markup=False, highlight=False)
     console.print(f"report: [bold]{root / 'report.html'}[/]")
@@ -318,204 +308,8 @@ def runs(
         typer.echo(f"removed {len(doomed)} {clean} run(s)")
 
 
-def _weights(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError("--weights", repr(text), "comma-separated numbers, e.g. 0.5,0.3,0.2") from None
-
-
-def _print_members(members: list[dict], combined: dict, title: str, label: str) -> None:
-    from rich.table import Table
-
-    from hybridtune.report.console import console
-
-    table = Table(title=title)
-    for col in ("model", "validation accuracy", "test accuracy", "test macro-F1"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for m in members:
-        table.add_row(
-            m["path"],
-            f"{100 * m['validation']['accuracy']:.2f}",
-            f"{100 * m['test']['accuracy']:.2f}",
-            f"{100 * m['test']['f1_macro']:.2f}",
-        )
-    table.add_row(
-        f"[bold]{label}[/]",
-        f"[bold]{100 * combined['validation']['accuracy']:.2f}[/]",
-        f"[bold]{100 * combined['test']['accuracy']:.2f}[/]",
-        f"[bold]{100 * combined['test']['f1_macro']:.2f}[/]",
-    )
-    console.print(table)
-
-
-def _print_ensemble_run(summary: dict) -> None:
-    from rich.table import Table
-
-    from hybridtune.report.console import console
-
-    table = Table(title=f"ensemble of {len(summary['members'])} ({summary['combine']})")
-    for col in ("member", "test accuracy", "test macro-F1"):
-        table.add_column(col, justify="left" if col == "member" else "right")
-    for m in summary["members"]:
-        table.add_row(
-            m["run_dir"], f"{100 * m['test']['accuracy']:.2f}", f"{100 * m['test']['f1_macro']:.2f}"
-        )
-    test = summary["test"]
-    table.add_row(
-        "[bold]combined[/]", f"[bold]{100 * test['accuracy']:.2f}[/]", f"{100 * test['f1_macro']:.2f}"
-    )
-    console.print(table)
-    console.print(
-        f"gain over the best member: {100 * summary['gain_over_best_member']:+.2f} pt test accuracy; "
-        f"trained in {summary['train_seconds']:.0f} s; run dir: [bold]{summary['run_dir']}[/]"
-    )
-
-
-@app.command()
-@friendly
-def ensemble(
-    run_dirs: list[str] = typer.Argument(..., help="two or more classification run dirs (same label set)"),
-    combine: str = typer.Option(
-        "mean_logits", "--combine", help="mean_logits | mean_probs | vote | weighted"
-    ),
-    weights: str = typer.Option(
-        None,
-        "--weights",
-        help="weighted: one weight per member, e.g. 0.5,0.3,0.2 (default: validation accuracy)",
-    ),
-    out: str = typer.Option(..., "--out", help="the ensemble dir to write (manifest + members)"),
-) -> None:
-    """Combine finished runs' outputs; print each member's and the ensemble's scores; save the ensemble
-    (`eval`, `predict` and `serve` accept the saved dir)."""
-    from hybridtune import ensemble as ens
-    from hybridtune.report.console import console
-
-    result = ens.build(run_dirs, out, combine, _weights(weights))
-    _print_members(result["members"], result["ensemble"], f"ensemble ({combine})", "ensemble")
-    console.print(
-        f"gain over the best member on validation ({result['best_member']}): "
-        f"{100 * result['gain_over_best_member']:+.2f} pt test accuracy; "
-        f"over the mean member: {100 * result['gain_over_mean_member']:+.2f} pt; saved: [bold]{out}[/]"
-    )
-
-
-@app.command()
-@friendly
-def soup(
-    run_dirs: list[str] = typer.Argument(..., help="two or more runs fine-tuned from the same base model"),
-    greedy: bool = typer.Option(False, "--greedy", help="greedy soup (default: uniform)"),
-    out: str = typer.Option(..., "--out", help="the run dir to write (a plain model: single-model cost)"),
-) -> None:
-    """Average the weights of runs fine-tuned from one base (LoRA runs are merged first): a model soup."""
-    from hybridtune import ensemble as ens
-    from hybridtune.report.console import console
-
-    result = ens.soup(run_dirs, out, greedy)
-    _print_members(result["members"], result["soup"], result["kind"].replace("_", " "), "soup")
-    console.print(
-        f"ingredients: {len(result['ingredients'])} of {len(run_dirs)}; gain over the best member: "
-        f"{100 * result['gain_over_best_member']:+.2f} pt test accuracy; saved: [bold]{out}[/]"
-    )
-
-
-@app.command("merge-adapters")
-@friendly
-def merge_adapters(
-    run_dirs: list[str] = typer.Argument(..., help="two or more LoRA runs of one base model"),
-    method: str = typer.Option(
-        "cat", "--method", help="cat | linear | svd | ties | dare_ties | dare_linear | ..."
-    ),
-    weights: str = typer.Option(None, "--weights", help="one weight per adapter (default: 1/K each)"),
-    out: str = typer.Option(..., "--out", help="the run dir to write (one peft adapter)"),
-) -> None:
-    """Merge LoRA adapters into one with peft's add_weighted_adapter."""
-    from hybridtune import ensemble as ens
-    from hybridtune.report.console import console
-
-    result = ens.merge_adapters(run_dirs, out, method, _weights(weights))
-    merged = result["merged"]
-    console.print(
-        f"merged {len(run_dirs)} adapters ({method}): validation accuracy "
-        f"{100 * merged['validation']['accuracy']:.2f} %, test {100 * merged['test']['accuracy']:.2f} %; "
-        f"saved: [bold]{out}[/]"
-    )
-
-
-@app.command()
-@friendly
-def export(
-    run_dir: str = typer.Argument(..., help="a run dir written by `hybridtune train`"),
-    fmt: str = typer.Option(
-        ..., "--format", help="merged (LoRA folded into the weights) | peft | int8 (CPU)"
-    ),
-    out: str = typer.Option(..., "--out", help="the export dir (new, or an earlier export to replace)"),
-) -> None:
-    """Export a run: merged weights, its peft adapter, or int8 with its accuracy delta and speed-up."""
-    from hybridtune.export import export as run_export
-
-    meta = run_export(run_dir, fmt, out, echo=typer.echo)
-    if "int8" in meta:
-        q = meta["int8"]
-        metric = q["metric"]
-        typer.echo(
-            f"int8 vs fp32 on the test split (n={q['n']}, {q['threads']} threads): {metric} "
-            f"{q['fp32'][metric]:.4f} -> {q['int8'][metric]:.4f} (delta {q['delta']:+.4f}); "
-            f"{q['fp32']['samples_per_second']:.1f} -> {q['int8']['samples_per_second']:.1f} samples/s "
-            f"(speed-up x{q['speedup']:.2f}); weights {q['size_mb']['fp32']:.1f} -> {q['size_mb']['int8']:.1f} MiB"
-        )
-    typer.echo(f"load: {meta['load']}")
-
-
-@app.command()
-@friendly
-def serve(
-    path: str = typer.Argument(..., help="a run dir, an export dir or a transformers model dir"),
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
-    token_file: Path = typer.Option(
-        None, "--token-file", help="a file holding the bearer token (default: $HYBRIDTUNE_TOKEN)"
-    ),
-    no_auth: bool = typer.Option(False, "--no-auth", help="serve without a token (trusted networks only)"),
-    max_batch: int = typer.Option(32, "--max-batch", min=1, help="texts per request and per forward call"),
-    max_wait_ms: float = typer.Option(5.0, "--max-wait-ms", min=0, help="dynamic batching window"),
-    max_body_bytes: int = typer.Option(1 << 20, "--max-body-bytes", min=1, help="larger bodies get 413"),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="the most a request may ask"),
-    max_pending: int = typer.Option(
-        64, "--max-pending", min=1, help="requests in the server at once (queued or running); more get 503"
-    ),
-    timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="seconds a request may wait; then 503"),
-) -> None:
-    """Serve a model over HTTP: /v1/classify, or /v1/generate and OpenAI-compatible /v1/completions and
-    /v1/chat/completions for causal LMs; /health, /metrics, /docs. Bearer-token auth; bounded work."""
-    import os
-
-    from hybridtune.serve import TOKEN_ENV, Limits, check_token, create_app, run
-
-    if not 1 <= port <= 65535:
-        raise UserError("--port", str(port), "a TCP port from 1 to 65535")
-    token = None
-    if token_file is not None:
-        where = f"--token-file {token_file}"
-        if not token_file.is_file():
-            raise UserError(where, "no such file", "a file holding the token")
-        try:
-            text = token_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(
-                where, f"a file that cannot be read as text ({one_line(e)})", "a token file"
-            ) from None
-        token = check_token(text, where)  # an empty file is an error, not a fall-back to the variable
-    elif not no_auth and os.environ.get(TOKEN_ENV) is not None:
-        token = check_token(os.environ[TOKEN_ENV], f"${TOKEN_ENV}")
-    if token is None and not no_auth:
-        raise UserError("serve", "no token", f"--token-file FILE or ${TOKEN_ENV} (or --no-auth)")
-    limits = Limits(max_body_bytes, max_batch, max_wait_ms, max_new_tokens, max_pending, timeout)
-    app_ = create_app(path, token=None if no_auth else token, limits=limits)
-    typer.echo(f"serving {path} on http://{host}:{port} (auth: {'off' if no_auth else 'bearer token'})")
-    run(app_, host, port, limits)
+for _name, _command in artifacts.COMMANDS.items():  # ensemble, soup, merge-adapters, export, serve
+    app.command(_name)(friendly(_command))
 
 
 @app.command()

@@ -69,6 +69,8 @@ def export(run_dir: str, fmt: str, out: str, echo: Callable[[str], None] = lambd
         "base_model": info.get("base_model"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if loaded.prompt_format is not None:  # serve formats prompts as the run trained (generation.py)
+        meta["prompt_format"] = loaded.prompt_format
     if loaded.labels is not None:
         meta |= {"labels": loaded.labels.names, "label_values": loaded.labels.values}
         data = loaded.recipe.data

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from hybridtune import rundir
+from hybridtune.device import to_device  # noqa: F401  (tasks import it from here)
 from hybridtune.errors import UserError
+from hybridtune.generation import recorded_format
 from hybridtune.model.loading import load_model, load_tokenizer
 from hybridtune.recipe import DataConfig
 
@@ -51,6 +53,8 @@ class Loaded:
     data_cfg: DataConfig | None = None  # text columns and max_length for task.predict
     recipe: Any = None  # the run's recipe (run dirs only)
     source: Path | None = None
+    # causal LMs: how training formatted prompts (run.json's prompt_format; None: no record, generation.py)
+    prompt_format: str | None = None
     # predict(texts, text_pairs) -> rows, where `task.predict` on `model` is not the whole story (ensembles)
     predict: Callable[[list[str], list[str] | None], list[dict]] | None = None
 
@@ -66,13 +70,6 @@ def place(model: nn.Module, dev: torch.device | None = None, precision: str = "a
     if precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported():
         model = model.to(dtype=torch.bfloat16)
     return model.to(dev).eval()
-
-
-def to_device(batch: dict, dev: torch.device) -> dict:
-    """Inputs to the model's device: pinned host memory and non-blocking copies on CUDA."""
-    if dev.type != "cuda":
-        return {k: v.to(dev) for k, v in batch.items()}
-    return {k: v.pin_memory().to(dev, non_blocking=True) for k, v in batch.items()}
 
 
 def task_module(name: str):
@@ -114,7 +111,8 @@ def _load_run(root: Path) -> Loaded:
     if info["task"] == CAUSAL:
         base, fmt = _causal_fields(info, root / "run.json")
         model, tokenizer = load_causal(root / "final", base, fmt)
-        return Loaded(CAUSAL, model, tokenizer, root.name, source=root)
+        prompt_format = recorded_format(info, str(root / "run.json"))
+        return Loaded(CAUSAL, model, tokenizer, root.name, source=root, prompt_format=prompt_format)
     run = api.load_run(str(root))
     return Loaded(
         info["task"],
@@ -159,14 +157,15 @@ def _causal_fields(info: dict, path: Path) -> tuple[str | None, str]:
 
 
 def labels_of(task: Any, info: dict, path: Path) -> Any:
-    """The task's Labels from the labels / label_values of a run.json or export.json, checked."""
+    """The task's Labels from the labels / label_values of a run.json or export.json, checked (a
+    causal_lm run has none: its responses are text)."""
     names, values = info.get("labels"), info.get("label_values")
     scalar = (str, int)
     if (
         not isinstance(names, list)
         or not isinstance(values, list)
         or len(names) != len(values)
-        or (not names and task.NAME != "causal_lm")  # a causal LM has no label set
+        or (not names and getattr(task, "NAME", None) != CAUSAL)
         or not all(isinstance(n, scalar) and not isinstance(n, bool) for n in [*names, *values])
     ):
         raise UserError(
@@ -212,7 +211,8 @@ def load_export(root: Path) -> Loaded:
         base, fmt = _causal_fields(info, meta)
         base = base if fmt == "peft" else None
         model, tokenizer = load_causal(root, base, "peft" if fmt == "peft" else "model")
-        return Loaded(CAUSAL, model, tokenizer, root.name, source=root)
+        prompt_format = recorded_format(info, str(meta))
+        return Loaded(CAUSAL, model, tokenizer, root.name, source=root, prompt_format=prompt_format)
     fmt = info["format"]
     if fmt not in ("merged", "peft", "int8"):
         raise UserError(str(meta), f"format {fmt[:40]!r}", "merged, peft or int8")

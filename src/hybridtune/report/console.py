@@ -1,4 +1,6 @@
-"""Rich tables for the terminal: evaluation results and the per-layer parameter table."""
+"""What the CLI prints, rendered: evaluation results, the per-layer parameter table, the run list, the
+compare table, ensemble / soup / merged-adapter scores and the int8 export's summary. cli.py only
+calls and prints these."""
 
 from __future__ import annotations
 
@@ -111,3 +113,118 @@ def runs_table(rows: list[dict], title: str) -> Table:
             r["run"], f"[{colour[r['status']]}]{r['status']}[/]", metric, _size(r["size_bytes"]), note
         )
     return table
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+def recipe_line(recipe) -> str:
+    return f"[bold]recipe[/] {recipe.name}: model {recipe.model.name}, data {recipe.data.source or recipe.data.train}"
+
+
+def precision_line(choice) -> str:
+    """train/precision.choose's choice and why (print with highlight=False)."""
+    return f"[bold]precision[/] {choice.precision}: {choice.reason}"
+
+
+def trained_line(summary: dict, run) -> str:
+    return (
+        f"trained in {summary['train_seconds']:.0f} s ({summary['train_samples_per_second']:.1f} samples/s, "
+        f"{summary['precision']}); run dir: [bold]{run}[/]"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# many runs: compare, ensembles, soups, merged adapters
+
+
+def compare_table(root, summary: list[dict]) -> Table:
+    from hybridtune.report.compare import table_rows
+
+    header, body = table_rows(summary)
+    table = Table(title=f"compare: {root}")
+    for i, col in enumerate(header):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in body:
+        table.add_row(*row)
+    return table
+
+
+def members_table(members: list[dict], combined: dict, title: str, label: str) -> Table:
+    """Each member's validation / test scores and the combination's (`ensemble`, `soup`)."""
+    table = Table(title=title)
+    for col in ("model", "validation accuracy", "test accuracy", "test macro-F1"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for m in members:
+        table.add_row(
+            m["path"],
+            f"{100 * m['validation']['accuracy']:.2f}",
+            f"{100 * m['test']['accuracy']:.2f}",
+            f"{100 * m['test']['f1_macro']:.2f}",
+        )
+    table.add_row(
+        f"[bold]{label}[/]",
+        f"[bold]{100 * combined['validation']['accuracy']:.2f}[/]",
+        f"[bold]{100 * combined['test']['accuracy']:.2f}[/]",
+        f"[bold]{100 * combined['test']['f1_macro']:.2f}[/]",
+    )
+    return table
+
+
+def ensemble_run(summary: dict) -> list:
+    """A trained `ensemble:` recipe: its members' and the combination's test scores, and the gain."""
+    table = Table(title=f"ensemble of {len(summary['members'])} ({summary['combine']})")
+    for col in ("member", "test accuracy", "test macro-F1"):
+        table.add_column(col, justify="left" if col == "member" else "right")
+    for m in summary["members"]:
+        table.add_row(
+            m["run_dir"], f"{100 * m['test']['accuracy']:.2f}", f"{100 * m['test']['f1_macro']:.2f}"
+        )
+    test = summary["test"]
+    table.add_row(
+        "[bold]combined[/]", f"[bold]{100 * test['accuracy']:.2f}[/]", f"{100 * test['f1_macro']:.2f}"
+    )
+    line = (
+        f"gain over the best member: {100 * summary['gain_over_best_member']:+.2f} pt test accuracy; "
+        f"trained in {summary['train_seconds']:.0f} s; run dir: [bold]{summary['run_dir']}[/]"
+    )
+    return [table, line]
+
+
+def ensemble_line(result: dict, out: str) -> str:
+    return (
+        f"gain over the best member on validation ({result['best_member']}): "
+        f"{100 * result['gain_over_best_member']:+.2f} pt test accuracy; "
+        f"over the mean member: {100 * result['gain_over_mean_member']:+.2f} pt; saved: [bold]{out}[/]"
+    )
+
+
+def soup_line(result: dict, candidates: int, out: str) -> str:
+    return (
+        f"ingredients: {len(result['ingredients'])} of {candidates}; gain over the best member: "
+        f"{100 * result['gain_over_best_member']:+.2f} pt test accuracy; saved: [bold]{out}[/]"
+    )
+
+
+def merged_adapters_line(merged: dict, adapters: int, method: str, out: str) -> str:
+    return (
+        f"merged {adapters} adapters ({method}): validation accuracy "
+        f"{100 * merged['validation']['accuracy']:.2f} %, test {100 * merged['test']['accuracy']:.2f} %; "
+        f"saved: [bold]{out}[/]"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# export
+
+
+def int8_line(q: dict) -> str:
+    """export --format int8: the metric and speed of int8 against fp32 (plain text)."""
+    metric = q["metric"]
+    return (
+        f"int8 vs fp32 on the test split (n={q['n']}, {q['threads']} threads): {metric} "
+        f"{q['fp32'][metric]:.4f} -> {q['int8'][metric]:.4f} (delta {q['delta']:+.4f}); "
+        f"{q['fp32']['samples_per_second']:.1f} -> {q['int8']['samples_per_second']:.1f} samples/s "
+        f"(speed-up x{q['speedup']:.2f}); weights {q['size_mb']['fp32']:.1f} -> {q['size_mb']['int8']:.1f} MiB"
+    )

@@ -31,9 +31,18 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from hybridtune.serve.app import ClassifyRequest, create_app
-from hybridtune.serve.guard import MIN_TOKEN_CHARS, TOKEN_ENV, Limits, check_token
+from hybridtune.serve.guard import MIN_TOKEN_CHARS, TOKEN_ENV, Limits, check_token, token_from
 
-__all__ = ["MIN_TOKEN_CHARS", "TOKEN_ENV", "ClassifyRequest", "Limits", "check_token", "create_app", "run"]
+__all__ = [
+    "MIN_TOKEN_CHARS",
+    "TOKEN_ENV",
+    "ClassifyRequest",
+    "Limits",
+    "check_token",
+    "create_app",
+    "run",
+    "token_from",
+]
 
 
 def run(app: FastAPI, host: str, port: int, limits: Limits) -> None:

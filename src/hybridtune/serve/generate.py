@@ -1,6 +1,11 @@
 """The generation routes of causal LMs: /v1/generate and OpenAI's /v1/completions and
 /v1/chat/completions, batched or streamed (server-sent events).
 
+Prompts are formatted and tokenized by hybridtune/generation.py, the path `hybridtune generate` and
+causal_lm's evaluation take too: a run's prompts as its training formatted them (run.json's
+`prompt_format`): /v1/generate's prompt is a user turn, /v1/chat's messages the turns, /v1/completions'
+prompt a text continued as it stands; a model without that record gets its text as given.
+
 A stream needs the model to itself (transformers' `TextIteratorStreamer` follows one `generate`
 call): its generation is a `batching.Job` in the same bounded queue as every other model call, so
 N streaming clients are N queued jobs, not N concurrent generations. Waiting for each piece is
@@ -25,7 +30,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from hybridtune import inference
 from hybridtune.batching import Batcher, Job
 from hybridtune.errors import one_line
-from hybridtune.generation import Completion, Sampling, Stream, chat_prompt, generate
+from hybridtune.generation import (
+    Completion,
+    Prompt,
+    Sampling,
+    Stream,
+    chat_input,
+    generate,
+    prompt_input,
+    text_input,
+)
 from hybridtune.serve.app import Text, Utf8, answer, log
 from hybridtune.serve.guard import Limits, Metrics
 
@@ -78,8 +92,8 @@ class ChatRequest(SamplingFields):
 
 
 def run_generate(loaded: inference.Loaded):
-    def run(prompts: list, sampling: Sampling) -> list[Completion]:
-        return generate(loaded.model, loaded.tokenizer, prompts, sampling)
+    def run(prompts: list[Prompt], sampling: Sampling) -> list[Completion]:
+        return generate(loaded.model, loaded.tokenizer, prompts, sampling, loaded.prompt_format)
 
     return run
 
@@ -89,37 +103,37 @@ def _sse(data: dict | str) -> str:
 
 
 def generation_routes(api: APIRouter, loaded, batcher: Batcher, limits: Limits, metrics: Metrics) -> None:
-    config = loaded.model.config
+    config, tokenizer, fmt = loaded.model.config, loaded.tokenizer, loaded.prompt_format
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
-    def check(prompts: list[str], max_new_tokens: int) -> None:
+    def check(prompts: list[Prompt], max_new_tokens: int) -> None:
         if max_new_tokens > limits.max_new_tokens:
             raise HTTPException(422, f"max tokens {max_new_tokens}; at most {limits.max_new_tokens}")
         if len(prompts) > limits.max_batch:
             raise HTTPException(413, f"{len(prompts)} prompts in one request; at most {limits.max_batch}")
         for prompt in prompts:
-            n = len(loaded.tokenizer(prompt)["input_ids"])
+            n = len(prompt["input_ids"])
             if positions and n + max_new_tokens > positions:
                 raise HTTPException(
                     413,
                     f"prompt of {n} tokens + {max_new_tokens} new ones; the model has {positions} positions",
                 )
 
-    def room(prompt: str) -> int:
+    def room(prompt: Prompt) -> int:
         """OpenAI's default for chat: as many new tokens as fit (here: up to max_new_tokens)."""
-        n = len(loaded.tokenizer(prompt)["input_ids"])
+        n = len(prompt["input_ids"])
         return max(1, min(limits.max_new_tokens, positions - n if positions else limits.max_new_tokens))
 
-    async def complete(prompts: list[str], sampling: Sampling) -> list[Completion]:
+    async def complete(prompts: list[Prompt], sampling: Sampling) -> list[Completion]:
         check(prompts, sampling.max_new_tokens)
         results = await answer(batcher, prompts, sampling)
         metrics.tokens.inc(sum(r.completion_tokens for r in results))
         return results
 
-    def stream(prompt: str, sampling: Sampling, chunk: Callable[[str | None, Completion | None], dict]):
+    def stream(prompt: Prompt, sampling: Sampling, chunk: Callable[[str | None, Completion | None], dict]):
         """SSE: a chunk per text piece, a last chunk with the finish reason, then [DONE]."""
         check([prompt], sampling.max_new_tokens)
-        run = Stream(loaded.model, loaded.tokenizer, prompt, sampling, timeout=limits.timeout_s)
+        run = Stream(loaded.model, tokenizer, prompt, sampling, fmt, timeout=limits.timeout_s)
         job = batcher.enqueue([prompt], Job(run.work))  # full: Overloaded (503) before the response starts
 
         async def events() -> AsyncIterator[str]:
@@ -152,25 +166,27 @@ def generation_routes(api: APIRouter, loaded, batcher: Batcher, limits: Limits, 
 
     @api.post("/v1/generate")
     async def generate_text(body: GenerateRequest):
-        """Continue a prompt (greedy unless temperature > 0)."""
+        """Answer a prompt (greedy unless temperature > 0): a user turn in the run's prompt format."""
         sampling = body.sampling(body.max_new_tokens)
+        prompt = prompt_input(tokenizer, fmt, body.prompt)
         if body.stream:
             return stream(
-                body.prompt,
+                prompt,
                 sampling,
                 lambda piece, done: (
                     {"text": piece} if done is None else {"finish_reason": done.finish_reason}
                 ),
             )
-        (result,) = await complete([body.prompt], sampling)
+        (result,) = await complete([prompt], sampling)
         return {"model": loaded.name, "text": result.text, "finish_reason": result.finish_reason} | {
             "usage": usage([result])
         }
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        """OpenAI-compatible text completion."""
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        """OpenAI-compatible text completion: each prompt continued as it stands."""
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        prompts = [text_input(tokenizer, fmt, text) for text in texts]
         sampling = body.sampling(body.max_tokens or 16)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         head["model"] = loaded.name
@@ -194,8 +210,8 @@ def generation_routes(api: APIRouter, loaded, batcher: Batcher, limits: Limits, 
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
-        """OpenAI-compatible chat: the messages through the tokenizer's chat template."""
-        prompt = chat_prompt(loaded.tokenizer, [m.plain() for m in body.messages])
+        """OpenAI-compatible chat: the messages in the run's prompt format (else the chat template)."""
+        prompt = chat_input(tokenizer, fmt, [m.plain() for m in body.messages])
         sampling = body.sampling(body.max_completion_tokens or body.max_tokens or room(prompt))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": loaded.name}
         if body.stream:

@@ -9,19 +9,21 @@ One plain ASGI middleware (`Guard`) sees every request before FastAPI does, in t
 3. **body limit** — a body over `max_body_bytes`, declared (Content-Length) or streamed (chunked),
    is answered 413 while it is being read.
 
-`Observe` counts every response for /metrics (Prometheus). The token: `check_token`.
+`Observe` counts every response for /metrics (Prometheus). The token: `token_from`, `check_token`.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.responses import JSONResponse
 
-from hybridtune.errors import UserError
+from hybridtune.errors import UserError, one_line
 
 TOKEN_ENV = "HYBRIDTUNE_TOKEN"
 MIN_TOKEN_CHARS = 16  # 16 hex characters are 64 bits: `secrets.token_hex(16)` gives 32
@@ -49,6 +51,27 @@ def check_token(token: str | None, where: str) -> str:
             f"at least {MIN_TOKEN_CHARS} (e.g. python -c 'import secrets; print(secrets.token_hex(16))')",
         )
     return token
+
+
+def token_from(token_file: Path | None, no_auth: bool) -> str | None:
+    """`serve`'s token: from --token-file, else $HYBRIDTUNE_TOKEN; None only with --no-auth."""
+    token = None
+    if token_file is not None:
+        where = f"--token-file {token_file}"
+        if not token_file.is_file():
+            raise UserError(where, "no such file", "a file holding the token")
+        try:
+            text = token_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(
+                where, f"a file that cannot be read as text ({one_line(e)})", "a token file"
+            ) from None
+        token = check_token(text, where)  # an empty file is an error, not a fall-back to the variable
+    elif not no_auth and os.environ.get(TOKEN_ENV) is not None:
+        token = check_token(os.environ[TOKEN_ENV], f"${TOKEN_ENV}")
+    if token is None and not no_auth:
+        raise UserError("serve", "no token", f"--token-file FILE or ${TOKEN_ENV} (or --no-auth)")
+    return None if no_auth else token
 
 
 def authorized(headers: list[tuple[bytes, bytes]], token: str) -> bool:

@@ -17,7 +17,8 @@ p-tuning (Liu et al. 2021).
 
 Filled in from the run, never by the user: AdaLoRA's `total_step` (the run's optimizer steps) and its
 `update_and_allocate` after every optimizer step (a callback); prompt tuning's tokenizer for
-`prompt_tuning_init: TEXT`. IA3 on an architecture peft has no table for targets the key and value
+`prompt_tuning_init: TEXT`; prompt learning's sizes where peft cannot read them, and its checks
+(strategy/peft_prompt.py). IA3 on an architecture peft has no table for targets the key and value
 projections and the FFN's output projection (its input scaled: the paper's l_ff) found in the blocks.
 
 With `freeze` (e.g. LoRA everywhere + the top block trained fully), peft's own artifact holds only
@@ -32,8 +33,6 @@ its bias, say) cannot be saved that way and is refused before training; BitFit +
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import typing
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,8 @@ from transformers import TrainerCallback
 
 from hybridtune.errors import UserError, did_you_mean
 from hybridtune.model.anatomy import block_layout
+from hybridtune.strategy import peft_prompt
+from hybridtune.strategy.peft_prompt import PROMPT_LEARNING, accept_prefix_cache
 
 ALIASES = {"dora": ("lora", {"use_dora": True})}
 # beside a peft adapter in final/: the base model's config as the run built it (label names included)
@@ -65,7 +66,6 @@ QV_NAMES = (
     "Wqkv",
     "qkv_proj",
 )
-PROMPT_LEARNING = ("prefix_tuning", "prompt_tuning", "p_tuning")
 DEFAULTS = {
     "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1},
     # peft leaves the prompt length unset; 20 is within the range the papers found enough
@@ -193,33 +193,6 @@ def ia3_modules(model: nn.Module, anatomy) -> dict[str, list[str]]:
 # checks before training
 
 
-def _position_limit(model: nn.Module) -> int | None:
-    config = model.config
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-
-
-def check_prompt_learning(model: nn.Module, method: str, n_virtual: int, build) -> None:
-    """Refuse what peft's prompt learning cannot do on this model, before training."""
-    limit = _position_limit(model)
-    if limit and build.max_length and n_virtual + build.max_length > limit:
-        raise UserError(
-            "peft.num_virtual_tokens",
-            f"{n_virtual} virtual tokens + data.max_length {build.max_length} = "
-            f"{n_virtual + build.max_length} positions",
-            f"at most {limit}, the positions {type(model).__name__} has (lower one of them)",
-        )
-    # prompt/p-tuning hand the model inputs_embeds without input_ids; a decoder's classification head
-    # (`score`) then cannot find the last non-padding token and reads the last position: a pad token
-    # whenever the batch is padded on the right
-    padding = getattr(build.tokenizer, "padding_side", "right")
-    if method in ("prompt_tuning", "p_tuning") and hasattr(model, "score") and padding != "left":
-        raise UserError(
-            "peft.method",
-            f"{method} on {type(model).__name__}, a decoder that classifies from its last token",
-            "prefix_tuning, or `soft_prompt:` (which keeps the input ids) for a continuous prompt",
-        )
-
-
 def modules_to_keep(model: nn.Module, keep: dict[int, nn.Parameter]) -> list[str]:
     """The largest modules whose parameters `freeze` keeps trainable, all of them; refuses a
     selection that splits a module (peft saves trained base weights only as whole modules)."""
@@ -286,17 +259,7 @@ def apply(model: nn.Module, config: PeftConfig, build) -> nn.Module:
     if method == "prompt_tuning" and str(kwargs.get("prompt_tuning_init", "")).upper() == "TEXT":
         kwargs.setdefault("tokenizer_name_or_path", getattr(build.tokenizer, "name_or_path", None))
     if method in PROMPT_LEARNING:
-        check_prompt_learning(model, method, kwargs["num_virtual_tokens"], build)
-        kwargs.update({k: v for k, v in prompt_dims(model, build.anatomy).items() if k not in kwargs})
-    if method == "prefix_tuning":
-        accept_prefix_cache(model)
-        if not takes_prefixes(model):
-            raise UserError(
-                "peft.method",
-                f"prefix_tuning on {type(model).__name__}, whose attention takes no key/value prefixes "
-                "(its forward has no past_key_values / cache argument)",
-                "another method for this architecture, e.g. lora, prompt_tuning or `soft_prompt:`",
-            )
+        peft_prompt.prepare(model, method, kwargs, build)
     if build.keep:
         kwargs["modules_to_save"] = [
             *(kwargs.get("modules_to_save") or []),
@@ -326,73 +289,6 @@ def head_linears(model: nn.Module, anatomy) -> list[str]:
         and not isinstance(module, nn.Embedding)
         and anatomy.slot_of(f"{name}.weight") == "head"
     ]
-
-
-def prompt_dims(model: nn.Module, anatomy) -> dict[str, int]:
-    """Prompt learning's sizes where peft cannot read them from the config (it knows `hidden_size` /
-    `n_embd` / `d_model`; DistilBERT says `dim`, `n_layers`, `n_heads`): from the model itself."""
-    config = model.config
-    known = {
-        "token_dim": ("hidden_size", "n_embd", "d_model"),
-        "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
-        "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
-    }
-    found = {
-        "token_dim": model.get_input_embeddings().embedding_dim,
-        "num_layers": anatomy.num_blocks,
-        "num_attention_heads": next(
-            (
-                getattr(config, k)
-                for k in ("num_attention_heads", "n_heads", "n_head", "num_heads")
-                if hasattr(config, k)
-            ),
-            None,
-        ),
-    }
-    missing = {k for k, names in known.items() if not any(n in config.to_dict() for n in names)}
-    return {k: v for k, v in found.items() if k in missing and v is not None}
-
-
-def takes_prefixes(model: nn.Module) -> bool:
-    """Whether peft's prefix tuning can hand this model its key/value prefixes (the same test peft
-    makes at the first forward, made here before anything is written)."""
-    if "past_key_values" in inspect.signature(model.forward).parameters:
-        return True
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    return backbone is not None and "past_key_values" in inspect.signature(backbone.forward).parameters
-
-
-def accept_prefix_cache(model: nn.Module) -> nn.Module:
-    """Let peft's prefix tuning hand its key/value prefixes to a model that renamed the argument.
-
-    transformers 5.24 renamed encoders' `past_key_values` to `cache` (the old name still works
-    through its `deprecate_kwarg`, and the attention still prepends what the cache holds), but peft
-    (0.21) decides by the *signature* whether a model takes prefixes and refuses BERT-like models
-    ("Model does not support past key values ..."). The prefixes are still supplied through the
-    model's own attention: this gives the instance a forward whose signature names
-    `past_key_values` and passes it on as `cache`. A no-op where the model still takes
-    `past_key_values`, or takes no cache at all (then peft's own error stands)."""
-    forward = model.forward
-    signature = inspect.signature(forward)
-    params = signature.parameters
-    if "past_key_values" in params or not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return model
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if backbone is None or "cache" not in inspect.signature(backbone.forward).parameters:
-        return model
-
-    @functools.wraps(forward)
-    def with_prefix(*args, past_key_values=None, **kwargs):
-        if past_key_values is not None:
-            kwargs["cache"] = past_key_values
-        return forward(*args, **kwargs)
-
-    named = [p for p in params.values() if p.kind is not p.VAR_KEYWORD]
-    rest = [p for p in params.values() if p.kind is p.VAR_KEYWORD]
-    prefix = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
-    with_prefix.__signature__ = signature.replace(parameters=[*named, prefix, *rest])
-    model.forward = with_prefix
-    return model
 
 
 def load_adapter(base: nn.Module, path: str | Path, **kwargs: Any) -> nn.Module:

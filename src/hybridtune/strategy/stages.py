@@ -159,14 +159,11 @@ class StageCallback(TrainerCallback):
             enter_stage(model, self.plan, self.current, self.base_names)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        from hybridtune.train.checkpoints import maybe_kill
-
         k = self._stage_at(state.global_step)
         if k == self.current:
             return
         self.current = k
         n = enter_stage(model, self.plan, k, self.base_names, optimizer)
-        maybe_kill("stage", k)  # test hook: a kill right at a stage change
         record = {
             "step": state.global_step,
             "epoch": round(state.epoch or 0.0, 4),

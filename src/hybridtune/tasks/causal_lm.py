@@ -13,11 +13,12 @@ Data, one example per row, as either
   `bundled:imdb` as an instruction task: "Review: <text>\\nIs this review positive or negative?" ->
   "positive" / "negative".
 
-Format: with a chat template (SmolLM2 has one) the context is rendered by
-`tokenizer.apply_chat_template(turns, add_generation_prompt=True)` and tokenized without adding special
-tokens (the template has its own); without one (GPT-2, a test model) the plain format is used, and
-said so: the tokenizer's BOS token (if it has one), then the turns' texts joined by newlines and a
-final "\\n", tokenized without special tokens.
+Format (hybridtune/generation.py, which generation shares): with a chat template (SmolLM2 has one)
+the context is rendered by `tokenizer.apply_chat_template(turns, add_generation_prompt=True)` and
+tokenized without adding special tokens (the template has its own); without one (GPT-2, a test model)
+the plain format is used, and said so: the tokenizer's BOS token (if it has one), then the turns'
+texts joined by newlines and a final "\\n", tokenized without special tokens. run.json records which
+(`prompt_format`); `hybridtune generate`, `predict` and `serve` read that record.
 Either way the response follows, then the EOS token (which ends generation). Labels are -100 on the
 context and on padding, so the loss is on the response and its EOS only (as TRL's
 `completion_only_loss`). A tokenizer without an EOS token gets its SEP (else PAD) token as EOS.
@@ -36,7 +37,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from hybridtune import bundled
+from hybridtune import bundled, generation
 from hybridtune.data import Splits, check_columns, check_texts
 from hybridtune.data import load_splits as load_data_splits
 from hybridtune.data.sources import read_table
@@ -69,11 +70,13 @@ class GenerationConfig(BaseModel):
 
 @dataclass
 class Labels:
-    """No label space (the responses are text); carries the recipe's generation settings instead."""
+    """No label space (the responses are text); carries the recipe's generation settings instead, and
+    a saved run's prompt format (run.json's `prompt_format`) for `predict`."""
 
     values: list = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    prompt_format: str | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,19 +184,13 @@ def eval_frame(data: str | None, data_cfg, labels: Labels) -> pd.DataFrame:
 
 
 def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+    return generation.training_format(tokenizer) == generation.CHAT_TEMPLATE
 
 
 def prompt_ids(tokenizer, turns: list[dict]) -> list[int]:
     """The tokens the response follows: the chat template's rendering up to the assistant's turn, or
     the plain format's "<turns>\\n" (see the module docstring)."""
-    if has_chat_template(tokenizer):
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return (
-        bos + tokenizer("\n".join(t["content"] for t in turns) + "\n", add_special_tokens=False)["input_ids"]
-    )
+    return generation.context_ids(tokenizer, generation.training_format(tokenizer), turns)
 
 
 def response_ids(tokenizer, response: str) -> list[int]:
@@ -260,67 +257,9 @@ def load_model(path: str, tokenizer, labels: Labels):
 def run_info(tokenizer) -> dict:
     """What run.json says about the format, for readers of final/ without hybridtune (serve)."""
     return {
-        "prompt_format": "chat_template" if has_chat_template(tokenizer) else "plain",
+        "prompt_format": generation.training_format(tokenizer),
         "eos_token": tokenizer.eos_token,
     }
-
-
-# --------------------------------------------------------------------------------------------------
-# generation
-
-
-@torch.no_grad()
-def generate_ids(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16, **sampling
-) -> list[str]:
-    """transformers' `generate` on token-id prompts, left-padded per batch; the new text of each."""
-    model.eval()
-    device = next(model.parameters()).device
-    options = {"do_sample": False} if not sampling.get("do_sample") else sampling
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        batch = tokenizer.pad(
-            {"input_ids": prompts[i : i + batch_size]}, padding=True, padding_side="left", return_tensors="pt"
-        ).to(device)
-        tokens = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **options,
-        )
-        new = tokens[:, batch["input_ids"].shape[1] :]
-        out += [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-    return out
-
-
-def generate(
-    model,
-    tokenizer,
-    prompts: list[str],
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    seed: int | None = None,
-) -> list[str]:
-    """Answers to user prompts: greedy, or sampled (temperature, nucleus top_p, seeded)."""
-    from transformers import set_seed
-
-    for i, text in enumerate(prompts):
-        if not isinstance(text, str) or not text.strip():
-            raise UserError(f"prompt {i + 1}", "an empty prompt", "a non-empty text")
-    if max_new_tokens < 1:
-        raise UserError("--max-new-tokens", str(max_new_tokens), "at least 1")
-    if do_sample and not temperature > 0:
-        raise UserError("--temperature", str(temperature), "a temperature > 0")
-    if do_sample and not 0 < top_p <= 1:
-        raise UserError("--top-p", str(top_p), "a probability in (0, 1]")
-    if seed is not None:
-        set_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {}
-    ids = [prompt_ids(tokenizer, [user(p)]) for p in prompts]
-    return generate_ids(model, tokenizer, ids, max_new_tokens, **sampling)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,8 +303,12 @@ def report(model, tokenizer, dataset, labels: Labels) -> dict:
         for i, ref in enumerate(dataset["reference"])
         if len(tokenizer(ref, add_special_tokens=False)["input_ids"]) < gen.max_new_tokens
     ][: gen.exact_match_samples]
-    prompts = [dataset[i]["input_ids"][: dataset[i]["prompt_length"]] for i in short]
-    generated = generate_ids(model, tokenizer, prompts, gen.max_new_tokens) if prompts else []
+    # the ids training built (cut to max_length as it was), through the one generation path
+    prompts = [{"input_ids": dataset[i]["input_ids"][: dataset[i]["prompt_length"]]} for i in short]
+    greedy = generation.Sampling(gen.max_new_tokens)
+    fmt = generation.training_format(tokenizer)
+    done = generation.generate(model, tokenizer, prompts, greedy, fmt, batch_size=16) if prompts else []
+    generated = [c.text.strip() for c in done]
     hits = [normalise(g) == normalise(dataset[i]["reference"]) for i, g in zip(short, generated, strict=True)]
     return {
         "loss": loss,
@@ -392,7 +335,9 @@ def predict(model, tokenizer, labels: Labels, data_cfg, texts: list[str], text_p
         raise UserError(
             "--pair", f"{len(text_pairs)} second texts", "none: a causal LM answers single prompts"
         )
-    answers = generate(model, tokenizer, texts, labels.generation.max_new_tokens)
+    answers = generation.answer(
+        model, tokenizer, texts, labels.generation.max_new_tokens, prompt_format=labels.prompt_format
+    )
     return [{"prompt": t, "response": a} for t, a in zip(texts, answers, strict=True)]
 
 

@@ -42,8 +42,19 @@ def maybe_kill(point: str, value: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-class KillAtStep(TrainerCallback):
-    """The `step:K` point of the test hook (added only while HYBRIDTUNE_TEST_KILL_AT is set)."""
+class KillAt(TrainerCallback):
+    """The `step:K` and `stage:S` points of the test hook (added only while HYBRIDTUNE_TEST_KILL_AT is
+    set, after strategy/stages.py's StageCallback: `stage:S` fires once stage S has been entered, at
+    the optimizer step it begins, as `starts` (the stage plan's) says)."""
+
+    def __init__(self, starts: list[int] | None = None):
+        self.starts = starts or []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        # the stage StageCallback enters at this step: the last one that begins here
+        begins = [k for k, start in enumerate(self.starts) if start == state.global_step]
+        if begins:
+            maybe_kill("stage", begins[-1])
 
     def on_step_end(self, args, state, control, **kwargs):
         maybe_kill("step", state.global_step)

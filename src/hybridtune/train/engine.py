@@ -26,7 +26,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from hybridtune.data.long_texts import DOC
 from hybridtune.errors import TrainingStopped
 from hybridtune.rundir import DISK_ERRORS, disk_error
-from hybridtune.train.checkpoints import KILL_ENV, KillAtStep, checkpoints, save_checkpoint
+from hybridtune.train.checkpoints import KILL_ENV, KillAt, checkpoints, save_checkpoint
 from hybridtune.train.precision import resolve_precision
 
 
@@ -277,8 +277,8 @@ def make_trainer(
         callbacks.append(StageCallback(plan.stages, plan.base_names, run_dir / "metrics.jsonl"))
     if recipe.train.early_stopping.patience and args.load_best_model_at_end:  # not without validation
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping.patience))
-    if os.environ.get(KILL_ENV):
-        callbacks.append(KillAtStep())
+    if os.environ.get(KILL_ENV):  # the test hook, after StageCallback (checkpoints.py)
+        callbacks.append(KillAt(plan.stages.starts if plan.stages is not None else None))
     trainer = HybridTrainer(
         plan=plan,
         on_nan=recipe.train.on_nan,
