@@ -151,14 +151,15 @@ def _causal_fields(info: dict, path: Path) -> tuple[str | None, str]:
 
 
 def labels_of(task: Any, info: dict, path: Path) -> Any:
-    """The task's Labels from the labels / label_values of a run.json or export.json, checked."""
+    """The task's Labels from the labels / label_values of a run.json or export.json, checked (empty
+    for a task without a label space: causal_lm)."""
     names, values = info.get("labels"), info.get("label_values")
     scalar = (str, int)
     if (
         not isinstance(names, list)
         or not isinstance(values, list)
         or len(names) != len(values)
-        or not names
+        or (not names and tasks.spec(task.NAME).label_space)
         or not all(isinstance(n, scalar) and not isinstance(n, bool) for n in [*names, *values])
     ):
         raise UserError(

@@ -162,6 +162,7 @@ register(
         metrics=("loss",),
         headline=("loss", "perplexity", "exact_match", "n"),
         lower_is_better=frozenset({"loss", "perplexity"}),
+        label_space=False,
         capabilities=frozenset({"run_info", "generate"}),
         truncate_reason="an example is a prompt and its response, cut by its own rule",
     )

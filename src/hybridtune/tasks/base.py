@@ -81,6 +81,8 @@ class TaskSpec:
     lower_is_better: frozenset[str] = frozenset({"loss"})
     # the validation metrics the progress bar prints on its line per evaluation (with the loss)
     progress: tuple[str, ...] = ()
+    # its targets are named labels (run.json's labels: a non-empty list); False: text or numbers
+    label_space: bool = True
     # the frozen bottom blocks may be computed once (train/trunk_cache.py): a head over the
     # token states, nothing the task does between the blocks
     trunk_cacheable: bool = False
