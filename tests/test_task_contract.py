@@ -33,7 +33,8 @@ from hybridtune.data.sources import read_table
 from hybridtune.errors import UserError
 from hybridtune.recipe import load_recipe
 from hybridtune.tasks import TaskSpec
-from tests.conftest import NEGATIVE, POSITIVE, write_csv
+
+from .conftest import NEGATIVE, POSITIVE, write_csv
 
 # --------------------------------------------------------------------------------------------------
 # the task: what a task module provides (tasks/base.py `Task`), for text regression
@@ -210,6 +211,14 @@ def test_every_registered_task_keeps_the_contract():
         "causal_lm",
         "prompt_classification",
     )
+    # export and the int8 reload name the spec's model class; a task whose model decides has none
+    from hybridtune.inference import auto_class
+
+    assert auto_class("token_classification", "x").__name__ == "AutoModelForTokenClassification"
+    with pytest.raises(UserError, match="prompt_classification, whose model class depends on the model"):
+        auto_class("prompt_classification", "run.json")
+    with pytest.raises(UserError, match="run.json: found task 'nope'; expected one of classification"):
+        auto_class("nope", "run.json")
     # the direction of a metric is declared, by name, across tasks
     assert not tasks.higher_is_better("loss") and not tasks.higher_is_better("perplexity")
     assert tasks.higher_is_better("accuracy") and tasks.higher_is_better("f1")
