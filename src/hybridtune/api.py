@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import set_seed
 
-from hybridtune import distributed, generation, rundir, strategy
+from hybridtune import distributed, generation, rundir, strategy, tasks
 from hybridtune.data import Splits, long_texts, token_cache
 from hybridtune.errors import RunFailed, TrainingStopped, UserError, one_line
 from hybridtune.model.anatomy import Anatomy
@@ -28,27 +28,17 @@ from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from hybridtune.report.params import param_table
 from hybridtune.strategy import peft as peft_part
 from hybridtune.strategy.plan import Plan, make_plan, planned_steps
-from hybridtune.tasks import causal_lm, classification, prompt_classification, token_classification
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
 from hybridtune.train import trunk_cache
 from hybridtune.train.precision import autocast
 from hybridtune.train.precision import choose as choose_precision
 
-# recipe `task` -> task module. A task module owns what differs between tasks: columns, row checks,
-# label space, encode, collator, load_model, metrics, report, eval_frame, predict and its tables
-TASKS = {
-    "classification": classification,
-    "token_classification": token_classification,
-    "causal_lm": causal_lm,
-    "prompt_classification": prompt_classification,
-}
-
 
 def task_for(recipe: Recipe) -> Any:
-    """The recipe's task: its module, or what the module's `bind` makes of the recipe (a prompt task
-    needs the recipe's template and verbalizer to encode its data)."""
-    task = TASKS[recipe.task]
-    return task.bind(recipe) if hasattr(task, "bind") else task
+    """The recipe's task (hybridtune.tasks: the contract in tasks/base.py): its module, or what the
+    module's `bind` makes of the recipe (a prompt task needs the recipe's template and verbalizer to
+    encode its data)."""
+    return tasks.for_recipe(recipe)
 
 
 @dataclass
@@ -98,7 +88,9 @@ def prepare(recipe: Recipe) -> Prepared:
     # encoded before the plan: with data.long_texts: chunks a training example is a window, not a text
     started = time.perf_counter()
     names = tuple(n for n in ("train", "validation", "test") if len(splits[n]))  # few-shot: no validation
-    datasets, cached, counts = token_cache.encode_splits(task, recipe, splits, tokenizer, labels, names)
+    datasets, cached, counts = token_cache.encode_splits(
+        task, recipe, splits, tokenizer, labels, names, counted=tasks.has(recipe.task, "long_texts")
+    )
     encoded = {"from_cache": cached, "seconds": round(time.perf_counter() - started, 3)}
     truncation = long_texts.report(counts, data_cfg)
     n_train = len(datasets["train"])
@@ -131,14 +123,14 @@ def prepare(recipe: Recipe) -> Prepared:
 
 
 def _bind_labels(labels, recipe: Recipe, info: dict | None = None, where: str = "run.json") -> None:
-    """The recipe's settings a task's evaluation reads off its labels: causal_lm generates with
-    `generation` (a saved run: in run.json's prompt format); classification pools a chunked
-    document's windows by `data.pool`."""
-    if hasattr(labels, "generation"):
+    """The recipe's settings a task's evaluation reads off its labels (tasks/base.py): a `generate`
+    task generates with `generation` (a saved run: in run.json's prompt format); a `long_texts` task
+    pools a chunked document's windows by `data.pool`."""
+    if tasks.has(recipe.task, "generate"):
         labels.generation = recipe.generation
         if info is not None:
             labels.prompt_format = generation.recorded_format(info, where)
-    if hasattr(labels, "pool"):
+    if tasks.has(recipe.task, "long_texts"):
         labels.pool = recipe.data.pool
 
 
@@ -277,7 +269,7 @@ def _train(
                 "base_model": resolve(recipe.model.name),
                 "format": "peft" if is_peft else "model",
                 "trunk_cache": {"used": cache is not None, "depth": prep.trunk_depth},
-                **(prep.task.run_info(prep.tokenizer) if hasattr(prep.task, "run_info") else {}),
+                **(prep.task.run_info(prep.tokenizer) if tasks.has(recipe.task, "run_info") else {}),
             },
         )
         rundir.write_json(run / "params.json", prep.params)
@@ -303,7 +295,7 @@ def _train(
     resumed_epoch = rundir.read_json(checkpoint / "trainer_state.json")["epoch"] if checkpoint else 0.0
     zero_shot = None
     if (
-        hasattr(prep.task, "zero_shot") and main and not search_trial
+        tasks.has(recipe.task, "zero_shot") and main and not search_trial
     ):  # what the prompt alone scores, before training: the lift
         if checkpoint is not None and (run / "zero_shot.json").is_file():  # measured when the run began
             zero_shot = rundir.read_json(run / "zero_shot.json")
@@ -342,13 +334,14 @@ def _train(
             test = prep.task.report(model, prep.tokenizer, datasets["test"], prep.labels)  # cached too
         rundir.write_json(run / "eval.json", test)
     state = trainer.state
+    headline = tasks.spec(recipe.task).headline
     trainable = max([prep.params["trainable"], *(s["trainable"] for s in prep.params.get("stages", []))])
     summary = {
         "run_dir": str(run),
         "recipe": recipe.name,
-        **({"test": {k: test[k] for k in prep.task.HEADLINE}} if test is not None else {}),
+        **({"test": {k: test[k] for k in headline}} if test is not None else {}),
         "warnings": test.get("warnings", []) if test is not None else [],  # tasks/baseline.py
-        **({"zero_shot_test": {k: zero_shot[k] for k in prep.task.HEADLINE}} if zero_shot else {}),
+        **({"zero_shot_test": {k: zero_shot[k] for k in headline}} if zero_shot else {}),
         "best_validation": state.best_metric,
         "best_checkpoint": state.best_model_checkpoint,
         # with stages: the most that trains in any stage (the table in params.json has each stage)
@@ -364,7 +357,7 @@ def _train(
         "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if torch.cuda.is_available()
         else None,
-        "metric": prep.task.HEADLINE[0],  # the task's main test metric
+        "metric": headline[0],  # the task's main test metric
         "best_validation_metric": args.metric_for_best_model,
         "epochs": state.epoch,
         "steps": state.global_step,
@@ -419,10 +412,7 @@ def task_of(run_dir: str) -> Any:
         path = Path(run_dir) / ensemble.MANIFEST
     else:
         path = rundir.check_run_dir(run_dir) / "run.json"
-    name = rundir.read_meta(path, {"task": str})["task"]
-    if name not in TASKS:
-        raise UserError(str(path), f"task {name[:40]!r}", "one of " + ", ".join(TASKS))
-    return TASKS[name]
+    return tasks.load(rundir.read_meta(path, {"task": str})["task"], where=str(path))
 
 
 def load_run(run_dir: str) -> LoadedRun:
@@ -465,11 +455,10 @@ def evaluate(run_dir: str, data: str | None = None) -> dict:
 
 def evaluate_zero_shot(recipe: Recipe, data: str | None = None) -> dict:
     """Metrics of a prompt recipe's base model, untrained, on its test split or on every row of `data`."""
+    if not tasks.has(recipe.task, "zero_shot"):
+        able = " or ".join(n for n in tasks.names() if tasks.has(n, "zero_shot"))
+        raise UserError("task", f"{recipe.task}, whose model needs training", f"task: {able} (zero-shot)")
     task = task_for(recipe)
-    if not hasattr(task, "zero_shot"):
-        raise UserError(
-            "task", f"{recipe.task}, whose model needs training", "task: prompt_classification (zero-shot)"
-        )
     splits = task.load_splits(recipe.data)
     labels = task.label_space(splits, recipe.data)
     path = resolve(recipe.model.name)
@@ -512,9 +501,10 @@ def generate(
     generation path, hybridtune/generation.py): greedy by default, or sampled; `max_new_tokens`
     defaults to the recipe's `generation.max_new_tokens`."""
     task = task_of(run_dir)
-    if task.NAME != "causal_lm":
+    if not tasks.has(task.NAME, "generate"):
+        able = " or ".join(n for n in tasks.names() if tasks.has(n, "generate"))
         raise UserError(
-            str(run_dir), f"a {task.NAME} run", "a causal_lm run (`generate` needs a language model)"
+            str(run_dir), f"a {task.NAME} run", f"a {able} run (`generate` needs a language model)"
         )
     loaded = load_run(run_dir)
     return generation.answer(

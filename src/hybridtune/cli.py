@@ -153,13 +153,13 @@ def eval_(
     """Evaluate a finished run: accuracy, macro-F1, per-class report, confusion matrix (classification);
     entity precision / recall / F1 per type (token classification). Given a prompt_classification
     recipe instead of a run dir: its base model, untrained (zero-shot)."""
-    from hybridtune import api
+    from hybridtune import api, tasks
     from hybridtune.recipe import load_recipe
     from hybridtune.report.console import console
 
     if run_dir.endswith((".yaml", ".yml")):
         recipe = load_recipe(run_dir, overrides)
-        report, task = api.evaluate_zero_shot(recipe, data), api.TASKS[recipe.task]
+        report, task = api.evaluate_zero_shot(recipe, data), tasks.load(recipe.task)
     else:
         report, task = api.evaluate(run_dir, data), api.task_of(run_dir)
     if as_json:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from hybridtune import inference, rundir
+from hybridtune import inference, rundir, tasks
 from hybridtune.errors import UserError
 from hybridtune.inference import CAUSAL, EXPORT_JSON, INT8_WEIGHTS, Loaded
 from hybridtune.model.anatomy import unwrap
@@ -42,11 +42,6 @@ from hybridtune.paths import inside
 from hybridtune.strategy import adapters, pooling, prompt
 
 FORMATS = ("merged", "peft", "int8")
-LOAD = {
-    "classification": "AutoModelForSequenceClassification",
-    "token_classification": "AutoModelForTokenClassification",
-    CAUSAL: "AutoModelForCausalLM",
-}
 MARKER = ".hybridtune-export"  # an export dir: the only kind of existing dir `--out` replaces
 
 
@@ -57,6 +52,8 @@ def export(run_dir: str, fmt: str, out: str, echo: Callable[[str], None] = lambd
     root = rundir.check_run_dir(run_dir)
     info = rundir.read_meta(root / "run.json", {"task": str})
     target = _target(out, root)
+    # the model class export.json's load line names (the task's spec); a task without one is refused
+    auto = inference.auto_class(info["task"], str(root / "run.json")).__name__
     if fmt == "int8" and info["task"] == CAUSAL:
         raise UserError("--format int8", "a causal_lm run", "a classification or token classification run")
     # merging runs on the GPU when there is one; int8 is measured against fp32 on the CPU, where it runs
@@ -77,7 +74,6 @@ def export(run_dir: str, fmt: str, out: str, echo: Callable[[str], None] = lambd
         # and how it reads long texts: an export of a chunks run pools a document's windows as the run did
         keys = ("text_column", "text_pair_column", "max_length", "long_texts", "stride", "pool")
         meta["data"] = {k: getattr(data, k) for k in keys}
-    auto = LOAD[loaded.task_name]
     if fmt == "peft":
         _check_peft(loaded, info)
         meta["load"] = f"peft.PeftModel.from_pretrained(transformers.{auto}.from_pretrained(BASE_MODEL), DIR)"
@@ -222,7 +218,7 @@ def _save_int8(model: torch.nn.Module, loaded: Loaded, meta: dict, tmp: Path) ->
     torch.save(quantized.state_dict(), tmp / INT8_WEIGHTS)
     model.config.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
-    metric = loaded.task.HEADLINE[0]
+    metric = tasks.spec(loaded.task_name).headline[0]
     meta["int8"] = {
         "metric": metric,
         "n": fp32["n"],
@@ -259,7 +255,7 @@ def measure(models: dict[str, torch.nn.Module], loaded: Loaded, repeats: int = 2
             started = time.perf_counter()
             reports[name] = task.report(model, loaded.tokenizer, dataset, loaded.labels)
             seconds[name].append(time.perf_counter() - started)
-    metric = task.HEADLINE[0]
+    metric = tasks.spec(loaded.task_name).headline[0]
     return {
         name: {
             metric: reports[name][metric],

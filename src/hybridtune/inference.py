@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridtune import rundir
+from hybridtune import rundir, tasks
 from hybridtune.device import to_device  # noqa: F401  (tasks import it from here)
 from hybridtune.errors import UserError
 from hybridtune.generation import recorded_format
@@ -70,14 +70,6 @@ def place(model: nn.Module, dev: torch.device | None = None, precision: str = "a
     if precision == "auto" and dev.type == "cuda" and torch.cuda.is_bf16_supported():
         model = model.to(dtype=torch.bfloat16)
     return model.to(dev).eval()
-
-
-def task_module(name: str):
-    from hybridtune import api
-
-    if name not in api.TASKS:
-        raise UserError("run.json task", f"'{name}'", "one of " + ", ".join([*api.TASKS, CAUSAL]))
-    return api.TASKS[name]
 
 
 def load(path: str | Path, dev: torch.device | None = None, precision: str = "auto") -> Loaded:
@@ -157,15 +149,15 @@ def _causal_fields(info: dict, path: Path) -> tuple[str | None, str]:
 
 
 def labels_of(task: Any, info: dict, path: Path) -> Any:
-    """The task's Labels from the labels / label_values of a run.json or export.json, checked (a
-    causal_lm run has none: its responses are text)."""
+    """The task's Labels from the labels / label_values of a run.json or export.json, checked (empty
+    for a task without a label space: causal_lm)."""
     names, values = info.get("labels"), info.get("label_values")
     scalar = (str, int)
     if (
         not isinstance(names, list)
         or not isinstance(values, list)
         or len(names) != len(values)
-        or (not names and getattr(task, "NAME", None) != CAUSAL)
+        or (not names and tasks.spec(task.NAME).label_space)
         or not all(isinstance(n, scalar) and not isinstance(n, bool) for n in [*names, *values])
     ):
         raise UserError(
@@ -216,7 +208,7 @@ def load_export(root: Path) -> Loaded:
     fmt = info["format"]
     if fmt not in ("merged", "peft", "int8"):
         raise UserError(str(meta), f"format {fmt[:40]!r}", "merged, peft or int8")
-    task = task_module(name)
+    task = tasks.load(name, where=str(meta))
     labels = labels_of(task, info, meta)
     try:
         data_cfg = DataConfig(**rundir.read_meta(meta, {"data": dict})["data"])
@@ -226,7 +218,7 @@ def load_export(root: Path) -> Loaded:
         ) from None
     if fmt == "peft" and not isinstance(info.get("base_model"), str):
         raise UserError(str(meta), "a peft export without base_model", "the base model path")
-    if hasattr(labels, "pool"):  # an export of a chunks run pools a document's windows as the run did
+    if tasks.has(name, "long_texts"):  # an export of a chunks run pools a document's windows as the run did
         labels.pool = data_cfg.pool
     tokenizer = load_tokenizer(str(root), where=str(root))
     if fmt == "int8":
@@ -249,15 +241,18 @@ def _load_model_dir(root: Path) -> Loaded:
     if arch.endswith(("ForCausalLM", "LMHeadModel")):
         model, tokenizer = load_causal(root, None, "model")
         return Loaded(CAUSAL, model, tokenizer, root.name, source=root)
-    kinds = {"ForSequenceClassification": "classification", "ForTokenClassification": "token_classification"}
+    # the first registered task whose model class makes this architecture (its spec's auto_model)
+    kinds = {
+        t.auto_model.removeprefix("AutoModel"): t.name for t in map(tasks.spec, tasks.names()) if t.auto_model
+    }
     name = next((task for suffix, task in kinds.items() if arch.endswith(suffix)), None)
     if name is None:
         raise UserError(
             f"{root}/config.json",
             f"architecture '{arch or 'none'}'",
-            "a …ForCausalLM, …ForSequenceClassification or …ForTokenClassification model",
+            "a " + " or ".join(f"…{suffix}" for suffix in kinds) + " model",
         )
-    task = task_module(name)
+    task = tasks.load(name)
     names = [config.id2label[i] for i in sorted(config.id2label)]
     labels = task.Labels(values=names, names=names)
     tokenizer = load_tokenizer(str(root), where=str(root))
@@ -290,9 +285,7 @@ def load_int8(root: Path) -> nn.Module:
     from transformers import AutoConfig
 
     info = rundir.read_meta(root / EXPORT_JSON, {"task": str})
-    if info["task"] not in ("classification", "token_classification", CAUSAL):
-        raise UserError(str(root / EXPORT_JSON), f"task {info['task'][:40]!r}", "an exported task")
-    auto = _auto_class(info["task"])
+    auto = auto_class(info["task"], str(root / EXPORT_JSON))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = quantize_int8(auto.from_config(AutoConfig.from_pretrained(root)))
@@ -300,11 +293,13 @@ def load_int8(root: Path) -> nn.Module:
     return model.eval()
 
 
-def _auto_class(task_name: str):
+def auto_class(task_name: str, where: str):
+    """transformers' auto class of a task's model (its spec's `auto_model`); a task without one (the
+    model decides: prompt_classification) or an unknown one is a UserError at `where`."""
     import transformers
 
-    return {
-        "classification": transformers.AutoModelForSequenceClassification,
-        "token_classification": transformers.AutoModelForTokenClassification,
-        CAUSAL: transformers.AutoModelForCausalLM,
-    }[task_name]
+    auto = tasks.spec(task_name, where).auto_model
+    if auto is None:
+        able = ", ".join(n for n in tasks.names() if tasks.spec(n).auto_model)
+        raise UserError(where, f"task {task_name}, whose model class depends on the model", f"a {able} model")
+    return getattr(transformers, auto)

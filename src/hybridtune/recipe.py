@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from hybridtune import safe_yaml
+from hybridtune import safe_yaml, tasks
 from hybridtune.data.augment import AugmentConfig
 from hybridtune.ensemble import EnsembleConfig
 from hybridtune.errors import UserError
@@ -214,16 +215,31 @@ class DataConfig(Section):
         return self
 
 
+def one_of(value: str, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of `choices` (known at validation time: registered tasks, their metrics),
+    else the error a Literal gives (recipe_errors.py adds the did-you-mean)."""
+    if value not in choices:
+        quoted = [f"'{c}'" for c in choices]
+        expected = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+    return value
+
+
 class EarlyStoppingConfig(Section):
-    metric: Literal["accuracy", "f1_macro", "f1", "precision", "recall", "loss"] | None = Field(
+    metric: str | None = Field(
         None,
-        description="validation metric for early stopping and the best checkpoint; default: the task's "
-        "main metric (classification: accuracy; token_classification: entity f1, which alone has "
-        "f1 / precision / recall)",
+        description="validation metric for early stopping and the best checkpoint, one of the task's "
+        "`metrics` (hybridtune/tasks/__init__.py); default: its first (classification: accuracy; "
+        "token_classification: entity f1, which alone has f1 / precision / recall)",
     )
     patience: int | None = Field(
         2, ge=1, description="evaluations without improvement before stopping; null = off"
     )
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str | None) -> str | None:
+        return None if value is None else one_of(value, tasks.all_metrics())
 
 
 class TrainConfig(Section):
@@ -280,47 +296,9 @@ class OutputConfig(Section):
         return value
 
 
-# per task: the bundled data a recipe without `data` trains on, the metrics its validation reports
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "classification": {
-        "source": "bundled:rotten_tomatoes",
-        "metric": "accuracy",
-        "metrics": ("accuracy", "f1_macro", "loss"),
-    },
-    "prompt_classification": {
-        "source": "bundled:rotten_tomatoes",
-        "metric": "accuracy",
-        "metrics": ("accuracy", "f1_macro", "loss"),
-    },
-    "token_classification": {
-        "source": "bundled:wnut16",
-        "metric": "f1",
-        "metrics": ("f1", "precision", "recall", "accuracy", "f1_macro", "loss"),
-    },
-    "causal_lm": {
-        "source": "bundled:chatterbot",
-        "model": "bundled:smollm2",
-        "metric": "loss",
-        "metrics": ("loss",),
-    },
-}
-
-
-# why a task keeps `data.long_texts: truncate`: its examples are not one text with one label
-LONG_TEXTS_REFUSED = {
-    "token_classification": "task token_classification (a label per word: windows would need word "
-    "alignment across them)",
-    "causal_lm": "task causal_lm (an example is a prompt and its response, cut by its own rule)",
-    "prompt_classification": "task prompt_classification (the template keeps the end of a text, "
-    "next to the answer slot)",
-}
-
-
 class Recipe(Section):
     name: str = "default"
-    task: Literal["classification", "token_classification", "causal_lm", "prompt_classification"] = (
-        "classification"
-    )
+    task: str = Field("classification", description="a registered task (hybridtune/tasks/__init__.py)")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     # strategy parts, applied in the fixed order of hybridtune.strategy.PARTS
@@ -344,20 +322,25 @@ class Recipe(Section):
     # K members of this recipe, trained and combined in one run (hybridtune.ensemble)
     ensemble: EnsembleConfig | None = None
 
+    @field_validator("task")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        return one_of(value, tasks.names())  # registered when the recipe is read, not when imported
+
     @model_validator(mode="after")
     def _task_defaults(self) -> Recipe:
-        defaults = TASK_DEFAULTS[self.task]
+        spec = tasks.spec(self.task)  # the bundled data and model of a recipe without them, its metrics
         if "source" not in self.data.model_fields_set and not self.data.train:
-            self.data.source = defaults["source"]
-        if "name" not in self.model.model_fields_set and "model" in defaults:
-            self.model.name = defaults["model"]  # a decoder for causal_lm, not the default encoder
+            self.data.source = spec.data
+        if "name" not in self.model.model_fields_set and spec.model is not None:
+            self.model.name = spec.model  # a decoder for causal_lm, not the default encoder
         stopping = self.train.early_stopping
         if stopping.metric is None:
-            stopping.metric = defaults["metric"]
-        elif stopping.metric not in defaults["metrics"]:
+            stopping.metric = spec.metrics[0]
+        elif stopping.metric not in spec.metrics:
             raise ValueError(
                 f"train.early_stopping.metric: found {stopping.metric!r}, not a {self.task} metric; "
-                f"expected one of {', '.join(defaults['metrics'])}"
+                f"expected one of {', '.join(spec.metrics)}"
             )
         return self
 
@@ -369,11 +352,11 @@ class Recipe(Section):
                 "`stages`, not both (stages decide what trains in each stage)"
             )
         if self.train.trunk_cache == "on":
-            from hybridtune.train.trunk_cache import EXPECTED, static_reason
+            from hybridtune.train.trunk_cache import expected, static_reason
 
             reason = static_reason(self)
             if reason is not None:
-                raise ValueError(f"train.trunk_cache: found on, with {reason}; expected {EXPECTED}")
+                raise ValueError(f"train.trunk_cache: found on, with {reason}; expected {expected()}")
         return self
 
     @model_validator(mode="before")
@@ -400,14 +383,24 @@ class Recipe(Section):
                 f"objective: found a mixed LM objective with task {self.task}, whose model has no LM head; "
                 "expected task: prompt_classification"
             )
+        spec = tasks.spec(self.task)
         if self.data.long_texts != "truncate":
-            why = LONG_TEXTS_REFUSED.get(self.task) or ("a text pair" if self.data.text_pair_column else None)
+            # a task without the `long_texts` capability keeps the start of a text (tasks/base.py)
+            refused = "long_texts" not in spec.capabilities
+            reason = f" ({spec.truncate_reason})" if spec.truncate_reason else ""
+            why = (
+                f"task {self.task}{reason}"
+                if refused
+                else "a text pair"
+                if self.data.text_pair_column
+                else None
+            )
             if why:
                 raise ValueError(
                     f"data.long_texts: found {self.data.long_texts} with {why}; expected truncate "
                     "(head_tail and chunks read single texts of task classification)"
                 )
-        labelled = self.task in ("classification", "prompt_classification")
+        labelled = "few_shot" in spec.capabilities
         for key in ("shots", "augment"):
             if getattr(self.data, key) is not None and not labelled:
                 raise ValueError(

@@ -109,9 +109,12 @@ def _save(entry: Path, dataset, counts: dict | None) -> None:
         pass  # a cache that cannot be written is no cache: the run goes on with its own encoding
 
 
-def encode_splits(task, recipe, splits, tokenizer, labels, names=("train", "validation", "test")) -> tuple:
+def encode_splits(
+    task, recipe, splits, tokenizer, labels, names=("train", "validation", "test"), counted: bool = False
+) -> tuple:
     """({split: task.encode(splits[split], ...)}, [the splits read from a cache], {split: what the
-    encoding kept of the texts, or None for a task that does not count (data/long_texts.py)})."""
+    encoding kept of the texts, or None for a task that does not count (data/long_texts.py)}).
+    `counted`: the task counts, with `encode_counted` (its `long_texts` capability, tasks/base.py)."""
     tok = tokenizer_digest(tokenizer)
     root = shared_dir()
     out, cached, counts = {}, [], {}
@@ -123,7 +126,7 @@ def encode_splits(task, recipe, splits, tokenizer, labels, names=("train", "vali
         if found is None and entry is not None:
             found = _load(entry)
         if found is None:
-            if hasattr(task, "encode_counted"):
+            if counted:
                 found = task.encode_counted(frame, tokenizer, labels, recipe.data)
             else:
                 found = task.encode(frame, tokenizer, labels, recipe.data), None

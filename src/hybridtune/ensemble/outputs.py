@@ -221,10 +221,11 @@ def build(
 
 def headline_metrics(truth: np.ndarray, logits: np.ndarray, labels) -> dict:
     """The headline of the classification report: accuracy, macro-F1, n."""
-    from hybridtune.tasks.classification import HEADLINE, full_report
+    from hybridtune.tasks import spec
+    from hybridtune.tasks.classification import full_report
 
     report = full_report(truth, np.asarray(logits), labels)
-    return {k: report[k] for k in HEADLINE}
+    return {k: report[k] for k in spec("classification").headline}
 
 
 def _copy_member(src: Path, dst: Path) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 import statistics
 
+from hybridtune import tasks
+
 WORDS = {
     "better": "better than",
     "worse": "worse than",
@@ -19,7 +21,8 @@ WORDS = {
 
 
 def higher_is_better(metric: str) -> bool:
-    return metric not in ("loss", "perplexity")
+    """As the registered tasks declare it (hybridtune/tasks/__init__.py: loss, perplexity are better lower)."""
+    return tasks.higher_is_better(metric)
 
 
 def paired(candidate: list[float], reference: list[float], higher_is_better: bool = True) -> dict:

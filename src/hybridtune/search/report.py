@@ -17,6 +17,7 @@ from hybridtune import rundir
 from hybridtune.report.compare import CSS, _png, plt
 from hybridtune.report.labels import place_labels
 from hybridtune.search.setup import Context
+from hybridtune.tasks import higher_is_better
 
 FIELDS = [
     "number", "state", "family", "value", "evaluations", "trainable", "trainable_pct", "train_seconds",
@@ -58,7 +59,7 @@ def non_dominated(points: list[tuple[float, ...]], maximize: list[bool]) -> list
 def fronts(rows: list[dict], ctx: Context) -> dict[str, list[int]]:
     """Trial numbers on each front: metric vs params, metric vs time (and the study's objectives)."""
     done = [r for r in rows if r["state"] == "complete"]
-    up = ctx.metric != "loss"
+    up = higher_is_better(ctx.metric)
     out = {
         "params": [done[i]["number"] for i in non_dominated([(r["value"], r["trainable"]) for r in done], [up, False])],
         "time": [done[i]["number"] for i in non_dominated([(r["value"], r["train_seconds"]) for r in done], [up, False])],
@@ -132,7 +133,7 @@ def trials_table(rows: list[dict], metric: str, front: set[int]) -> tuple[list[s
         "settings",
     ]
     body = [
-        [str(r["number"]), r["family"] or "-", r["state"], _cell(r["value"], "pct") if metric != "loss" else _cell(r["value"]),
+        [str(r["number"]), r["family"] or "-", r["state"], _cell(r["value"], "pct") if higher_is_better(metric) else _cell(r["value"]),
          _cell(r["evaluations"]), _cell(r["trainable"]), _cell(r["train_seconds"]), _cell(r["peak_memory_mib"]),
          "yes" if r["number"] in front else "",
          ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())]
@@ -144,7 +145,7 @@ def trials_table(rows: list[dict], metric: str, front: set[int]) -> tuple[list[s
 def verdict_table(verdict: dict) -> tuple[list[str], list[list[str]]]:
     metric = verdict["metric"]
     header = ["recipe", "seeds", f"test {metric} mean ± sd", "Δ vs reference", "95 % CI of Δ", "verdict"]
-    scale = 1 if metric == "loss" else 100
+    scale = 100 if higher_is_better(metric) else 1
     body = []
     for c in verdict["candidates"]:
         d = c.get("paired")

@@ -181,13 +181,13 @@ def model_shape(model_name: str) -> tuple[int, list[str]]:
 
 def resolve(space: Space, origin: str) -> Context:
     """Every check that needs the base recipe, the data and the model config."""
-    from hybridtune import api
-    from hybridtune.recipe import TASK_DEFAULTS, validate_recipe
+    from hybridtune import api, tasks
+    from hybridtune.recipe import validate_recipe
 
     raw = base_recipe(space, origin)
     recipe = validate_recipe(raw, f"{origin}: base")
-    metrics = TASK_DEFAULTS[recipe.task]["metrics"]
-    metric = space.metric or TASK_DEFAULTS[recipe.task]["metric"]
+    metrics = tasks.spec(recipe.task).metrics
+    metric = space.metric or metrics[0]
     if metric not in metrics:
         raise UserError(
             f"{origin}: metric",

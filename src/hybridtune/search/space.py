@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hybridtune.search.params import Param, param, share_to_blocks
+from hybridtune.tasks import higher_is_better
 
 LR = param(float, gt=0, lt=1)
 SHARE = param(float, gt=0, le=1)
@@ -284,7 +285,7 @@ class Space(BaseModel):
         }
 
     def directions(self, metric: str) -> list[str]:
-        first = "minimize" if metric == "loss" else "maximize"
+        first = "maximize" if higher_is_better(metric) else "minimize"
         return [first] + ["minimize"] * (len(self.objectives) - 1)
 
     def identity(self) -> dict:

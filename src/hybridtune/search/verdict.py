@@ -30,7 +30,7 @@ def candidates(study, ctx: Context, top: int) -> list[dict]:
     from hybridtune.recipe import load_recipe, recipe_to_yaml
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    done.sort(key=lambda t: t.values[0], reverse=ctx.metric != "loss")
+    done.sort(key=lambda t: t.values[0], reverse=higher_is_better(ctx.metric))
     out, seen = [], set()
     for t in done:
         recipe = load_recipe(Path(t.user_attrs["run_dir"]) / "recipe.yaml")

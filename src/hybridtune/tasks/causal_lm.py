@@ -43,10 +43,9 @@ from hybridtune.data import load_splits as load_data_splits
 from hybridtune.data.sources import read_table
 from hybridtune.errors import UserError
 
-NAME = "causal_lm"
+NAME = "causal_lm"  # its spec: hybridtune/tasks/__init__.py; the contract: tasks/base.py
 peft_task_type = "CAUSAL_LM"
 IGNORE = -100
-HEADLINE = ("loss", "perplexity", "exact_match", "n")  # the test metrics in report.json's summary
 ROLES = ("system", "user", "assistant")
 SENTIMENT_PROMPT = "Review: {text}\nIs this review positive or negative?"
 # the frame every source becomes: the context turns and the response text

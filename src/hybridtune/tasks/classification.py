@@ -23,9 +23,8 @@ from hybridtune.errors import UserError
 from hybridtune.inference import to_device
 from hybridtune.tasks import baseline
 
-NAME = "classification"
+NAME = "classification"  # its spec: hybridtune/tasks/__init__.py; the contract: tasks/base.py
 peft_task_type = "SEQ_CLS"
-HEADLINE = ("accuracy", "f1_macro", "n")  # the test metrics in report.json's summary
 
 
 @dataclass

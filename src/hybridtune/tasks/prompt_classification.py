@@ -8,8 +8,8 @@ that the untrained model already classifies: `zero_shot` reports it, `hybridtune
 report.json next to the tuned figures, and `hybridtune eval RECIPE.yaml` evaluates a recipe's base
 model without training.
 
-The task depends on the recipe's `prompt` section, so api binds it to the recipe (`bind`) and uses
-the returned `PromptTask` wherever it would use a task module.
+The task depends on the recipe's `prompt` section, so it has the `bind` capability (tasks/base.py):
+api binds it to the recipe and uses the returned `PromptTask` wherever it would use a task module.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import pandas as pd
 from hybridtune.strategy import verbalizer
 from hybridtune.tasks import classification
 
-NAME = "prompt_classification"
-HEADLINE = classification.HEADLINE
+NAME = "prompt_classification"  # its spec: hybridtune/tasks/__init__.py; the contract: tasks/base.py
 # what the CLI reads off the task module of a finished run (api.task_of): classification's
 eval_tables = classification.eval_tables
 format_prediction = classification.format_prediction
@@ -34,7 +33,6 @@ class PromptTask:
     """The task module's interface, with the recipe's prompt config at hand."""
 
     NAME = NAME
-    HEADLINE = classification.HEADLINE
     Labels = classification.Labels
     # classification's, unchanged
     load_splits = staticmethod(classification.load_splits)

@@ -32,10 +32,9 @@ from hybridtune.inference import to_device
 from hybridtune.tasks import baseline
 from hybridtune.tasks.classification import Labels
 
-NAME = "token_classification"
+NAME = "token_classification"  # its spec: hybridtune/tasks/__init__.py; the contract: tasks/base.py
 peft_task_type = "TOKEN_CLS"
 IGNORE = -100  # the label id torch's cross-entropy (and our metrics) skip
-HEADLINE = ("f1", "precision", "recall", "n")  # the test metrics in report.json's summary
 
 
 def columns(data_cfg) -> dict[str, str]:

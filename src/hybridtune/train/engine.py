@@ -23,6 +23,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from hybridtune import tasks
 from hybridtune.data.long_texts import DOC
 from hybridtune.errors import TrainingStopped
 from hybridtune.rundir import DISK_ERRORS, disk_error
@@ -178,7 +179,12 @@ def tensorboard(log_dir: Path, purge_step: int | None = None) -> TrainerCallback
 
 class Progress(ProgressCallback):
     """Trainer's progress bar, with the train loss on the bar and one short line per evaluation
-    (the full log goes to metrics.jsonl) instead of a dict per logging step."""
+    (the full log goes to metrics.jsonl) instead of a dict per logging step: the loss and the task's
+    `progress` metrics (tasks/__init__.py), a share in % when better higher."""
+
+    def __init__(self, shown: tuple[str, ...] = ()):
+        super().__init__()
+        self.shown = shown
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
@@ -187,7 +193,11 @@ class Progress(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
         evals = {k[5:]: v for k, v in logs.items() if k.startswith("eval_") and isinstance(v, float)}
         if "loss" in evals:
-            shown = [f"{k} {100 * v:.2f} %" for k, v in evals.items() if k in ("accuracy", "f1_macro", "f1")]
+            shown = [
+                f"{k} {100 * v:.2f} %" if tasks.higher_is_better(k) else f"{k} {v:.4f}"
+                for k, v in evals.items()
+                if k in self.shown
+            ]
             self.training_bar.write(
                 f"epoch {state.epoch:.2f} · validation " + " · ".join([*shown, f"loss {evals['loss']:.4f}"])
             )
@@ -223,7 +233,7 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
         save_total_limit=output.keep_checkpoints,
         load_best_model_at_end=True,
         metric_for_best_model=metric,
-        greater_is_better=metric != "loss",
+        greater_is_better=tasks.higher_is_better(metric),
         restore_callback_states_from_checkpoint=True,  # early stopping's patience count on resume
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         torch_compile=train.compile,
@@ -295,7 +305,7 @@ def make_trainer(
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if progress:  # a search trial prints no bar: the search prints one line per trial
-        trainer.add_callback(Progress())
+        trainer.add_callback(Progress(tasks.spec(recipe.task).progress))
     if trunk_cache is not None:  # last: a stage switch has set requires_grad before it looks
         trainer.add_callback(TrunkCacheCallback(trunk_cache))
     return trainer

@@ -14,7 +14,8 @@ being called in order, once each, per forward, and returning a tensor (or a tupl
 The embeddings still run: a lookup and a norm, cheap next to one block, and skipping them would need
 per-architecture code (BERT has one embeddings module, GPT-2 adds two lookups in its forward).
 
-Eligible: task classification or token_classification, at least block 0 frozen with the embeddings,
+Eligible: a task whose spec says `trunk_cacheable` (classification, token_classification: a head
+over the token states), at least block 0 frozen with the embeddings,
 no parameter a part added (LoRA, adapters, a soft prompt, a prefix) and no forward hook inside the
 cached depth, no fusion, no mixed objective, not a shared-trunk ensemble. The depth follows stages:
 when a stage unfreezes a cached block, the cache is rebuilt at the new frozen depth (dropped at 0)
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from hybridtune import tasks
 from hybridtune.data.long_texts import DOC
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import canonical, unwrap
@@ -37,12 +39,16 @@ from hybridtune.train import trunk_store
 from hybridtune.train.trunk_store import Store
 
 ROW = "trunk_row"  # the dataset column naming each example's cached states
-TASKS = ("classification", "token_classification")
 EXPECTED = (
-    "a classification or token_classification run whose embeddings and at least its bottom block "
-    "are frozen, with no peft / adapter / soft prompt parameter in them, no fusion, no mixed "
-    "objective and no shared-trunk ensemble (or train.trunk_cache: auto | off)"
+    "a {tasks} run whose embeddings and at least its bottom block are frozen, with no peft / "
+    "adapter / soft prompt parameter in them, no fusion, no mixed objective and no shared-trunk "
+    "ensemble (or train.trunk_cache: auto | off)"
 )
+
+
+def expected() -> str:
+    """EXPECTED, naming the tasks whose spec says `trunk_cacheable`."""
+    return EXPECTED.format(tasks=" or ".join(n for n in tasks.names() if tasks.spec(n).trunk_cacheable))
 
 
 class _Stop(Exception):
@@ -51,7 +57,7 @@ class _Stop(Exception):
 
 def static_reason(recipe) -> str | None:
     """Why the recipe alone rules the cache out (None: its model decides)."""
-    if recipe.task not in TASKS:
+    if not tasks.spec(recipe.task).trunk_cacheable:
         return f"task {recipe.task}"
     if recipe.fusion is not None:
         return "fusion (frozen + tuned logits)"
@@ -106,7 +112,7 @@ def plan_depth(recipe, model, anatomy, base_names: set[str]) -> int:
         if depth == 0:
             reason = why or "no frozen block"
     if depth == 0 and setting == "on":
-        raise UserError("train.trunk_cache", f"on, with {reason}", EXPECTED)
+        raise UserError("train.trunk_cache", f"on, with {reason}", expected())
     return depth
 
 
