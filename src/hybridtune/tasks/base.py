@@ -34,9 +34,10 @@ CAPABILITY_MEMBERS: dict[str, tuple[str, ...]] = {
     "run_info": ("run_info",),
     # the untrained model already answers: `zero_shot` is scored before training (report.json's lift)
     "zero_shot": ("zero_shot",),
-    # a language model: `generate(model, tokenizer, prompts, max_new_tokens, ...)`; its Labels carry
-    # the recipe's `generation` settings, which its evaluation generates with
-    "generate": ("generate",),
+    # a language model: `hybridtune generate` and serve's generation go through generation.py with
+    # the run's prompt format; its Labels carry the recipe's `generation` settings (and the run's
+    # `prompt_format`), which its evaluation generates with
+    "generate": ("Labels",),
     # data.long_texts head_tail / chunks: `encode_counted` returns what max_length cut (the
     # truncation report, data/long_texts.py) and its Labels carry `pool` (a document's windows)
     "long_texts": ("encode_counted",),
