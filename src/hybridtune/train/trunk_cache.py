@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from hybridtune import strategy
 from hybridtune.data.long_texts import DOC
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import canonical, unwrap
@@ -50,13 +51,14 @@ class _Stop(Exception):
 
 
 def static_reason(recipe) -> str | None:
-    """Why the recipe alone rules the cache out (None: its model decides)."""
+    """Why the recipe alone rules the cache out (None: its model decides). The parts say for
+    themselves (their `trunk_cache` hook: fusion, the mixed objective); what they add to the model
+    (parameters, forward hooks) is found on the model by `frozen_depth`."""
     if recipe.task not in TASKS:
         return f"task {recipe.task}"
-    if recipe.fusion is not None:
-        return "fusion (frozen + tuned logits)"
-    if recipe.objective is not None:
-        return "a mixed objective"
+    reason = strategy.trunk_cache_reason(recipe)
+    if reason is not None:
+        return reason
     if recipe.ensemble is not None and recipe.ensemble.shared_trunk:
         return "ensemble.shared_trunk (its members already share one trunk forward)"
     return None
