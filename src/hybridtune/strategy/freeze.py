@@ -116,8 +116,12 @@ class FreezeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     trainable: list[str | dict] | None = Field(None, description="selector of the only parameters that train")
-    frozen: list[str | dict] | None = Field(None, description="selector of the parameters that are frozen")
-    train_new_head: bool = Field(True, description="a head the checkpoint lacks trains unless false")
+    frozen: list[str | dict] | None = Field(
+        None, description="selector of the parameters that are frozen (give exactly one of the two)"
+    )
+    train_new_head: bool = Field(
+        True, description="a head the checkpoint lacked (a new classifier) trains unless `false`"
+    )
 
     @field_validator("trainable", "frozen", mode="before")
     @classmethod
