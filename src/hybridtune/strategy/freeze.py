@@ -40,7 +40,7 @@ def _whole(value: Any) -> bool:
 
 
 def _bad(where: str, found: Any, expected: str) -> ValueError:
-    """A schema error that names its own key path (recipe.py's "key.path: found X; expected Y")."""
+    """A schema error that names its own key path (the recipe's "key.path: found X; expected Y")."""
     return ValueError(f"{where}: found {found!r}; expected {expected}")
 
 
