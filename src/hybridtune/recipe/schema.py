@@ -152,7 +152,7 @@ class Recipe(RecipeParts):
         return self
 
     @model_validator(mode="after")
-    def _combinations(self) -> Recipe:
+    def _trunk_cache_on(self) -> Recipe:
         if self.train.trunk_cache == "on":
             from hybridtune.train.trunk_cache import EXPECTED, static_reason
 

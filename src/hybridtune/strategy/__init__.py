@@ -3,7 +3,10 @@
 The contract a part fulfils (its config, `apply`, and the hooks it declares: checks, loss terms,
 trunk-cache eligibility, training arguments, callbacks, save / restore) is strategy/base.py. This
 module lists the parts, lets a user register one of their own (`register`), and runs the hooks of
-the parts a recipe configures; nothing outside it names a part to ask it something.
+the parts a recipe configures: the recipe, the engine and the trunk cache ask the parts through
+these functions and name none. (Still named outside strategy/: contrastive's stage, run by
+api._train before the Trainer; export's refusals of parts plain transformers cannot load; peft's
+adapter loading.)
 
 How their effects combine is decided here alone: a part that adds weights (peft, adapters,
 soft_prompt) freezes the pretrained base, and the base parameters `freeze` selected train anyway:
@@ -59,7 +62,9 @@ PARTS: dict[str, Part] = {
 
 def register(part: Part, before: str | None = None) -> None:
     """Add a part of one's own: it is applied before the part `before` (default: after all), and
-    the recipe gets a `part.key` section from `part.config` (hybridtune.recipe.validate_recipe)."""
+    the recipe gets a `part.key` section from `part.config` (hybridtune.recipe.validate_recipe).
+    For this process: `hybridtune compare` trains each run in a process of its own, which knows the
+    parts of the package only."""
     if not isinstance(part, Part):
         raise TypeError(f"register: found {type(part).__name__}; expected a strategy.Part")
     if part.key in PARTS:
