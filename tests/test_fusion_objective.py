@@ -13,7 +13,7 @@ from hybridtune import api
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import unwrap
 from hybridtune.recipe import load_recipe
-from hybridtune.strategy import fusion, verbalizer
+from hybridtune.strategy import fusion, prompt
 from hybridtune.train.engine import make_trainer, training_arguments
 
 TEXTS = ["the film was great and charming", "a dull and tedious story", "quite the messy plot"]
@@ -66,11 +66,11 @@ def test_fused_run_predicts_softmax_of_the_sum(prompt_run, tiny_gpt2):
     assert json.loads((final / "fusion.json").read_text())["frozen"] == "zero_shot"
     assert not any("fusion" in k for k in json.loads((final / "adapter_config.json").read_text()))
     # rebuilt independently: the tuned adapter with plain peft, the frozen base as a zero-shot scorer
-    fmt = verbalizer.PromptFormat.from_json(json.loads((final / "prompt.json").read_text()))
-    tuned = verbalizer.attach(
+    fmt = prompt.PromptFormat.from_json(json.loads((final / "prompt.json").read_text()))
+    tuned = prompt.attach(
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2), final), fmt
     )
-    frozen = verbalizer.load_scorer(tiny_gpt2, fmt)
+    frozen = prompt.load_scorer(tiny_gpt2, fmt)
     loaded = api.load_run(str(run))
     batch = loaded.task.collator(loaded.tokenizer)(
         [dict(x) for x in loaded.task.encode(_frame(TEXTS), loaded.tokenizer, None, loaded.recipe.data)]

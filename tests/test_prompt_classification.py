@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 from hybridtune import api
 from hybridtune.errors import UserError
 from hybridtune.recipe import load_recipe
-from hybridtune.strategy import verbalizer
-from hybridtune.strategy.verbalizer import PromptConfig
+from hybridtune.strategy import prompt
+from hybridtune.strategy.prompt import PromptConfig
 
 TEXTS = ["the film was great and charming", "a dull and tedious story", "quite the messy plot"]
 
@@ -34,16 +34,16 @@ def _probs(run: Path, texts=TEXTS) -> torch.Tensor:
 def test_template_keeps_its_tokens_and_cuts_the_text_from_the_left(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = PromptConfig(template="Review: {text} It was {mask}.", verbalizer={"neg": "bad", "pos": "good"})
-    fmt = verbalizer.resolve(config, tokenizer, "mlm", ["neg", "pos"], pair=False)
+    fmt = prompt.resolve(config, tokenizer, "mlm", ["neg", "pos"], pair=False)
     long = " ".join(f"w{i}" for i in range(200)) + " the very end"
-    short, cut = verbalizer.encode(fmt, tokenizer, ["a fine film", long], None, max_length=32)
+    short, cut = prompt.encode(fmt, tokenizer, ["a fine film", long], None, max_length=32)
     assert tokenizer.decode(short) == "[CLS] review : a fine film it was [MASK]. [SEP]"
     assert len(cut) == 32 and cut.count(tokenizer.mask_token_id) == 1
     text = tokenizer.decode(cut)
     assert text.startswith("[CLS] review :") and text.endswith("the very end it was [MASK]. [SEP]"), text
     assert "w0 " not in text  # the start of the text went, not the template
     with pytest.raises(UserError, match="data.max_length"):
-        verbalizer.encode(fmt, tokenizer, ["x"], None, max_length=8)
+        prompt.encode(fmt, tokenizer, ["x"], None, max_length=8)
 
 
 def test_decoder_prompt_ends_at_the_answer_and_spaces_move_onto_the_words(tokenizer_dir):
@@ -51,15 +51,15 @@ def test_decoder_prompt_ends_at_the_answer_and_spaces_move_onto_the_words(tokeni
     config = PromptConfig(
         template="Review: {text}\nSentiment: {mask}", verbalizer={"a": "good", "b": "so bad"}
     )
-    fmt = verbalizer.resolve(config, tokenizer, "causal", ["a", "b"], pair=False)
+    fmt = prompt.resolve(config, tokenizer, "causal", ["a", "b"], pair=False)
     so_bad = tokenizer(" so bad", add_special_tokens=False)["input_ids"]
     assert fmt.words == [[tokenizer(" good", add_special_tokens=False)["input_ids"]], [so_bad]]
     assert len(so_bad) == 2  # a word of two tokens, scored by the chain rule
-    (ids,) = verbalizer.encode(fmt, tokenizer, ["nice"], None, max_length=32)
+    (ids,) = prompt.encode(fmt, tokenizer, ["nice"], None, max_length=32)
     assert tokenizer.decode(ids) == "[CLS] review : nice sentiment :"  # no [SEP]: the answer comes next
     bad = PromptConfig(template="{text} is {mask} indeed", verbalizer={"a": "x", "b": "y"})
     with pytest.raises(UserError, match=r"\{mask\} at the end"):
-        verbalizer.resolve(bad, tokenizer, "causal", ["a", "b"], pair=False)
+        prompt.resolve(bad, tokenizer, "causal", ["a", "b"], pair=False)
 
 
 @pytest.mark.parametrize(

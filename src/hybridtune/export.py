@@ -39,7 +39,7 @@ from hybridtune.errors import UserError
 from hybridtune.inference import CAUSAL, EXPORT_JSON, INT8_WEIGHTS, Loaded
 from hybridtune.model.anatomy import unwrap
 from hybridtune.paths import inside
-from hybridtune.strategy import adapters, pooling, prompt
+from hybridtune.strategy import adapters, pooling, soft_prompt
 
 FORMATS = ("merged", "peft", "int8")
 MARKER = ".hybridtune-export"  # an export dir: the only kind of existing dir `--out` replaces
@@ -133,7 +133,7 @@ def own_parts(model: torch.nn.Module) -> list[str]:
     base = unwrap(model)
     named = {
         adapters.ATTR: "bottleneck adapters",
-        prompt.ATTR: "a soft prompt",
+        soft_prompt.ATTR: "a soft prompt",
         pooling.ATTR: "mean pooling (a head on the pooled embedding, which plain transformers does not do)",
     }
     return [what for attr, what in named.items() if getattr(base, attr, None) is not None]

@@ -1,5 +1,5 @@
 """`ensemble:` in a recipe (EnsembleConfig) and its members' recipes; the names every part of the
-package shares. No torch here: `recipe.py` imports this module."""
+package shares. No torch here: `recipe/schema.py` imports this module."""
 
 from __future__ import annotations
 

@@ -1,35 +1,30 @@
-"""Strategy parts: one file each, registered here under its recipe key, applied in one fixed order.
+"""Strategy parts: one file each, named as its recipe key, listed once in PARTS, applied in that order.
 
-A part is a module with a pydantic config class and `apply(model, config, build) -> model`. It may
-also define:
+The contract a part fulfils (its config, `apply`, and the hooks it declares: checks, loss terms,
+trunk-cache eligibility, training arguments, callbacks, save / restore) is strategy/base.py. This
+module lists the parts, lets a user register one of their own (`register`), and runs the hooks of
+the parts a recipe configures: the recipe, the engine and the trunk cache ask the parts through
+these functions and name none. (Still named outside strategy/: contrastive's stage, run by
+api._train before the Trainer; export's refusals of parts plain transformers cannot load; peft's
+adapter loading.)
 
-- `callbacks(model, config, build) -> list[TrainerCallback]`: work during training (AdaLoRA's rank
-  allocation); `training_args(config) -> dict`: TrainingArguments it must override;
-- `save(model, config, dir) -> list[str]` and `restore(model, config, dir) -> model`: for weights
-  that neither the base model's save nor peft's adapter save holds (bottleneck adapters, a soft
-  prompt). `save` writes the part's own files into final/ and returns the state-dict keys it wrote,
-  which the base save then leaves out; `restore` re-applies the part to a freshly loaded model and
-  loads the weights back (only the weights when the part is already applied).
-
-No part knows about another; this file alone decides the order and how their effects combine:
-a part that adds weights (peft, adapters, soft_prompt) freezes the pretrained base, and the base
-parameters `freeze` selected train anyway: "freeze + X" means "these base parameters *and* X
-train". The selection travels in `build.keep`; a part that takes some of it over (peft saves them
-as `modules_to_save` copies) removes those; what is left is made trainable again at the end.
+How their effects combine is decided here alone: a part that adds weights (peft, adapters,
+soft_prompt) freezes the pretrained base, and the base parameters `freeze` selected train anyway:
+"freeze + X" means "these base parameters *and* X train". The selection travels in `build.keep`
+(`freeze` fills it); a part that takes some of it over (peft saves them as `modules_to_save`
+copies) removes those; what is left is made trainable again at the end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hybridtune.model.anatomy import Anatomy
 from hybridtune.strategy import (
     adapters,
     contrastive,
@@ -39,45 +34,57 @@ from hybridtune.strategy import (
     peft,
     pooling,
     prompt,
-    verbalizer,
+    soft_prompt,
 )
+from hybridtune.strategy.base import Build, LossTerm, Part
 
-# recipe key -> part, in the order of application (DESIGN: freeze -> peft -> prompt -> head/fusion -> objective)
-PARTS: dict[str, ModuleType] = {
-    "freeze": freeze,
-    "peft": peft,
-    "adapters": adapters,
-    "soft_prompt": prompt,
-    # classification: the head reads the mean-pooled embedding (after peft: hooks on what runs)
-    "pooling": pooling,
-    # prompt_classification: the template + verbalizer scorer wraps all of the above; fusion wraps it
-    "prompt": verbalizer,
-    "fusion": fusion,
-    "objective": objective,
-    # checks here; its stage (pairs, cosine loss, then the head) runs before the Trainer (api._train)
-    "contrastive": contrastive,
+__all__ = ["PARTS", "Build", "LossTerm", "Part", "register", "unregister", "configured"]
+
+# recipe key -> part, in the order of application (DESIGN: freeze -> peft -> prompt -> head/fusion -> objective).
+# pooling: after peft (hooks on the modules that run); prompt (the template + verbalizer scorer)
+# wraps all of the above and fusion wraps it; contrastive only checks here, its stage runs before
+# the Trainer (api._train)
+PARTS: dict[str, Part] = {
+    part.key: part
+    for part in (
+        freeze.PART,
+        peft.PART,
+        adapters.PART,
+        soft_prompt.PART,
+        pooling.PART,
+        prompt.PART,
+        fusion.PART,
+        objective.PART,
+        contrastive.PART,
+    )
 }
 
 
-@dataclass
-class Build:
-    """What parts may read while they change the model."""
+def register(part: Part, before: str | None = None) -> None:
+    """Add a part of one's own: it is applied before the part `before` (default: after all), and
+    the recipe gets a `part.key` section from `part.config` (hybridtune.recipe.validate_recipe).
+    For this process: `hybridtune compare` trains each run in a process of its own, which knows the
+    parts of the package only."""
+    if not isinstance(part, Part):
+        raise TypeError(f"register: found {type(part).__name__}; expected a strategy.Part")
+    if part.key in PARTS:
+        raise ValueError(f"register: found part key {part.key!r} again; expected a new key")
+    if before is not None and before not in PARTS:
+        raise ValueError(f"register: found before={before!r}; expected one of {', '.join(PARTS)}")
+    items = list(PARTS.items())
+    at = len(items) if before is None else list(PARTS).index(before)
+    items.insert(at, (part.key, part))
+    PARTS.clear()
+    PARTS.update(items)
 
-    anatomy: Anatomy
-    task: Any  # the task module (hybridtune.tasks.*)
-    new_params: set[str] = field(default_factory=set)  # names the checkpoint lacked (a new head)
-    tokenizer: Any = None
-    max_length: int | None = None  # tokens per example (data.max_length): virtual tokens must fit too
-    total_steps: int | None = None  # planned optimizer steps of the run (AdaLoRA's budget schedule)
-    recipe: Any = None  # the whole recipe (objective: batch size, seed; fusion: checks on a frozen run)
-    labels: Any = None  # the task's Labels
-    # filled by `apply`: id() of the parameters loaded from the checkpoint, and the base parameters
-    # `freeze` keeps trainable (id -> parameter)
-    pretrained: set[int] = field(default_factory=set)
-    keep: dict[int, nn.Parameter] = field(default_factory=dict)
+
+def unregister(key: str) -> None:
+    """Remove a part added with `register` (a test's cleanup)."""
+    PARTS.pop(key)
 
 
-def _configured(recipe):
+def configured(recipe) -> Iterator[tuple[str, Part, Any]]:
+    """(key, part, config) of every part the recipe sets, in the order of application."""
     for key, part in PARTS.items():
         config = getattr(recipe, key, None)
         if config is not None:
@@ -87,20 +94,43 @@ def _configured(recipe):
 def apply(model: nn.Module, recipe, build: Build) -> nn.Module:
     """Apply every configured part in order (see the module docstring for how they combine)."""
     build.pretrained = {id(p) for n, p in model.named_parameters() if n not in build.new_params}
-    for key, part, config in _configured(recipe):
+    for _, part, config in configured(recipe):
         model = part.apply(model, config, build)
-        if key == "freeze":
-            build.keep = {id(p): p for p in model.parameters() if p.requires_grad}
     for p in build.keep.values():
         p.requires_grad_(True)
     return model
 
 
+def check(recipe) -> None:
+    """Each configured part's refusals of the rest of the recipe (ValueError, key path first)."""
+    for _, part, config in configured(recipe):
+        if part.check is not None:
+            part.check(config, recipe)
+
+
+def trunk_cache_reason(recipe) -> str | None:
+    """Why a configured part rules the frozen-trunk cache out, or None."""
+    for _, part, config in configured(recipe):
+        reason = part.trunk_cache(config, recipe) if part.trunk_cache is not None else None
+        if reason is not None:
+            return reason
+    return None
+
+
+def loss_parts(recipe) -> list[tuple[Part, Any]]:
+    """(part, config) of the configured parts that change the training loss."""
+    return [
+        (part, config)
+        for _, part, config in configured(recipe)
+        if part.loss_terms is not None or part.task_weight is not None
+    ]
+
+
 def training_args(recipe) -> dict:
     """TrainingArguments a part must override (e.g. AdaLoRA keeps its final model, not the best)."""
     out: dict = {}
-    for _, part, config in _configured(recipe):
-        if hasattr(part, "training_args"):
+    for _, part, config in configured(recipe):
+        if part.training_args is not None:
             out.update(part.training_args(config))
     return out
 
@@ -108,10 +138,10 @@ def training_args(recipe) -> dict:
 def callbacks(model: nn.Module, recipe, build: Build) -> list:
     """The training-time callbacks of every configured part that has some."""
     out: list = []
-    for _, part, config in _configured(recipe):
-        if hasattr(part, "callbacks"):
+    for _, part, config in configured(recipe):
+        if part.callbacks is not None:
             out += part.callbacks(model, config, build)
-    if any(hasattr(part, "save") for _, part, _ in _configured(recipe)):
+    if any(part.save is not None for _, part, _ in configured(recipe)):
         out.append(CheckpointExtras(model, recipe))
     return out
 
@@ -119,16 +149,16 @@ def callbacks(model: nn.Module, recipe, build: Build) -> list:
 def save(model: nn.Module, recipe, out_dir: str | Path) -> set[str]:
     """Let each part write its own weights into `out_dir`; returns the state-dict keys they wrote."""
     keys: set[str] = set()
-    for _, part, config in _configured(recipe):
-        if hasattr(part, "save"):
+    for _, part, config in configured(recipe):
+        if part.save is not None:
             keys |= set(part.save(model, config, Path(out_dir)))
     return keys
 
 
 def restore(model: nn.Module, recipe, in_dir: str | Path) -> nn.Module:
     """Re-apply the parts that saved their own weights, in order, and load those weights back."""
-    for _, part, config in _configured(recipe):
-        if hasattr(part, "restore"):
+    for _, part, config in configured(recipe):
+        if part.restore is not None:
             model = part.restore(model, config, Path(in_dir))
     return model
 

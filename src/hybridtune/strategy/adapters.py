@@ -41,6 +41,7 @@ from torch import nn
 
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import Anatomy, block_layout, live, unwrap
+from hybridtune.strategy.base import Part
 
 ATTR = "bottleneck_adapters"
 WEIGHTS, CONFIG = "adapters.safetensors", "adapters.json"
@@ -145,3 +146,13 @@ def restore(model: nn.Module, config: AdaptersConfig, in_dir: Path) -> nn.Module
         adapters = _attach(model, config, Anatomy.of(model))
     adapters.load_state_dict(load_file(path, device=str(next(adapters.parameters()).device)))
     return model
+
+
+PART = Part(
+    key="adapters",
+    config=AdaptersConfig,
+    apply=apply,
+    save=save,
+    restore=restore,
+    summary="bottleneck adapters in every block (Houlsby, Pfeiffer)",
+)

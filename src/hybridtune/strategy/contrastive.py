@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from hybridtune.errors import UserError
+from hybridtune.strategy.base import Part
 from hybridtune.strategy.pooling import embedding, head_modules
 
 
@@ -142,6 +143,26 @@ def apply(model: nn.Module, config: ContrastiveConfig, build) -> nn.Module:
             "head: train (the Trainer fits this head), or a BERT-like model",
         )
     return model
+
+
+def check(config: ContrastiveConfig, recipe) -> None:
+    if recipe.task != "classification":
+        raise ValueError(f"contrastive: found it with task {recipe.task}; expected task: classification")
+    if recipe.stages is not None:
+        raise ValueError(
+            "contrastive: found it with `stages`; expected one of them (the stage trains what "
+            "the parts leave trainable, then `contrastive.then` decides)"
+        )
+    if recipe.data.text_pair_column:
+        raise ValueError(
+            f"contrastive: found data.text_pair_column {recipe.data.text_pair_column!r}; expected "
+            "single texts (pairs are made of two training texts)"
+        )
+    if config.head == "logistic" and recipe.pooling is None:
+        raise ValueError(
+            "contrastive.head: found logistic without `pooling`; expected pooling: mean (the "
+            "logistic head reads the pooled embedding the body was tuned on)"
+        )
 
 
 def training_args(config: ContrastiveConfig) -> dict:
@@ -298,3 +319,13 @@ def run(prep, precision: str) -> dict:
     record["then"] = config.then
     record["trainable_after"] = sum(p.numel() for p in prep.model.parameters() if p.requires_grad)
     return record
+
+
+PART = Part(
+    key="contrastive",
+    config=ContrastiveConfig,
+    apply=apply,
+    check=check,
+    training_args=training_args,
+    summary="SetFit's stage before the Trainer: the body tuned on same / different-label pairs, then the head",
+)

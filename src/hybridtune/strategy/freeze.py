@@ -25,6 +25,7 @@ from torch import nn
 from hybridtune.errors import UserError, did_you_mean
 from hybridtune.model.anatomy import is_norm
 from hybridtune.model.depth import fraction_blocks, level_blocks
+from hybridtune.strategy.base import Part
 
 NAMED = ("all", "none", "head", "embeddings", "norms", "final_norm", "bias")
 KEYED = ("top_frac", "bottom_frac", "level", "top_k", "bottom_k", "layers", "patterns")
@@ -39,7 +40,7 @@ def _whole(value: Any) -> bool:
 
 
 def _bad(where: str, found: Any, expected: str) -> ValueError:
-    """A schema error that names its own key path (recipe.py's "key.path: found X; expected Y")."""
+    """A schema error that names its own key path (the recipe's "key.path: found X; expected Y")."""
     return ValueError(f"{where}: found {found!r}; expected {expected}")
 
 
@@ -115,8 +116,12 @@ class FreezeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     trainable: list[str | dict] | None = Field(None, description="selector of the only parameters that train")
-    frozen: list[str | dict] | None = Field(None, description="selector of the parameters that are frozen")
-    train_new_head: bool = Field(True, description="a head the checkpoint lacks trains unless false")
+    frozen: list[str | dict] | None = Field(
+        None, description="selector of the parameters that are frozen (give exactly one of the two)"
+    )
+    train_new_head: bool = Field(
+        True, description="a head the checkpoint lacked (a new classifier) trains unless `false`"
+    )
 
     @field_validator("trainable", "frozen", mode="before")
     @classmethod
@@ -200,4 +205,23 @@ def apply(model: nn.Module, config: FreezeConfig, build) -> nn.Module:
         train = names - select(model, build.anatomy, config.frozen, "freeze.frozen")
     for name, param in model.named_parameters():
         param.requires_grad_(name in train)
+    # what later parts that freeze the base (peft, adapters, soft_prompt) must leave trainable
+    build.keep = {id(p): p for p in model.parameters() if p.requires_grad}
     return model
+
+
+def check(config: FreezeConfig, recipe) -> None:
+    if recipe.stages is not None:
+        raise ValueError(
+            "stages: found `freeze` and `stages` together; expected one of them: give `freeze` or "
+            "`stages`, not both (stages decide what trains in each stage)"
+        )
+
+
+PART = Part(
+    key="freeze",
+    config=FreezeConfig,
+    apply=apply,
+    check=check,
+    summary="which parameters train: a selector over the anatomy (head-only, top-k, BitFit, ...)",
+)

@@ -30,8 +30,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import unwrap
-from hybridtune.strategy.verbalizer import ATTR as PROMPT
-from hybridtune.strategy.verbalizer import PromptFormat, load_scorer, patch_forward
+from hybridtune.strategy.base import Part, patch_forward
+from hybridtune.strategy.prompt import PromptFormat, format_of, load_scorer
 
 ATTR = "hybridtune_fusion"
 FILE = "fusion.json"
@@ -86,8 +86,8 @@ def _frozen_run(path: str, build) -> nn.Module:
     if build.tokenizer is not None and loaded.tokenizer.get_vocab() != build.tokenizer.get_vocab():
         raise UserError(where, "a run with another tokenizer", "a run of the same base model")
     mine = getattr(build.task, "prompt_format", None)
-    theirs = getattr(unwrap(loaded.model), PROMPT, None)
-    if mine is not None and (theirs is None or theirs.fmt.pieces != mine.pieces):
+    theirs = format_of(loaded.model)
+    if mine is not None and (theirs is None or theirs.pieces != mine.pieces):
         raise UserError(where, "a run with another prompt template", "a run with this recipe's template")
     return loaded.model
 
@@ -116,6 +116,22 @@ def apply(model: nn.Module, config: FusionConfig, build) -> nn.Module:
     return _attach(model, Frozen(frozen, config.weight, {**reference, "weight": config.weight}))
 
 
+def check(config: FusionConfig, recipe) -> None:
+    if recipe.task == "token_classification":
+        raise ValueError(
+            "fusion: found fusion with task token_classification; expected a classification task"
+        )
+    if config.frozen == "zero_shot" and recipe.task != "prompt_classification":
+        raise ValueError(
+            f"fusion.frozen: found zero_shot with task {recipe.task}; expected task: prompt_classification "
+            "(a zero-shot scorer needs a prompt), or a run dir"
+        )
+
+
+def trunk_cache(config: FusionConfig, recipe) -> str:
+    return "fusion (frozen + tuned logits)"  # the frozen model runs the whole forward every step
+
+
 def save(model: nn.Module, config: FusionConfig, out_dir: Path) -> list[str]:
     frozen: Frozen = getattr(unwrap(model), ATTR)
     (out_dir / FILE).write_text(json.dumps(frozen.reference, indent=2) + "\n", encoding="utf-8")
@@ -136,3 +152,15 @@ def restore(model: nn.Module, config: FusionConfig, in_dir: Path) -> nn.Module:
 
         frozen = api.load_run(reference["frozen"]).model
     return _attach(model, Frozen(frozen, reference["weight"], reference))
+
+
+PART = Part(
+    key="fusion",
+    config=FusionConfig,
+    apply=apply,
+    check=check,
+    trunk_cache=trunk_cache,
+    save=save,
+    restore=restore,
+    summary="class logits = weight × a frozen model's + the tuned model's (a residual on a frozen scorer)",
+)

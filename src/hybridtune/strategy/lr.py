@@ -52,10 +52,12 @@ class Group(BaseModel):
     level: int | list[int] | None = Field(None, description="level(s) of `levels`, 0 = bottom")
     match: str | None = Field(None, description="regular expression on parameter names")
     slots: list[str] | None = Field(
-        None, description="anatomy slots: embeddings, block.<i>, final_norm, head"
+        None, description="anatomy slots: `embeddings`, `block.<i>`, `final_norm`, `head`"
     )
-    lr: float | None = Field(None, gt=0)
-    lr_scale: float | None = Field(None, gt=0)
+    lr: float | None = Field(None, gt=0, description="the group's lr")
+    lr_scale: float | None = Field(
+        None, gt=0, description="the group's lr as a scale of `train.lr` (or `lr`)"
+    )
 
     @field_validator("level")
     @classmethod
@@ -91,20 +93,36 @@ class Group(BaseModel):
 class LrConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    head: float | None = Field(None, gt=0, description="lr of the head (default: train.lr)")
+    head: float | None = Field(None, gt=0, description="the head's lr (default: `train.lr`)")
     layer_decay: float | None = Field(
-        None, gt=0, le=1, description="LLRD factor per block (or level) from the top"
+        None, gt=0, le=1, description="LLRD factor in (0, 1], per block (or per level) from the top"
     )
     decay_per: Literal["block", "level"] = Field(
-        "block", description="layer_decay per block, or per level of `levels`"
+        "block",
+        description="`block`: each block `layer_decay` × the one above; `level`: each level of `levels` × "
+        "the one above (needs `levels`)",
     )
     decay_depth: int | None = Field(
-        None, ge=1, description="layer_decay is per block of a model this deep: the same decay at any depth"
+        None,
+        ge=1,
+        description="with per-block decay: the depth `layer_decay` is stated for; any other depth gets the "
+        "same decay from its top block to its bottom one",
     )
-    levels: int | None = Field(None, ge=1, description="split the blocks into this many levels (bottom = 0)")
-    level_lr: list[float] | None = Field(None, description="one lr per level, bottom to top")
-    level_scale: list[float] | None = Field(None, description="one lr scale per level, bottom to top")
-    groups: list[Group] = Field(default_factory=list)
+    levels: int | None = Field(
+        None, ge=1, description="split the blocks into this many levels (1..number of blocks), bottom = 0"
+    )
+    level_lr: list[float] | None = Field(
+        None,
+        description="one lr per level, bottom to top (neither this nor `level_scale`: each level 1/2.6 of "
+        "the one above)",
+    )
+    level_scale: list[float] | None = Field(
+        None, description="one scale of `train.lr` per level, bottom to top"
+    )
+    groups: list[Group] = Field(
+        default_factory=list,
+        description="explicit groups (below); they win over `layer_decay` / `levels`",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> LrConfig:

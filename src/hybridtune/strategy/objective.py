@@ -16,8 +16,9 @@ Only the task loss is evaluated; `loss_lm` and `loss_task` (means over the loggi
 next to `loss` in metrics.jsonl and TensorBoard.
 
 It needs an LM head, so it comes with `task: prompt_classification` (a sequence classifier has none;
-the recipe refuses the combination). It changes the loss, not the model: HybridTrainer.compute_loss
-asks `objective_of(model)` for the objective this part leaves on the model.
+the recipe refuses the combination: `check`). It changes the loss, not the model: the part declares
+`loss_terms` (λ·LM loss) and `task_weight` (1 − λ), which HybridTrainer.compute_loss sums as it does
+any part's (strategy/base.py); `apply` leaves the LM batches' maker (`LmObjective`) on the model.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import unwrap
+from hybridtune.strategy.base import LossTerm, Part
 
 ATTR = "hybridtune_objective"
 
@@ -46,7 +48,7 @@ class ObjectiveConfig(BaseModel):
 
 
 class LmObjective:
-    """The mixed loss, and the running sums of its two parts for the logs."""
+    """What makes the LM batches: the masking collator, and the corpus with its shuffled order."""
 
     def __init__(
         self,
@@ -59,7 +61,6 @@ class LmObjective:
     ):
         from transformers import DataCollatorForLanguageModeling
 
-        self.weight = config.lm_weight
         self.mlm = mlm
         self.collator = DataCollatorForLanguageModeling(
             tokenizer, mlm=mlm, mlm_probability=config.mlm_probability, return_tensors="pt"
@@ -68,7 +69,6 @@ class LmObjective:
         self.corpus, self.batch_size = corpus, batch_size
         self.rng = random.Random(seed)
         self.order: list[int] = []
-        self.sums, self.count = {"loss_lm": 0.0, "loss_task": 0.0}, 0
 
     def lm_inputs(self, inputs: dict) -> dict:
         """An LM batch with token-level labels: from the corpus, or the task batch itself."""
@@ -91,26 +91,6 @@ class LmObjective:
             )
             return {**out, "input_ids": masked.to(device), "labels": labels.to(device)}
         return {**out, "input_ids": ids, "labels": ids.masked_fill(mask == 0, -100)}
-
-    def compute_loss(self, task_compute_loss, model, inputs, return_outputs=False, num_items_in_batch=None):
-        task_loss, outputs = task_compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
-        with torch.set_grad_enabled(self.weight > 0 and torch.is_grad_enabled()):  # λ = 0: logged only
-            lm_loss = model(**self.lm_inputs(inputs)).loss
-        loss = self.weight * lm_loss + (1 - self.weight) * task_loss
-        self.sums["loss_lm"] += float(lm_loss.detach())
-        self.sums["loss_task"] += float(task_loss.detach())
-        self.count += 1
-        return (loss, outputs) if return_outputs else loss
-
-    def pop_means(self) -> dict[str, float]:
-        """The parts' means since the last call (Trainer's `loss` is a mean over the same window)."""
-        if not self.count:
-            return {}
-        out = {k: round(v / self.count, 4) for k, v in self.sums.items()}
-        self.sums, self.count = dict.fromkeys(self.sums, 0.0), 0
-        return out
 
 
 def objective_of(model: nn.Module) -> LmObjective | None:
@@ -145,3 +125,43 @@ def apply(model: nn.Module, config: ObjectiveConfig, build) -> nn.Module:
     )
     setattr(unwrap(model), ATTR, objective)
     return model
+
+
+def loss_terms(
+    config: ObjectiveConfig, model: nn.Module, inputs: dict, task_loss: torch.Tensor
+) -> list[LossTerm]:
+    """λ·LM loss, on the batch the task loss saw (or the corpus's next batch)."""
+    objective = objective_of(model)
+    if objective is None:  # a model this part was not applied to
+        return []
+    with torch.set_grad_enabled(config.lm_weight > 0 and torch.is_grad_enabled()):  # λ = 0: logged only
+        lm_loss = model(**objective.lm_inputs(inputs)).loss
+    return [LossTerm("lm", lm_loss, config.lm_weight)]
+
+
+def task_weight(config: ObjectiveConfig) -> float:
+    return 1 - config.lm_weight
+
+
+def check(config: ObjectiveConfig, recipe) -> None:
+    if recipe.task != "prompt_classification":
+        raise ValueError(
+            f"objective: found a mixed LM objective with task {recipe.task}, whose model has no LM head; "
+            "expected task: prompt_classification"
+        )
+
+
+def trunk_cache(config: ObjectiveConfig, recipe) -> str:
+    return "a mixed objective"  # its LM batches run the whole model
+
+
+PART = Part(
+    key="objective",
+    config=ObjectiveConfig,
+    apply=apply,
+    check=check,
+    loss_terms=loss_terms,
+    task_weight=task_weight,
+    trunk_cache=trunk_cache,
+    summary="a mixed loss: λ·LM loss + (1 − λ)·task loss (PET's auxiliary language modelling)",
+)

@@ -44,6 +44,7 @@ from transformers import TrainerCallback
 from hybridtune.errors import UserError, did_you_mean
 from hybridtune.model.anatomy import block_layout
 from hybridtune.strategy import peft_prompt
+from hybridtune.strategy.base import Part
 from hybridtune.strategy.peft_prompt import PROMPT_LEARNING, accept_prefix_cache
 
 ALIASES = {"dora": ("lora", {"use_dora": True})}
@@ -354,3 +355,13 @@ class AdaLoraBudget(TrainerCallback):
         allocator = getattr(self.tuner, "rankallocator", None)
         if pattern and allocator is not None:
             allocator.mask_using_rank_pattern(self.tuner.model, pattern)
+
+
+PART = Part(
+    key="peft",
+    config=PeftConfig,
+    apply=apply,
+    training_args=training_args,
+    callbacks=callbacks,
+    summary="any method of the installed peft (LoRA, DoRA, AdaLoRA, IA3, prefix / prompt tuning, ...)",
+)

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from hybridtune.model.anatomy import canonical, live, unwrap
+from hybridtune.strategy.base import Part
 
 ATTR = "hybridtune_pooling"
 
@@ -137,3 +138,18 @@ def embedding(model: nn.Module, batch: dict, normalize: bool = True) -> torch.Te
     gradients, for the contrastive stage (wrap in torch.no_grad to only embed)."""
     out = backbone(model)(**{k: v for k, v in batch.items() if k in INPUTS})
     return mean_pool(out[0], batch.get("attention_mask"), normalize)
+
+
+def check(config: PoolingConfig, recipe) -> None:
+    if recipe.task != "classification":
+        raise ValueError(f"pooling: found it with task {recipe.task}; expected task: classification")
+
+
+PART = Part(
+    key="pooling",
+    config=PoolingConfig,
+    apply=apply,
+    check=check,
+    restore=restore,
+    summary="the classification head reads the mean-pooled (L2-normalised) embedding",
+)

@@ -1,221 +1,241 @@
-"""soft_prompt: n trainable virtual tokens prepended to the input (prompt tuning, Lester et al. 2021,
-https://arxiv.org/abs/2104.08691), composable with LoRA or adapters in the same model.
+"""prompt: a template and a verbalizer turn a masked or causal language model into a classifier
+(PET, Schick & Schütze 2021, https://arxiv.org/abs/2001.07676; LM-BFF, Gao et al. 2021).
 
-    soft_prompt:
-      num_virtual_tokens: 20
-      init: vocab        # vocab: embeddings of tokens sampled from the vocabulary | text | random
-      init_text: "Is this movie review positive or negative?"   # init: text (repeated / cut to n)
+    task: prompt_classification
+    prompt:
+      template: "{text} It was {mask}."       # {text}, optional {text_pair}, and the answer slot {mask}
+      verbalizer: {negative: terrible, positive: [great, good]}   # label -> word(s)
+      chat: null            # decoders: wrap the prompt in the tokenizer's chat template (null = if it has one)
+      word_score: mean      # a word of several tokens: mean (length-normalised) or sum of their log-probs
+      label_score: logsumexp  # several words per label: logsumexp (P(any of them)) or mean
 
-peft's own prompt tuning cannot share a model with LoRA (one peft method per model); this part can:
-the "continuous prompt + PEFT" hybrid. What trains: the prompt and a new head; the pretrained base
-is frozen except what `freeze` keeps.
+The class score of a label is the log-probability the LM gives its verbalizer word in the answer slot;
+the loss is the cross entropy over these scores (PET's L_CE). Nothing is added to the model: the scores
+come from the pretrained LM head, which is why the untrained model already classifies (zero-shot).
 
-How: the transformers model's `forward` (on the instance) prepends n placeholder ids to `input_ids`
-and extends `attention_mask` (ones), `token_type_ids` (zeros), `position_ids` and token-level
-`labels` (-100) to match; a forward hook on the input-embedding layer then swaps the placeholders'
-embeddings for the prompt. Everything downstream sees one consistent, longer sequence of real ids:
-position embeddings, padding masks, and a decoder's classification head, which finds the last
-non-padding token from `input_ids` (peft's prompt tuning passes `inputs_embeds` instead, and GPT-2
-then reads a pad token). `forward` rather than a forward pre-hook because AdaLoRA's peft wrapper calls
-`model.forward(...)` directly, which skips module hooks; placeholders are not the pad id, so padding
-detection ignores them. With a cache that already holds the prompt (generation), nothing is added.
-The placement is the prompt's first n positions: on BERT the pooler then reads a virtual token, as
-with peft's prompt tuning.
+- Masked LMs: {mask} becomes the mask token (anywhere in the template); a word scores the log-prob of
+  its *first* sub-token there (one mask per example, as PET's single-token verbalizers; words sharing a
+  first sub-token across labels are refused).
+- Causal LMs: {mask} must end the template; the prompt is left-padded and a word scores the chain-rule
+  log-prob of all its tokens after the prompt (one extra forward per word of more than one token). With
+  `chat`, the template's text before {mask} is the user message and the answer starts the assistant
+  turn (SmolLM2-Instruct answers far better that way).
+- Space before {mask} is moved onto the verbalizer words (" great"), and space before {text} onto the
+  text, so that BPE tokenizers see the tokens they saw in pre-training. The text is truncated from the
+  left (never the template) to fit `data.max_length`; the end of a review is nearest the answer.
 
-Init (Lester et al. §3.2: sampled vocabulary and class-label init beat random): `vocab` copies the
-embeddings of n tokens drawn uniformly from the non-special vocabulary; `text` those of `init_text`'s
-tokens; `random` draws N(0, std of the embedding matrix), the scale of real tokens.
-Saved as final/soft_prompt.safetensors + final/soft_prompt.json next to the base save.
+How: like `soft_prompt`, this part replaces the transformers model's `forward` on the instance (after
+freeze / peft / adapters / soft_prompt, so it wraps them all): called with class labels it returns
+class logits and their loss; called with token-level labels (the mixed objective's LM batches) it is
+the plain LM. final/ stays a plain LM (or a peft adapter on one); the resolved template and verbalizer
+are written to final/prompt.json, and `restore` attaches the scorer again. The template side (the
+config, its resolution against a tokenizer, the encoding) is strategy/template.py.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-import types
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import unwrap
+from hybridtune.strategy.base import Part, patch_forward
+from hybridtune.strategy.template import PromptConfig, PromptFormat, encode, resolve
 
-ATTR = "soft_prompt"
-WEIGHTS, CONFIG = "soft_prompt.safetensors", "soft_prompt.json"
+__all__ = [
+    "PromptConfig",
+    "PromptFormat",
+    "encode",
+    "resolve",
+    "attach",
+    "format_of",
+    "load_scorer",
+    "patch_forward",
+]
 
+ATTR = "hybridtune_prompt"  # the Scorer, a plain attribute of the transformers model
+FILE = "prompt.json"
 
-class SoftPromptConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    num_virtual_tokens: int = Field(20, ge=1, description="prompt length n")
-    init: Literal["vocab", "text", "random"] = Field(
-        "vocab", description="vocab: sampled vocabulary embeddings | text: init_text's | random"
-    )
-    init_text: str | None = Field(None, description="init: text — tokenized, repeated or cut to n tokens")
-
-    @model_validator(mode="after")
-    def _text(self) -> SoftPromptConfig:
-        if (self.init == "text") != bool(self.init_text):
-            raise ValueError("init: text goes with a non-empty `init_text`, and `init_text` with init: text")
-        return self
-
-
-class SoftPrompt(nn.Module):
-    def __init__(self, weight: torch.Tensor, placeholder_id: int):
-        super().__init__()
-        self.weight = nn.Parameter(weight)
-        self.placeholder_id = placeholder_id
-        self._expect: tuple | None = None  # the ids shape the next embedding call must have
-
-    @property
-    def n(self) -> int:
-        return self.weight.shape[0]
-
-    def extend(self, inputs: dict) -> dict:
-        """The model's inputs with n placeholder positions in front."""
-        ids = inputs.get("input_ids")
-        past = inputs.get("past_key_values")
-        self._expect = None
-        if ids is None:
-            raise ValueError("the soft prompt needs input_ids; this call passed inputs_embeds")
-        if past is not None and _cached(past):  # generation: the cache already holds the prompt
-            return inputs
-        out = dict(inputs)
-        b, n = ids.shape[0], self.n
-        out["input_ids"] = torch.cat([ids.new_full((b, n), self.placeholder_id), ids], 1)
-        for key, fill in (("attention_mask", 1), ("token_type_ids", 0)):
-            if inputs.get(key) is not None:
-                out[key] = torch.cat([inputs[key].new_full((b, n), fill), inputs[key]], 1)
-        if inputs.get("position_ids") is not None:
-            pos = inputs["position_ids"]
-            out["position_ids"] = torch.cat(
-                [torch.arange(n, device=pos.device).expand(pos.shape[0], n), pos + n], 1
-            )
-        labels = inputs.get("labels")
-        if labels is not None and labels.shape == ids.shape:  # token-level labels: virtual tokens ignored
-            out["labels"] = torch.cat([labels.new_full((b, n), -100), labels], 1)
-        self._expect = tuple(out["input_ids"].shape)
-        return out
-
-    def hook(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
-        """Forward hook on the input embeddings: the first n positions become the prompt."""
-        if self._expect is None or tuple(args[0].shape) != self._expect:
-            return None
-        self._expect = None
-        prompt = self.weight.to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)
-        return torch.cat([prompt, output[:, self.n :]], 1)
+# --------------------------------------------------------------------------------------------------
+# the scorer: LM logits -> class logits
 
 
-def _cached(past) -> bool:
-    length = getattr(past, "get_seq_length", None)
-    return bool(length() if callable(length) else len(past))
+class Scorer:
+    """What the replaced forward needs (no parameters: nothing here trains)."""
+
+    def __init__(self, fmt: PromptFormat, position_ids: bool):
+        self.fmt = fmt
+        self.position_ids = position_ids  # the causal LM takes position_ids (left padding needs them)
+
+    def class_logits(self, lm, inputs: dict) -> torch.Tensor:
+        word_logp = self._mlm(lm, inputs) if self.fmt.kind == "mlm" else self._causal(lm, inputs)
+        out, k = [], 0
+        for ws in self.fmt.words:  # per label: its words' log-probs, combined
+            scores = word_logp[:, k : k + len(ws)]
+            k += len(ws)
+            if self.fmt.label_score == "logsumexp":
+                out.append(torch.logsumexp(scores, -1))
+            else:
+                out.append(scores.mean(-1))
+        return torch.stack(out, -1)
+
+    def _mlm(self, lm, inputs: dict) -> torch.Tensor:
+        ids = inputs["input_ids"]
+        where = ids == self.fmt.mask_id
+        if not bool((where.sum(-1) == 1).all()):
+            raise ValueError("each example must hold exactly one mask token (the template's {mask})")
+        logits = lm(**inputs).logits
+        # a soft prompt in front makes the logits longer than the ids: the mask is counted from the end
+        position = where.float().argmax(-1) + (logits.shape[1] - ids.shape[1])
+        logp = logits[torch.arange(len(ids), device=ids.device), position].float().log_softmax(-1)
+        first = torch.tensor([w[0] for ws in self.fmt.words for w in ws], device=ids.device)
+        return logp[:, first]
+
+    def _causal(self, lm, inputs: dict) -> torch.Tensor:
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        if self.position_ids and inputs.get("position_ids") is None:
+            inputs = {**inputs, "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0)}
+        columns = []
+        first = None
+        for ws in self.fmt.words:
+            for word in ws:
+                if len(word) == 1:
+                    if first is None:
+                        first = self._run(lm, inputs, [], 1)[:, 0]
+                    columns.append(first[:, word[0]])
+                    continue
+                logp = self._run(lm, inputs, word[:-1], len(word))  # (B, k, V): each token after the last
+                tokens = torch.tensor(word, device=ids.device)
+                picked = logp[:, torch.arange(len(word), device=ids.device), tokens]
+                columns.append(picked.mean(-1) if self.fmt.word_score == "mean" else picked.sum(-1))
+        return torch.stack(columns, -1)
+
+    def _run(self, lm, inputs: dict, extra: list[int], keep: int) -> torch.Tensor:
+        """Log-probs of the next token at the last `keep` positions of the prompt + `extra` tokens."""
+        ids = inputs["input_ids"]
+        if extra:
+            n, b = len(extra), ids.shape[0]
+            add = torch.tensor(extra, device=ids.device).expand(b, n)
+            inputs = dict(inputs, input_ids=torch.cat([ids, add], 1))
+            if inputs.get("attention_mask") is not None:
+                am = inputs["attention_mask"]
+                inputs["attention_mask"] = torch.cat([am, am.new_ones(b, n)], 1)
+            if inputs.get("position_ids") is not None:
+                pos = inputs["position_ids"]
+                inputs["position_ids"] = torch.cat(
+                    [pos, pos[:, -1:] + torch.arange(1, n + 1, device=ids.device)], 1
+                )
+            for key in ("token_type_ids",):
+                if inputs.get(key) is not None:
+                    inputs[key] = torch.cat([inputs[key], inputs[key][:, -1:].expand(b, n)], 1)
+        if "logits_to_keep" in _parameters(lm):
+            inputs = {**inputs, "logits_to_keep": keep}
+        logits = lm(**inputs, use_cache=False).logits[:, -keep:]
+        return logits.float().log_softmax(-1)
 
 
-def _forward_with_prompt(base: nn.Module):
-    """An instance `forward` that extends the inputs, then runs the model's own forward. It holds
-    the unbound function, not the bound method, so that a deep copy of the model runs its own copy."""
-    original = getattr(base.forward, "__func__", type(base).forward)
-    signature = inspect.signature(base.forward)
-
-    def forward(self, *args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs)
-        inputs = dict(bound.arguments)
-        for name, param in signature.parameters.items():
-            if param.kind is inspect.Parameter.VAR_KEYWORD:
-                inputs.update(inputs.pop(name, {}))
-        return original(self, **getattr(self, ATTR).extend(inputs))
-
-    # Trainer reads the signature to keep only the model's columns: the unbound function, so that
-    # inspect drops `self` and nothing else
-    forward.__wrapped__ = original
-    return types.MethodType(forward, base)
+def _parameters(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
 
 
-def _initial(config: SoftPromptConfig, embeddings: nn.Embedding, tokenizer) -> torch.Tensor:
-    n, table = config.num_virtual_tokens, embeddings.weight.detach()
-    if config.init == "random":
-        return torch.randn(n, table.shape[1], device=table.device, dtype=table.dtype) * table.float().std()
-    if config.init == "text":
-        ids = tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise UserError("soft_prompt.init_text", repr(config.init_text), "a text with at least one token")
-        ids = (ids * (n // len(ids) + 1))[:n]
-    else:
-        special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        pool = torch.tensor([i for i in range(table.shape[0]) if i not in special])
-        ids = pool[torch.randint(len(pool), (n,))].tolist()
-    return table[torch.tensor(ids, device=table.device)].clone()
+def class_forward(self, inner, inputs: dict):
+    """The scorer's forward: class logits (+ cross-entropy loss) from the LM; the plain LM for
+    token-level labels."""
+    scorer: Scorer = getattr(self, ATTR)
+    labels = inputs.pop("labels", None)
+    if labels is not None and labels.dim() == inputs["input_ids"].dim():  # an LM batch (mixed objective)
+        if (
+            scorer.position_ids
+            and inputs.get("attention_mask") is not None
+            and inputs.get("position_ids") is None
+        ):
+            inputs["position_ids"] = (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+        return inner(**inputs, labels=labels)
+    inputs = {
+        k: v for k, v in inputs.items() if v is not None and k not in ("return_dict", "num_items_in_batch")
+    }
+    logits = scorer.class_logits(inner, inputs)
+    loss = F.cross_entropy(logits, labels) if labels is not None else None
+    return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def _placeholder(tokenizer, base: nn.Module) -> int:
-    pad = base.config.pad_token_id
-    for candidate in (
-        getattr(tokenizer, "unk_token_id", None),
-        getattr(tokenizer, "eos_token_id", None),
-        1,
-        2,
-    ):
-        if candidate is not None and candidate != pad:
-            return int(candidate)
-    return 0
+def kind_of(model: nn.Module) -> str:
+    """'mlm' or 'causal', from the transformers class (AutoModelForMaskedLM / AutoModelForCausalLM)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = type(unwrap(model)).__name__
+    return "causal" if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() else "mlm"
 
 
-def _attach(model: nn.Module, weight: torch.Tensor, placeholder_id: int) -> SoftPrompt:
+def attach(model: nn.Module, fmt: PromptFormat) -> nn.Module:
+    """Make `model` (an LM, possibly peft-wrapped) return class logits."""
     base = unwrap(model)
-    prompt = SoftPrompt(weight, placeholder_id)
-    base.add_module(ATTR, prompt)
-    base.get_input_embeddings().register_forward_hook(prompt.hook)
-    base.forward = _forward_with_prompt(base)
-    return prompt
-
-
-def apply(model: nn.Module, config: SoftPromptConfig, build) -> nn.Module:
-    base = unwrap(model)
-    peft_config = next(iter(getattr(model, "peft_config", {}).values()), None)
-    if peft_config is not None and peft_config.is_prompt_learning:
-        raise UserError(
-            "soft_prompt",
-            f"a soft prompt together with peft.method {peft_config.peft_type.value.lower()}",
-            "one prompt: the soft prompt with a non-prompt peft method (lora, ia3, ...), or peft alone",
-        )
-    limit = getattr(base.config, "max_position_embeddings", None) or getattr(base.config, "n_positions", None)
-    n = config.num_virtual_tokens
-    if limit and build.max_length and n + build.max_length > limit:
-        raise UserError(
-            "soft_prompt.num_virtual_tokens",
-            f"{n} virtual tokens + data.max_length {build.max_length} = {n + build.max_length} positions",
-            f"at most {limit}, the positions {type(base).__name__} has (lower one of them)",
-        )
-    for p in model.parameters():  # the pretrained base is frozen; `freeze` may keep some of it
-        if id(p) in build.pretrained:
-            p.requires_grad_(False)
-    weight = _initial(config, base.get_input_embeddings(), build.tokenizer)
-    _attach(model, weight, _placeholder(build.tokenizer, base))
+    if getattr(base, ATTR, None) is not None:
+        return model
+    positions = fmt.kind == "causal" and "position_ids" in _parameters(base.forward)
+    setattr(base, ATTR, Scorer(fmt, positions))
+    patch_forward(base, class_forward)
     return model
 
 
-def save(model: nn.Module, config: SoftPromptConfig, out_dir: Path) -> list[str]:
-    prompt = getattr(unwrap(model), ATTR)
-    save_file({"weight": prompt.weight.detach().contiguous()}, out_dir / WEIGHTS)
-    info = {**config.model_dump(), "placeholder_id": prompt.placeholder_id}
-    (out_dir / CONFIG).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return [k for k in model.state_dict() if k.split(".")[-2:] == [ATTR, "weight"]]
+def format_of(model: nn.Module) -> PromptFormat | None:
+    """The template and verbalizer a model scores with (None: no prompt attached)."""
+    scorer = getattr(unwrap(model), ATTR, None)
+    return scorer.fmt if scorer is not None else None
 
 
-def restore(model: nn.Module, config: SoftPromptConfig, in_dir: Path) -> nn.Module:
-    if not (in_dir / WEIGHTS).is_file() or not (in_dir / CONFIG).is_file():
-        raise UserError(str(in_dir), f"no {WEIGHTS} / {CONFIG}", "the soft prompt saved with the run")
-    weight = load_file(in_dir / WEIGHTS)["weight"]
-    prompt = getattr(unwrap(model), ATTR, None)
-    if prompt is None:
-        info = json.loads((in_dir / CONFIG).read_text(encoding="utf-8"))
-        device = unwrap(model).get_input_embeddings().weight.device
-        _attach(model, weight.to(device), int(info["placeholder_id"]))
-    else:
-        with torch.no_grad():
-            prompt.weight.copy_(weight)
-    return model
+def apply(model: nn.Module, config: PromptConfig, build) -> nn.Module:
+    return attach(model, build.task.prompt_format)
+
+
+def check(config: PromptConfig, recipe) -> None:
+    if recipe.task != "prompt_classification":
+        raise ValueError(
+            f"prompt: found a prompt with task {recipe.task}; expected task: prompt_classification"
+        )
+
+
+def save(model: nn.Module, config: PromptConfig, out_dir: Path) -> list[str]:
+    """final/prompt.json: the resolved template pieces and verbalizer token ids (what `restore` reads)."""
+    scorer: Scorer = getattr(unwrap(model), ATTR)
+    (out_dir / FILE).write_text(json.dumps(scorer.fmt.to_json(), indent=2) + "\n", encoding="utf-8")
+    return []
+
+
+def restore(model: nn.Module, config: PromptConfig, in_dir: Path) -> nn.Module:
+    if getattr(unwrap(model), ATTR, None) is not None:
+        return model
+    if not (in_dir / FILE).is_file():
+        raise UserError(str(in_dir), f"no {FILE}", "the prompt (template and verbalizer) saved with the run")
+    fmt = PromptFormat.from_json(json.loads((in_dir / FILE).read_text(encoding="utf-8")))
+    return attach(model, fmt)
+
+
+def load_scorer(path: str, fmt: PromptFormat) -> nn.Module:
+    """A pretrained LM from `path` with the prompt attached, in eval mode (the zero-shot classifier)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from hybridtune.model.loading import load_model, load_tokenizer
+
+    auto = AutoModelForCausalLM if fmt.kind == "causal" else AutoModelForMaskedLM
+    model, _ = load_model(auto, path, load_tokenizer(path))
+    return attach(model, fmt).eval()
+
+
+PART = Part(
+    key="prompt",
+    config=PromptConfig,
+    apply=apply,
+    check=check,
+    save=save,
+    restore=restore,
+    summary="a template and a verbalizer make the LM a classifier (PET); task prompt_classification",
+)

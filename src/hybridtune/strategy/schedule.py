@@ -23,10 +23,21 @@ from pydantic import BaseModel, ConfigDict, Field
 class ScheduleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["linear", "cosine", "constant", "constant_with_warmup", "stlr"] = "linear"
-    warmup: float = Field(0.06, ge=0, lt=1, description="fraction of the steps spent warming up")
-    cut_frac: float = Field(0.1, gt=0, lt=1, description="stlr: fraction of the steps spent increasing")
-    ratio: float = Field(32, ge=1, description="stlr: ratio of the highest to the lowest lr")
+    name: Literal["linear", "cosine", "constant", "constant_with_warmup", "stlr"] = Field(
+        "linear",
+        description="`linear`, `cosine`, `constant`, `constant_with_warmup` (as in transformers), `stlr`",
+    )
+    warmup: float = Field(
+        0.06, ge=0, lt=1, description="fraction of the steps spent warming up (not for `constant`, `stlr`)"
+    )
+    cut_frac: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="stlr (slanted triangular lr, Howard & Ruder 2018, eq. 3): rise for this fraction of "
+        "the steps, then decay",
+    )
+    ratio: float = Field(32, ge=1, description="stlr: the highest lr / the lowest")
     per_stage: bool = Field(False, description="restart the schedule at every stage")
 
 

@@ -34,11 +34,13 @@ from hybridtune.strategy.freeze import parse_selector, select
 class Stage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    epochs: float | None = Field(None, gt=0)
-    steps: int | None = Field(None, ge=1)
-    fraction: float | None = Field(None, gt=0, lt=1, description="share of the run's steps (any budget)")
-    train: list[str | dict] = Field(..., description="selector of what this stage trains (as in freeze)")
-    lr_scale: float = Field(1.0, gt=0)
+    epochs: float | None = Field(None, gt=0, description="length of the stage in epochs")
+    steps: int | None = Field(None, ge=1, description="length of the stage in optimizer steps")
+    fraction: float | None = Field(
+        None, gt=0, lt=1, description="length of the stage as a share of the run's steps (fits any budget)"
+    )
+    train: list[str | dict] = Field(..., description="selector of what this stage trains (as in `freeze`)")
+    lr_scale: float = Field(1.0, gt=0, description="multiplies every lr during the stage")
 
     @field_validator("train", mode="before")
     @classmethod
@@ -55,8 +57,12 @@ class Stage(BaseModel):
 class StagesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    cumulative: bool = True
-    plan: list[Stage] = Field(..., min_length=1)
+    cumulative: bool = Field(True, description="a stage also trains what earlier stages trained")
+    plan: list[Stage] = Field(
+        ...,
+        min_length=1,
+        description="the stages in order (a list alone is the plan); every stage but the last needs a length",
+    )
 
     @model_validator(mode="before")
     @classmethod

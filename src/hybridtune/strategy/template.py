@@ -1,4 +1,4 @@
-"""The template side of `prompt` (strategy/verbalizer.py has the module doc): the recipe's
+"""The template side of `prompt` (strategy/prompt.py has the module doc): the recipe's
 `prompt` section, resolved against a tokenizer into token pieces around the text slots and the
 verbalizer's token ids, and the encoding of texts into prompts (cut from the left to fit)."""
 

@@ -1,5 +1,5 @@
 """Prompt-based classification (PET): a masked or causal LM scores a verbalizer word per label in the
-answer slot of a template; see strategy/verbalizer.py for the template, the scoring and the loss.
+answer slot of a template; see strategy/prompt.py for the template, the scoring and the loss.
 
 Data, labels, metrics and reports are classification's (tasks/classification.py); what differs is
 the encoding (the template around the text), the model (AutoModelForMaskedLM for encoders,
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from hybridtune.strategy import verbalizer
+from hybridtune.strategy import prompt
 from hybridtune.tasks import classification
 
 NAME = "prompt_classification"  # its spec: hybridtune/tasks/__init__.py; the contract: tasks/base.py
@@ -45,8 +45,8 @@ class PromptTask:
 
     def __init__(self, recipe):
         self.recipe = recipe
-        self.config = recipe.prompt or verbalizer.PromptConfig()
-        self.prompt_format: verbalizer.PromptFormat | None = None
+        self.config = recipe.prompt or prompt.PromptConfig()
+        self.prompt_format: prompt.PromptFormat | None = None
 
     @property
     def peft_task_type(self) -> str | None:
@@ -71,9 +71,9 @@ class PromptTask:
             AutoModelForMaskedLM if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else AutoModelForCausalLM
         )
         model, new = load(auto, path, tokenizer)
-        kind = verbalizer.kind_of(model)
+        kind = prompt.kind_of(model)
         tokenizer.padding_side = "left" if kind == "causal" else "right"  # the answer follows the last token
-        self.prompt_format = verbalizer.resolve(
+        self.prompt_format = prompt.resolve(
             self.config, tokenizer, kind, labels.names, bool(self.recipe.data.text_pair_column)
         )
         return model, new
@@ -82,12 +82,12 @@ class PromptTask:
         """The base model with the prompt and nothing trained: the zero-shot classifier."""
         from hybridtune.model.loading import resolve
 
-        return verbalizer.load_scorer(resolve(self.recipe.model.name), self.prompt_format)
+        return prompt.load_scorer(resolve(self.recipe.model.name), self.prompt_format)
 
     def zero_shot(self, tokenizer, dataset, labels, model=None) -> dict:
         """classification's full report of the base scorer (or of `model`, an LM this task loaded, with the
         prompt attached) on an encoded dataset."""
-        scorer = self.base_scorer() if model is None else verbalizer.attach(model, self.prompt_format).eval()
+        scorer = self.base_scorer() if model is None else prompt.attach(model, self.prompt_format).eval()
         return classification.report(scorer, tokenizer, dataset, labels)
 
     # ----------------------------------------------------------------------------------------------
@@ -100,7 +100,7 @@ class PromptTask:
             raise RuntimeError("load_model resolves the prompt against the model; call it first")
         texts = frame[data_cfg.text_column].tolist()
         pairs = frame[data_cfg.text_pair_column].tolist() if data_cfg.text_pair_column else None
-        ids = verbalizer.encode(self.prompt_format, tokenizer, texts, pairs, data_cfg.max_length)
+        ids = prompt.encode(self.prompt_format, tokenizer, texts, pairs, data_cfg.max_length)
         columns = {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
         # segment ids for encoders that use them; a decoder (GPT-2) would add them to its embeddings
         if "token_type_ids" in tokenizer.model_input_names and self.prompt_format.kind == "mlm":

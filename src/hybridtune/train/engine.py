@@ -23,7 +23,7 @@ from transformers import (
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from hybridtune import tasks
+from hybridtune import strategy, tasks
 from hybridtune.data.long_texts import DOC
 from hybridtune.errors import TrainingStopped
 from hybridtune.rundir import DISK_ERRORS, disk_error
@@ -62,12 +62,17 @@ class HybridTrainer(Trainer):
     stage lr scales. Parameters a later stage unfreezes are in the optimizer from the start; AdamW
     skips them while they have no gradient, so they start with a clean state."""
 
-    def __init__(self, *args, plan=None, on_nan: str = "stop", keep_columns=(), **kwargs):
+    def __init__(self, *args, plan=None, on_nan: str = "stop", keep_columns=(), loss_parts=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.plan = plan
         self.on_nan = on_nan
         self.skipped_batches = 0  # batches skipped for a NaN / inf loss (train.on_nan=skip)
         self.keep_columns = list(keep_columns)  # dataset columns for a hook, not the forward's signature
+        # (part, config) of the parts that change the training loss (strategy.loss_parts), and the
+        # running sums of the loss's addends since the last log line
+        self.loss_parts = list(loss_parts)
+        self.loss_sums: dict[str, float] = {}
+        self.loss_count = 0
 
     def _set_signature_columns_if_needed(self) -> None:
         """Trainer keeps the dataset columns the model's forward names; also keep `keep_columns`
@@ -109,33 +114,47 @@ class HybridTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The task's loss, or in training the mixed objective's (strategy/objective.py); a training
-        loss is checked before its backward: a NaN / inf stops the run (train.on_nan=stop) before it
-        reaches the weights, or its batch is skipped (skip)."""
-        from hybridtune.strategy.objective import objective_of
-
+        """The task's loss, plus in training the terms the recipe's parts add (`parts_loss`); a
+        training loss is checked before its backward: a NaN / inf stops the run (train.on_nan=stop)
+        before it reaches the weights, or its batch is skipped (skip)."""
         inputs.pop(DOC, None)  # a training window's document: the model never sees it
-        objective = objective_of(model) if model.training else None
-        if objective is None:
-            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.loss_parts and model.training:
+            out = self.parts_loss(model, inputs, return_outputs, num_items_in_batch)
         else:
-            out = objective.compute_loss(
-                super().compute_loss, model, inputs, return_outputs, num_items_in_batch
-            )
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = out[0] if return_outputs else out
         if not model.training or bool(torch.isfinite(loss.detach()).all()):
             return out
         loss = nonfinite_loss(self, loss)
         return (loss, out[1]) if return_outputs else loss
 
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        """Trainer's log, plus the mixed objective's `loss_lm` / `loss_task` and the count of skipped
-        (non-finite) batches next to a training `loss`."""
-        from hybridtune.strategy.objective import objective_of
+    def parts_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """task_weight × the task loss + Σ weight × term over the parts' loss terms (strategy/base.py),
+        each addend's running sum kept for the log. The engine knows no part: it asks each."""
+        task_loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        task_weight, terms = 1.0, []
+        for part, config in self.loss_parts:
+            if part.task_weight is not None:
+                task_weight *= part.task_weight(config)
+            if part.loss_terms is not None:
+                terms += part.loss_terms(config, model, inputs, task_loss)
+        loss = task_loss if task_weight == 1 else task_weight * task_loss
+        for term in terms:
+            loss = loss + term.weight * term.value
+        for name, value in [*((f"loss_{t.name}", t.value) for t in terms), ("loss_task", task_loss)]:
+            self.loss_sums[name] = self.loss_sums.get(name, 0.0) + float(value.detach())
+        self.loss_count += 1
+        return (loss, outputs) if return_outputs else loss
 
-        objective = objective_of(self.model)
-        if objective is not None and "loss" in logs:
-            logs.update(objective.pop_means())
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Trainer's log, plus the means of the loss's addends since the last log (`loss_<term>`,
+        `loss_task`: Trainer's `loss` is a mean over the same steps) and the count of skipped
+        (non-finite) batches next to a training `loss`."""
+        if self.loss_count and "loss" in logs:
+            logs.update({k: round(v / self.loss_count, 4) for k, v in self.loss_sums.items()})
+            self.loss_sums, self.loss_count = dict.fromkeys(self.loss_sums, 0.0), 0
         if self.skipped_batches and "loss" in logs:
             logs = {**logs, "skipped_batches": self.skipped_batches}
         super().log(logs, *args, **kwargs)
@@ -301,6 +320,7 @@ def make_trainer(
         compute_metrics=compute_metrics,
         callbacks=callbacks,
         keep_columns=[ROW] if trunk_cache is not None else [],
+        loss_parts=strategy.loss_parts(recipe),
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)

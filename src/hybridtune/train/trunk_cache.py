@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from hybridtune import tasks
+from hybridtune import strategy, tasks
 from hybridtune.data.long_texts import DOC
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import canonical, unwrap
@@ -56,13 +56,15 @@ class _Stop(Exception):
 
 
 def static_reason(recipe) -> str | None:
-    """Why the recipe alone rules the cache out (None: its model decides)."""
+    """Why the recipe alone rules the cache out (None: its model decides). The task says in its
+    spec (`trunk_cacheable`); the parts say for themselves (their `trunk_cache` hook: fusion, the
+    mixed objective); what they add to the model (parameters, forward hooks) is found on the model
+    by `frozen_depth`."""
     if not tasks.spec(recipe.task).trunk_cacheable:
         return f"task {recipe.task}"
-    if recipe.fusion is not None:
-        return "fusion (frozen + tuned logits)"
-    if recipe.objective is not None:
-        return "a mixed objective"
+    reason = strategy.trunk_cache_reason(recipe)
+    if reason is not None:
+        return reason
     if recipe.ensemble is not None and recipe.ensemble.shared_trunk:
         return "ensemble.shared_trunk (its members already share one trunk forward)"
     return None

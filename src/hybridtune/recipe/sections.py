@@ -1,39 +1,22 @@
-"""The recipe: one pydantic schema, the single source of truth of the YAML.
+"""The recipe's sections other than the strategy parts: model, data (and its split), train (and
+early stopping), output; and `Section`, the base of every section.
 
-Defaults, allowed values and help text live here (and in the strategy parts' own config classes,
-which this module imports); error messages are derived from the schema, never written twice.
-A recipe with no keys at all is the default recipe: MiniLM, fully fine-tuned on Rotten Tomatoes.
+Defaults, allowed values and help text live here, in the fields (the parts' sections are the parts'
+own config classes, strategy/<key>.py); error messages are derived from the schema, never written
+twice (recipe/errors.py).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from hybridtune import safe_yaml, tasks
+from hybridtune import tasks
 from hybridtune.data.augment import AugmentConfig
-from hybridtune.ensemble import EnsembleConfig
-from hybridtune.errors import UserError
 from hybridtune.paths import NAME_RULE, is_safe_name
-from hybridtune.recipe_errors import non_finite, user_error
-from hybridtune.strategy.adapters import AdaptersConfig
-from hybridtune.strategy.contrastive import ContrastiveConfig
-from hybridtune.strategy.freeze import FreezeConfig
-from hybridtune.strategy.fusion import FusionConfig
-from hybridtune.strategy.lr import LrConfig
-from hybridtune.strategy.objective import ObjectiveConfig
-from hybridtune.strategy.peft import PeftConfig
-from hybridtune.strategy.pooling import PoolingConfig
-from hybridtune.strategy.prompt import SoftPromptConfig
-from hybridtune.strategy.schedule import ScheduleConfig
-from hybridtune.strategy.stages import StagesConfig
-from hybridtune.strategy.verbalizer import PromptConfig
-from hybridtune.tasks.causal_lm import GenerationConfig
 
 
 class Section(BaseModel):
@@ -217,7 +200,7 @@ class DataConfig(Section):
 
 def one_of(value: str, choices: tuple[str, ...]) -> str:
     """`value` if it is one of `choices` (known at validation time: registered tasks, their metrics),
-    else the error a Literal gives (recipe_errors.py adds the did-you-mean)."""
+    else the error a Literal gives (recipe/errors.py adds the did-you-mean)."""
     if value not in choices:
         quoted = [f"'{c}'" for c in choices]
         expected = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
@@ -294,234 +277,3 @@ class OutputConfig(Section):
         if value is not None and not is_safe_name(value):
             raise ValueError(NAME_RULE)
         return value
-
-
-class Recipe(Section):
-    name: str = "default"
-    task: str = Field("classification", description="a registered task (hybridtune/tasks/__init__.py)")
-    model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    # strategy parts, applied in the fixed order of hybridtune.strategy.PARTS
-    freeze: FreezeConfig | None = None
-    peft: PeftConfig | None = None
-    adapters: AdaptersConfig | None = None
-    soft_prompt: SoftPromptConfig | None = None
-    prompt: PromptConfig | None = None  # task: prompt_classification (template + verbalizer)
-    fusion: FusionConfig | None = None
-    objective: ObjectiveConfig | None = None
-    pooling: PoolingConfig | None = None  # classification: the head on the mean-pooled embedding
-    # a stage before the head: pairs, cosine loss (SetFit); classification only
-    contrastive: ContrastiveConfig | None = None
-    # the training plan
-    lr: LrConfig | None = None
-    schedule: ScheduleConfig = ScheduleConfig()
-    stages: StagesConfig | None = None
-    train: TrainConfig = TrainConfig()
-    generation: GenerationConfig = GenerationConfig()  # causal_lm: evaluation's generations
-    output: OutputConfig = OutputConfig()
-    # K members of this recipe, trained and combined in one run (hybridtune.ensemble)
-    ensemble: EnsembleConfig | None = None
-
-    @field_validator("task")
-    @classmethod
-    def _registered(cls, value: str) -> str:
-        return one_of(value, tasks.names())  # registered when the recipe is read, not when imported
-
-    @model_validator(mode="after")
-    def _task_defaults(self) -> Recipe:
-        spec = tasks.spec(self.task)  # the bundled data and model of a recipe without them, its metrics
-        if "source" not in self.data.model_fields_set and not self.data.train:
-            self.data.source = spec.data
-        if "name" not in self.model.model_fields_set and spec.model is not None:
-            self.model.name = spec.model  # a decoder for causal_lm, not the default encoder
-        stopping = self.train.early_stopping
-        if stopping.metric is None:
-            stopping.metric = spec.metrics[0]
-        elif stopping.metric not in spec.metrics:
-            raise ValueError(
-                f"train.early_stopping.metric: found {stopping.metric!r}, not a {self.task} metric; "
-                f"expected one of {', '.join(spec.metrics)}"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _combinations(self) -> Recipe:
-        if self.freeze is not None and self.stages is not None:
-            raise ValueError(
-                "stages: found `freeze` and `stages` together; expected one of them: give `freeze` or "
-                "`stages`, not both (stages decide what trains in each stage)"
-            )
-        if self.train.trunk_cache == "on":
-            from hybridtune.train.trunk_cache import expected, static_reason
-
-            reason = static_reason(self)
-            if reason is not None:
-                raise ValueError(f"train.trunk_cache: found on, with {reason}; expected {expected()}")
-        return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _prompt_default(cls, value: Any) -> Any:
-        # a prompt task always has a prompt (its defaults: the template and verbalizer of the model kind)
-        if (
-            isinstance(value, dict)
-            and value.get("task") == "prompt_classification"
-            and not value.get("prompt")
-        ):
-            value = {**value, "prompt": {}}
-        return value
-
-    @model_validator(mode="after")
-    def _prompt_parts(self) -> Recipe:
-        prompt_task = self.task == "prompt_classification"
-        if self.prompt is not None and not prompt_task:
-            raise ValueError(
-                f"prompt: found a prompt with task {self.task}; expected task: prompt_classification"
-            )
-        if self.objective is not None and not prompt_task:
-            raise ValueError(
-                f"objective: found a mixed LM objective with task {self.task}, whose model has no LM head; "
-                "expected task: prompt_classification"
-            )
-        spec = tasks.spec(self.task)
-        if self.data.long_texts != "truncate":
-            # a task without the `long_texts` capability keeps the start of a text (tasks/base.py)
-            refused = "long_texts" not in spec.capabilities
-            reason = f" ({spec.truncate_reason})" if spec.truncate_reason else ""
-            why = (
-                f"task {self.task}{reason}"
-                if refused
-                else "a text pair"
-                if self.data.text_pair_column
-                else None
-            )
-            if why:
-                raise ValueError(
-                    f"data.long_texts: found {self.data.long_texts} with {why}; expected truncate "
-                    "(head_tail and chunks read single texts of task classification)"
-                )
-        labelled = "few_shot" in spec.capabilities
-        for key in ("shots", "augment"):
-            if getattr(self.data, key) is not None and not labelled:
-                raise ValueError(
-                    f"data.{key}: found it with task {self.task}; expected a classification task (one label per text)"
-                )
-        for key in ("pooling", "contrastive"):
-            if getattr(self, key) is not None and self.task != "classification":
-                raise ValueError(f"{key}: found it with task {self.task}; expected task: classification")
-        if self.ensemble is not None and self.data.validation_shots == 0:
-            raise ValueError(
-                "data.validation_shots: found 0 with `ensemble`; expected a validation split (members "
-                "are weighed, souped and reported on it)"
-            )
-        if self.contrastive is not None:
-            if self.stages is not None:
-                raise ValueError(
-                    "contrastive: found it with `stages`; expected one of them (the stage trains what "
-                    "the parts leave trainable, then `contrastive.then` decides)"
-                )
-            if self.data.text_pair_column:
-                raise ValueError(
-                    f"contrastive: found data.text_pair_column {self.data.text_pair_column!r}; expected "
-                    "single texts (pairs are made of two training texts)"
-                )
-            if self.contrastive.head == "logistic" and self.pooling is None:
-                raise ValueError(
-                    "contrastive.head: found logistic without `pooling`; expected pooling: mean (the "
-                    "logistic head reads the pooled embedding the body was tuned on)"
-                )
-        if self.fusion is not None and self.task == "token_classification":
-            raise ValueError(
-                "fusion: found fusion with task token_classification; expected a classification task"
-            )
-        if self.fusion is not None and self.fusion.frozen == "zero_shot" and not prompt_task:
-            raise ValueError(
-                f"fusion.frozen: found zero_shot with task {self.task}; expected task: prompt_classification "
-                "(a zero-shot scorer needs a prompt), or a run dir"
-            )
-        return self
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        if not is_safe_name(value):
-            raise ValueError(NAME_RULE)
-        return value
-
-
-# --------------------------------------------------------------------------------------------------
-# loading
-
-
-def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (or the default when `path` is None), apply `key.path=value` overrides, validate."""
-    origin = str(path) if path else "default recipe"
-    raw: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(str(path), "no such file", "a recipe YAML file")
-        try:
-            text = p.read_text(encoding="utf-8-sig")
-            raw = safe_yaml.load(text) or {}
-        except UnicodeDecodeError as e:
-            raise UserError(
-                str(path), f"bytes that are not UTF-8 ({e.reason})", "a UTF-8 text file"
-            ) from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
-                where = f"{path}:{text.count(chr(10), 0, e.position) + 1}"
-            raise UserError(where, f"invalid YAML ({getattr(e, 'problem', e)})", "a YAML mapping") from None
-        if not isinstance(raw, dict):
-            raise UserError(str(path), f"a YAML {type(raw).__name__}", "a mapping of recipe keys")
-    for item in overrides or []:
-        apply_override(raw, item)
-    return validate_recipe(raw, origin)
-
-
-def apply_override(raw: dict, item: str) -> None:
-    """Set `a.b.c=value` in the nested dict; the value is parsed as YAML (so 3 is an int, [1,2] a list)."""
-    key, sep, text = item.partition("=")
-    if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
-        raise UserError(f"override '{item}'", "no key=value", "key.path=value, e.g. train.epochs=1")
-    try:
-        value = safe_yaml.load(text) if text else None
-    except yaml.YAMLError:
-        value = text
-    if text in ("|", ">"):  # YAML reads a lone block-scalar indicator as '': meant is the character
-        value = text
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if isinstance(child, str):  # shorthand such as `model: bundled:minilm`
-            child = {"name" if part == "model" else "source": child}
-        if not isinstance(child, dict):
-            child = {}
-        node[part] = child
-        node = child
-    node[parts[-1]] = value
-    if parts[:2] == ["data", "train"]:
-        node.pop(
-            "source", None
-        )  # explicit files replace the recipe's source (a later data.source= sets it again)
-
-
-def validate_recipe(raw: dict, origin: str = "recipe") -> Recipe:
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as e:
-        raise user_error(e, origin, Recipe) from None
-    # the strategy parts' own config classes too: no inf / nan anywhere (a string "nan" included,
-    # which pydantic reads as a float)
-    bad = non_finite(recipe.model_dump(mode="python"))
-    if bad is not None:
-        key, value = bad
-        raise UserError(f"{origin}: {key}", repr(value), "a finite number")
-    return recipe
-
-
-def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

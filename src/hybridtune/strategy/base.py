@@ -1,0 +1,180 @@
+"""The part contract: what a strategy part declares, and the hooks it may fill in.
+
+A part is one module, `strategy/<key>.py`, named as its recipe key. It ends with one declaration,
+
+    PART = Part(key="adapters", config=AdaptersConfig, apply=apply, summary="...",
+                save=save, restore=restore)
+
+and `strategy.PARTS` (or `strategy.register` for a part of one's own) lists it in the order of
+application. `key`, `config`, `apply` and `summary` are required; every hook is optional and
+declared, not discovered: a field left None is a capability the part does not have, and the
+callers (strategy/__init__.py, the engine, the trunk cache, the recipe) ask the fields, never
+`hasattr`. The recipe field `<key>: <config> | None` is made from the declaration
+(hybridtune/recipe/schema.py), so the recipe key exists once.
+
+Hooks, each called only for a part the recipe configures, with its config:
+
+- `apply(model, config, build) -> model`: change the model (required);
+- `check(config, recipe)`: refuse a combination with the rest of the recipe, by name, while the
+  recipe validates (nothing is loaded yet); raise ValueError("key.path: found X; expected Y");
+- `loss_terms(config, model, inputs, task_loss) -> [LossTerm]`: addends of the training loss.
+  The engine sums `task_weight * task loss + Σ term.weight * term.value` over every part and logs
+  each term's mean (and the task loss's) as `loss_<name>` next to `loss`; evaluation is the task
+  loss alone. `task_weight(config) -> float` scales the task loss (a mixing objective, 1 - λ);
+- `trunk_cache(config, recipe) -> str | None`: why the part rules the frozen-trunk cache out (None:
+  it does not). Parameters and forward hooks a part adds need no declaration: the cache sees them
+  on the model (train/trunk_cache.py);
+- `training_args(config) -> dict`: TrainingArguments it must override;
+- `callbacks(model, config, build) -> [TrainerCallback]`: work during training;
+- `save(model, config, dir) -> [state-dict keys]` / `restore(model, config, dir) -> model`: files of
+  its own in final/ (and in each checkpoint), for what neither the base model's save nor peft's
+  adapter save holds; `save` returns the state-dict keys it wrote, which the base save leaves out.
+
+A part reads its own config, the `Build` and the recipe. Where it builds on another part it calls
+that part's public functions (fusion's zero-shot scorer is `prompt.load_scorer`; contrastive embeds
+with `pooling.embedding`), never another part's attributes on the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from hybridtune.model.anatomy import Anatomy
+
+# --------------------------------------------------------------------------------------------------
+# what a part may read
+
+
+@dataclass
+class Build:
+    """What parts may read while they change the model."""
+
+    anatomy: Anatomy
+    task: Any  # the task module (hybridtune.tasks.*)
+    new_params: set[str] = field(default_factory=set)  # names the checkpoint lacked (a new head)
+    tokenizer: Any = None
+    max_length: int | None = None  # tokens per example (data.max_length): virtual tokens must fit too
+    total_steps: int | None = None  # planned optimizer steps of the run (AdaLoRA's budget schedule)
+    recipe: Any = None  # the whole recipe (objective: batch size, seed; fusion: checks on a frozen run)
+    labels: Any = None  # the task's Labels
+    # filled by `apply`: id() of the parameters loaded from the checkpoint, and the base parameters
+    # `freeze` keeps trainable (id -> parameter)
+    pretrained: set[int] = field(default_factory=set)
+    keep: dict[int, nn.Parameter] = field(default_factory=dict)
+
+
+@dataclass
+class LossTerm:
+    """One addend of the training loss: `weight * value`; logged unweighted as `loss_<name>`."""
+
+    name: str
+    value: torch.Tensor
+    weight: float = 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# the hooks' signatures (typing.Protocol: a plain function of this shape fits)
+
+
+class Apply(Protocol):
+    def __call__(self, model: nn.Module, config: Any, build: Build) -> nn.Module: ...
+
+
+class Check(Protocol):
+    def __call__(self, config: Any, recipe: Any) -> None: ...
+
+
+class LossTerms(Protocol):
+    def __call__(
+        self, config: Any, model: nn.Module, inputs: dict, task_loss: torch.Tensor
+    ) -> list[LossTerm]: ...
+
+
+class TaskWeight(Protocol):
+    def __call__(self, config: Any) -> float: ...
+
+
+class TrunkCacheReason(Protocol):
+    def __call__(self, config: Any, recipe: Any) -> str | None: ...
+
+
+class TrainingArgs(Protocol):
+    def __call__(self, config: Any) -> dict: ...
+
+
+class Callbacks(Protocol):
+    def __call__(self, model: nn.Module, config: Any, build: Build) -> list: ...
+
+
+class Save(Protocol):
+    def __call__(self, model: nn.Module, config: Any, out_dir: Any) -> list[str]: ...
+
+
+class Restore(Protocol):
+    def __call__(self, model: nn.Module, config: Any, in_dir: Any) -> nn.Module: ...
+
+
+@dataclass(frozen=True)
+class Part:
+    """A strategy part: its recipe key, config class, `apply`, and the hooks it declares."""
+
+    key: str  # the recipe key, and the file name strategy/<key>.py
+    config: type[BaseModel]  # the recipe section's schema (pydantic, extra keys forbidden)
+    apply: Apply
+    summary: str  # one line: the recipe field's description and docs/strategies.md's list of parts
+    check: Check | None = None
+    loss_terms: LossTerms | None = None
+    task_weight: TaskWeight | None = None
+    trunk_cache: TrunkCacheReason | None = None
+    training_args: TrainingArgs | None = None
+    callbacks: Callbacks | None = None
+    save: Save | None = None
+    restore: Restore | None = None
+
+    def hooks(self) -> list[str]:
+        """The optional hooks this part declares (for docs and tests)."""
+        optional = (
+            "check",
+            "loss_terms",
+            "task_weight",
+            "trunk_cache",
+            "training_args",
+            "callbacks",
+            "save",
+            "restore",
+        )
+        return [name for name in optional if getattr(self, name) is not None]
+
+
+# --------------------------------------------------------------------------------------------------
+# for parts that replace the model's forward (prompt, fusion)
+
+
+def patch_forward(base: nn.Module, around) -> None:
+    """Replace `base.forward` (on the instance) by `around(self, inner, inputs)`, where `inner` is the
+    forward it had (the class's, or an earlier part's) and `inputs` its arguments as a dict. As
+    soft_prompt's: the unbound function is held, so a deep copy of the model runs its own copy, and
+    Trainer still reads the model's own signature (through `__wrapped__`) to pick its columns."""
+    inner = getattr(base.forward, "__func__", type(base).forward)
+    signature = inspect.signature(base.forward)
+
+    def forward(self, *args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        inputs = dict(bound.arguments)
+        for name, param in signature.parameters.items():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                inputs.update(inputs.pop(name, {}))
+        return around(self, types.MethodType(inner, self), inputs)
+
+    forward.__wrapped__ = getattr(inner, "__wrapped__", inner)
+    base.forward = types.MethodType(forward, base)
+    # Trainer passes num_items_in_batch to a forward that takes **kwargs and then skips its division by
+    # the accumulation steps; the class loss here is a plain per-batch mean
+    base.accepts_loss_kwargs = False
