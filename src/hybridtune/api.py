@@ -11,6 +11,7 @@ Everything that can fail on the user's input (recipe, data, model, output dir) i
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,19 +130,37 @@ def params(recipe: Recipe) -> dict:
     return prepare(recipe).params
 
 
-def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dict:
+def train(
+    recipe: Recipe | None = None, resume: str | Path | None = None, resume_weights_only: bool = False
+) -> dict:
     """Train one recipe end to end; returns the summary written to `report.json`.
 
-    `resume`: an interrupted run dir to continue from its last checkpoint (its own recipe.yaml;
-    model, optimizer, scheduler, RNG states, data order, stage and early stopping restored), which
-    then ends like a normal run (train/checkpoints.py)."""
-    from hybridtune.train.checkpoints import prepare_resume
+    `resume`: an interrupted run dir to continue from its last complete checkpoint (its own
+    recipe.yaml; model, optimizer, scheduler, RNG states, data order, stage and early stopping
+    restored), which then ends like a normal run (train/resume.py). `resume_weights_only`: go on from
+    a checkpoint without its optimizer state (refused otherwise). The run dir's lock is held until
+    the run ends: a second writer is refused (durable.lock_dir)."""
+    from hybridtune.train.resume import prepare_resume
+
+    held, checkpoint = [], None
+    if resume is not None:  # under a launcher, rank 0 alone locks and tidies the run dir
+        checkpoint, lock = prepare_resume(
+            Path(resume), resume_weights_only, os.environ.get("RANK", "0") == "0"
+        )
+        held.append(lock)
+    try:
+        if resume is not None:
+            recipe = load_recipe(Path(resume) / "recipe.yaml")
+        return _train_held(recipe, resume, checkpoint, held)
+    finally:
+        for lock in held:
+            if lock is not None:
+                lock.release()
+
+
+def _train_held(recipe: Recipe | None, resume, checkpoint: Path | None, held: list) -> dict:
     from hybridtune.train.engine import resolve_precision, training_arguments
 
-    checkpoint = None
-    if resume is not None:
-        checkpoint = prepare_resume(Path(resume))
-        recipe = load_recipe(Path(resume) / "recipe.yaml")
     recipe = recipe or load_recipe()
     if recipe.ensemble is not None:
         from hybridtune import ensemble
@@ -180,7 +199,7 @@ def train(recipe: Recipe | None = None, resume: str | Path | None = None) -> dic
             stage_plan=prep.plan.stages,
         )
         datasets = cache.add_rows(prep.datasets)
-    phase = {"step": "writing the run dir", "written": checkpoint is not None, "trainer": None}
+    phase = {"step": "writing the run dir", "written": checkpoint is not None, "trainer": None, "held": held}
     try:
         summary = _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, phase)
     except KeyboardInterrupt:
@@ -211,7 +230,7 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, 
     from hybridtune.train.engine import make_trainer, resolve_precision
 
     if main and checkpoint is None:
-        rundir.new_run_dir(run)
+        phase["held"].append(rundir.new_run_dir(run))  # the run dir, and its lock (released by train)
         phase["written"] = True
         rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
         rundir.write_json(
@@ -240,7 +259,7 @@ def _train(recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, 
         plan=prep.plan,
         callbacks=strategy.callbacks(prep.model, recipe, prep.build),
         collator=prep.task.collator(prep.tokenizer),  # token classification pads its label lists too
-        resume_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None,
+        resume_from=checkpoint,
         trunk_cache=cache,
     )
     resumed_epoch = rundir.read_json(checkpoint / "trainer_state.json")["epoch"] if checkpoint else 0.0

@@ -149,7 +149,7 @@ class StageCallback(TrainerCallback):
             enter_stage(model, self.plan, self.current, self.base_names)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        from hybridtune.train.checkpoints import maybe_kill
+        from hybridtune.durable import maybe_kill
 
         k = self._stage_at(state.global_step)
         if k == self.current:
