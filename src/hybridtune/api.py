@@ -24,7 +24,7 @@ from hybridtune import distributed, rundir, strategy
 from hybridtune.data import Splits, token_cache
 from hybridtune.errors import RunFailed, TrainingStopped, UserError, one_line
 from hybridtune.model.anatomy import Anatomy
-from hybridtune.model.loading import load_tokenizer, resolve
+from hybridtune.model.loading import check_vocabulary, load_tokenizer, resolve, tokenizer_path, training_texts
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from hybridtune.report.params import param_table
 from hybridtune.strategy.plan import Plan, make_plan, planned_steps
@@ -91,7 +91,9 @@ def prepare(recipe: Recipe) -> Prepared:
     if hasattr(labels, "generation"):  # causal_lm: evaluation generates with the recipe's settings
         labels.generation = recipe.generation
     path = resolve(recipe.model.name)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(*tokenizer_path(recipe.model))
+    skip = {"_where", data_cfg.label_column, getattr(data_cfg, "tags_column", None)}
+    check_vocabulary(tokenizer, training_texts(splits.train, skip), tokenizer_path(recipe.model)[1])
     set_seed(recipe.train.seed)  # the new head's initialisation is part of the run's reproducibility
     model, new_params = task.load_model(path, tokenizer, labels)
     anatomy = Anatomy.of(model)
@@ -402,7 +404,7 @@ def evaluate_zero_shot(recipe: Recipe, data: str | None = None) -> dict:
     splits = task.load_splits(recipe.data)
     labels = task.label_space(splits, recipe.data)
     path = resolve(recipe.model.name)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(*tokenizer_path(recipe.model))
     model, _ = task.load_model(path, tokenizer, labels)  # also resolves the prompt against the tokenizer
     frame = task.eval_frame(data, recipe.data, labels) if data else splits.test
     with autocast(recipe.train.precision):

@@ -38,6 +38,11 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name: str = Field("bundled:minilm", description="bundled:minilm, a local model dir, or a hub id")
     revision: str | None = Field(None, description="hub revision (only for hub ids)")
+    tokenizer: str | None = Field(
+        None,
+        description="the tokenizer: a dir with tokenizer files, a bundled name or a hub id; default: "
+        "the model's own files (a model dir without them is refused)",
+    )
 
     @model_validator(mode="before")
     @classmethod
