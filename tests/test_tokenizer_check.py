@@ -39,7 +39,9 @@ def test_a_model_dir_without_tokenizer_files_is_refused(tmp_path, bare_model, se
     assert not out.exists()
 
 
-def test_model_tokenizer_names_the_tokenizer_of_a_bare_model_dir(tmp_path, bare_model, sentiment_csv, tokenizer_dir):
+def test_model_tokenizer_names_the_tokenizer_of_a_bare_model_dir(
+    tmp_path, bare_model, sentiment_csv, tokenizer_dir
+):
     result, out = _train(
         tmp_path, f"model={bare_model}", f"model.tokenizer={tokenizer_dir}", f"data.source={sentiment_csv}"
     )
@@ -48,7 +50,9 @@ def test_model_tokenizer_names_the_tokenizer_of_a_bare_model_dir(tmp_path, bare_
     assert (run / "final" / "tokenizer.json").is_file()  # the named tokenizer is saved with the model
     from transformers import AutoTokenizer
 
-    assert len(AutoTokenizer.from_pretrained(run / "final")) == len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    assert len(AutoTokenizer.from_pretrained(run / "final")) == len(
+        AutoTokenizer.from_pretrained(tokenizer_dir)
+    )
 
 
 def test_a_vocabulary_that_maps_most_words_to_unk_stops_before_training(tmp_path, tiny_bert, sentiment_csv):
@@ -58,7 +62,9 @@ def test_a_vocabulary_that_maps_most_words_to_unk_stops_before_training(tmp_path
     vocab = tmp_path / "tiny-vocab"
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "film"]
     BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(vocab)
-    result, out = _train(tmp_path, f"model={tiny_bert}", f"model.tokenizer={vocab}", f"data.source={sentiment_csv}")
+    result, out = _train(
+        tmp_path, f"model={tiny_bert}", f"model.tokenizer={vocab}", f"data.source={sentiment_csv}"
+    )
     assert result.exit_code == 2, (result.output, result.exception)
     line = result.stderr.strip()
     assert len(line.splitlines()) == 1 and line.startswith("error: model.tokenizer:"), line
