@@ -6,11 +6,12 @@
       params.json     per-layer trainable-parameter table
       metrics.jsonl   every train / eval log line (and stage changes)
       tensorboard/    the same, as TensorBoard event files
-      checkpoints/    Trainer checkpoints (the last N and the best)
+      checkpoints/    Trainer checkpoints (the last N and the best), each ending with complete.json
       final/          the result in standard HF / PEFT format, with its tokenizer
       eval.json       test-split metrics: accuracy, macro-F1, per-class report, confusion matrix
       report.json     summary: metrics, parameters, time, throughput
       failed.json     only in a run that failed after its dir was written: step, error, last checkpoint
+      .lock           while a process writes the run (its pid); a killed one's is taken over
 
 Files are written to a unique temporary name, fsync'd and renamed into place (the directory fsync'd
 after); a directory likewise, replacing an older one in one atomic exchange (durable.py). One process
@@ -259,9 +260,10 @@ def checkpoints(root: Path) -> list[Path]:
 
 
 def last_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint of `run` (the older ones are not read)."""
     root = run / "checkpoints"
-    found = checkpoints(root) if root.is_dir() else []
-    return found[-1] if found else None
+    found = candidates(root) if root.is_dir() else []
+    return next((p for p in reversed(found) if problem(p) is None), None)
 
 
 def status(run: Path) -> str:
