@@ -148,6 +148,26 @@ def test_resume_keeps_finished_runs_and_redoes_an_unfinished_one(suite, compared
     assert sum("done earlier" in m for m in messages) == 3
 
 
+def test_a_finished_run_whose_measurement_was_not_recorded_is_kept(suite, compared, tmp_path):
+    """Killed between a run's report.json and compare's measured.json: the run is not trained again."""
+    compared = Path(shutil.copytree(compared, tmp_path / "copy"))
+    before = {p.name: (p / "report.json").stat().st_mtime_ns for p in (compared / "runs").iterdir()}
+    measured = json.loads((compared / "measured.json").read_text())
+    del measured["probe-s2"]
+    (compared / "measured.json").write_text(json.dumps(measured))
+    messages = []
+    compare(str(suite), str(compared), seeds=2, echo=messages.append)
+    after = {p.name: (p / "report.json").stat().st_mtime_ns for p in (compared / "runs").iterdir()}
+    assert before == after and sum("done earlier" in m for m in messages) == 4
+    assert "unmeasured" in json.loads((compared / "measured.json").read_text())["probe-s2"]
+    assert [r["run"] for r in json.loads((compared / "comparison.json").read_text())["runs"]] == [
+        "full-s1",
+        "full-s2",
+        "probe-s1",
+        "probe-s2",
+    ]
+
+
 def test_a_run_killed_mid_training_is_resumed_from_its_checkpoint(
     tmp_path, tiny_bert, sentiment_csv, monkeypatch
 ):

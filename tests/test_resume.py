@@ -88,14 +88,14 @@ def test_killed_four_times_and_resumed_ends_like_an_uninterrupted_run(recipe, tm
     # 3. resumed from 8 (in stage 0; stage 1 begins again), killed while writing checkpoint-12
     _killed(["--resume", str(run)], "save:12")
     assert _steps(run)[-1] == 8, "a half-written checkpoint-12 was renamed into place"
-    assert (run / "checkpoints" / ".checkpoint-12.tmp").is_dir()
+    assert [p.is_dir() for p in (run / "checkpoints").glob(".checkpoint-12.*.tmp")] == [True]
     # 4. resumed from 8, killed mid-epoch 2 after step 14 (checkpoint-12 now written whole)
     _killed(["--resume", str(run)], "step:14")
     assert _steps(run)[-1] == 12
     # 5. resumed from 12, inside stage 1 (its optimizer state kept, not reset) at an epoch start, to the end
     _train(["--resume", str(run)])
 
-    assert not (run / "checkpoints" / ".checkpoint-12.tmp").exists()
+    assert not list((run / "checkpoints").glob(".checkpoint-12.*"))  # the killed write's temp dir removed
     assert _steps(run) == _steps(straight)  # rotation kept the same checkpoints (last 2 + best)
     last = f"checkpoints/checkpoint-{_steps(run)[-1]}"
     for weights in ("final/model.safetensors", f"{last}/model.safetensors"):  # the best, and the last
@@ -179,7 +179,7 @@ def _run_dir(tmp_path, *files: str) -> Path:
     "files, word",
     [
         ((), "no run dir"),
-        (("recipe.yaml", "run.json"), "no checkpoint to resume from"),
+        (("recipe.yaml", "run.json"), "no complete checkpoint to resume from"),
         (("recipe.yaml", "run.json", "report.json"), "a finished run"),
     ],
 )
@@ -198,10 +198,16 @@ def test_resume_with_a_recipe_too_is_refused(tmp_path):
 
 
 def test_a_checkpoint_without_its_trainer_state_is_not_resumed_from(tmp_path):
+    """Checkpoints of an earlier version (no complete.json): taken with trainer_state.json and
+    readable weights, as before."""
+    import torch
+    from safetensors.torch import save_file
+
     from hybridtune.train.checkpoints import checkpoints
 
     for step in (4, 8, 12):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        save_file({"w": torch.zeros(2)}, tmp_path / f"checkpoint-{step}" / "model.safetensors")
         if step != 12:
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / ".checkpoint-16.tmp").mkdir()
@@ -209,7 +215,7 @@ def test_a_checkpoint_without_its_trainer_state_is_not_resumed_from(tmp_path):
 
 
 def test_metrics_are_cut_back_to_the_checkpoint(tmp_path):
-    from hybridtune.train.checkpoints import truncate_metrics
+    from hybridtune.train.resume import truncate_metrics
 
     log = tmp_path / "metrics.jsonl"
     records = [{"step": 2, "loss": 1}, {"step": 4, "loss": 0.9}, {"step": 4, "eval_loss": 1.0}]

@@ -34,7 +34,9 @@ def _ours(run: Path, texts) -> torch.Tensor:
 
 
 def test_full_finetuning_writes_a_complete_run_dir_that_plain_transformers_loads(quick):
-    run = _train(quick(None, "name=full-tiny"))
+    # 3 epochs: in 2 (24 steps) the tiny model sat on the edge of learning the task, reaching 0.83 with
+    # one data order and staying at chance with others (seeds 43, 44; any length-grouped order)
+    run = _train(quick(None, "name=full-tiny", "train.epochs=3"))
     for name in (
         "recipe.yaml",
         "run.json",

@@ -294,7 +294,7 @@ def test_compare_gives_its_runs_one_cache_dir(tmp_path, monkeypatch):
     class Process:
         pid = 0
 
-        def __init__(self, cmd, env, stdout):
+        def __init__(self, cmd, env, stdout, **kwargs):  # kwargs: process_group, preexec_fn
             seen.update(env)
 
     monkeypatch.setattr(compare.subprocess, "Popen", Process)

@@ -11,6 +11,7 @@ Everything that can fail on the user's input (recipe, data, model, output dir) i
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from hybridtune import distributed, generation, rundir, strategy, tasks
 from hybridtune.data import Splits, long_texts, token_cache
 from hybridtune.errors import RunFailed, TrainingStopped, UserError, one_line
 from hybridtune.model.anatomy import Anatomy
-from hybridtune.model.loading import load_tokenizer, resolve
+from hybridtune.model.loading import check_vocabulary, load_tokenizer, resolve, tokenizer_path, training_texts
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
 from hybridtune.report.params import param_table
 from hybridtune.strategy import peft as peft_part
@@ -82,7 +83,9 @@ def prepare(recipe: Recipe) -> Prepared:
     labels = task.label_space(splits, data_cfg)
     _bind_labels(labels, recipe)
     path = resolve(recipe.model.name)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(*tokenizer_path(recipe.model))
+    skip = {"_where", data_cfg.label_column, getattr(data_cfg, "tags_column", None)}
+    check_vocabulary(tokenizer, training_texts(splits.train, skip), tokenizer_path(recipe.model)[1])
     set_seed(recipe.train.seed)  # the new head's initialisation is part of the run's reproducibility
     model, new_params = task.load_model(path, tokenizer, labels)
     # encoded before the plan: with data.long_texts: chunks a training example is a window, not a text
@@ -144,6 +147,7 @@ def train(
     resume: str | Path | None = None,
     callbacks: list | tuple = (),
     search_trial: bool = False,
+    resume_weights_only: bool = False,
 ) -> dict:
     """Train one recipe end to end; returns the summary written to `report.json`.
 
@@ -151,22 +155,40 @@ def train(
     `hybridtune search`, which sees only the validation split: no checkpoints, no final/, no test
     evaluation, no progress bar; report.json holds the validation results (search/trial.py).
 
-    `resume`: an interrupted run dir to continue from its last checkpoint (its own recipe.yaml;
-    model, optimizer, scheduler, RNG states, data order, stage and early stopping restored), which
-    then ends like a normal run (train/checkpoints.py)."""
-    from hybridtune.train.checkpoints import prepare_resume
+    `resume`: an interrupted run dir to continue from its last complete checkpoint (its own
+    recipe.yaml; model, optimizer, scheduler, RNG states, data order, stage and early stopping
+    restored), which then ends like a normal run (train/resume.py). `resume_weights_only`: go on from
+    a checkpoint without its optimizer state (refused otherwise). The run dir's lock is held until
+    the run ends: a second writer is refused (durable.lock_dir)."""
+    from hybridtune.train.resume import prepare_resume
+
+    held, checkpoint = [], None
+    if resume is not None:  # under a launcher, rank 0 alone locks and tidies the run dir
+        checkpoint, lock = prepare_resume(
+            Path(resume), resume_weights_only, os.environ.get("RANK", "0") == "0"
+        )
+        held.append(lock)
+    try:
+        if resume is not None:
+            # a hand-edited or truncated state is bad input (exit 2), found before the model loads
+            rundir.read_meta(
+                checkpoint / "trainer_state.json",
+                {"epoch": (int, float), "global_step": int, "log_history": list},
+            )
+            rundir.read_meta(Path(resume) / "run.json", {"task": str})
+            recipe = load_recipe(Path(resume) / "recipe.yaml")
+        return _train_held(recipe, resume, checkpoint, held, callbacks, search_trial)
+    finally:
+        for lock in held:
+            if lock is not None:
+                lock.release()
+
+
+def _train_held(
+    recipe: Recipe | None, resume, checkpoint: Path | None, held: list, callbacks=(), search_trial=False
+) -> dict:
     from hybridtune.train.engine import resolve_precision, training_arguments
 
-    checkpoint = None
-    if resume is not None:
-        checkpoint = prepare_resume(Path(resume))
-        # a hand-edited or truncated state is bad input (exit 2), found before the model loads
-        rundir.read_meta(
-            checkpoint / "trainer_state.json",
-            {"epoch": (int, float), "global_step": int, "log_history": list},
-        )
-        rundir.read_meta(Path(resume) / "run.json", {"task": str})
-        recipe = load_recipe(Path(resume) / "recipe.yaml")
     recipe = recipe or load_recipe()
     if recipe.ensemble is not None:
         from hybridtune import ensemble
@@ -211,7 +233,7 @@ def train(
             stage_plan=prep.plan.stages,
         )
         datasets = cache.add_rows(prep.datasets)
-    phase = {"step": "writing the run dir", "written": checkpoint is not None, "trainer": None}
+    phase = {"step": "writing the run dir", "written": checkpoint is not None, "trainer": None, "held": held}
     try:
         summary = _train(
             recipe,
@@ -257,7 +279,7 @@ def _train(
     from hybridtune.train.engine import make_trainer, resolve_precision
 
     if main and checkpoint is None:
-        rundir.new_run_dir(run)
+        phase["held"].append(rundir.new_run_dir(run))  # the run dir, and its lock (released by train)
         phase["written"] = True
         rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
         rundir.write_json(
@@ -288,7 +310,7 @@ def _train(
         plan=prep.plan,
         callbacks=[*strategy.callbacks(prep.model, recipe, prep.build), *extra],
         collator=prep.task.collator(prep.tokenizer),  # token classification pads its label lists too
-        resume_step=int(checkpoint.name.rsplit("-", 1)[1]) if checkpoint else None,
+        resume_from=checkpoint,
         trunk_cache=cache,
         progress=not search_trial,
     )
@@ -462,7 +484,7 @@ def evaluate_zero_shot(recipe: Recipe, data: str | None = None) -> dict:
     splits = task.load_splits(recipe.data)
     labels = task.label_space(splits, recipe.data)
     path = resolve(recipe.model.name)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(*tokenizer_path(recipe.model))
     model, _ = task.load_model(path, tokenizer, labels)  # also resolves the prompt against the tokenizer
     frame = task.eval_frame(data, recipe.data, labels) if data else splits.test
     with autocast(recipe.train.precision):

@@ -105,6 +105,12 @@ def train(
     resume: str = typer.Option(
         None, "--resume", help="continue an interrupted run dir from its last checkpoint (its own recipe)"
     ),
+    resume_weights_only: bool = typer.Option(
+        False,
+        "--resume-weights-only",
+        help="with --resume: go on from a checkpoint whose optimizer state is missing (a fresh "
+        "optimizer: not the run an uninterrupted training gives)",
+    ),
 ) -> None:
     """Train a recipe (default: MiniLM fully fine-tuned on Rotten Tomatoes) and evaluate it on the test split."""
     from hybridtune import api
@@ -112,11 +118,15 @@ def train(
 
     if resume and args:
         raise UserError("--resume", f"a recipe or overrides too ({' '.join(args)})", "--resume RUN_DIR alone")
+    if resume_weights_only and not resume:
+        raise UserError(
+            "--resume-weights-only", "no --resume RUN_DIR", "--resume RUN_DIR --resume-weights-only"
+        )
     if resume:
         console.print(f"[bold]resuming[/] {resume} from its last checkpoint")
         if (Path(resume) / "recipe.yaml").is_file():  # else api.train says what is missing
             _print_precision(_recipe([str(Path(resume) / "recipe.yaml")]).train.precision)
-        summary = api.train(resume=resume)
+        summary = api.train(resume=resume, resume_weights_only=resume_weights_only)
         recipe = _recipe([str(Path(resume) / "recipe.yaml")])  # the run's own, for what follows
     else:
         recipe = _recipe(args)

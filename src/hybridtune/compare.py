@@ -27,12 +27,20 @@ compare finishes.
 The compare dir is marked as such (`.hybridtune-compare`, paths.py): `--out` must be a new or empty
 dir or an earlier compare dir, and what compare deletes (an unfinished run it starts over, its
 cache) lies inside a dir it marked. Suite and strategy names are plain names (no '/', no '..').
+One compare writes a compare dir at a time (its `.lock`, durable.lock_dir). The compare owns its
+training child: the child is in a process group of its own and asks the kernel for SIGKILL when the
+compare dies (prctl PR_SET_PDEATHSIG), so a SIGKILLed compare leaves no orphan training on; a
+Ctrl-C or error in the compare stops the child's group. A run dir still held by a live process
+(an orphan of an earlier compare, where the parent-death signal is not available) is refused, not
+started over under it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,7 +49,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hybridtune import safe_yaml
+from hybridtune import durable, safe_yaml
 from hybridtune.errors import UserError
 from hybridtune.paths import NAME_RULE, claim, inside, is_safe_name
 from hybridtune.train.trunk_store import CACHE_DIR_ENV
@@ -240,10 +248,53 @@ def _start_over(target: Path, runs_dir: Path) -> None:
         shutil.rmtree(target)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int):
+    """A preexec_fn: the child gets SIGKILL when the compare process dies (Linux prctl
+    PR_SET_PDEATHSIG); if the compare died before this ran, the child ends itself at once."""
+
+    def set_signal() -> None:
+        if sys.platform.startswith("linux"):
+            try:
+                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            except (OSError, AttributeError):
+                return
+            if os.getppid() != parent:
+                os._exit(1)
+
+    return set_signal
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a training child and its process group: SIGINT (as Ctrl-C would: the run stays
+    resumable), then SIGKILL after 10 s."""
+    for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _run_one(entry: dict, runs_dir: Path, echo=print) -> dict:
     """Train one entry in its own process; wall time and the child's peak RSS (from wait4). An
     interrupted run of the entry goes on from its last checkpoint (`resumable`), else starts over."""
     target = runs_dir / entry["run"]
+    holder = durable.lock_holder(target) if target.is_dir() else None
+    if holder is not None:  # an orphan training of an earlier compare: not started over under it
+        raise UserError(
+            f"strategy {entry['strategy']} (seed {entry['seed']})",
+            f"'{target}' still being written by process {holder}",
+            "no other process writing this compare's runs",
+            f"an earlier compare's training still runs: wait for it or stop it (kill {holder}), then "
+            "run the compare again",
+        )
     checkpoint = resumable(entry, runs_dir)
     if checkpoint is not None:
         echo(f"  {entry['run']}: interrupted earlier, resumed from {checkpoint.name}")
@@ -259,9 +310,20 @@ def _run_one(entry: dict, runs_dir: Path, echo=print) -> dict:
         CACHE_DIR_ENV: os.environ.get(CACHE_DIR_ENV) or str(runs_dir.parent / "cache"),
     }
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        process_group=0,  # its own group: stopped whole (with any worker it starts)
+        preexec_fn=_die_with_parent(os.getpid()),
+    )
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # Ctrl-C or an error here: the child does not train on without us
+        _stop(proc)
+        raise
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait again
+    code = proc.returncode
     if code != 0:
         raise UserError(
             f"strategy {entry['strategy']} (seed {entry['seed']})",
@@ -287,7 +349,6 @@ def compare(
     """Run (or resume) a suite; returns the compare dir with comparison.csv/json, plots and report.html.
     `overrides` (key.path=value) apply to every strategy, validated with each before the first run.
     `reference`: a strategy of the suite every other one is paired with, seed by seed."""
-    from hybridtune import rundir
     from hybridtune.errors import did_you_mean
     from hybridtune.report.compare import write_outputs
 
@@ -311,13 +372,29 @@ def compare(
         raise UserError(
             "--out", f"'{root}' that cannot be written ({e.strerror})", "a writable directory"
         ) from None
-    measured_path = root / "measured.json"
+    with durable.lock_dir(root, "--out"):  # one compare per compare dir
+        measured = _run_all(runs, runs_dir, root / "measured.json", echo)
+        echo(f"{_bar(len(runs), len(runs))} all {len(runs)} runs done")
+        cache = root / "cache"  # the shared trunk caches, kept while unfinished; only our own dir's
+        if cache.is_dir() and not cache.is_symlink():
+            shutil.rmtree(cache, ignore_errors=True)
+        write_outputs(root, runs, measured, suite.name, reference)
+    return root
+
+
+def _run_all(runs: list[dict], runs_dir: Path, measured_path: Path, echo) -> dict:
+    """Train every entry not finished yet; measured.json after each. A run that finished but whose
+    measurement was not recorded (the compare was killed in between) is kept, not trained again."""
+    from hybridtune import rundir
+
     measured = rundir.read_json(measured_path) if measured_path.exists() else {}
     started, done_now = time.perf_counter(), 0
     for i, entry in enumerate(runs):
-        finished = (runs_dir / entry["run"] / "report.json").exists() and entry["run"] in measured
         bar = _bar(i, len(runs))
-        if finished:
+        if (runs_dir / entry["run"] / "report.json").exists():
+            if entry["run"] not in measured:
+                measured[entry["run"]] = {"unmeasured": "finished before the compare recorded it"}
+                rundir.write_json(measured_path, measured)
             echo(f"{bar} {entry['run']}: done earlier, kept")
             continue
         eta = ""
@@ -328,12 +405,7 @@ def compare(
         measured[entry["run"]] = _run_one(entry, runs_dir, echo)
         rundir.write_json(measured_path, measured)
         done_now += 1
-    echo(f"{_bar(len(runs), len(runs))} all {len(runs)} runs done")
-    cache = root / "cache"  # the shared trunk caches, kept while unfinished; only our own dir's
-    if cache.is_dir() and not cache.is_symlink():
-        shutil.rmtree(cache, ignore_errors=True)
-    write_outputs(root, runs, measured, suite.name, reference)
-    return root
+    return measured
 
 
 def _bar(done: int, total: int, width: int = 20) -> str:

@@ -6,13 +6,16 @@
       params.json     per-layer trainable-parameter table
       metrics.jsonl   every train / eval log line (and stage changes)
       tensorboard/    the same, as TensorBoard event files
-      checkpoints/    Trainer checkpoints (the last N and the best)
+      checkpoints/    Trainer checkpoints (the last N and the best), each ending with complete.json
       final/          the result in standard HF / PEFT format, with its tokenizer
       eval.json       test-split metrics: accuracy, macro-F1, per-class report, confusion matrix
       report.json     summary: metrics, parameters, time, throughput
       failed.json     only in a run that failed after its dir was written: step, error, last checkpoint
+      .lock           while a process writes the run (its pid); a killed one's is taken over
 
-Files are written to a temporary name and renamed into place; a directory likewise.
+Files are written to a unique temporary name, fsync'd and renamed into place (the directory fsync'd
+after); a directory likewise, replacing an older one in one atomic exchange (durable.py). One process
+writes a run dir at a time: it holds the dir's `.lock` (durable.lock_dir) while it trains.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hybridtune import durable
 from hybridtune.errors import UserError
 
 
@@ -34,24 +38,41 @@ def run_dir_path(out_dir: str, name: str | None, recipe_name: str) -> Path:
     return Path(out_dir) / (name or f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def new_run_dir(run: Path) -> Path:
-    """Create the run dir (checked: writable, not an existing run)."""
+def new_run_dir(run: Path) -> durable.DirLock:
+    """Create the run dir (checked: writable, not an existing run) and hold its lock."""
     root = run.parent
     if run.exists():
-        raise UserError(
-            "output.name", f"'{run}', which already exists", "a new run name (or remove the old run)"
-        )
+        raise UserError("output.name", f"'{run}', which already exists", what_to_do(run))
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
+        probe = durable.temp_name(root / "write-test")
         probe.write_text("")
         probe.unlink()
-        run.mkdir()
+        run.mkdir()  # atomic: of two runs of one name, one gets it
+    except FileExistsError:
+        raise UserError("output.name", f"'{run}', which already exists", what_to_do(run)) from None
     except OSError as e:
         raise UserError(
             "output.dir", f"'{root}' that cannot be written ({e.strerror})", "a writable directory"
         ) from None
-    return run
+    lock = durable.lock_dir(run, "output.name")
+    durable.fsync_dir(root)
+    return lock
+
+
+def what_to_do(run: Path) -> str:
+    """What a user can do with an existing dir in the way of a new run, by its status."""
+    state = status(run) if is_run_dir(run) else None
+    if state == "resumable":
+        return f"a new run name, or continue it: hybridtune train --resume {run}"
+    if state == "running":
+        return f"a new run name (it is being written by process {durable.lock_holder(run)})"
+    if state in ("interrupted", "failed"):
+        return (
+            f"a new run name, or remove it (it is {state}: `hybridtune runs {run.parent}` lists such "
+            f"runs, `--clean {state}` removes them)"
+        )
+    return "a new run name (or remove the old run)"
 
 
 # what the machine, not the code, can do to a write: a full disk, a quota, a read-only mount, rights
@@ -73,12 +94,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Durably: a unique temp file, fsync'd, renamed over `path`, the dir fsync'd (durable.py)."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        durable.write_bytes(path, text.encode("utf-8"))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         if e.errno in DISK_ERRORS:
             raise disk_error(e, path) from None
         raise
@@ -89,12 +108,14 @@ def publish_dir(entry: Path, write: Callable[[Path], None]) -> None:
     process published `entry` first, theirs is kept and ours dropped. For shared caches, whose
     entries are only ever whole: unlike `save_dir_atomically`, an existing entry is never replaced.
     An OSError of `write` (or of a rename that lost no race) propagates; no temp dir is left."""
-    tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = durable.temp_name(entry)
     try:
         tmp.mkdir(parents=True)
         write(tmp)
+        durable.fsync_tree(tmp)
         try:
             os.rename(tmp, entry)
+            durable.fsync_dir(entry.parent)
         except OSError:
             if not entry.is_dir():  # not a lost race: a real failure
                 raise
@@ -102,26 +123,22 @@ def publish_dir(entry: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_dir_atomically(target: Path, save) -> None:
-    """Call `save(tmp_dir)` then rename the finished dir to `target` (replacing an older one)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+def save_dir_atomically(target: Path, save: Callable[[Path], None]) -> None:
+    """Call `save(tmp_dir)`, fsync it, then put the finished dir at `target`: renamed, or exchanged
+    with an older one in one step and the older one removed after (durable.replace_dir)."""
+    durable.recover_dir(target)
+    tmp = durable.temp_name(target)
     try:
         tmp.mkdir(parents=True)
         save(tmp)
+        durable.fsync_tree(tmp)
+        durable.maybe_kill("dir", target.name)
+        durable.replace_dir(tmp, target)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in DISK_ERRORS:
             raise disk_error(e, target) from None
         raise
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 def read_json(path: Path) -> Any:
@@ -171,6 +188,11 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
 
 def check_run_dir(path: str) -> Path:
     run = Path(path)
+    if run.is_dir() and not (run / "final").exists():  # a final/ a kill left renamed aside
+        try:
+            durable.recover_dir(run / "final")
+        except OSError:
+            pass
     if not (run / "run.json").is_file() or not (run / "final").is_dir():
         raise UserError(
             str(path),
@@ -181,10 +203,10 @@ def check_run_dir(path: str) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# status of a run dir: finished / failed / resumable / interrupted
+# status of a run dir: running / finished / failed / resumable / interrupted
 
 FAILED = "failed.json"
-STATUSES = ("finished", "failed", "resumable", "interrupted")
+STATUSES = ("running", "finished", "failed", "resumable", "interrupted")
 
 
 def mark_failed(run: Path, step: str, error: str, last_checkpoint: str | None) -> None:
@@ -203,17 +225,94 @@ def mark_failed(run: Path, step: str, error: str, last_checkpoint: str | None) -
         pass
 
 
-def last_checkpoint(run: Path) -> Path | None:
-    from hybridtune.train.checkpoints import checkpoints
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR
+MARKER = "complete.json"
+WEIGHTS = (
+    "model.safetensors",
+    "adapter_model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+)
 
+
+# --------------------------------------------------------------------------------------------------
+# which checkpoints are complete (train/checkpoints.py writes them)
+
+
+def _weights_problem(path: Path) -> str | None:
+    if path.name.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors checks the header against the file's length
+            return f"{path.name} unreadable ({type(e).__name__})"
+    elif path.name.endswith(".json"):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return f"{path.name} is not JSON"
+    return None
+
+
+def problem(checkpoint: Path) -> str | None:
+    """Why `checkpoint` cannot be resumed from (one phrase), or None when it is complete."""
+    marker = checkpoint / MARKER
+    if marker.is_file():
+        try:
+            listed = json.loads(marker.read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{MARKER} unreadable"
+        for name, size in listed.items():
+            path = checkpoint / name
+            if not path.is_file():
+                return f"{name} missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} written"
+    elif not (checkpoint / "trainer_state.json").is_file():
+        return f"no {MARKER} and no trainer_state.json (not written whole)"
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "trainer_state.json is not JSON"
+    weights = [checkpoint / w for w in WEIGHTS if (checkpoint / w).is_file()]
+    if not weights:
+        return "no weights file (" + " / ".join(WEIGHTS[:2]) + ")"
+    for path in weights:
+        if (why := _weights_problem(path)) is not None:
+            return why
+    return None
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(CHECKPOINT.match(checkpoint.name)[1])
+
+
+def candidates(root: Path) -> list[Path]:
+    """Every `checkpoint-N` dir under `root`, oldest first (complete or not)."""
+    found = [(int(m[1]), p) for p in root.glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found) if p.is_dir()]
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (a temp dir of a killed write is not one)."""
+    return [p for p in candidates(root) if problem(p) is None]
+
+
+def last_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint of `run` (the older ones are not read)."""
     root = run / "checkpoints"
-    found = checkpoints(root) if root.is_dir() else []
-    return found[-1] if found else None
+    found = candidates(root) if root.is_dir() else []
+    return next((p for p in reversed(found) if problem(p) is None), None)
 
 
 def status(run: Path) -> str:
-    """finished (report.json), failed (failed.json), resumable (a complete checkpoint to go on from,
-    `hybridtune train --resume`), interrupted (killed before its first checkpoint: start it over)."""
+    """running (a live process holds its lock), finished (report.json), failed (failed.json),
+    resumable (a complete checkpoint to go on from, `hybridtune train --resume`), interrupted (killed
+    before its first checkpoint: start it over)."""
+    if durable.lock_holder(run) is not None:
+        return "running"
     if (run / "report.json").is_file():
         return "finished"
     if (run / FAILED).is_file():
@@ -238,12 +337,21 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def dir_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    total = 0
+    for here, _, files in os.walk(path):  # a running run's files may go while we look
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(here, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def describe(run: Path) -> dict:
     """One row of `hybridtune runs`: status, headline metric, size, why it failed."""
     row: dict[str, Any] = {"run": str(run), "status": status(run), "size_bytes": dir_size(run)}
+    if row["status"] == "running":
+        row["pid"] = durable.lock_holder(run)
     try:
         if row["status"] == "finished":
             report = read_json(run / "report.json")

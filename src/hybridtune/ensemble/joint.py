@@ -76,12 +76,6 @@ def train_joint(recipe) -> dict:
     """`ensemble: {shared_trunk: true}`: the members (seeds) train together above their frozen
     trunk, one trunk forward per batch; each is then saved as a normal run under members/<i>."""
     from hybridtune import api
-    from hybridtune.recipe import recipe_to_yaml
-    from hybridtune.strategy.peft import save_base_config
-    from hybridtune.strategy.plan import Plan
-    from hybridtune.tasks import classification
-    from hybridtune.train.engine import make_trainer, resolve_precision, training_arguments
-    from hybridtune.train.precision import choose
 
     cfg = recipe.ensemble
     members = member_recipes(recipe)
@@ -101,9 +95,23 @@ def train_joint(recipe) -> dict:
             "members without a frozen trunk (their embeddings or bottom block train)",
             "a freeze that keeps the embeddings and at least the bottom block frozen (head-only, top-k)",
         )
-    first = preps[0]
     run = rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
-    rundir.new_run_dir(run)
+    with rundir.new_run_dir(run):  # the run dir's lock, held while the members train
+        return _train_joint(recipe, members, preps, depth, run)
+
+
+def _train_joint(recipe, members: list, preps: list, depth: int, run: Path) -> dict:
+    from hybridtune import api
+    from hybridtune.recipe import recipe_to_yaml
+    from hybridtune.strategy.peft import save_base_config
+    from hybridtune.strategy.plan import Plan
+    from hybridtune.tasks import classification
+    from hybridtune.train.engine import make_trainer, resolve_precision, training_arguments
+    from hybridtune.train.precision import choose
+
+    cfg = recipe.ensemble
+    models = [p.model for p in preps]
+    first = preps[0]
     rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
     joint = JointMembers(models, depth)
     plan = Plan(
@@ -134,7 +142,7 @@ def train_joint(recipe) -> dict:
     paths = []
     for i, (prep, model) in enumerate(zip(preps, separated, strict=True)):
         member_run = run / "members" / str(i)
-        rundir.new_run_dir(member_run)
+        rundir.new_run_dir(member_run).release()  # written here and now, under the run's lock
         rundir.write_text(member_run / "recipe.yaml", recipe_to_yaml(prep.recipe))
         rundir.write_json(
             member_run / "run.json",

@@ -18,8 +18,6 @@ from hybridtune.ensemble.soups import soup
 def train(recipe) -> dict:
     """Train every member (each a normal run under <run>/members/<i>), combine them, and write the
     run's report.json / metrics.jsonl as one strategy of a compare would have them."""
-    from hybridtune import api
-    from hybridtune.recipe import recipe_to_yaml
 
     cfg = recipe.ensemble
     if cfg.shared_trunk:
@@ -28,7 +26,15 @@ def train(recipe) -> dict:
         return train_joint(recipe)
     members = member_recipes(recipe)
     run = rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
-    rundir.new_run_dir(run)
+    with rundir.new_run_dir(run):  # the run dir's lock, held while the members train
+        return _train(recipe, members, run)
+
+
+def _train(recipe, members: list, run: Path) -> dict:
+    from hybridtune import api
+    from hybridtune.recipe import recipe_to_yaml
+
+    cfg = recipe.ensemble
     rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
     summaries = []
     for i, member in enumerate(members):

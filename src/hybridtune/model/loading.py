@@ -1,4 +1,11 @@
-"""Load a base model and its tokenizer: bundled name, local dir, GGUF file, or hub id (with a network)."""
+"""Load a base model and its tokenizer: bundled name, local dir, GGUF file, or hub id (with a network).
+
+A tokenizer must be usable, not only loadable: transformers builds a tokenizer of 5 special tokens
+for a model dir that has no tokenizer files, which turns every word into [UNK] and trains at chance
+without an error. So a local dir without tokenizer files is refused (unless `model.tokenizer` names
+one), and `check_vocabulary` stops a run whose tokenizer maps most of the training words to its
+unknown token.
+"""
 
 from __future__ import annotations
 
@@ -24,14 +31,28 @@ def bad_file_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, KeyError, SafetensorError)
 
 
-def resolve(name: str) -> str:
+# what a tokenizer is saved as (tokenizers' JSON, WordPiece / BPE vocabularies, sentencepiece, tiktoken)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.tiktoken",
+)
+# above this share of training words mapped to the unknown token, the tokenizer is not the data's
+MAX_UNK_SHARE = 0.5
+
+
+def resolve(name: str, where: str = WHERE, needs_config: bool = True) -> str:
     """A path for bundled names, local dirs and GGUF files (checked; a GGUF file: its cached plain
     copy), the id itself for a hub id."""
     if bundled.is_bundled(name):
-        return bundled.model_path(name, WHERE)
+        return bundled.model_path(name, where)
     path = Path(name).expanduser()
     if gguf.is_gguf_name(name):
-        return str(gguf.plain_dir(path, WHERE))
+        return str(gguf.plain_dir(path, where))
     looks_local = (
         name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1 or os.sep + os.sep in name
     )
@@ -39,11 +60,18 @@ def resolve(name: str) -> str:
         return name  # a hub id: transformers fetches it when a network exists
     if not path.is_dir():
         raise UserError(
-            WHERE, f"'{name}' (no such directory)", "bundled:minilm, a model dir, a .gguf file, or a hub id"
+            where, f"'{name}' (no such directory)", "bundled:minilm, a model dir, a .gguf file, or a hub id"
         )
-    if not (path / "config.json").is_file():
-        raise UserError(WHERE, f"'{name}' without config.json", "a model dir written by save_pretrained")
+    if needs_config and not (path / "config.json").is_file():
+        raise UserError(where, f"'{name}' without config.json", "a model dir written by save_pretrained")
     return str(path)
+
+
+def tokenizer_path(model_cfg) -> tuple[str, str]:
+    """(where the recipe's tokenizer is, its key path): `model.tokenizer` when set, else the model's."""
+    if model_cfg.tokenizer:
+        return resolve(model_cfg.tokenizer, "model.tokenizer", needs_config=False), "model.tokenizer"
+    return resolve(model_cfg.name), WHERE
 
 
 def _quiet_transformers() -> None:
@@ -58,6 +86,15 @@ def _quiet_transformers() -> None:
 def load_tokenizer(path: str, where: str = WHERE):
     from transformers import AutoTokenizer
 
+    local = Path(path)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(
+            where,
+            f"'{path}' without tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)",
+            "a model dir saved with its tokenizer",
+            "or name one with `model.tokenizer: DIR`; without its files transformers makes a tokenizer "
+            "of special tokens only, every word [UNK], and the run learns nothing",
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except bad_file_errors() as e:
@@ -69,6 +106,51 @@ def load_tokenizer(path: str, where: str = WHERE):
     if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship without one
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+def check_vocabulary(tokenizer, texts: list[str], where: str = WHERE) -> None:
+    """Stop before training when the tokenizer maps more than MAX_UNK_SHARE of the words of `texts`
+    (whitespace-split, each distinct word tokenized once) to its unknown token. Byte-level tokenizers
+    (GPT-2, Llama 3) have no unknown token: nothing to check."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return
+    counts: dict[str, int] = {}
+    for text in texts:
+        for word in text.split():
+            counts[word] = counts.get(word, 0) + 1
+    if not counts:
+        return
+    words = list(counts)
+    ids = tokenizer(words, add_special_tokens=False)["input_ids"]
+    unknown = [w for w, i in zip(words, ids, strict=True) if unk in i]
+    share = sum(counts[w] for w in unknown) / sum(counts.values())
+    if share > MAX_UNK_SHARE:
+        unknown.sort(key=counts.get, reverse=True)
+        examples = ", ".join(repr(w) for w in unknown[:3])
+        raise UserError(
+            where,
+            f"a tokenizer that maps {100 * share:.1f} % of the training words to {tokenizer.unk_token} "
+            f"(e.g. {examples}; {len(tokenizer)} tokens in its vocabulary)",
+            "the tokenizer the model was trained with (its own tokenizer files, or `model.tokenizer: DIR`)",
+        )
+
+
+def training_texts(frame, skip: set[str], limit: int = 2000) -> list[str]:
+    """The text in the first `limit` rows of a data frame: string cells, lists of strings (tokens),
+    chat turns' `content`; the columns in `skip` (labels, tags, row origins) left out."""
+    texts = []
+    for column in [c for c in frame.columns if c not in skip]:
+        for cell in frame[column].head(limit):
+            if isinstance(cell, str):
+                texts.append(cell)
+            elif hasattr(cell, "__iter__") and not isinstance(cell, dict | bytes):
+                for item in cell:
+                    if isinstance(item, str):
+                        texts.append(item)
+                    elif isinstance(item, dict) and isinstance(item.get("content"), str):
+                        texts.append(item["content"])
+    return texts
 
 
 def load_model(auto_class: Any, path: str, tokenizer, where: str = WHERE, **kwargs) -> tuple[Any, set[str]]:

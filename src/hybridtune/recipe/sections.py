@@ -36,6 +36,11 @@ class ModelConfig(Section):
         None, description="a .gguf file in the dir `name` (read as name: DIR/FILE.gguf, which it becomes)"
     )
     revision: str | None = Field(None, description="hub revision (only for hub ids)")
+    tokenizer: str | None = Field(
+        None,
+        description="the tokenizer: a dir with tokenizer files, a bundled name or a hub id; default: "
+        "the model's own files (a model dir without them is refused)",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hybridtune import rundir  # noqa: E402
+from hybridtune import durable, rundir  # noqa: E402
 
 COLUMNS = [
     ("test_metric", "test {metric}", "pct"),
@@ -303,11 +303,11 @@ def write_outputs(
         | (_paired_csv(paired_of[r["strategy"]]) if reference else {})
         for r in rows
     ]
-    with (root / ".comparison.csv.tmp").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
-        writer.writeheader()
-        writer.writerows(flat)
-    (root / ".comparison.csv.tmp").replace(root / "comparison.csv")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(flat[0]))
+    writer.writeheader()
+    writer.writerows(flat)
+    rundir.write_text(root / "comparison.csv", text.getvalue())
     rundir.write_json(
         root / "comparison.json",
         {
@@ -319,7 +319,7 @@ def write_outputs(
     )
     images = plots(summary)
     for file, data in images.items():
-        (root / file).write_bytes(data)
+        durable.write_bytes(root / file, data)
     recipes = {
         s["strategy"]: (root / "runs" / s["runs"][0]["run"] / "recipe.yaml").read_text() for s in summary
     }

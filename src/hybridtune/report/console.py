@@ -101,7 +101,13 @@ def runs_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title)
     for col in ("run", "status", "test metric", "size", "note"):
         table.add_column(col, justify="right" if col in ("test metric", "size") else "left")
-    colour = {"finished": "green", "failed": "red", "resumable": "yellow", "interrupted": "yellow"}
+    colour = {
+        "running": "cyan",
+        "finished": "green",
+        "failed": "red",
+        "resumable": "yellow",
+        "interrupted": "yellow",
+    }
     for r in rows:
         metric = f"{r['metric']} {r['value']:.4f}" if isinstance(r.get("value"), int | float) else "-"
         note = r.get("error") or ""
@@ -109,6 +115,8 @@ def runs_table(rows: list[dict], title: str) -> Table:
             note = f"hybridtune train --resume {r['run']}"
         elif r["status"] == "interrupted":
             note = "killed before its first checkpoint: remove it and train again"
+        elif r["status"] == "running":
+            note = f"being written by process {r.get('pid')}"
         table.add_row(
             r["run"], f"[{colour[r['status']]}]{r['status']}[/]", metric, _size(r["size_bytes"]), note
         )

@@ -219,14 +219,15 @@ def restore(model: nn.Module, config: PromptConfig, in_dir: Path) -> nn.Module:
     return attach(model, fmt)
 
 
-def load_scorer(path: str, fmt: PromptFormat) -> nn.Module:
-    """A pretrained LM from `path` with the prompt attached, in eval mode (the zero-shot classifier)."""
+def load_scorer(path: str, fmt: PromptFormat, tokenizer_path: str | None = None) -> nn.Module:
+    """A pretrained LM from `path` with the prompt attached, in eval mode (the zero-shot classifier);
+    its tokenizer from `tokenizer_path` (default: `path`)."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     from hybridtune.model.loading import load_model, load_tokenizer
 
     auto = AutoModelForCausalLM if fmt.kind == "causal" else AutoModelForMaskedLM
-    model, _ = load_model(auto, path, load_tokenizer(path))
+    model, _ = load_model(auto, path, load_tokenizer(tokenizer_path or path))
     return attach(model, fmt).eval()
 
 

@@ -80,9 +80,11 @@ class PromptTask:
 
     def base_scorer(self):
         """The base model with the prompt and nothing trained: the zero-shot classifier."""
-        from hybridtune.model.loading import resolve
+        from hybridtune.model.loading import resolve, tokenizer_path
 
-        return prompt.load_scorer(resolve(self.recipe.model.name), self.prompt_format)
+        return prompt.load_scorer(
+            resolve(self.recipe.model.name), self.prompt_format, tokenizer_path(self.recipe.model)[0]
+        )
 
     def zero_shot(self, tokenizer, dataset, labels, model=None) -> dict:
         """classification's full report of the base scorer (or of `model`, an LM this task loaded, with the

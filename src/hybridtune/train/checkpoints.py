@@ -1,45 +1,40 @@
-"""Crash-safe checkpoints and exact resume.
+"""Crash-safe checkpoints: written whole, durable, marked complete last, removed without remnants.
 
 transformers' Trainer writes `checkpoint-N/` in place: a run killed mid-write leaves a directory
-that `get_last_checkpoint` would happily resume from. Here a checkpoint is written into
-`.checkpoint-N.tmp/` and renamed into place only when complete (model, optimizer, scheduler, RNG
-states, trainer state with the stateful callbacks, the strategy parts' own weights). Rotation
-(the last `output.keep_checkpoints` and the best) is Trainer's own `rotate_checkpoints`.
+that `get_last_checkpoint` would happily resume from. Here a checkpoint is written into a temp dir
+of its own (`.checkpoint-N.PID-RANDOM.tmp/`): model, optimizer, scheduler, RNG states, trainer
+state with the stateful callbacks, the strategy parts' own weights, the logging window
+(`logging_state.json`), and last the marker `complete.json` (the step and every file's size); then
+every file and the dir are fsync'd and the dir is renamed into place (a re-saved step: exchanged
+with the old one, durable.replace_dir). Rotation keeps Trainer's rule (the last
+`output.keep_checkpoints` and the best; transformers' `rotate_checkpoints`) but removes a checkpoint
+by renaming it away first, so a kill inside the delete never leaves a partial `checkpoint-N`.
 
-Resume (`hybridtune train --resume RUN_DIR`) is Trainer's `train(resume_from_checkpoint=...)`,
-which restores model, optimizer, scheduler, RNG states and data order; `prepare_resume` picks the
-last complete checkpoint, removes what a killed write left behind, and cuts `metrics.jsonl` back to
-the checkpoint's step so that the steps redone after resume are not logged twice.
+A checkpoint is **complete** (`checkpoints`, `problem`) when its marker is there and every file it
+lists has its recorded size, `trainer_state.json` reads, and the weights' header reads. A checkpoint
+without a marker (written by hybridtune before 0.x, whose write was already temp dir + rename) is
+still taken when its `trainer_state.json` and weights read: a run from an earlier version resumes.
 
-`HYBRIDTUNE_TEST_KILL_AT` is a test-only hook: `step:K` (after optimizer step K), `save:K` (while
-writing checkpoint K, before its rename) or `stage:S` (when stage S begins) make the process
-SIGKILL itself there, so tests can show that a resumed run ends where an uninterrupted one does.
+`HYBRIDTUNE_TEST_KILL_AT` (durable.maybe_kill) points here: `step:K` (after optimizer step K),
+`save:K` (checkpoint K written, before its rename), `rotate:K` (after checkpoint K's rename, before
+the rotation); durable.py adds `exchanged:NAME` and `remove:NAME`, stages.py `stage:S`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import signal
 from pathlib import Path
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from hybridtune.errors import UserError
-from hybridtune.rundir import DISK_ERRORS, disk_error
+from hybridtune import durable
+from hybridtune.durable import KILL_ENV, maybe_kill  # noqa: F401  (the hook's home for train/)
+from hybridtune.rundir import CHECKPOINT, DISK_ERRORS, MARKER, checkpoints, disk_error, problem, step_of  # noqa: F401
 
-KILL_ENV = "HYBRIDTUNE_TEST_KILL_AT"
-CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-
-
-def maybe_kill(point: str, value: int) -> None:
-    """SIGKILL this process when HYBRIDTUNE_TEST_KILL_AT names this point (tests only; a no-op otherwise)."""
-    if os.environ.get(KILL_ENV) == f"{point}:{value}":
-        os.kill(os.getpid(), signal.SIGKILL)
+LOGGING_STATE = "logging_state.json"
 
 
 class KillAt(TrainerCallback):
@@ -61,40 +56,35 @@ class KillAt(TrainerCallback):
 
 
 def save_checkpoint(trainer, model) -> None:
-    """Trainer._save_checkpoint for one process, written to a temp dir and renamed when complete.
+    """Trainer._save_checkpoint for one process, written to a temp dir, marked, fsync'd and renamed.
 
     The same steps as transformers 5's `_save_checkpoint`, in the same order; what differs is the
-    directory they write into and the rename at the end. Parts' own weights (`save_into` of a
-    callback, e.g. strategy.CheckpointExtras) are written before the rename, inside the same
+    directory they write into, the logging window and the marker, and the rename at the end. Parts'
+    own weights (`save_into` of a callback, e.g. strategy.CheckpointExtras) are inside the same
     atomic write."""
     state, args = trainer.state, trainer.args
     trainer.store_flos()
     root = Path(trainer._get_output_dir(trial=None))
-    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-    final, tmp = root / name, root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    final = root / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    tmp = durable.temp_name(final)
     try:
         tmp.mkdir(parents=True)
         _write(trainer, tmp, root)
+        _mark(tmp, state.global_step)  # last: a checkpoint without it is not complete
+        durable.fsync_tree(tmp)
+        maybe_kill("save", state.global_step)
+        durable.replace_dir(tmp, final)  # the same step saved again: exchanged whole
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no partial checkpoint behind
         if isinstance(e, OSError) and e.errno in DISK_ERRORS:
             raise disk_error(e, final) from None
         raise
-    maybe_kill("save", state.global_step)
-    if final.exists():  # the same step saved again (a resumed run re-saving): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    rotate_checkpoints(
-        output_dir=str(root),
-        save_total_limit=args.save_total_limit,
-        best_model_checkpoint=state.best_model_checkpoint,
-        use_mtime=False,
-    )
+    maybe_kill("rotate", state.global_step)
+    rotate(root, args.save_total_limit, state.best_model_checkpoint)
 
 
 def _write(trainer, tmp: Path, root: Path) -> None:
-    """What transformers' `_save_checkpoint` writes, into `tmp`."""
+    """What transformers' `_save_checkpoint` writes, into `tmp`, and the logging window."""
     state, args = trainer.state, trainer.args
     trainer.save_model(str(tmp), _internal_call=True)
     if state.best_global_step:
@@ -116,53 +106,43 @@ def _write(trainer, tmp: Path, root: Path) -> None:
     for cb in callbacks:
         if hasattr(cb, "save_into"):
             cb.save_into(tmp)
+    # the train loss summed since the last log line: Trainer starts it at 0 on resume, so a log line
+    # after a checkpoint that falls between two logging steps would average fewer steps (train/resume.py)
+    window = {"tr_loss": float(trainer._tr_loss), "last_logged_step": trainer._globalstep_last_logged}
+    (tmp / LOGGING_STATE).write_text(json.dumps(window), encoding="utf-8")
 
 
-def checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first (a temp dir of a killed write is not one)."""
-    found = [
-        (int(m[1]), p) for p in root.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if (m := CHECKPOINT.match(p.name))
-    ]
-    return [p for _, p in sorted(found) if p.is_dir() and (p / "trainer_state.json").is_file()]
+def _mark(tmp: Path, step: int) -> None:
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1), encoding="utf-8")
 
 
-def prepare_resume(run: Path) -> Path:
-    """The checkpoint to resume `run` from; also removes what a killed write left behind and cuts
-    metrics.jsonl back to that checkpoint's step. Refuses a finished run or one with no checkpoint."""
-    if not (run / "recipe.yaml").is_file() or not (run / "run.json").is_file():
-        raise UserError(
-            f"--resume {run}", "no run dir (recipe.yaml, run.json missing)", "a run dir to resume"
-        )
-    if (run / "report.json").is_file():
-        raise UserError(f"--resume {run}", "a finished run (report.json present)", "an interrupted run")
-    root = run / "checkpoints"
-    found = checkpoints(root) if root.is_dir() else []
-    if not found:
-        raise UserError(
-            f"--resume {run}", "no checkpoint to resume from", "a run interrupted after its first save"
-        )
-    for stale in root.glob(f".{PREFIX_CHECKPOINT_DIR}-*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    last = found[-1]
-    truncate_metrics(run / "metrics.jsonl", int(CHECKPOINT.match(last.name)[1]))
-    return last
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the log lines written up to checkpoint `step`: those of earlier steps, and step `step`'s
-    train / eval lines (logged before the save). A stage change at `step` is logged after the save
-    (when the next step begins), so the resumed run logs it again; it is dropped here."""
-    if not path.is_file():
+def rotate(root: Path, limit: int | None, best: str | None) -> None:
+    """transformers' `rotate_checkpoints` rule (keep the last `limit`, always the newest and the best),
+    each doomed checkpoint renamed away before it is deleted (durable.remove_dir)."""
+    if not limit or limit <= 0:
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by the kill
-            continue
-        at = record.get("step", 0)
-        if at < step or (at == step and "stage" not in record):
-            kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    from hybridtune.rundir import candidates
+
+    paths = candidates(root)
+    if len(paths) <= limit:
+        return
+    protected = {paths[-1].name} | ({Path(best).name} if best else set())
+    keep, remaining = max(limit, len(protected)), len(paths)
+    for path in paths:
+        if remaining <= keep:
+            break
+        if path.name not in protected:
+            durable.remove_dir(path)
+            remaining -= 1
+
+
+def has_optimizer(checkpoint: Path) -> bool:
+    return (checkpoint / "optimizer.pt").is_file() or any(checkpoint.glob("optimizer*.bin"))
+
+
+def clean(root: Path) -> None:
+    """What killed writes left under `checkpoints/` (temp dirs of this and of earlier versions)."""
+    durable.clean_temp(root)
+    for stale in root.glob(f".{PREFIX_CHECKPOINT_DIR}-*.tmp"):  # an earlier version's fixed name
+        shutil.rmtree(stale, ignore_errors=True)

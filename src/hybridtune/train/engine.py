@@ -22,6 +22,7 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hybridtune import strategy, tasks
 from hybridtune.data.long_texts import DOC
@@ -54,6 +55,28 @@ class MetricsJsonl(TrainerCallback):
             if e.errno in DISK_ERRORS:  # a line cut short is dropped on resume (train/checkpoints.py)
                 raise disk_error(e, self.path) from None
             raise
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' LengthGroupedSampler with its order drawn from a generator seeded with
+    seed + epoch, as accelerate's SeedableRandomSampler does for the random order. Trainer builds the
+    length-grouped sampler without a generator, so each epoch's order came from the global random
+    state at the epoch's start; a run resumed inside epoch 2 or later has the checkpoint's state
+    there instead (restored after the skipped batches), so its order, and everything after it,
+    differed from the uninterrupted run's. Trainer calls `set_epoch` before each epoch (through
+    accelerate's DataLoaderShard, also under `skip_first_batches`), so the resumed epoch is drawn
+    from the same seed as it was the first time."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 class HybridTrainer(Trainer):
@@ -91,6 +114,14 @@ class HybridTrainer(Trainer):
         if docs is not None and labels is not None:
             labels = (labels, docs.to(labels.device))
         return loss, logits, labels
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Trainer's sampler; its length-grouped one drawn per (seed, epoch) (see above)."""
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
     def _save_checkpoint(self, model, trial):
         """Atomic: written to a temp dir, renamed when complete (train/checkpoints.py). Distributed
@@ -290,18 +321,22 @@ def make_trainer(
     plan,
     callbacks: list[TrainerCallback] = (),
     collator=None,
-    resume_step: int | None = None,
+    resume_from: Path | None = None,
     trunk_cache=None,
     progress: bool = True,
 ) -> Trainer:
     """The run's HybridTrainer with its callbacks; `trunk_cache` (train/trunk_cache.py), when given,
-    keeps its row column in the batches and follows the frozen depth (after the stage switch)."""
+    keeps its row column in the batches and follows the frozen depth (after the stage switch);
+    `resume_from`: the checkpoint a resumed run goes on from (its logging window, TensorBoard purge)."""
+    from hybridtune.rundir import step_of
     from hybridtune.strategy.stages import StageCallback
+    from hybridtune.train.resume import RestoreLoggingWindow
     from hybridtune.train.trunk_cache import ROW, TrunkCacheCallback
 
     callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), *callbacks]
     if args.process_index == 0:  # one event file per run, however many processes train
-        callbacks.append(tensorboard(run_dir / "tensorboard", resume_step))
+        purge = step_of(resume_from) if resume_from is not None else None
+        callbacks.append(tensorboard(run_dir / "tensorboard", purge))
     if plan.stages is not None:
         callbacks.append(StageCallback(plan.stages, plan.base_names, run_dir / "metrics.jsonl"))
     if recipe.train.early_stopping.patience and args.load_best_model_at_end:  # not without validation
@@ -322,6 +357,8 @@ def make_trainer(
         keep_columns=[ROW] if trunk_cache is not None else [],
         loss_parts=strategy.loss_parts(recipe),
     )
+    if resume_from is not None:
+        trainer.add_callback(RestoreLoggingWindow(trainer, resume_from))
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     if progress:  # a search trial prints no bar: the search prints one line per trial
