@@ -60,8 +60,15 @@ def _skeleton(meta: str, text: str) -> Callable[[Path, dict], None]:
         (d / "recipe.yaml").write_text("name: x\n")
         if meta == "trainer_state.json":
             (d / "run.json").write_text('{"task": "classification"}')
-            (d / "checkpoints" / "checkpoint-2").mkdir(parents=True)
-            (d / "checkpoints" / "checkpoint-2" / meta).write_text(text, encoding="utf-8")
+            checkpoint = d / "checkpoints" / "checkpoint-2"
+            checkpoint.mkdir(parents=True)
+            (checkpoint / meta).write_text(text, encoding="utf-8")
+            # weights and optimizer state that read: the state file is what is wrong
+            import torch
+            from safetensors.torch import save_file
+
+            save_file({"w": torch.zeros(1)}, str(checkpoint / "model.safetensors"))
+            torch.save({}, checkpoint / "optimizer.pt")
         else:
             (d / meta).write_text(text, encoding="utf-8")
 
@@ -242,7 +249,7 @@ ROWS = [
     Row("ensemble-json-truncated", lambda t, c: ["eval", str(t / "d")], 2, ("ensemble.json", "invalid JSON"), _skeleton("ensemble.json", '{"members": [')),
     Row("ensemble-json-member-outside", lambda t, c: ["predict", str(t / "d"), "x"], 2, ("ensemble.json", "outside the ensemble dir"), _skeleton("ensemble.json", '{"task": "classification", "combine": "vote", "members": ["../../a", "b"]}')),
     Row("ensemble-json-nan-weights", lambda t, c: ["eval", str(t / "d")], 2, ("ensemble.json", "finite"), _skeleton("ensemble.json", '{"task": "classification", "combine": "weighted", "members": ["a", "b"], "weights": [NaN, 1]}')),
-    Row("trainer-state-not-json", lambda t, c: ["train", "--resume", str(t / "d")], 2, ("trainer_state.json", "invalid JSON"), _skeleton("trainer_state.json", "{")),
+    Row("trainer-state-not-json", lambda t, c: ["train", "--resume", str(t / "d")], 2, ("trainer_state.json", "not JSON"), _skeleton("trainer_state.json", "{")),
     Row("trainer-state-no-epoch", lambda t, c: ["train", "--resume", str(t / "d")], 2, ("trainer_state.json", "no 'epoch'"), _skeleton("trainer_state.json", '{"global_step": 2}')),
     # --- ensembles, serve --------------------------------------------------------------------------
     Row(

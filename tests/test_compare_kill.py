@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hybridtune.compare import MARKER as COMPARE_MARKER
 from hybridtune.compare import compare
 from hybridtune.errors import UserError
 
@@ -89,6 +90,7 @@ def test_a_killed_compare_takes_its_training_child_with_it(suite, tmp_path):
 def test_a_second_compare_of_one_dir_is_refused(suite, tmp_path):
     out = tmp_path / "cmp"
     out.mkdir()
+    (out / COMPARE_MARKER).touch()  # an earlier compare's dir
     other = _holder(out)
     try:
         with pytest.raises(UserError, match=rf"--out: found '{out}' in use by process {other.pid}"):
@@ -102,6 +104,7 @@ def test_a_second_compare_of_one_dir_is_refused(suite, tmp_path):
 def test_a_run_held_by_an_orphan_is_not_started_over(suite, tmp_path):
     run = tmp_path / "cmp" / "runs" / "head_only-s1"
     run.mkdir(parents=True)
+    (tmp_path / "cmp" / COMPARE_MARKER).touch()  # an earlier compare's dir
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n')  # what the orphan writes
     orphan = _holder(run)
     try:

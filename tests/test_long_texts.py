@@ -155,7 +155,7 @@ def trained(tmp_path_factory, tiny_bert, last_word):
                 f"data.test={last_word['test']}",
                 "data.max_length=16",
                 f"data.long_texts={mode}",
-                "train.max_steps=180",  # the same budget for every mode (chunks: 6 epochs of windows)
+                "train.max_steps=240",  # the same budget for every mode (chunks: 8 epochs of windows)
                 "train.early_stopping.patience=null",
                 "train.batch_size=32",
                 "train.lr=0.002",
