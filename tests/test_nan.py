@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from hybridtune import api
+from hybridtune import api, run
 from hybridtune.cli import app
 
 
@@ -21,7 +21,7 @@ def poisoned(monkeypatch):
     """The model's training loss becomes `value` at the given training forward passes (= steps)."""
 
     def make(steps: set[int], value: float):
-        prepare, calls = api.prepare, {"n": 0}
+        prepare, calls = run.prepare, {"n": 0}
 
         def hook(module, inputs, output):
             if module.training:
@@ -35,7 +35,7 @@ def poisoned(monkeypatch):
             prep.model.register_forward_hook(hook)
             return prep
 
-        monkeypatch.setattr(api, "prepare", wrapped)
+        monkeypatch.setattr(run, "prepare", wrapped)  # the one-run pipeline (api is its facade)
 
     return make
 

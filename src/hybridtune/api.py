@@ -1,145 +1,28 @@
-"""The Python API: train, evaluate, predict, params. The CLI is a thin layer over these functions.
+"""The Python API: the thin facade a Python user (and the CLI) calls.
 
     from hybridtune import api
     from hybridtune.recipe import load_recipe
     result = api.train(load_recipe("recipes/lora.yaml", ["train.epochs=1"]))
     api.predict(result["run_dir"], ["a gorgeous, witty film"])
 
-Everything that can fail on the user's input (recipe, data, model, output dir) is checked in
-`prepare`, before the run dir exists: a bad input never leaves a half-written run behind.
+One run goes through `hybridtune.run` (prepare, train); a recipe with `ensemble:` through
+`hybridtune.ensemble`; finished runs are loaded by `hybridtune.inference` (one loader), saved
+ensembles by `hybridtune.ensemble`.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-from transformers import set_seed
-
-from hybridtune import distributed, generation, rundir, strategy, tasks
-from hybridtune.data import Splits, long_texts, token_cache
-from hybridtune.errors import RunFailed, TrainingStopped, UserError, one_line
-from hybridtune.model.anatomy import Anatomy
-from hybridtune.model.loading import check_vocabulary, load_tokenizer, resolve, tokenizer_path, training_texts
-from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
-from hybridtune.report.params import param_table
-from hybridtune.strategy import peft as peft_part
-from hybridtune.strategy.plan import Plan, make_plan, planned_steps
+from hybridtune import generation, tasks
+from hybridtune.errors import UserError
+from hybridtune.inference import LoadedRun, bind_labels, load_run, task_of  # noqa: F401  (the API)
+from hybridtune.model.loading import load_tokenizer, resolve, tokenizer_path
+from hybridtune.recipe import Recipe, load_recipe
+from hybridtune.run import Prepared, params, prepare, quiet_libraries, task_for, train_tokens  # noqa: F401
+from hybridtune.run import train as train_one
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
-from hybridtune.train import trunk_cache
 from hybridtune.train.precision import autocast
-from hybridtune.train.precision import choose as choose_precision
-
-
-def task_for(recipe: Recipe) -> Any:
-    """The recipe's task (hybridtune.tasks: the contract in tasks/base.py): its module, or what the
-    module's `bind` makes of the recipe (a prompt task needs the recipe's template and verbalizer to
-    encode its data)."""
-    return tasks.for_recipe(recipe)
-
-
-@dataclass
-class Prepared:
-    """Everything a run needs, built and checked before anything is written."""
-
-    recipe: Recipe
-    task: Any
-    splits: Splits
-    labels: Any
-    tokenizer: Any
-    model: torch.nn.Module
-    anatomy: Anatomy
-    build: strategy.Build
-    plan: Plan
-    params: dict
-    datasets: dict
-    trunk_depth: int = 0  # frozen bottom blocks the run starts caching (train/trunk_cache.py); 0 = none
-    # the splits read from the token cache, and the seconds encoding took (data/token_cache.py)
-    token_cache: dict | None = None
-    # what max_length cuts of each split's texts (data/long_texts.py); None: the task does not count
-    truncation: dict | None = None
-
-
-def quiet_libraries() -> None:
-    """The run's own progress (Trainer's bar, one line per evaluation) is what a user reads; the
-    libraries' bars (datasets' "Map" / "Saving the dataset", transformers' shard writing) only flood a
-    compare's log."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.logging.disable_progress_bar()
-
-
-def prepare(recipe: Recipe) -> Prepared:
-    quiet_libraries()
-    task = task_for(recipe)
-    data_cfg = recipe.data
-    splits = task.load_splits(data_cfg)
-    labels = task.label_space(splits, data_cfg)
-    _bind_labels(labels, recipe)
-    path = resolve(recipe.model.name)
-    tokenizer = load_tokenizer(*tokenizer_path(recipe.model))
-    skip = {"_where", data_cfg.label_column, getattr(data_cfg, "tags_column", None)}
-    check_vocabulary(tokenizer, training_texts(splits.train, skip), tokenizer_path(recipe.model)[1])
-    set_seed(recipe.train.seed)  # the new head's initialisation is part of the run's reproducibility
-    model, new_params = task.load_model(path, tokenizer, labels)
-    # encoded before the plan: with data.long_texts: chunks a training example is a window, not a text
-    started = time.perf_counter()
-    names = tuple(n for n in ("train", "validation", "test") if len(splits[n]))  # few-shot: no validation
-    datasets, cached, counts = token_cache.encode_splits(
-        task, recipe, splits, tokenizer, labels, names, counted=tasks.has(recipe.task, "long_texts")
-    )
-    encoded = {"from_cache": cached, "seconds": round(time.perf_counter() - started, 3)}
-    truncation = long_texts.report(counts, data_cfg)
-    n_train = len(datasets["train"])
-    anatomy = Anatomy.of(model)
-    base_ids = {id(p) for p in model.parameters()}
-    build = strategy.Build(
-        anatomy=anatomy,
-        task=task,
-        new_params=new_params,
-        tokenizer=tokenizer,
-        max_length=data_cfg.max_length,
-        total_steps=planned_steps(recipe.train, n_train),
-        recipe=recipe,
-        labels=labels,
-    )
-    model = strategy.apply(model, recipe, build)
-    plan = make_plan(model, recipe, anatomy, base_ids, n_train)
-    held = plan.optimizer_names(model)
-    params = param_table(model, anatomy, base_ids, {n: v for n, v in plan.lrs.items() if n in held})
-    if plan.stages is not None:
-        params["stages"] = plan.stage_summary(model)
-    if params["trainable"] == 0:
-        raise UserError(
-            "freeze", "a strategy that leaves no parameter trainable", "at least one trainable parameter"
-        )
-    depth = trunk_cache.plan_depth(recipe, model, anatomy, plan.base_names)  # `on` that cannot: UserError
-    prep = Prepared(recipe, task, splits, labels, tokenizer, model, anatomy, build, plan, params, datasets)
-    prep.trunk_depth, prep.token_cache, prep.truncation = depth, encoded, truncation
-    return prep
-
-
-def _bind_labels(labels, recipe: Recipe, info: dict | None = None, where: str = "run.json") -> None:
-    """The recipe's settings a task's evaluation reads off its labels (tasks/base.py): a `generate`
-    task generates with `generation` (a saved run: in run.json's prompt format); a `long_texts` task
-    pools a chunked document's windows by `data.pool`."""
-    if tasks.has(recipe.task, "generate"):
-        labels.generation = recipe.generation
-        if info is not None:
-            labels.prompt_format = generation.recorded_format(info, where)
-    if tasks.has(recipe.task, "long_texts"):
-        labels.pool = recipe.data.pool
-
-
-def params(recipe: Recipe) -> dict:
-    """The per-layer parameter table of a recipe, without training."""
-    return prepare(recipe).params
 
 
 def train(
@@ -149,316 +32,25 @@ def train(
     search_trial: bool = False,
     resume_weights_only: bool = False,
 ) -> dict:
-    """Train one recipe end to end; returns the summary written to `report.json`.
-
-    `callbacks`: more `TrainerCallback`s (a search's pruning callback). `search_trial`: a trial of
-    `hybridtune search`, which sees only the validation split: no checkpoints, no final/, no test
-    evaluation, no progress bar; report.json holds the validation results (search/trial.py).
-
-    `resume`: an interrupted run dir to continue from its last complete checkpoint (its own
-    recipe.yaml; model, optimizer, scheduler, RNG states, data order, stage and early stopping
-    restored), which then ends like a normal run (train/resume.py). `resume_weights_only`: go on from
-    a checkpoint without its optimizer state (refused otherwise). The run dir's lock is held until
-    the run ends: a second writer is refused (durable.lock_dir)."""
-    from hybridtune.train.resume import prepare_resume
-
-    held, checkpoint = [], None
-    if resume is not None:  # under a launcher, rank 0 alone locks and tidies the run dir
-        checkpoint, lock = prepare_resume(
-            Path(resume), resume_weights_only, os.environ.get("RANK", "0") == "0"
-        )
-        held.append(lock)
-    try:
-        if resume is not None:
-            # a hand-edited or truncated state is bad input (exit 2), found before the model loads
-            rundir.read_meta(
-                checkpoint / "trainer_state.json",
-                {"epoch": (int, float), "global_step": int, "log_history": list},
-            )
-            rundir.read_meta(Path(resume) / "run.json", {"task": str})
-            recipe = load_recipe(Path(resume) / "recipe.yaml")
-        return _train_held(recipe, resume, checkpoint, held, callbacks, search_trial)
-    finally:
-        for lock in held:
-            if lock is not None:
-                lock.release()
-
-
-def _train_held(
-    recipe: Recipe | None, resume, checkpoint: Path | None, held: list, callbacks=(), search_trial=False
-) -> dict:
-    from hybridtune.train.engine import resolve_precision, training_arguments
-
-    recipe = recipe or load_recipe()
-    if recipe.ensemble is not None:
+    """Train one recipe end to end (`hybridtune.run.train`), or an `ensemble:` recipe's members and
+    their combination (`hybridtune.ensemble.train`); returns the summary written to report.json."""
+    if resume is None and recipe is not None and recipe.ensemble is not None:
         from hybridtune import ensemble
 
-        if resume is not None:
+        return ensemble.train(recipe)
+    if resume is not None and (Path(resume) / "recipe.yaml").is_file():
+        try:
+            is_ensemble = load_recipe(Path(resume) / "recipe.yaml").ensemble is not None
+        except UserError:
+            is_ensemble = False  # run.train says what is wrong with it
+        if is_ensemble:
             raise UserError(
                 f"--resume {resume}",
                 "an ensemble run",
                 "a single run: resume the unfinished member (<run>/members/<i>), then combine with "
                 "`hybridtune ensemble`",
             )
-        return ensemble.train(recipe)
-    prep = prepare(recipe)
-    run = Path(resume) if resume else rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
-    args = training_arguments(recipe.train, recipe.output, run / "checkpoints")
-    # under torchrun / accelerate launch every process runs this function; rank 0 names the run dir
-    # (a timestamped name could differ between processes) and is the only one that writes
-    distributed.setup(args)
-    run = Path(distributed.broadcast(str(run)))
-    args.output_dir = str(run / "checkpoints")
-    main = distributed.is_main()
-    if recipe.data.validation_shots == 0:  # few-shot without validation: fixed steps, the last model
-        from hybridtune.train.engine import without_validation
-
-        without_validation(args)
-    for key, value in strategy.training_args(recipe).items():
-        setattr(args, key, value)
-    if search_trial:  # the best validation metric is Trainer's own bookkeeping, with or without saves
-        args.save_strategy, args.load_best_model_at_end = "no", False
-    is_peft = hasattr(prep.model, "peft_config")
-    cache, datasets = None, prep.datasets
-    if prep.trunk_depth:
-        cache = trunk_cache.TrunkCache(
-            prep.model,
-            prep.anatomy,
-            prep.plan.base_names,
-            prep.tokenizer,
-            resolve_precision(recipe.train.precision),
-            recipe.train.eval_batch_size,
-            max_length=recipe.data.max_length,
-            scratch=run,
-            stage_plan=prep.plan.stages,
-        )
-        datasets = cache.add_rows(prep.datasets)
-    phase = {"step": "writing the run dir", "written": checkpoint is not None, "trainer": None, "held": held}
-    try:
-        summary = _train(
-            recipe,
-            prep,
-            run,
-            args,
-            checkpoint,
-            main,
-            is_peft,
-            cache,
-            datasets,
-            phase,
-            list(callbacks),
-            search_trial,
-        )
-    except KeyboardInterrupt:
-        raise  # interrupted, not failed: `hybridtune train --resume` goes on from the last checkpoint
-    except BaseException as e:
-        if not (main and phase["written"]):
-            raise  # nothing of this run was written (e.g. its name was taken): the error says why
-        step = phase["step"]
-        trainer = phase["trainer"]
-        if step == "training" and trainer is not None:
-            step = f"training (step {trainer.state.global_step} of {trainer.state.max_steps})"
-        last = rundir.last_checkpoint(run)
-        rundir.mark_failed(run, step, one_line(e), last.name if last else None)
-        if isinstance(e, UserError | TrainingStopped):
-            raise  # their own one-line message and exit code (2 / 3)
-        resume = f"; resume: hybridtune train --resume {run}" if last else ""
-        raise RunFailed(f"{run}: {step} failed: {one_line(e)}{resume}") from e
-    finally:
-        if cache is not None:
-            cache.close()
-    if checkpoint is not None:  # a failed run resumed to its end is no longer failed
-        (run / rundir.FAILED).unlink(missing_ok=True)
-    return summary
-
-
-def _train(
-    recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, phase, extra=(), search_trial=False
-) -> dict:
-    """`train` from the run dir on: run files, Trainer, final/, the test evaluation, report.json."""
-    from hybridtune.train.engine import make_trainer, resolve_precision
-
-    if main and checkpoint is None:
-        phase["held"].append(rundir.new_run_dir(run))  # the run dir, and its lock (released by train)
-        phase["written"] = True
-        rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
-        rundir.write_json(
-            run / "run.json",
-            {
-                "task": recipe.task,
-                "labels": prep.labels.names,
-                "label_values": prep.labels.values,
-                "base_model": resolve(recipe.model.name),
-                "format": "peft" if is_peft else "model",
-                "trunk_cache": {"used": cache is not None, "depth": prep.trunk_depth},
-                **(prep.task.run_info(prep.tokenizer) if tasks.has(recipe.task, "run_info") else {}),
-            },
-        )
-        rundir.write_json(run / "params.json", prep.params)
-    distributed.barrier()  # the run dir exists before any process trains
-    if main:  # every check has passed (the run dir too): the run starts by saying what max_length cuts
-        long_texts.announce(prep.truncation)
-
-    trainer = make_trainer(
-        prep.model,
-        prep.tokenizer,
-        datasets,
-        recipe,
-        args,
-        run,
-        prep.task.make_compute_metrics(prep.labels),
-        plan=prep.plan,
-        callbacks=[*strategy.callbacks(prep.model, recipe, prep.build), *extra],
-        collator=prep.task.collator(prep.tokenizer),  # token classification pads its label lists too
-        resume_from=checkpoint,
-        trunk_cache=cache,
-        progress=not search_trial,
-    )
-    resumed_epoch = rundir.read_json(checkpoint / "trainer_state.json")["epoch"] if checkpoint else 0.0
-    zero_shot = None
-    if (
-        tasks.has(recipe.task, "zero_shot") and main and not search_trial
-    ):  # what the prompt alone scores, before training: the lift
-        if checkpoint is not None and (run / "zero_shot.json").is_file():  # measured when the run began
-            zero_shot = rundir.read_json(run / "zero_shot.json")
-        else:
-            with autocast(recipe.train.precision):
-                zero_shot = prep.task.zero_shot(prep.tokenizer, prep.datasets["test"], prep.labels)
-            rundir.write_json(run / "zero_shot.json", zero_shot)
-    started, record = time.perf_counter(), None
-    if recipe.contrastive is not None and checkpoint is None:  # a resumed run is past this stage
-        from hybridtune.strategy import contrastive
-
-        phase["step"] = "contrastive tuning"
-        record = contrastive.run(prep, resolve_precision(recipe.train.precision))
-        if main:
-            rundir.write_json(run / "contrastive.json", record)
-    phase.update(step="training", trainer=trainer)
-    out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - started
-    model = trainer.model
-
-    def save(tmp: Path) -> None:
-        own = strategy.save(model, recipe, tmp)  # adapters, a soft prompt: files of their own
-        base = {k: v for k, v in model.state_dict().items() if k not in own}
-        model.save_pretrained(tmp, **({"state_dict": base} if own else {}))
-        prep.tokenizer.save_pretrained(tmp)
-        peft_part.save_base_config(model, tmp)  # the label names, beside a peft adapter
-
-    if not main:  # rank 0 saves and evaluates; the others are done
-        return {"run_dir": str(run), "rank": distributed.rank()}
-    test = None
-    if not search_trial:
-        phase["step"] = "saving final/"
-        rundir.save_dir_atomically(run / "final", save)
-        phase["step"] = "the test evaluation"
-        with autocast(recipe.train.precision):  # as Trainer's validation passes ran
-            test = prep.task.report(model, prep.tokenizer, datasets["test"], prep.labels)  # cached too
-        rundir.write_json(run / "eval.json", test)
-    state = trainer.state
-    headline = tasks.spec(recipe.task).headline
-    trainable = max([prep.params["trainable"], *(s["trainable"] for s in prep.params.get("stages", []))])
-    summary = {
-        "run_dir": str(run),
-        "recipe": recipe.name,
-        **({"test": {k: test[k] for k in headline}} if test is not None else {}),
-        "warnings": test.get("warnings", []) if test is not None else [],  # tasks/baseline.py
-        **({"zero_shot_test": {k: zero_shot[k] for k in headline}} if zero_shot else {}),
-        "best_validation": state.best_metric,
-        "best_checkpoint": state.best_model_checkpoint,
-        # with stages: the most that trains in any stage (the table in params.json has each stage)
-        "trainable": trainable,
-        "total": prep.params["total"],
-        "trainable_pct": round(100 * trainable / prep.params["total"], 4),
-        "train_seconds": round(train_seconds, 2),
-        "train_samples_per_second": out.metrics.get("train_samples_per_second"),
-        # tokens the model read (padding excluded) per second of training (of this process, if resumed)
-        "train_tokens_per_second": round(
-            train_tokens(prep.datasets["train"], state.epoch - resumed_epoch) / train_seconds, 1
-        ),
-        "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        if torch.cuda.is_available()
-        else None,
-        "metric": headline[0],  # the task's main test metric
-        "best_validation_metric": args.metric_for_best_model,
-        "epochs": state.epoch,
-        "steps": state.global_step,
-        "precision": resolve_precision(recipe.train.precision),
-        "precision_reason": choose_precision(recipe.train.precision).reason,
-        "trunk_cache": cache.summary() if cache is not None else {"used": False, "depth": 0},
-        "token_cache": prep.token_cache,
-        "truncation": prep.truncation,
-        # few-shot: the draw trained on (data/shots.py); contrastive: its stage, inside train_seconds
-        **(
-            {
-                "few_shot": {
-                    "shots": recipe.data.shots,
-                    "draw": recipe.data.draw,
-                    "train_rows": len(prep.splits.train),
-                }
-            }
-            if recipe.data.shots
-            else {}
-        ),
-        **({"contrastive": {k: v for k, v in record.items() if k != "losses"}} if record else {}),
-    }
-    phase["step"] = "writing report.json"
-    rundir.write_json(run / "report.json", summary)
-    return summary
-
-
-def train_tokens(dataset, epochs: float) -> float:
-    """Non-padding tokens seen in `epochs` passes over a tokenized dataset."""
-    return sum(len(ids) for ids in dataset["input_ids"]) * epochs
-
-
-# --------------------------------------------------------------------------------------------------
-# inference on a finished run
-
-
-@dataclass
-class LoadedRun:
-    run_dir: Path
-    recipe: Recipe
-    model: torch.nn.Module
-    tokenizer: Any
-    labels: Any
-    task: Any = None  # the task module (hybridtune.tasks.*)
-
-
-def task_of(run_dir: str) -> Any:
-    """The task module of a finished run or ensemble (e.g. for the CLI to print its results)."""
-    from hybridtune import ensemble
-
-    if ensemble.is_ensemble(run_dir):
-        path = Path(run_dir) / ensemble.MANIFEST
-    else:
-        path = rundir.check_run_dir(run_dir) / "run.json"
-    return tasks.load(rundir.read_meta(path, {"task": str})["task"], where=str(path))
-
-
-def load_run(run_dir: str) -> LoadedRun:
-    from hybridtune.inference import labels_of
-
-    run = rundir.check_run_dir(run_dir)
-    info = rundir.read_meta(run / "run.json", {"format": str})
-    recipe = load_recipe(run / "recipe.yaml")
-    task = task_for(recipe)
-    labels = labels_of(task, info, run / "run.json")
-    # a chunks run scores new texts per document, as it was evaluated; a causal run prompts as it trained
-    _bind_labels(labels, recipe, info, str(run / "run.json"))
-    final = str(run / "final")
-    tokenizer = load_tokenizer(final, where=f"{run}/final")
-    if info["format"] == "peft":
-        from hybridtune.strategy.peft import load_adapter
-
-        base, _ = task.load_model(resolve(recipe.model.name), tokenizer, labels)
-        model = load_adapter(base, final)
-    else:
-        model, _ = task.load_model(final, tokenizer, labels)
-    model = strategy.restore(model, recipe, final)
-    model.eval()
-    return LoadedRun(run, recipe, model, tokenizer, labels, task)
+    return train_one(recipe, resume, callbacks, search_trial, resume_weights_only)
 
 
 def evaluate(run_dir: str, data: str | None = None) -> dict:

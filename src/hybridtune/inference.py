@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybridtune import rundir, tasks
+from hybridtune import generation, rundir, strategy, tasks
 from hybridtune.device import to_device  # noqa: F401  (tasks import it from here)
 from hybridtune.errors import UserError
 from hybridtune.generation import recorded_format
-from hybridtune.model.loading import load_model, load_tokenizer
-from hybridtune.recipe import DataConfig
+from hybridtune.model.loading import load_model, load_tokenizer, resolve
+from hybridtune.recipe import DataConfig, Recipe, load_recipe
 
 EXPORT_JSON = "export.json"
 ENSEMBLE_JSON = "ensemble.json"  # hybridtune.ensemble.MANIFEST
@@ -75,8 +75,10 @@ def place(model: nn.Module, dev: torch.device | None = None, precision: str = "a
 def load(path: str | Path, dev: torch.device | None = None, precision: str = "auto") -> Loaded:
     """A run dir, an export dir or a model dir, on `dev` (default: `device()`) in `precision` (see `place`)."""
     root = Path(path)
-    if (root / ENSEMBLE_JSON).is_file():
-        return _load_ensemble(root)  # its members stay where hybridtune.ensemble loads them (CPU)
+    if (root / ENSEMBLE_JSON).is_file():  # ensembles sit above this loader: hybridtune.ensemble.load
+        raise UserError(
+            str(path), "an ensemble dir", "a run, export or model dir (ensembles: hybridtune.ensemble.load)"
+        )
     if (root / "run.json").is_file():
         loaded = _load_run(root)
     elif (root / EXPORT_JSON).is_file():
@@ -96,8 +98,6 @@ def load(path: str | Path, dev: torch.device | None = None, precision: str = "au
 
 
 def _load_run(root: Path) -> Loaded:
-    from hybridtune import api
-
     rundir.check_run_dir(str(root))
     info = rundir.read_meta(root / "run.json", {"task": str})
     if info["task"] == CAUSAL:
@@ -105,7 +105,7 @@ def _load_run(root: Path) -> Loaded:
         model, tokenizer = load_causal(root / "final", base, fmt)
         prompt_format = recorded_format(info, str(root / "run.json"))
         return Loaded(CAUSAL, model, tokenizer, root.name, source=root, prompt_format=prompt_format)
-    run = api.load_run(str(root))
+    run = load_run(str(root))
     return Loaded(
         info["task"],
         run.model,
@@ -116,25 +116,6 @@ def _load_run(root: Path) -> Loaded:
         run.recipe.data,
         run.recipe,
         root,
-    )
-
-
-def _load_ensemble(root: Path) -> Loaded:
-    from hybridtune.ensemble import Ensemble
-
-    ensemble = Ensemble(root)
-    first = ensemble.members[0].loaded
-    return Loaded(
-        "classification",
-        first.model,
-        first.tokenizer,
-        root.name,
-        ensemble.labels,
-        first.task,
-        ensemble.data_cfg,
-        first.recipe,
-        root,
-        predict=ensemble.predict,
     )
 
 
@@ -303,3 +284,63 @@ def auto_class(task_name: str, where: str):
         able = ", ".join(n for n in tasks.names() if tasks.spec(n).auto_model)
         raise UserError(where, f"task {task_name}, whose model class depends on the model", f"a {able} model")
     return getattr(transformers, auto)
+
+
+# --------------------------------------------------------------------------------------------------
+# a finished run dir, with its recipe, task and strategy parts (what api, ensemble, search and
+# fusion's frozen run load)
+
+
+def bind_labels(labels, recipe: Recipe, info: dict | None = None, where: str = "run.json") -> None:
+    """The recipe's settings a task's evaluation reads off its labels (tasks/base.py): a `generate`
+    task generates with `generation` (a saved run: in run.json's prompt format); a `long_texts` task
+    pools a chunked document's windows by `data.pool`."""
+    if tasks.has(recipe.task, "generate"):
+        labels.generation = recipe.generation
+        if info is not None:
+            labels.prompt_format = generation.recorded_format(info, where)
+    if tasks.has(recipe.task, "long_texts"):
+        labels.pool = recipe.data.pool
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    recipe: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    labels: Any
+    task: Any = None  # the task module (hybridtune.tasks.*)
+
+
+def task_of(run_dir: str) -> Any:
+    """The task module of a finished run or ensemble (e.g. for the CLI to print its results)."""
+    from hybridtune.ensemble.config import MANIFEST, is_ensemble
+
+    if is_ensemble(run_dir):
+        path = Path(run_dir) / MANIFEST
+    else:
+        path = rundir.check_run_dir(run_dir) / "run.json"
+    return tasks.load(rundir.read_meta(path, {"task": str})["task"], where=str(path))
+
+
+def load_run(run_dir: str) -> LoadedRun:
+    run = rundir.check_run_dir(run_dir)
+    info = rundir.read_meta(run / "run.json", {"format": str})
+    recipe = load_recipe(run / "recipe.yaml")
+    task = tasks.for_recipe(recipe)
+    labels = labels_of(task, info, run / "run.json")
+    # a chunks run scores new texts per document, as it was evaluated; a causal run prompts as it trained
+    bind_labels(labels, recipe, info, str(run / "run.json"))
+    final = str(run / "final")
+    tokenizer = load_tokenizer(final, where=f"{run}/final")
+    if info["format"] == "peft":
+        from hybridtune.strategy.peft import load_adapter
+
+        base, _ = task.load_model(resolve(recipe.model.name), tokenizer, labels)
+        model = load_adapter(base, final)
+    else:
+        model, _ = task.load_model(final, tokenizer, labels)
+    model = strategy.restore(model, recipe, final, load_run=load_run)  # fusion loads its frozen run
+    model.eval()
+    return LoadedRun(run, recipe, model, tokenizer, labels, task)

@@ -33,6 +33,15 @@ from typing import Any
 from hybridtune import durable
 from hybridtune.errors import UserError
 
+# the dir runs share their caches through (frozen trunks: train/trunk_store.py; tokenized splits:
+# data/token_cache.py); compare and search set it for their runs, a user's own value wins
+CACHE_DIR_ENV = "HYBRIDTUNE_CACHE_DIR"
+
+
+def shared_dir() -> Path | None:
+    value = os.environ.get(CACHE_DIR_ENV)
+    return Path(value) if value else None
+
 
 def run_dir_path(out_dir: str, name: str | None, recipe_name: str) -> Path:
     return Path(out_dir) / (name or f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -32,8 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from hybridtune import __version__
-from hybridtune.rundir import publish_dir
-from hybridtune.train.trunk_store import shared_dir
+from hybridtune.rundir import publish_dir, shared_dir
 
 FORMAT = 2  # bump when what an entry holds changes (2: the truncation counts, counts.json)
 COUNTS = "counts.json"  # in an entry: what the encoding kept of the split's texts (data/long_texts.py)

@@ -18,67 +18,58 @@
 
 The package: `config` (the recipe section, members' recipes), `outputs` (output ensembles),
 `shared` (a shared trunk at inference), `soups`, `merging` (peft adapter merging), `runs`
-(`ensemble:` recipes) and `joint` (shared-trunk training). Everything public is re-exported here.
+(`ensemble:` recipes) and `joint` (shared-trunk training). Everything public is importable from here, loaded on first use (PEP 562), so that
+importing the package (the recipe schema imports `ensemble.config`) imports none of the modules
+that train or load runs.
 
 Classification runs only: a token-classification ensemble would need word-level alignment of the
 members' sub-tokens, which this module does not do.
 """
 
-from hybridtune.ensemble.config import (
-    COMBINES,
-    MANIFEST,
-    MERGE_METHODS,
-    EnsembleConfig,
-    check_weights,
-    is_ensemble,
-    member_recipes,
-)
-from hybridtune.ensemble.joint import JointMembers, frozen_trunk_depth, train_joint
-from hybridtune.ensemble.merging import merge_adapters
-from hybridtune.ensemble.outputs import (
-    Ensemble,
-    Member,
-    build,
-    check_same_labels,
-    combine,
-    headline_metrics,
-    load_member,
-    member_logits,
-    softmax,
-    split_frames,
-    y_true,
-)
-from hybridtune.ensemble.runs import train
-from hybridtune.ensemble.shared import Replay, SharedTrunk, share_trunk, trunk_depth
-from hybridtune.ensemble.soups import soup
+from importlib import import_module
 
-__all__ = [
-    "COMBINES",
-    "MANIFEST",
-    "MERGE_METHODS",
-    "Ensemble",
-    "EnsembleConfig",
-    "JointMembers",
-    "Member",
-    "Replay",
-    "SharedTrunk",
-    "build",
-    "check_same_labels",
-    "check_weights",
-    "combine",
-    "frozen_trunk_depth",
-    "headline_metrics",
-    "is_ensemble",
-    "load_member",
-    "member_logits",
-    "member_recipes",
-    "merge_adapters",
-    "share_trunk",
-    "softmax",
-    "soup",
-    "split_frames",
-    "train",
-    "train_joint",
-    "trunk_depth",
-    "y_true",
-]
+_WHERE = {
+    "COMBINES": "config",
+    "Ensemble": "outputs",
+    "EnsembleConfig": "config",
+    "JointMembers": "joint",
+    "MANIFEST": "config",
+    "MERGE_METHODS": "config",
+    "Member": "outputs",
+    "Replay": "shared",
+    "SharedTrunk": "shared",
+    "build": "outputs",
+    "check_same_labels": "outputs",
+    "check_weights": "config",
+    "combine": "outputs",
+    "frozen_trunk_depth": "joint",
+    "headline_metrics": "outputs",
+    "is_ensemble": "config",
+    "load": "outputs",
+    "load_member": "outputs",
+    "member_logits": "outputs",
+    "member_recipes": "members",
+    "merge_adapters": "merging",
+    "share_trunk": "shared",
+    "softmax": "outputs",
+    "soup": "soups",
+    "split_frames": "outputs",
+    "train": "runs",
+    "train_joint": "joint",
+    "trunk_depth": "shared",
+    "y_true": "outputs",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'hybridtune.ensemble' has no attribute {name!r}")
+    value = getattr(import_module(f"hybridtune.ensemble.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

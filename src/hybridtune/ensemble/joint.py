@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from hybridtune import rundir
-from hybridtune.ensemble.config import COMBINES, member_recipes
+from hybridtune.ensemble.config import COMBINES
+from hybridtune.ensemble.members import member_recipes
 from hybridtune.ensemble.outputs import build
 from hybridtune.ensemble.shared import share_trunk, trunk_depth
 from hybridtune.errors import UserError
@@ -75,7 +76,7 @@ def frozen_trunk_depth(models: list[torch.nn.Module]) -> int:
 def train_joint(recipe) -> dict:
     """`ensemble: {shared_trunk: true}`: the members (seeds) train together above their frozen
     trunk, one trunk forward per batch; each is then saved as a normal run under members/<i>."""
-    from hybridtune import api
+    from hybridtune import run
 
     cfg = recipe.ensemble
     members = member_recipes(recipe)
@@ -86,7 +87,7 @@ def train_joint(recipe) -> dict:
             "vary: seed, an output combine (mean_logits, mean_probs, vote, weighted) and no stages "
             "(the trunk must stay frozen and the same in every member)",
         )
-    preps = [api.prepare(r) for r in members]
+    preps = [run.prepare(r) for r in members]
     models = [p.model for p in preps]
     depth = frozen_trunk_depth(models)
     if depth < 1:
@@ -101,7 +102,8 @@ def train_joint(recipe) -> dict:
 
 
 def _train_joint(recipe, members: list, preps: list, depth: int, run: Path) -> dict:
-    from hybridtune import api
+    from hybridtune import run
+    from hybridtune.model.loading import resolve
     from hybridtune.recipe import recipe_to_yaml
     from hybridtune.strategy.peft import save_base_config
     from hybridtune.strategy.plan import Plan
@@ -150,7 +152,7 @@ def _train_joint(recipe, members: list, preps: list, depth: int, run: Path) -> d
                 "task": "classification",
                 "labels": prep.labels.names,
                 "label_values": prep.labels.values,
-                "base_model": api.resolve(prep.recipe.model.name),
+                "base_model": resolve(prep.recipe.model.name),
                 "format": "peft" if hasattr(model, "peft_config") else "model",
                 "trained_with_shared_trunk": str(run),
             },
@@ -188,7 +190,7 @@ def _train_joint(recipe, members: list, preps: list, depth: int, run: Path) -> d
         "train_seconds": round(seconds, 2),
         "train_samples_per_second": out.metrics.get("train_samples_per_second"),
         "train_tokens_per_second": round(
-            api.train_tokens(first.datasets["train"], trainer.state.epoch) / seconds, 1
+            run.train_tokens(first.datasets["train"], trainer.state.epoch) / seconds, 1
         ),
         "cuda_peak_mib": None,
         "metric": "accuracy",

@@ -52,7 +52,7 @@ class Member:
     """A finished classification run, loaded."""
 
     path: Path
-    loaded: Any  # api.LoadedRun
+    loaded: Any  # inference.LoadedRun
 
     @property
     def labels(self):
@@ -69,11 +69,11 @@ class Member:
 
 
 def load_member(path: str | Path) -> Member:
-    from hybridtune import api
+    from hybridtune.inference import load_run
 
     if is_ensemble(path):
         raise UserError(str(path), "an ensemble dir", "a run dir (ensembles of ensembles are not supported)")
-    loaded = api.load_run(str(path))
+    loaded = load_run(str(path))
     if loaded.recipe.task != "classification":
         raise UserError(
             str(path), f"a {loaded.recipe.task} run", "classification runs (ensembles combine class scores)"
@@ -291,3 +291,25 @@ class Ensemble:
 
         frame = prediction_frame(self.data_cfg, texts, text_pairs)
         return prediction_rows(texts, self.probs(frame), self.labels.names)
+
+
+def load(root: str | Path):
+    """A saved ensemble dir as serve loads a model (inference.Loaded): its members combined by
+    `Ensemble.predict`, on the CPU where its members are."""
+    from hybridtune.inference import Loaded
+
+    root = Path(root)
+    ensemble = Ensemble(root)
+    first = ensemble.members[0].loaded
+    return Loaded(
+        "classification",
+        first.model,
+        first.tokenizer,
+        root.name,
+        ensemble.labels,
+        first.task,
+        ensemble.data_cfg,
+        first.recipe,
+        root,
+        predict=ensemble.predict,
+    )

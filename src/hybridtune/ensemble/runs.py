@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from hybridtune import rundir
-from hybridtune.ensemble.config import COMBINES, member_recipes
+from hybridtune.ensemble.config import COMBINES
+from hybridtune.ensemble.members import member_recipes
 from hybridtune.ensemble.merging import merge_adapters
 from hybridtune.ensemble.outputs import build
 from hybridtune.ensemble.soups import soup
@@ -31,7 +32,7 @@ def train(recipe) -> dict:
 
 
 def _train(recipe, members: list, run: Path) -> dict:
-    from hybridtune import api
+    from hybridtune import run
     from hybridtune.recipe import recipe_to_yaml
 
     cfg = recipe.ensemble
@@ -39,7 +40,7 @@ def _train(recipe, members: list, run: Path) -> dict:
     summaries = []
     for i, member in enumerate(members):
         member.output.dir, member.output.name = str(run / "members"), str(i)
-        summaries.append(api.train(member))
+        summaries.append(run.train(member))
     paths = [s["run_dir"] for s in summaries]
     if cfg.combine in COMBINES:
         result = build(paths, str(run), cfg.combine, cfg.weights, copy_members=False)

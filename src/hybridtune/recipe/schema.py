@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field, create_model, field_validator, model_validator
 
 from hybridtune import strategy, tasks
-from hybridtune.ensemble import EnsembleConfig
+from hybridtune.ensemble.config import EnsembleConfig
 from hybridtune.paths import NAME_RULE, is_safe_name
 from hybridtune.recipe.sections import DataConfig, ModelConfig, OutputConfig, Section, TrainConfig, one_of
+from hybridtune.recipe.trunk import expected, static_reason
 from hybridtune.strategy.lr import LrConfig
 from hybridtune.strategy.schedule import ScheduleConfig
 from hybridtune.strategy.stages import StagesConfig
@@ -121,8 +122,6 @@ class Recipe(RecipeParts):
     @model_validator(mode="after")
     def _trunk_cache_on(self) -> Recipe:
         if self.train.trunk_cache == "on":
-            from hybridtune.train.trunk_cache import expected, static_reason
-
             reason = static_reason(self)
             if reason is not None:
                 raise ValueError(f"train.trunk_cache: found on, with {reason}; expected {expected()}")

@@ -4,7 +4,7 @@
     params.py   one setting: fixed, choices or a range
     setup.py    every check before anything is written (space, base recipe, metric, data, budget)
     study.py    Optuna storage (a journal file in the search dir), sampler, pruner, the loop, resume
-    trial.py    one trial in this process through api.train, with the pruning callback
+    trial.py    one trial in this process through run.train, with the pruning callback
     report.py   trials table, Pareto fronts and their recipes, plots, report.html
     verdict.py  the best recipes and the reference retrained with fresh seeds, tested once
 

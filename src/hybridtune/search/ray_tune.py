@@ -191,7 +191,7 @@ def _searcher_class():
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             from hybridtune import rundir
-            from hybridtune.search.study import record
+            from hybridtune.search.trial import record
 
             if trial_id in self._completed_trials or trial_id not in self._ot_trials:
                 return

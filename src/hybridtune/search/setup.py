@@ -181,7 +181,7 @@ def model_shape(model_name: str) -> tuple[int, list[str]]:
 
 def resolve(space: Space, origin: str) -> Context:
     """Every check that needs the base recipe, the data and the model config."""
-    from hybridtune import api, tasks
+    from hybridtune import tasks
     from hybridtune.recipe import validate_recipe
 
     raw = base_recipe(space, origin)
@@ -195,7 +195,7 @@ def resolve(space: Space, origin: str) -> Context:
             "one of " + ", ".join(metrics),
             did_you_mean(metric, metrics),
         )
-    task = api.task_for(recipe)
+    task = tasks.for_recipe(recipe)
     splits = task.load_splits(recipe.data)  # a bad data file stops here, by file:row
     blocks, linear = model_shape(recipe.model.name)
     ctx = Context(
@@ -260,7 +260,7 @@ def cheapest_trial_seconds(ctx: Context) -> float:
     without the evaluations. Nothing is written."""
     import torch
 
-    from hybridtune import api
+    from hybridtune import tasks
     from hybridtune.model.loading import load_tokenizer, resolve
     from hybridtune.recipe import validate_recipe
     from hybridtune.strategy.plan import planned_steps
@@ -271,7 +271,7 @@ def cheapest_trial_seconds(ctx: Context) -> float:
     raw.setdefault("train", {}).update({"epochs": epochs, "batch_size": batch})
     recipe = validate_recipe(raw)
     steps = planned_steps(recipe.train, ctx.n_train)
-    task = api.task_for(recipe)
+    task = tasks.for_recipe(recipe)
     splits = task.load_splits(recipe.data)
     labels = task.label_space(splits, recipe.data)
     path = resolve(recipe.model.name)

@@ -278,32 +278,9 @@ def _loop(
 
 
 def _one_trial(study, ctx: Context, root: Path, run_trial, index: int, total: int | None, echo) -> float:
+    from hybridtune.search.trial import record
+
     trial = study.ask()
     state, info = run_trial(ctx, trial, root)
     record(study, trial, ctx, state, info, f"({index + 1}{f'/{total}' if total else ''})", echo)
     return info["seconds"]
-
-
-def record(study, trial, ctx: Context, state: str, info: dict, count: str, echo) -> None:
-    """Tell the study how a trial ended (its info as user attributes: the trials table reads them)
-    and say it in one line; both backends end their trials here."""
-    from optuna.trial import TrialState
-
-    from hybridtune.search.trial import objective_values
-
-    for key in info:
-        if key not in ("number", "state"):
-            trial.set_user_attr(key, info[key])
-    values = objective_values(ctx, info)
-    head = f"trial {trial.number} {count} {info['family']}"
-    if state == "complete" and not any(math.isnan(v) for v in values):
-        study.tell(trial, values)
-        echo(
-            f"{head}: validation {ctx.metric} {info['value']:.4f} after {info['evaluations']} evaluations, {info['seconds']:.1f} s"
-        )
-    elif state == "pruned":
-        study.tell(trial, state=TrialState.PRUNED)
-        echo(f"{head}: pruned at evaluation {info['evaluations']}, {info['seconds']:.1f} s")
-    else:
-        study.tell(trial, state=TrialState.FAIL)
-        echo(f"{head}: failed ({info.get('error', 'no value')})")

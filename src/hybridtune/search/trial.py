@@ -1,4 +1,4 @@
-"""One trial, in this process: the trial's recipe through the one-run pipeline (`api.train` with
+"""One trial, in this process: the trial's recipe through the one-run pipeline (`run.train` with
 `search_trial=True`: validation only, no checkpoints, no final/), with a pruning callback.
 
 Trials run one after the other in the search's own long-lived process, so the interpreter, torch,
@@ -116,7 +116,7 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
     tells Optuna. A trial whose recipe the model cannot take (a UserError from prepare) or whose loss
     turned NaN fails alone; the search goes on. `on_evaluation(value, n, info)` hears each
     evaluation with what is known of the trial so far."""
-    from hybridtune import api
+    from hybridtune import run as one_run
 
     started = time.perf_counter()
     recipe, family = trial_recipe(ctx, trial, out)
@@ -135,7 +135,7 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
     )
     peak_memory_start()
     try:
-        summary = api.train(recipe, callbacks=[callback], search_trial=True)
+        summary = one_run.train(recipe, callbacks=[callback], search_trial=True)
     except (UserError, TrainingStopped) as e:
         state, info["error"] = "failed", str(e)
     else:
@@ -159,3 +159,26 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
         shutil.rmtree(run / "checkpoints", ignore_errors=True)  # Trainer's output dir: nothing saved there
         rundir.write_json(run / "trial.json", {**info, "params": trial.params})
     return state, info
+
+
+def record(study, trial, ctx: Context, state: str, info: dict, count: str, echo) -> None:
+    """Tell the study how a trial ended (its info as user attributes: the trials table reads them)
+    and say it in one line; both backends end their trials here."""
+    from optuna.trial import TrialState
+
+    for key in info:
+        if key not in ("number", "state"):
+            trial.set_user_attr(key, info[key])
+    values = objective_values(ctx, info)
+    head = f"trial {trial.number} {count} {info['family']}"
+    if state == "complete" and not any(math.isnan(v) for v in values):
+        study.tell(trial, values)
+        echo(
+            f"{head}: validation {ctx.metric} {info['value']:.4f} after {info['evaluations']} evaluations, {info['seconds']:.1f} s"
+        )
+    elif state == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+        echo(f"{head}: pruned at evaluation {info['evaluations']}, {info['seconds']:.1f} s")
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+        echo(f"{head}: failed ({info.get('error', 'no value')})")

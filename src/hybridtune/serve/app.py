@@ -4,38 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
 from hybridtune import inference
 from hybridtune.batching import Batcher, Overloaded
-from hybridtune.errors import UserError, one_line
+from hybridtune.errors import UserError
 from hybridtune.serve.guard import Guard, Limits, Metrics, Observe, busy
-
-log = logging.getLogger("hybridtune.serve")
-
-
-def _utf8(text: str) -> str:
-    # JSON may carry a lone surrogate ("\ud800"), which Python accepts and no tokenizer can encode
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text that is not valid Unicode (a lone surrogate escape)") from None
-    return text
-
-
-Utf8 = Annotated[str, AfterValidator(_utf8)]
-Text = Annotated[Utf8, StringConstraints(min_length=1, pattern=r"\S")]
+from hybridtune.serve.work import ModelFailed, Text, Utf8, answer, log  # noqa: F401  (generate.py too)
 
 
 class ClassifyRequest(BaseModel):
@@ -55,7 +40,10 @@ def create_app(
     from hybridtune.serve.generate import generation_routes, run_generate
 
     limits = limits or Limits()
-    loaded = loaded or inference.load(path)
+    if loaded is None:
+        from hybridtune import ensemble
+
+        loaded = ensemble.load(path) if ensemble.is_ensemble(path) else inference.load(path)
     causal = loaded.task_name == inference.CAUSAL
     metrics = Metrics()
 
@@ -144,21 +132,6 @@ def create_app(
     paths = {route.path for route in [*app.routes, *api.routes] if hasattr(route, "path")}
     app.add_middleware(Observe, metrics=metrics, paths=paths)
     return app
-
-
-class ModelFailed(Exception):
-    """The model call of one request failed (the request alone: its batch was retried without it)."""
-
-
-async def answer(batcher: Batcher, items: list, key: Any = None) -> list:
-    """The batcher's results; a model error becomes ModelFailed (500, one line), while the bounds
-    (Overloaded, TimeoutError: 503) and bad input (UserError: 422) keep their own answers."""
-    try:
-        return await batcher.submit(items, key)
-    except (Overloaded, TimeoutError, UserError, HTTPException):
-        raise
-    except Exception as e:
-        raise ModelFailed(f"the model failed on this request: {one_line(e)}") from e
 
 
 def _run_classify(loaded: inference.Loaded):

@@ -40,8 +40,8 @@ from hybridtune.generation import (
     prompt_input,
     text_input,
 )
-from hybridtune.serve.app import Text, Utf8, answer, log
 from hybridtune.serve.guard import Limits, Metrics
+from hybridtune.serve.work import Text, Utf8, answer, log
 
 
 class SamplingFields(BaseModel):

@@ -155,11 +155,13 @@ def save(model: nn.Module, recipe, out_dir: str | Path) -> set[str]:
     return keys
 
 
-def restore(model: nn.Module, recipe, in_dir: str | Path) -> nn.Module:
-    """Re-apply the parts that saved their own weights, in order, and load those weights back."""
+def restore(model: nn.Module, recipe, in_dir: str | Path, load_run=None) -> nn.Module:
+    """Re-apply the parts that saved their own weights, in order, and load those weights back;
+    `load_run` (inference.load_run) for the parts that load a finished run (`loads_runs`)."""
     for _, part, config in configured(recipe):
         if part.restore is not None:
-            model = part.restore(model, config, Path(in_dir))
+            extra = {"load_run": load_run} if part.loads_runs else {}
+            model = part.restore(model, config, Path(in_dir), **extra)
     return model
 
 

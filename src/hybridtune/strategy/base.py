@@ -64,6 +64,7 @@ class Build:
     total_steps: int | None = None  # planned optimizer steps of the run (AdaLoRA's budget schedule)
     recipe: Any = None  # the whole recipe (objective: batch size, seed; fusion: checks on a frozen run)
     labels: Any = None  # the task's Labels
+    load_run: Any = None  # a finished run's loader (inference.load_run), for parts with loads_runs
     # filled by `apply`: id() of the parameters loaded from the checkpoint, and the base parameters
     # `freeze` keeps trainable (id -> parameter)
     pretrained: set[int] = field(default_factory=set)
@@ -137,6 +138,9 @@ class Part:
     callbacks: Callbacks | None = None
     save: Save | None = None
     restore: Restore | None = None
+    # its apply / restore load a finished run (fusion's frozen model): they get the loader from the
+    # run pipeline (Build.load_run / restore's `load_run=`), never by importing what sits above them
+    loads_runs: bool = False
 
     def hooks(self) -> list[str]:
         """The optional hooks this part declares (for docs and tests)."""

@@ -74,9 +74,7 @@ def fused_forward(self, inner, inputs: dict):
 
 
 def _frozen_run(path: str, build) -> nn.Module:
-    from hybridtune import api
-
-    loaded = api.load_run(path)
+    loaded = build.load_run(path)  # inference.load_run, handed down by the run pipeline
     where = "fusion.frozen"
     ours = list(build.labels.names) if build.labels is not None else None
     if loaded.task.NAME != build.task.NAME:
@@ -138,7 +136,7 @@ def save(model: nn.Module, config: FusionConfig, out_dir: Path) -> list[str]:
     return []  # nothing of it is in the state dict
 
 
-def restore(model: nn.Module, config: FusionConfig, in_dir: Path) -> nn.Module:
+def restore(model: nn.Module, config: FusionConfig, in_dir: Path, load_run=None) -> nn.Module:
     if getattr(unwrap(model), ATTR, None) is not None:
         return model
     if not (in_dir / FILE).is_file():
@@ -148,9 +146,7 @@ def restore(model: nn.Module, config: FusionConfig, in_dir: Path) -> nn.Module:
         fmt = PromptFormat.from_json(json.loads((in_dir / "prompt.json").read_text(encoding="utf-8")))
         frozen = load_scorer(reference["base_model"], fmt)
     else:
-        from hybridtune import api
-
-        frozen = api.load_run(reference["frozen"]).model
+        frozen = load_run(reference["frozen"]).model  # inference.load_run, from strategy.restore
     return _attach(model, Frozen(frozen, reference["weight"], reference))
 
 
@@ -162,5 +158,6 @@ PART = Part(
     trunk_cache=trunk_cache,
     save=save,
     restore=restore,
+    loads_runs=True,
     summary="class logits = weight × a frozen model's + the tuned model's (a residual on a frozen scorer)",
 )

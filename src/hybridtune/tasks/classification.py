@@ -19,8 +19,8 @@ from hybridtune.data import Splits, check_columns, check_texts
 from hybridtune.data import load_splits as load_data_splits
 from hybridtune.data.long_texts import DOC, encode_texts, per_document, pool
 from hybridtune.data.sources import read_table
+from hybridtune.device import to_device
 from hybridtune.errors import UserError
-from hybridtune.inference import to_device
 from hybridtune.tasks import baseline
 
 NAME = "classification"  # its spec: hybridtune/tasks/__init__.py; the contract: tasks/base.py

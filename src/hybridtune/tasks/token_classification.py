@@ -27,8 +27,8 @@ from hybridtune.data import Splits, check_columns
 from hybridtune.data import load_splits as load_data_splits
 from hybridtune.data.conll import check_sentence
 from hybridtune.data.sources import read_table
+from hybridtune.device import to_device
 from hybridtune.errors import UserError
-from hybridtune.inference import to_device
 from hybridtune.tasks import baseline
 from hybridtune.tasks.classification import Labels
 

@@ -31,43 +31,20 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from hybridtune import strategy, tasks
 from hybridtune.data.long_texts import DOC
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import canonical, unwrap
+
+# what `train.trunk_cache: on` needs, and why the recipe alone rules the cache out (recipe/trunk.py)
+from hybridtune.recipe.trunk import EXPECTED, expected, static_reason  # noqa: F401
 from hybridtune.train import trunk_store
 from hybridtune.train.trunk_store import Store
 
 ROW = "trunk_row"  # the dataset column naming each example's cached states
-EXPECTED = (
-    "a {tasks} run whose embeddings and at least its bottom block are frozen, with no peft / "
-    "adapter / soft prompt parameter in them, no fusion, no mixed objective and no shared-trunk "
-    "ensemble (or train.trunk_cache: auto | off)"
-)
-
-
-def expected() -> str:
-    """EXPECTED, naming the tasks whose spec says `trunk_cacheable`."""
-    return EXPECTED.format(tasks=" or ".join(n for n in tasks.names() if tasks.spec(n).trunk_cacheable))
 
 
 class _Stop(Exception):
     """Raised by the hook on the last cached block: the rest of the forward is not needed."""
-
-
-def static_reason(recipe) -> str | None:
-    """Why the recipe alone rules the cache out (None: its model decides). The task says in its
-    spec (`trunk_cacheable`); the parts say for themselves (their `trunk_cache` hook: fusion, the
-    mixed objective); what they add to the model (parameters, forward hooks) is found on the model
-    by `frozen_depth`."""
-    if not tasks.spec(recipe.task).trunk_cacheable:
-        return f"task {recipe.task}"
-    reason = strategy.trunk_cache_reason(recipe)
-    if reason is not None:
-        return reason
-    if recipe.ensemble is not None and recipe.ensemble.shared_trunk:
-        return "ensemble.shared_trunk (its members already share one trunk forward)"
-    return None
 
 
 def frozen_depth(model, anatomy, base_names: set[str], moving=()) -> tuple[int, str | None]:

@@ -26,10 +26,9 @@ import numpy as np
 import torch
 
 from hybridtune.errors import UserError
-from hybridtune.rundir import DISK_ERRORS, publish_dir
+from hybridtune.rundir import CACHE_DIR_ENV, DISK_ERRORS, publish_dir, shared_dir  # noqa: F401  (CACHE_DIR_ENV: its old home)
 
 RAM_LIMIT = 1 << 30  # bytes of one split's states held in RAM; more goes to a memmapped file
-CACHE_DIR_ENV = "HYBRIDTUNE_CACHE_DIR"
 FORMAT = 1  # bump when what an entry holds (or how it is computed) changes
 STATES, OFFSETS, META = "states.bin", "offsets.npy", "meta.json"
 # config keys that say nothing about the trunk's computation (labels, names, versions)
@@ -169,11 +168,6 @@ def compute(
 
 # --------------------------------------------------------------------------------------------------
 # the shared cache dir
-
-
-def shared_dir() -> Path | None:
-    value = os.environ.get(CACHE_DIR_ENV)
-    return Path(value) if value else None
 
 
 def weights_digest(model_name: str, config: dict, named_params, depth: int) -> str:
