@@ -76,7 +76,7 @@ def frozen_trunk_depth(models: list[torch.nn.Module]) -> int:
 def train_joint(recipe) -> dict:
     """`ensemble: {shared_trunk: true}`: the members (seeds) train together above their frozen
     trunk, one trunk forward per batch; each is then saved as a normal run under members/<i>."""
-    from hybridtune import run
+    from hybridtune import run as one_run
 
     cfg = recipe.ensemble
     members = member_recipes(recipe)
@@ -87,7 +87,7 @@ def train_joint(recipe) -> dict:
             "vary: seed, an output combine (mean_logits, mean_probs, vote, weighted) and no stages "
             "(the trunk must stay frozen and the same in every member)",
         )
-    preps = [run.prepare(r) for r in members]
+    preps = [one_run.prepare(r) for r in members]
     models = [p.model for p in preps]
     depth = frozen_trunk_depth(models)
     if depth < 1:
@@ -102,7 +102,7 @@ def train_joint(recipe) -> dict:
 
 
 def _train_joint(recipe, members: list, preps: list, depth: int, run: Path) -> dict:
-    from hybridtune import run
+    from hybridtune import run as one_run
     from hybridtune.model.loading import resolve
     from hybridtune.recipe import recipe_to_yaml
     from hybridtune.strategy.peft import save_base_config
@@ -190,7 +190,7 @@ def _train_joint(recipe, members: list, preps: list, depth: int, run: Path) -> d
         "train_seconds": round(seconds, 2),
         "train_samples_per_second": out.metrics.get("train_samples_per_second"),
         "train_tokens_per_second": round(
-            run.train_tokens(first.datasets["train"], trainer.state.epoch) / seconds, 1
+            one_run.train_tokens(first.datasets["train"], trainer.state.epoch) / seconds, 1
         ),
         "cuda_peak_mib": None,
         "metric": "accuracy",

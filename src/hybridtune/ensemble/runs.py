@@ -32,7 +32,7 @@ def train(recipe) -> dict:
 
 
 def _train(recipe, members: list, run: Path) -> dict:
-    from hybridtune import run
+    from hybridtune import run as one_run
     from hybridtune.recipe import recipe_to_yaml
 
     cfg = recipe.ensemble
@@ -40,7 +40,7 @@ def _train(recipe, members: list, run: Path) -> dict:
     summaries = []
     for i, member in enumerate(members):
         member.output.dir, member.output.name = str(run / "members"), str(i)
-        summaries.append(run.train(member))
+        summaries.append(one_run.train(member))
     paths = [s["run_dir"] for s in summaries]
     if cfg.combine in COMBINES:
         result = build(paths, str(run), cfg.combine, cfg.weights, copy_members=False)
