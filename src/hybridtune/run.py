@@ -21,7 +21,7 @@ from transformers import set_seed
 from hybridtune import distributed, rundir, strategy, tasks
 from hybridtune.data import Splits, long_texts, token_cache
 from hybridtune.errors import RunFailed, TrainingStopped, UserError, one_line
-from hybridtune.inference import bind_labels
+from hybridtune.inference import bind_labels, load_run
 from hybridtune.model.anatomy import Anatomy
 from hybridtune.model.loading import check_vocabulary, load_tokenizer, resolve, tokenizer_path, training_texts
 from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
@@ -106,6 +106,7 @@ def prepare(recipe: Recipe) -> Prepared:
         total_steps=planned_steps(recipe.train, n_train),
         recipe=recipe,
         labels=labels,
+        load_run=load_run,  # a part that loads a finished run (fusion's frozen model)
     )
     model = strategy.apply(model, recipe, build)
     plan = make_plan(model, recipe, anatomy, base_ids, n_train)

@@ -63,7 +63,7 @@ def reference(ctx: Context) -> dict:
 
 def _train(raw: dict, seed: int, target: Path, echo) -> dict:
     """One verdict run (resumed: a finished one is kept); its test metrics from its own eval.json."""
-    from hybridtune import run
+    from hybridtune import run as one_run
     from hybridtune.recipe import validate_recipe
 
     if not (target / "report.json").is_file():
@@ -72,7 +72,7 @@ def _train(raw: dict, seed: int, target: Path, echo) -> dict:
         run.setdefault("train", {})["seed"] = seed
         run["output"] = {"dir": str(target.parent), "name": target.name}
         echo(f"verdict: training {target.name}")
-        run.train(validate_recipe(run, str(target)))
+        one_run.train(validate_recipe(run, str(target)))
         shutil.rmtree(target / "checkpoints", ignore_errors=True)  # the best model is in final/
     return rundir.read_json(target / "eval.json")
 
