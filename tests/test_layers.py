@@ -10,7 +10,18 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src" / "hybridtune"
 # bottom to top; a module's layer is that of the longest name (a dotted prefix) that matches it
 LAYERS = [
-    ("", "errors", "paths", "safe_yaml", "durable", "device", "distributed", "batching", "train.precision"),
+    (
+        "",
+        "errors",
+        "paths",
+        "safe_yaml",
+        "durable",
+        "device",
+        "distributed",
+        "batching",
+        "children",
+        "train.precision",
+    ),
     ("bundled", "rundir", "model", "data", "generation"),
     ("tasks",),  # the registry and the contract: tasks/__init__.py, base.py, baseline.py
     ("report",),  # renderers and statistics over run files

@@ -37,10 +37,8 @@ started over under it.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -49,7 +47,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hybridtune import durable, safe_yaml
+from hybridtune import children, durable, safe_yaml
 from hybridtune.errors import UserError
 from hybridtune.paths import NAME_RULE, claim, inside, is_safe_name
 from hybridtune.train.trunk_store import CACHE_DIR_ENV
@@ -248,40 +246,6 @@ def _start_over(target: Path, runs_dir: Path) -> None:
         shutil.rmtree(target)
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int):
-    """A preexec_fn: the child gets SIGKILL when the compare process dies (Linux prctl
-    PR_SET_PDEATHSIG); if the compare died before this ran, the child ends itself at once."""
-
-    def set_signal() -> None:
-        if sys.platform.startswith("linux"):
-            try:
-                ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            except (OSError, AttributeError):
-                return
-            if os.getppid() != parent:
-                os._exit(1)
-
-    return set_signal
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a training child and its process group: SIGINT (as Ctrl-C would: the run stays
-    resumable), then SIGKILL after 10 s."""
-    for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def _run_one(entry: dict, runs_dir: Path, echo=print) -> dict:
     """Train one entry in its own process; wall time and the child's peak RSS (from wait4). An
     interrupted run of the entry goes on from its last checkpoint (`resumable`), else starts over."""
@@ -315,12 +279,12 @@ def _run_one(entry: dict, runs_dir: Path, echo=print) -> dict:
         env=env,
         stdout=subprocess.DEVNULL,
         process_group=0,  # its own group: stopped whole (with any worker it starts)
-        preexec_fn=_die_with_parent(os.getpid()),
+        preexec_fn=children.die_with_parent(os.getpid()),
     )
     try:
         _, status, usage = os.wait4(proc.pid, 0)
     except BaseException:  # Ctrl-C or an error here: the child does not train on without us
-        _stop(proc)
+        children.stop(proc)
         raise
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: Popen must not wait again
     code = proc.returncode
