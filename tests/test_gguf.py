@@ -66,6 +66,23 @@ def test_a_gguf_file_trains_predicts_and_is_converted_once(tmp_path, cache, conv
     assert first["steps"] == 2
     rows = api.predict(first["run_dir"], ["a wonderful film", "a dull film"])
     assert [set(r["probs"]) for r in rows] == [{"negative", "positive"}] * 2
+    # ... and serves, with no code of the user's: the run dir behind `hybridtune serve`
+    import httpx
+
+    from hybridtune.serve import create_app
+
+    from .test_serve import serving
+
+    token = "t" * 16
+    with serving(create_app(first["run_dir"], token=token)) as url:
+        answer = httpx.post(
+            f"{url}/v1/classify",
+            json={"texts": ["a wonderful film"]},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert answer.status_code == 200
+    (served,) = answer.json()["predictions"]
+    assert served["label"] == rows[0]["label"]
     entries = [p for p in cache.iterdir() if p.is_dir()]
     sha = hashlib.sha256(file.read_bytes()).hexdigest()
     assert [p.name for p in entries] == [f"tiny-{sha[:16]}"]

@@ -1,7 +1,7 @@
 """What `export` and `serve` load: a run dir, an export dir or a plain transformers model dir.
 
     run dir       run.json + final/ (written by `hybridtune train`): classification and token
-                  classification through `api.load_run`; causal_lm (run.json {"task": "causal_lm",
+                  classification through `inference.load_run`; causal_lm (run.json {"task": "causal_lm",
                   "base_model", "format"}) through this module's own causal loader
     export dir    export.json + a merged model, a peft adapter or an int8 state dict (`hybridtune export`)
     ensemble dir  ensemble.json + members/ (`hybridtune ensemble`, hybridtune.ensemble): its members

@@ -5,7 +5,7 @@ trunk-cache eligibility, training arguments, callbacks, save / restore) is strat
 module lists the parts, lets a user register one of their own (`register`), and runs the hooks of
 the parts a recipe configures: the recipe, the engine and the trunk cache ask the parts through
 these functions and name none. (Still named outside strategy/: contrastive's stage, run by
-api._train before the Trainer; export's refusals of parts plain transformers cannot load; peft's
+run._train before the Trainer; export's refusals of parts plain transformers cannot load; peft's
 adapter loading.)
 
 How their effects combine is decided here alone: a part that adds weights (peft, adapters,
@@ -43,7 +43,7 @@ __all__ = ["PARTS", "Build", "LossTerm", "Part", "register", "unregister", "conf
 # recipe key -> part, in the order of application (DESIGN: freeze -> peft -> prompt -> head/fusion -> objective).
 # pooling: after peft (hooks on the modules that run); prompt (the template + verbalizer scorer)
 # wraps all of the above and fusion wraps it; contrastive only checks here, its stage runs before
-# the Trainer (api._train)
+# the Trainer (run._train)
 PARTS: dict[str, Part] = {
     part.key: part
     for part in (

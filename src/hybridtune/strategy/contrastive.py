@@ -278,7 +278,7 @@ def fit_logistic(
 
 
 def run(prep, precision: str) -> dict:
-    """Both stages on a prepared run (api._train calls it before the Trainer); returns the record
+    """Both stages on a prepared run (run._train calls it before the Trainer); returns the record
     written to contrastive.json."""
     from hybridtune.train.precision import autocast as precision_autocast
 
