@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hybridtune import children, durable, safe_yaml
 from hybridtune.errors import UserError
 from hybridtune.paths import NAME_RULE, claim, inside, is_safe_name
-from hybridtune.train.trunk_store import CACHE_DIR_ENV
+from hybridtune.rundir import CACHE_DIR_ENV
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
 MARKER = ".hybridtune-compare"  # in every compare dir: what compare may clean up is inside one

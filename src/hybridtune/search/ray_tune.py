@@ -134,8 +134,8 @@ def trainable(config: dict, ctx: Context, root: str, threads: int, cwd: str, cac
     import torch
     from ray import tune
 
+    from hybridtune.rundir import CACHE_DIR_ENV
     from hybridtune.search.trial import objective_values, run_trial
-    from hybridtune.train.trunk_store import CACHE_DIR_ENV
 
     if Path(cwd).is_dir():  # relative data paths in the base mean what they meant to the caller
         os.chdir(cwd)
@@ -236,7 +236,7 @@ def run_trials(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from hybridtune.train.trunk_store import CACHE_DIR_ENV
+    from hybridtune.rundir import CACHE_DIR_ENV
 
     objectives = ctx.space.objectives
     modes = ["max" if d == "maximize" else "min" for d in ctx.space.directions(ctx.metric)]

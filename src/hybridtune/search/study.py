@@ -22,8 +22,8 @@ from typing import Any
 
 from hybridtune import rundir
 from hybridtune.errors import UserError
+from hybridtune.rundir import CACHE_DIR_ENV
 from hybridtune.search.setup import Context, cheapest_trial_seconds, load_space, parse_budget, resolve
-from hybridtune.train.trunk_store import CACHE_DIR_ENV
 
 JOURNAL = "study.journal"
 MANIFEST = "search.json"
