@@ -35,7 +35,7 @@ def apply(model: nn.Module, config: HeadL2Config, build) -> nn.Module:
 
 
 def loss_terms(
-    config: HeadL2Config, model: nn.Module, inputs: dict, task_loss: torch.Tensor
+    config: HeadL2Config, model: nn.Module, inputs: dict, task_loss: torch.Tensor, outputs
 ) -> list[LossTerm]:
     weights = getattr(unwrap(getattr(model, "module", model)), ATTR)
     return [LossTerm("head_l2", sum((w.float() ** 2).sum() for w in weights), config.alpha)]

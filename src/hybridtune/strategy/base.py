@@ -17,10 +17,12 @@ Hooks, each called only for a part the recipe configures, with its config:
 - `apply(model, config, build) -> model`: change the model (required);
 - `check(config, recipe)`: refuse a combination with the rest of the recipe, by name, while the
   recipe validates (nothing is loaded yet); raise ValueError("key.path: found X; expected Y");
-- `loss_terms(config, model, inputs, task_loss) -> [LossTerm]`: addends of the training loss.
-  The engine sums `task_weight * task loss + Σ term.weight * term.value` over every part and logs
+- `loss_terms(config, model, inputs, task_loss, outputs) -> [LossTerm]`: addends of the training
+  loss; `outputs` is the training forward's output (logits: R-Drop's KL, a focal loss). A term may
+  run forwards of its own (a second dropout pass, an adversarial pass). The engine sums `task_weight * task loss + Σ term.weight * term.value` over every part and logs
   each term's mean (and the task loss's) as `loss_<name>` next to `loss`; evaluation is the task
-  loss alone. `task_weight(config) -> float` scales the task loss (a mixing objective, 1 - λ);
+  loss alone. `task_weight(config) -> float` scales the task loss (a mixing objective, 1 - λ; 0 for
+  a part that replaces it, e.g. a focal loss, whose term is then the training loss);
 - `trunk_cache(config, recipe) -> str | None`: why the part rules the frozen-trunk cache out (None:
   it does not). Parameters and forward hooks a part adds need no declaration: the cache sees them
   on the model (train/trunk_cache.py);
@@ -94,7 +96,7 @@ class Check(Protocol):
 
 class LossTerms(Protocol):
     def __call__(
-        self, config: Any, model: nn.Module, inputs: dict, task_loss: torch.Tensor
+        self, config: Any, model: nn.Module, inputs: dict, task_loss: torch.Tensor, outputs: Any
     ) -> list[LossTerm]: ...
 
 

@@ -128,7 +128,7 @@ def apply(model: nn.Module, config: ObjectiveConfig, build) -> nn.Module:
 
 
 def loss_terms(
-    config: ObjectiveConfig, model: nn.Module, inputs: dict, task_loss: torch.Tensor
+    config: ObjectiveConfig, model: nn.Module, inputs: dict, task_loss: torch.Tensor, outputs
 ) -> list[LossTerm]:
     """λ·LM loss, on the batch the task loss saw (or the corpus's next batch)."""
     objective = objective_of(model)

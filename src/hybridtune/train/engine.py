@@ -170,7 +170,7 @@ class HybridTrainer(Trainer):
             if part.task_weight is not None:
                 task_weight *= part.task_weight(config)
             if part.loss_terms is not None:
-                terms += part.loss_terms(config, model, inputs, task_loss)
+                terms += part.loss_terms(config, model, inputs, task_loss, outputs)
         loss = task_loss if task_weight == 1 else task_weight * task_loss
         for term in terms:
             loss = loss + term.weight * term.value
