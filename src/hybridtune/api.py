@@ -19,10 +19,11 @@ from hybridtune.errors import UserError
 from hybridtune.inference import LoadedRun, bind_labels, load_run, task_of  # noqa: F401  (the API)
 from hybridtune.model.loading import load_tokenizer, resolve, tokenizer_path
 from hybridtune.recipe import Recipe, load_recipe
-from hybridtune.run import Prepared, params, prepare, quiet_libraries, task_for, train_tokens  # noqa: F401
+from hybridtune.run import Prepared, params, prepare, quiet_libraries, task_for  # noqa: F401
 from hybridtune.run import train as train_one
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
 from hybridtune.train.precision import autocast
+from hybridtune.train.run_files import train_tokens  # noqa: F401
 
 
 def train(

@@ -24,13 +24,11 @@ from hybridtune.errors import RunFailed, TrainingStopped, UserError, one_line
 from hybridtune.inference import bind_labels, load_run
 from hybridtune.model.anatomy import Anatomy
 from hybridtune.model.loading import check_vocabulary, load_tokenizer, resolve, tokenizer_path, training_texts
-from hybridtune.recipe import Recipe, load_recipe, recipe_to_yaml
+from hybridtune.recipe import Recipe, load_recipe
 from hybridtune.report.params import param_table
-from hybridtune.strategy import peft as peft_part
 from hybridtune.strategy.plan import Plan, make_plan, planned_steps
-from hybridtune.train import trunk_cache
+from hybridtune.train import run_files, trunk_cache
 from hybridtune.train.precision import autocast
-from hybridtune.train.precision import choose as choose_precision
 
 
 def task_for(recipe: Recipe) -> Any:
@@ -198,7 +196,6 @@ def _train_held(
         setattr(args, key, value)
     if search_trial:  # the best validation metric is Trainer's own bookkeeping, with or without saves
         args.save_strategy, args.load_best_model_at_end = "no", False
-    is_peft = hasattr(prep.model, "peft_config")
     cache, datasets = None, prep.datasets
     if prep.trunk_depth:
         cache = trunk_cache.TrunkCache(
@@ -222,7 +219,6 @@ def _train_held(
             args,
             checkpoint,
             main,
-            is_peft,
             cache,
             datasets,
             phase,
@@ -253,7 +249,7 @@ def _train_held(
 
 
 def _train(
-    recipe, prep, run, args, checkpoint, main, is_peft, cache, datasets, phase, extra=(), search_trial=False
+    recipe, prep, run, args, checkpoint, main, cache, datasets, phase, extra=(), search_trial=False
 ) -> dict:
     """`train` from the run dir on: run files, Trainer, final/, the test evaluation, report.json."""
     from hybridtune.train.engine import make_trainer, resolve_precision
@@ -261,20 +257,15 @@ def _train(
     if main and checkpoint is None:
         phase["held"].append(rundir.new_run_dir(run))  # the run dir, and its lock (released by train)
         phase["written"] = True
-        rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))
-        rundir.write_json(
-            run / "run.json",
-            {
-                "task": recipe.task,
-                "labels": prep.labels.names,
-                "label_values": prep.labels.values,
-                "base_model": resolve(recipe.model.name),
-                "format": "peft" if is_peft else "model",
-                "trunk_cache": {"used": cache is not None, "depth": prep.trunk_depth},
-                **(prep.task.run_info(prep.tokenizer) if tasks.has(recipe.task, "run_info") else {}),
-            },
+        run_files.begin(
+            run,
+            recipe,
+            prep.labels,
+            prep.model,
+            prep.params,
+            trunk_cache={"used": cache is not None, "depth": prep.trunk_depth},
+            **(prep.task.run_info(prep.tokenizer) if tasks.has(recipe.task, "run_info") else {}),
         )
-        rundir.write_json(run / "params.json", prep.params)
     distributed.barrier()  # the run dir exists before any process trains
     if main:  # every check has passed (the run dir too): the run starts by saying what max_length cuts
         long_texts.announce(prep.truncation)
@@ -318,53 +309,36 @@ def _train(
     train_seconds = time.perf_counter() - started
     model = trainer.model
 
-    def save(tmp: Path) -> None:
-        own = strategy.save(model, recipe, tmp)  # adapters, a soft prompt: files of their own
-        base = {k: v for k, v in model.state_dict().items() if k not in own}
-        model.save_pretrained(tmp, **({"state_dict": base} if own else {}))
-        prep.tokenizer.save_pretrained(tmp)
-        peft_part.save_base_config(model, tmp)  # the label names, beside a peft adapter
-
     if not main:  # rank 0 saves and evaluates; the others are done
         return {"run_dir": str(run), "rank": distributed.rank()}
     test = None
     if not search_trial:
         phase["step"] = "saving final/"
-        rundir.save_dir_atomically(run / "final", save)
+        run_files.save_final(run, model, prep.tokenizer, recipe)
         phase["step"] = "the test evaluation"
         with autocast(recipe.train.precision):  # as Trainer's validation passes ran
             test = prep.task.report(model, prep.tokenizer, datasets["test"], prep.labels)  # cached too
         rundir.write_json(run / "eval.json", test)
-    state = trainer.state
     headline = tasks.spec(recipe.task).headline
+    # with stages: the most that trains in any stage (the table in params.json has each stage)
     trainable = max([prep.params["trainable"], *(s["trainable"] for s in prep.params.get("stages", []))])
+    tokens = run_files.train_tokens(prep.datasets["train"], trainer.state.epoch - resumed_epoch)
     summary = {
         "run_dir": str(run),
         "recipe": recipe.name,
         **({"test": {k: test[k] for k in headline}} if test is not None else {}),
         "warnings": test.get("warnings", []) if test is not None else [],  # tasks/baseline.py
         **({"zero_shot_test": {k: zero_shot[k] for k in headline}} if zero_shot else {}),
-        "best_validation": state.best_metric,
-        "best_checkpoint": state.best_model_checkpoint,
-        # with stages: the most that trains in any stage (the table in params.json has each stage)
-        "trainable": trainable,
-        "total": prep.params["total"],
-        "trainable_pct": round(100 * trainable / prep.params["total"], 4),
-        "train_seconds": round(train_seconds, 2),
-        "train_samples_per_second": out.metrics.get("train_samples_per_second"),
-        # tokens the model read (padding excluded) per second of training (of this process, if resumed)
-        "train_tokens_per_second": round(
-            train_tokens(prep.datasets["train"], state.epoch - resumed_epoch) / train_seconds, 1
+        # tokens per second: those the model read (padding excluded), of this process if resumed
+        **run_files.training_summary(
+            trainer,
+            out,
+            train_seconds,
+            tokens,
+            recipe.train.precision,
+            {"trainable": trainable, "total": prep.params["total"]},
         ),
-        "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        if torch.cuda.is_available()
-        else None,
         "metric": headline[0],  # the task's main test metric
-        "best_validation_metric": args.metric_for_best_model,
-        "epochs": state.epoch,
-        "steps": state.global_step,
-        "precision": resolve_precision(recipe.train.precision),
-        "precision_reason": choose_precision(recipe.train.precision).reason,
         "trunk_cache": cache.summary() if cache is not None else {"used": False, "depth": 0},
         "token_cache": prep.token_cache,
         "truncation": prep.truncation,
@@ -385,8 +359,3 @@ def _train(
     phase["step"] = "writing report.json"
     rundir.write_json(run / "report.json", summary)
     return summary
-
-
-def train_tokens(dataset, epochs: float) -> float:
-    """Non-padding tokens seen in `epochs` passes over a tokenized dataset."""
-    return sum(len(ids) for ids in dataset["input_ids"]) * epochs

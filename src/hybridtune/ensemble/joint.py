@@ -15,6 +15,7 @@ from hybridtune.ensemble.members import member_recipes
 from hybridtune.ensemble.outputs import build
 from hybridtune.ensemble.shared import share_trunk, trunk_depth
 from hybridtune.errors import UserError
+from hybridtune.train import run_files
 
 
 class JointMembers(torch.nn.Module):
@@ -102,14 +103,10 @@ def train_joint(recipe) -> dict:
 
 
 def _train_joint(recipe, members: list, preps: list, depth: int, run: Path) -> dict:
-    from hybridtune import run as one_run
-    from hybridtune.model.loading import resolve
     from hybridtune.recipe import recipe_to_yaml
-    from hybridtune.strategy.peft import save_base_config
     from hybridtune.strategy.plan import Plan
     from hybridtune.tasks import classification
-    from hybridtune.train.engine import make_trainer, resolve_precision, training_arguments
-    from hybridtune.train.precision import choose
+    from hybridtune.train.engine import make_trainer, training_arguments
 
     cfg = recipe.ensemble
     models = [p.model for p in preps]
@@ -145,26 +142,10 @@ def _train_joint(recipe, members: list, preps: list, depth: int, run: Path) -> d
     for i, (prep, model) in enumerate(zip(preps, separated, strict=True)):
         member_run = run / "members" / str(i)
         rundir.new_run_dir(member_run).release()  # written here and now, under the run's lock
-        rundir.write_text(member_run / "recipe.yaml", recipe_to_yaml(prep.recipe))
-        rundir.write_json(
-            member_run / "run.json",
-            {
-                "task": "classification",
-                "labels": prep.labels.names,
-                "label_values": prep.labels.values,
-                "base_model": resolve(prep.recipe.model.name),
-                "format": "peft" if hasattr(model, "peft_config") else "model",
-                "trained_with_shared_trunk": str(run),
-            },
+        run_files.begin(
+            member_run, prep.recipe, prep.labels, model, prep.params, trained_with_shared_trunk=str(run)
         )
-        rundir.write_json(member_run / "params.json", prep.params)
-
-        def save(tmp: Path, model=model, prep=prep) -> None:
-            model.save_pretrained(tmp)
-            prep.tokenizer.save_pretrained(tmp)
-            save_base_config(model, tmp)
-
-        rundir.save_dir_atomically(member_run / "final", save)
+        run_files.save_final(member_run, model, prep.tokenizer, prep.recipe)
         test = classification.report(model, prep.tokenizer, prep.datasets["test"], prep.labels)
         rundir.write_json(member_run / "eval.json", test)
         rundir.write_json(
@@ -179,26 +160,18 @@ def _train_joint(recipe, members: list, preps: list, depth: int, run: Path) -> d
         "run_dir": str(run),
         "recipe": recipe.name,
         "test": test,
-        "best_validation": trainer.state.best_metric,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
+        **run_files.training_summary(
+            trainer,
+            out,
+            seconds,
+            run_files.train_tokens(first.datasets["train"], trainer.state.epoch),
+            recipe.train.precision,
+            {"trainable": trainable, "total": total},
+        ),
         "combine": cfg.combine,
         "shared_trunk_blocks": depth,
         "members": [{"run_dir": m["path"], "test": m["test"]} for m in result["members"]],
-        "trainable": trainable,
-        "total": total,
-        "trainable_pct": round(100 * trainable / total, 4),
-        "train_seconds": round(seconds, 2),
-        "train_samples_per_second": out.metrics.get("train_samples_per_second"),
-        "train_tokens_per_second": round(
-            one_run.train_tokens(first.datasets["train"], trainer.state.epoch) / seconds, 1
-        ),
-        "cuda_peak_mib": None,
         "metric": "accuracy",
-        "best_validation_metric": args.metric_for_best_model,
-        "epochs": trainer.state.epoch,
-        "steps": trainer.state.global_step,
-        "precision": resolve_precision(recipe.train.precision),
-        "precision_reason": choose(recipe.train.precision).reason,
         "gain_over_best_member": test["accuracy"] - max(m["test"]["accuracy"] for m in result["members"]),
         "ensemble_validation": validation,
     }
