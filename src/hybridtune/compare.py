@@ -47,10 +47,13 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hybridtune import children, durable, safe_yaml
-from hybridtune.errors import UserError
+from hybridtune import children, durable, rundir, safe_yaml
+from hybridtune.errors import UserError, did_you_mean
 from hybridtune.paths import NAME_RULE, claim, inside, is_safe_name
+from hybridtune.recipe import SEED_MAX, load_recipe, recipe_to_yaml
+from hybridtune.report.compare import write_outputs
 from hybridtune.rundir import CACHE_DIR_ENV
+from hybridtune.train.checkpoints import checkpoints
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes"
 MARKER = ".hybridtune-compare"  # in every compare dir: what compare may clean up is inside one
@@ -94,7 +97,6 @@ class Suite(BaseModel):
     @field_validator("seeds")
     @classmethod
     def _seed_range(cls, value: list[int]) -> list[int]:
-        from hybridtune.recipe import SEED_MAX
 
         if any(not 0 <= seed <= SEED_MAX for seed in value):
             raise ValueError(f"seeds from 0 to {SEED_MAX}")
@@ -172,8 +174,6 @@ def load_suite(
 
 def plan_runs(suite: Suite, base: Path) -> list[dict]:
     """One entry per (strategy, seed): name, recipe path, overrides; every recipe validated first."""
-    from hybridtune.recipe import load_recipe
-
     runs, names = [], set()
     for i, strategy in enumerate(suite.strategies):
         path = Path(strategy.recipe)
@@ -211,9 +211,6 @@ def _entry_args(entry: dict, runs_dir: Path) -> list[str]:
 def resumable(entry: dict, runs_dir: Path) -> Path | None:
     """The checkpoint an interrupted run of this entry can go on from: a run dir without report.json,
     with a complete checkpoint, whose recipe.yaml is what the entry asks for now (else None)."""
-    from hybridtune.recipe import load_recipe, recipe_to_yaml
-    from hybridtune.train.checkpoints import checkpoints
-
     target = runs_dir / entry["run"]
     if (target / "report.json").exists() or not (target / "run.json").is_file():
         return None  # finished, or not a single run (an ensemble run is not resumable: redone)
@@ -313,9 +310,6 @@ def compare(
     """Run (or resume) a suite; returns the compare dir with comparison.csv/json, plots and report.html.
     `overrides` (key.path=value) apply to every strategy, validated with each before the first run.
     `reference`: a strategy of the suite every other one is paired with, seed by seed."""
-    from hybridtune.errors import did_you_mean
-    from hybridtune.report.compare import write_outputs
-
     suite, base = load_suite(path, seeds, overrides)
     runs = plan_runs(suite, base)
     names = list(dict.fromkeys(entry["strategy"] for entry in runs))
@@ -349,8 +343,6 @@ def compare(
 def _run_all(runs: list[dict], runs_dir: Path, measured_path: Path, echo) -> dict:
     """Train every entry not finished yet; measured.json after each. A run that finished but whose
     measurement was not recorded (the compare was killed in between) is kept, not trained again."""
-    from hybridtune import rundir
-
     measured = rundir.read_json(measured_path) if measured_path.exists() else {}
     started, done_now = time.perf_counter(), 0
     for i, entry in enumerate(runs):

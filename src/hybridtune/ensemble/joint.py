@@ -9,13 +9,19 @@ from typing import Any
 
 import torch
 
+from hybridtune import run as one_run
 from hybridtune import rundir
 from hybridtune.ensemble.config import COMBINES
 from hybridtune.ensemble.members import member_recipes
 from hybridtune.ensemble.outputs import build
 from hybridtune.ensemble.shared import share_trunk, trunk_depth
 from hybridtune.errors import UserError
+from hybridtune.model.anatomy import Anatomy, canonical, unwrap
+from hybridtune.recipe import recipe_to_yaml
+from hybridtune.strategy.plan import Plan
+from hybridtune.tasks import classification
 from hybridtune.train import run_files
+from hybridtune.train.engine import make_trainer, training_arguments
 
 
 class JointMembers(torch.nn.Module):
@@ -24,7 +30,6 @@ class JointMembers(torch.nn.Module):
     gradients are its own), the logits the mean of theirs (the ensemble's validation score)."""
 
     def __init__(self, models: list[torch.nn.Module], depth: int):
-        from hybridtune.model.anatomy import unwrap
 
         super().__init__()
         self.members = torch.nn.ModuleList(models)
@@ -44,8 +49,6 @@ class JointMembers(torch.nn.Module):
 
     def separate(self) -> list[torch.nn.Module]:
         """The members as independent models again (each with its own trunk blocks)."""
-        from hybridtune.model.anatomy import unwrap
-
         for hook in self._hooks:
             hook.remove()
         for model, trunk in zip(self.members[1:], self._trunks, strict=True):
@@ -57,8 +60,6 @@ class JointMembers(torch.nn.Module):
 
 def frozen_trunk_depth(models: list[torch.nn.Module]) -> int:
     """The bottom blocks (with the embeddings) that are frozen and bit-identical in every model."""
-    from hybridtune.model.anatomy import Anatomy, canonical
-
     anatomy = Anatomy.of(models[0])
     frozen: dict[str, bool] = {}
     for model in models:
@@ -77,8 +78,6 @@ def frozen_trunk_depth(models: list[torch.nn.Module]) -> int:
 def train_joint(recipe) -> dict:
     """`ensemble: {shared_trunk: true}`: the members (seeds) train together above their frozen
     trunk, one trunk forward per batch; each is then saved as a normal run under members/<i>."""
-    from hybridtune import run as one_run
-
     cfg = recipe.ensemble
     members = member_recipes(recipe)
     if cfg.vary != "seed" or recipe.stages is not None or cfg.combine not in COMBINES:
@@ -103,10 +102,6 @@ def train_joint(recipe) -> dict:
 
 
 def _train_joint(recipe, members: list, preps: list, depth: int, run: Path) -> dict:
-    from hybridtune.recipe import recipe_to_yaml
-    from hybridtune.strategy.plan import Plan
-    from hybridtune.tasks import classification
-    from hybridtune.train.engine import make_trainer, training_arguments
 
     cfg = recipe.ensemble
     models = [p.model for p in preps]

@@ -10,6 +10,11 @@ from hybridtune import rundir
 from hybridtune.ensemble.config import MERGE_METHODS, check_weights
 from hybridtune.ensemble.outputs import headline_metrics, load_member, split_frames, y_true
 from hybridtune.errors import UserError
+from hybridtune.model.loading import resolve
+from hybridtune.recipe import recipe_to_yaml
+from hybridtune.strategy.peft import save_base_config
+from hybridtune.tasks import classification
+from hybridtune.tasks.classification import full_report
 
 
 def merge_adapters(
@@ -27,12 +32,6 @@ def merge_adapters(
     beside the adapter (peft's modules_to_save) is not handled by add_weighted_adapter: it is averaged
     with the same weights here."""
     from peft import PeftModel
-
-    from hybridtune.model.loading import resolve
-    from hybridtune.recipe import recipe_to_yaml
-    from hybridtune.strategy.peft import save_base_config
-    from hybridtune.tasks import classification
-    from hybridtune.tasks.classification import full_report
 
     if len(paths) < 2:
         raise UserError("merge-adapters", f"{len(paths)} member", "at least 2 LoRA run dirs")

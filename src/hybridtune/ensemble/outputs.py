@@ -15,7 +15,10 @@ from hybridtune import rundir
 from hybridtune.ensemble.config import COMBINES, MANIFEST, check_weights, is_ensemble
 from hybridtune.ensemble.shared import SharedTrunk
 from hybridtune.errors import UserError
+from hybridtune.inference import Loaded, load_run
 from hybridtune.paths import inside
+from hybridtune.tasks import classification, spec
+from hybridtune.tasks.classification import encode, full_report, logits_of, prediction_frame, prediction_rows
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -61,15 +64,12 @@ class Member:
     def logits(self, frame, model: torch.nn.Module | None = None) -> np.ndarray:
         """Logits of the member (or of `model`, another set of weights read with the member's
         tokenizer and data settings) on the rows of `frame`."""
-        from hybridtune.tasks.classification import encode, logits_of
-
         dataset = encode(frame, self.loaded.tokenizer, None, self.loaded.recipe.data)
         # a chunks member: one row per document, its windows pooled as the member was evaluated
         return logits_of(model or self.loaded.model, self.loaded.tokenizer, dataset, pool_by=self.labels.pool)
 
 
 def load_member(path: str | Path) -> Member:
-    from hybridtune.inference import load_run
 
     if is_ensemble(path):
         raise UserError(str(path), "an ensemble dir", "a run dir (ensembles of ensembles are not supported)")
@@ -107,8 +107,6 @@ def check_same_labels(members: list[Member]) -> None:
 
 def split_frames(member: Member, data: str | None = None) -> dict:
     """The rows ensembles are scored on: the first member's validation and test splits, or `data`."""
-    from hybridtune.tasks import classification
-
     cfg, labels = member.loaded.recipe.data, member.labels
     if data is not None:
         return {"test": classification.eval_frame(data, cfg, labels)}
@@ -148,8 +146,6 @@ def build(
     """Evaluate each member and the ensemble on the test split; save the ensemble to `out`.
 
     `weighted` without weights uses each member's validation accuracy as its weight."""
-    from hybridtune.tasks.classification import full_report
-
     if len(paths) < 2:
         raise UserError("ensemble", f"{len(paths)} member", "at least 2 run dirs")
     if combine_how not in COMBINES:
@@ -221,9 +217,6 @@ def build(
 
 def headline_metrics(truth: np.ndarray, logits: np.ndarray, labels) -> dict:
     """The headline of the classification report: accuracy, macro-F1, n."""
-    from hybridtune.tasks import spec
-    from hybridtune.tasks.classification import full_report
-
     report = full_report(truth, np.asarray(logits), labels)
     return {k: report[k] for k in spec("classification").headline}
 
@@ -281,13 +274,11 @@ class Ensemble:
         return combine([m.logits(frame) for m in self.members], self.combine, self.weights)
 
     def evaluate(self, data: str | None = None) -> dict:
-        from hybridtune.tasks.classification import full_report
 
         frame = split_frames(self.members[0], data)["test"]
         return full_report(y_true(frame, self.members[0]), np.log(self.probs(frame) + 1e-12), self.labels)
 
     def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
-        from hybridtune.tasks.classification import prediction_frame, prediction_rows
 
         frame = prediction_frame(self.data_cfg, texts, text_pairs)
         return prediction_rows(texts, self.probs(frame), self.labels.names)
@@ -296,8 +287,6 @@ class Ensemble:
 def load(root: str | Path):
     """A saved ensemble dir as serve loads a model (inference.Loaded): its members combined by
     `Ensemble.predict`, on the CPU where its members are."""
-    from hybridtune.inference import Loaded
-
     root = Path(root)
     ensemble = Ensemble(root)
     first = ensemble.members[0].loaded

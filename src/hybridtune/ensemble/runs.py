@@ -8,22 +8,22 @@ import shutil
 import time
 from pathlib import Path
 
+from hybridtune import run as one_run
 from hybridtune import rundir
 from hybridtune.ensemble.config import COMBINES
+from hybridtune.ensemble.joint import train_joint
 from hybridtune.ensemble.members import member_recipes
 from hybridtune.ensemble.merging import merge_adapters
 from hybridtune.ensemble.outputs import build
 from hybridtune.ensemble.soups import soup
+from hybridtune.recipe import recipe_to_yaml
 
 
 def train(recipe) -> dict:
     """Train every member (each a normal run under <run>/members/<i>), combine them, and write the
     run's report.json / metrics.jsonl as one strategy of a compare would have them."""
-
     cfg = recipe.ensemble
     if cfg.shared_trunk:
-        from hybridtune.ensemble.joint import train_joint
-
         return train_joint(recipe)
     members = member_recipes(recipe)
     run = rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
@@ -32,8 +32,6 @@ def train(recipe) -> dict:
 
 
 def _train(recipe, members: list, run: Path) -> dict:
-    from hybridtune import run as one_run
-    from hybridtune.recipe import recipe_to_yaml
 
     cfg = recipe.ensemble
     rundir.write_text(run / "recipe.yaml", recipe_to_yaml(recipe))

@@ -8,6 +8,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from hybridtune.data.long_texts import DOC, pool
+from hybridtune.model.anatomy import Anatomy, canonical, unwrap
+from hybridtune.tasks.classification import collator, encode
+
 if TYPE_CHECKING:
     from hybridtune.ensemble.outputs import Member
 
@@ -29,8 +33,6 @@ def share_trunk(models: list[torch.nn.Module], depth: int, cache: dict) -> tuple
     leader's blocks record each batch's outputs into `cache`, and the followers' blocks are replaced
     by `Replay` modules reading it. Returns the hook handles, the followers' own blocks and the
     blocks' path, to undo it."""
-    from hybridtune.model.anatomy import Anatomy, unwrap
-
     path = Anatomy.of(models[0]).blocks_path
 
     def recorder(index: int):
@@ -82,8 +84,6 @@ class SharedTrunk:
 
     @torch.no_grad()
     def logits(self, frame, batch_size: int = 128) -> list[np.ndarray]:
-        from hybridtune.data.long_texts import DOC, pool
-        from hybridtune.tasks.classification import collator, encode
 
         leader = self.members[0].loaded
         dataset = encode(frame, leader.tokenizer, None, leader.recipe.data)
@@ -105,8 +105,6 @@ class SharedTrunk:
 
 def trunk_depth(models: list[torch.nn.Module]) -> int:
     """How many bottom blocks all models share bit for bit, with their embeddings (0: none)."""
-    from hybridtune.model.anatomy import Anatomy, canonical
-
     anatomy = Anatomy.of(models[0])
     by_slot: list[dict[str, dict[str, torch.Tensor]]] = []
     for model in models:

@@ -16,6 +16,8 @@ from hybridtune.ensemble.outputs import (
     y_true,
 )
 from hybridtune.errors import UserError
+from hybridtune.recipe import recipe_to_yaml
+from hybridtune.tasks.classification import full_report
 
 
 def _plain_model(member: Member) -> torch.nn.Module:
@@ -53,9 +55,6 @@ def _average(states: list[dict]) -> dict:
 
 def soup(paths: list[str], out: str, greedy: bool = False) -> dict:
     """A uniform or greedy soup of runs fine-tuned from one base; saved as a normal run dir."""
-    from hybridtune.recipe import recipe_to_yaml
-    from hybridtune.tasks.classification import full_report
-
     if len(paths) < 2:
         raise UserError("soup", f"{len(paths)} member", "at least 2 run dirs")
     target = Path(out)

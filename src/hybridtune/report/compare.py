@@ -23,6 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from hybridtune import durable, rundir  # noqa: E402
+from hybridtune.report.stats import higher_is_better, paired, scale, sentence
+from hybridtune.tasks.baseline import short
 
 COLUMNS = [
     ("test_metric", "test {metric}", "pct"),
@@ -101,8 +103,6 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 def warning_summary(runs: list[dict]) -> str:
     """e.g. "majority baseline 2/3, one class 1/3": how many seeds drew each kind of warning."""
-    from hybridtune.tasks.baseline import short
-
     counts: dict[str, int] = {}
     for run in runs:
         for kind in dict.fromkeys(short(run["warnings"])):
@@ -114,8 +114,6 @@ def add_paired(summary: list[dict], rows: list[dict], reference: str) -> list[st
     """Each strategy's test metric against the reference's, seed by seed (the same seed: the same
     data order and head initialisation); sets `vs_reference` on every summary entry and
     `diff_vs_reference` on every run row; returns the sentences."""
-    from hybridtune.report.stats import higher_is_better, paired, sentence
-
     # paired by (seed, few-shot draw): the reference's run on the same seed and the same labelled rows
     ref_by_seed = {(r["seed"], r.get("draw")): r["test_metric"] for r in rows if r["strategy"] == reference}
     for row in rows:
@@ -142,7 +140,6 @@ def add_paired(summary: list[dict], rows: list[dict], reference: str) -> list[st
 
 
 def _paired_cells(s: dict) -> list[str]:
-    from hybridtune.report.stats import scale
 
     v = s.get("vs_reference") or {}
     if v.get("is_reference"):

@@ -18,7 +18,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from hybridtune import tasks
 from hybridtune.errors import UserError, did_you_mean
+from hybridtune.model.anatomy import Anatomy
+from hybridtune.model.loading import load_tokenizer
+from hybridtune.model.loading import resolve as resolve_model
+from hybridtune.recipe import apply_override, load_recipe, validate_recipe
 from hybridtune.search.space import (
     FAMILIES,
     SEARCHED,
@@ -27,7 +32,9 @@ from hybridtune.search.space import (
     Space,
     TrainSpace,
     VerdictConfig,
+    recipe_dict,
 )
+from hybridtune.strategy.plan import planned_steps
 
 
 @dataclass
@@ -48,8 +55,6 @@ class Context:
 
 def load_space(path: str | None, overrides: list[str] | None = None) -> Space:
     """The space of a YAML file (or the default), with `key.path=value` overrides, validated."""
-    from hybridtune.recipe import apply_override
-
     origin = path or "default space"
     raw: Any = {}
     if path is not None:
@@ -124,8 +129,6 @@ def _space_error(e: ValidationError, origin: str) -> UserError:
 def base_recipe(space: Space, origin: str) -> dict:
     """The base as a recipe dict (a recipe file is read), checked: valid, and setting none of the keys
     the search sets (a contradiction: the search would silently override it)."""
-    from hybridtune.recipe import load_recipe, validate_recipe
-
     if isinstance(space.base, str):
         p = Path(space.base)
         if not p.is_file():
@@ -167,10 +170,7 @@ def model_shape(model_name: str) -> tuple[int, list[str]]:
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from hybridtune.model.anatomy import Anatomy
-    from hybridtune.model.loading import resolve
-
-    config = AutoConfig.from_pretrained(resolve(model_name))
+    config = AutoConfig.from_pretrained(resolve_model(model_name))
     with torch.device("meta"):
         model = AutoModel.from_config(config)
     anatomy = Anatomy.of(model)
@@ -181,9 +181,6 @@ def model_shape(model_name: str) -> tuple[int, list[str]]:
 
 def resolve(space: Space, origin: str) -> Context:
     """Every check that needs the base recipe, the data and the model config."""
-    from hybridtune import tasks
-    from hybridtune.recipe import validate_recipe
-
     raw = base_recipe(space, origin)
     recipe = validate_recipe(raw, f"{origin}: base")
     metrics = tasks.spec(recipe.task).metrics
@@ -216,9 +213,6 @@ def resolve(space: Space, origin: str) -> Context:
 
 def _check_corners(ctx: Context) -> None:
     """Each family's recipe at the ends of its settings validates (e.g. a schedule with stages)."""
-    from hybridtune.recipe import validate_recipe
-    from hybridtune.search.space import recipe_dict
-
     shared = {k: p.corners()[0] for k, p in dict(ctx.space.train).items()}
     for family, settings in ctx.space.chosen().items():
         params = dict(settings)
@@ -233,9 +227,6 @@ def _check_corners(ctx: Context) -> None:
 def finish(ctx: Context, raw: dict) -> dict:
     """A trial's recipe dict completed: the metric, and evaluation steps so that the run validates
     `evaluations` times (4 by default) unless the base names its own `train.eval_steps`."""
-    from hybridtune.recipe import validate_recipe
-    from hybridtune.strategy.plan import planned_steps
-
     train = raw.setdefault("train", {})
     train.setdefault("early_stopping", {})["metric"] = ctx.metric
     if not ctx.explicit_eval_steps:
@@ -260,11 +251,6 @@ def cheapest_trial_seconds(ctx: Context) -> float:
     without the evaluations. Nothing is written."""
     import torch
 
-    from hybridtune import tasks
-    from hybridtune.model.loading import load_tokenizer, resolve
-    from hybridtune.recipe import validate_recipe
-    from hybridtune.strategy.plan import planned_steps
-
     train = ctx.space.train
     epochs, batch = min(train.epochs.corners()), max(train.batch_size.corners())
     raw = copy.deepcopy(ctx.base)
@@ -274,7 +260,7 @@ def cheapest_trial_seconds(ctx: Context) -> float:
     task = tasks.for_recipe(recipe)
     splits = task.load_splits(recipe.data)
     labels = task.label_space(splits, recipe.data)
-    path = resolve(recipe.model.name)
+    path = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(path)
     model, _ = task.load_model(path, tokenizer, labels)
     model.eval()

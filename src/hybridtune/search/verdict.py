@@ -18,7 +18,9 @@ import shutil
 import statistics
 from pathlib import Path
 
+from hybridtune import run as one_run
 from hybridtune import rundir
+from hybridtune.recipe import load_recipe, recipe_to_yaml, validate_recipe
 from hybridtune.report.stats import higher_is_better, paired, sentence
 from hybridtune.search.setup import Context, finish
 
@@ -27,8 +29,6 @@ __all__ = ["paired", "run_verdict"]
 
 def candidates(study, ctx: Context, top: int) -> list[dict]:
     """The `top` best complete trials by validation metric, one per distinct recipe."""
-    from hybridtune.recipe import load_recipe, recipe_to_yaml
-
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     done.sort(key=lambda t: t.values[0], reverse=higher_is_better(ctx.metric))
     out, seen = [], set()
@@ -63,9 +63,6 @@ def reference(ctx: Context) -> dict:
 
 def _train(raw: dict, seed: int, target: Path, echo) -> dict:
     """One verdict run (resumed: a finished one is kept); its test metrics from its own eval.json."""
-    from hybridtune import run as one_run
-    from hybridtune.recipe import validate_recipe
-
     if not (target / "report.json").is_file():
         shutil.rmtree(target, ignore_errors=True)  # an unfinished run of ours: start it over
         run = copy.deepcopy(raw)
