@@ -24,6 +24,7 @@ from hybridtune.model.anatomy import Anatomy
 from hybridtune.model.loading import load_tokenizer
 from hybridtune.model.loading import resolve as resolve_model
 from hybridtune.recipe import apply_override, load_recipe, validate_recipe
+from hybridtune.search.parts import nest as _nest
 from hybridtune.search.space import (
     FAMILIES,
     SEARCHED,
@@ -145,6 +146,13 @@ def base_recipe(space: Space, origin: str) -> dict:
             f"a {clash[0]} section, which the search sets per family",
             "strategy keys only in `families` (the base holds model, data and the rest)",
         )
+    clash = sorted(set(space.parts) & set(raw))
+    if clash:
+        raise UserError(
+            f"{origin}: base.{clash[0]}",
+            f"a {clash[0]} section, a part the search adds or leaves out per trial",
+            f"it in the base (and `parts: {{{clash[0]}: null}}` in the space) or in `parts` only",
+        )
     train = raw.get("train") or {}
     clash = sorted({"lr", "max_steps", *(k for k in dict(space.train) if k in SEARCHED_TRAIN)} & set(train))
     if clash:
@@ -222,6 +230,24 @@ def _check_corners(ctx: Context) -> None:
                 finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear)),
                 f"{ctx.origin}: families.{family}",
             )
+    # a part some family can take: a part refused with one family (layer sampling with staged
+    # unfreezing) only fails those trials; one refused with every family (a label loss for a causal
+    # LM task) is a space that cannot work
+    for key, params in ctx.space.parts.items():
+        values = {path: p.corners()[0] for path, p in params.items() if path != "use"}
+        errors = []
+        for family, settings in ctx.space.chosen().items():
+            family_values = {k: p.corners()[0] for k, p in dict(settings).items()}
+            raw = recipe_dict(ctx.base, family, family_values, shared, ctx.blocks, ctx.linear)
+            raw[key] = _nest(values)
+            try:
+                validate_recipe(finish(ctx, raw), f"{ctx.origin}: parts.{key}")
+            except UserError as e:
+                errors.append(e)
+            else:
+                break
+        else:
+            raise errors[0]
 
 
 def finish(ctx: Context, raw: dict) -> dict:

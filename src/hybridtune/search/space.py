@@ -5,6 +5,8 @@
       data: {source: bundled:rotten_tomatoes, max_train_samples: 2000}
     metric: accuracy           # the validation metric (default: the task's main one)
     objectives: [metric, params]   # + params | time | memory: a multi-objective (Pareto) search
+    parts:                     # parts a trial may add (default: every part declaring `search`)
+      rdrop: {alpha: {low: 0.1, high: 5.0, log: true}}
     families:                  # searched families (default: all) and their settings
       lora: {r: [4, 8, 16], lr: {low: 1.0e-4, high: 3.0e-3, log: true}}
       full: {}
@@ -19,11 +21,12 @@ values into the recipe dict that `recipe.validate_recipe` checks and `hybridtune
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from hybridtune.search.params import Param, param, share_to_blocks
+from hybridtune.search.parts import default_parts, parse_parts, sample_parts, to_yaml
 from hybridtune.tasks import higher_is_better
 
 LR = param(float, gt=0, lt=1)
@@ -246,6 +249,10 @@ class Space(BaseModel):
     )
     families: Families = Field(default_factory=lambda: {name: {} for name in FAMILIES})
     train: TrainSpace = Field(default_factory=TrainSpace)
+    # parts a trial may add to its family (search/parts.py); default: those declaring `search`
+    parts: Annotated[dict[str, dict[str, Param]], BeforeValidator(parse_parts)] = Field(
+        default_factory=default_parts
+    )
     evaluations: int = Field(4, ge=1, description="validations per trial (the rungs the pruner compares)")
     sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
     pruner: Literal["hyperband", "successive_halving", "median", "none"] = "hyperband"
@@ -293,6 +300,7 @@ class Space(BaseModel):
         dump = self.model_dump(mode="python", exclude={"verdict"})
         dump["families"] = {k: _yaml(v) for k, v in self.chosen().items()}
         dump["train"] = _yaml(self.train)
+        dump["parts"] = to_yaml(self.parts)
         return dump
 
 
@@ -301,13 +309,15 @@ def _yaml(model: BaseModel) -> dict:
 
 
 def sample(space: Space, trial: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """A trial's family, its family values and the shared training values (Optuna suggest calls)."""
+    """A trial's family, its family values and the shared training values (Optuna suggest calls);
+    the shared values' `parts`: the recipe sections of the parts the trial adds (search/parts.py)."""
     chosen = space.chosen()
     names = list(chosen)
     family = names[0] if len(names) == 1 else trial.suggest_categorical("family", names)
     settings = chosen[family]
     values = {k: p.sample(trial, f"{family}.{k}") for k, p in dict(settings).items()}
     shared = {k: p.sample(trial, k) for k, p in dict(space.train).items()}
+    shared["parts"] = sample_parts(space.parts, trial)
     return family, values, shared
 
 
@@ -320,6 +330,7 @@ def recipe_dict(
 
     raw = copy.deepcopy(base)
     raw.update(strategy_keys(family, v, blocks, linear))
+    raw.update(t.get("parts", {}))
     train = raw.setdefault("train", {})
     train.update({"lr": v["lr"], "epochs": t["epochs"], "batch_size": t["batch_size"]})
     train["weight_decay"] = t["weight_decay"]

@@ -119,7 +119,11 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
     from hybridtune import run as one_run
 
     started = time.perf_counter()
-    recipe, family = trial_recipe(ctx, trial, out)
+    try:
+        recipe, family = trial_recipe(ctx, trial, out)
+    except UserError as e:  # a part its family refuses (search/setup.py checked each part works somewhere)
+        info = {"number": trial.number, "family": trial.params.get("family", "?"), "error": str(e)}
+        return "failed", info | {"state": "failed", "evaluations": 0, "curve": [], "seconds": 0.0}
     run = Path(recipe.output.dir) / recipe.output.name
     info: dict[str, Any] = {"number": trial.number, "family": family, "run_dir": str(run)}
     multi = len(ctx.space.objectives) > 1

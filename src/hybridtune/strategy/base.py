@@ -32,6 +32,9 @@ Hooks, each called only for a part the recipe configures, with its config:
   its own in final/ (and in each checkpoint), for what neither the base model's save nor peft's
   adapter save holds; `save` returns the state-dict keys it wrote, which the base save leaves out.
 
+And one optional declaration: `search`, the settings `hybridtune search` tries when it adds the
+part to a trial (search/parts.py).
+
 A part reads its own config, the `Build` and the recipe. Where it builds on another part it calls
 that part's public functions (fusion's zero-shot scorer is `prompt.load_scorer`; contrastive embeds
 with `pooling.embedding`), never another part's attributes on the model.
@@ -143,6 +146,10 @@ class Part:
     # its apply / restore load a finished run (fusion's frozen model): they get the loader from the
     # run pipeline (Build.load_run / restore's `load_run=`), never by importing what sits above them
     loads_runs: bool = False
+    # the settings `hybridtune search` tries when it adds this part to a trial, in the space's YAML
+    # form ({"alpha": {"low": 0.1, "high": 5.0, "log": True}}; search/parts.py); None: the default
+    # space leaves the part out (a space file may still name it under `parts:`)
+    search: dict | None = None
 
     def hooks(self) -> list[str]:
         """The optional hooks this part declares (for docs and tests)."""
