@@ -98,7 +98,9 @@ def test_a_failed_run_is_marked_failed_and_resume_goes_on_in_it(quick, tmp_path,
         return prep
 
     monkeypatch.setattr(one_run, "prepare", poisoned)
-    overrides = quick(None, "train.report_to=[mlflow]", "output.name=r", "train.eval_steps=4", "train.max_steps=8")
+    overrides = quick(
+        None, "train.report_to=[mlflow]", "output.name=r", "train.eval_steps=4", "train.max_steps=8"
+    )
     with pytest.raises(TrainingStopped):
         api.train(load_recipe(None, overrides))
     run = tmp_path / "runs" / "r"
@@ -129,7 +131,9 @@ def test_search_trials_are_runs_of_the_search_experiment(tmp_path, tiny_bert, se
         "verdict": {"top": 0},
     }
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    root = run_search(str(tmp_path / "space.yaml"), [], str(tmp_path / "out"), trials=2, threads=1, echo=print)
+    root = run_search(
+        str(tmp_path / "space.yaml"), [], str(tmp_path / "out"), trials=2, threads=1, echo=print
+    )
     trials = json.loads((root / "trials.json").read_text())["trials"]
     client = _client(root)
     experiment = client.get_experiment_by_name("tiny-tracked")
@@ -155,7 +159,9 @@ def test_a_trial_left_running_is_ended_with_its_state(tmp_path):
     mine = client.create_run(eid, tags={"trial": "3", "search_dir": "/a"}).info.run_id
     other = client.create_run(eid, tags={"trial": "3", "search_dir": "/b"}).info.run_id
     tracking.tag_runs(tgt, {"trial": 3, "search_dir": "/a"}, "pruned")
-    assert client.get_run(mine).data.tags["state"] == "pruned" and client.get_run(mine).info.status == "KILLED"
+    assert (
+        client.get_run(mine).data.tags["state"] == "pruned" and client.get_run(mine).info.status == "KILLED"
+    )
     assert "state" not in client.get_run(other).data.tags and client.get_run(other).info.status == "RUNNING"
 
 
@@ -184,5 +190,8 @@ def test_mlflow_missing_exits_2_before_anything_is_written(monkeypatch, tmp_path
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"base": {"model": tiny_bert, "train": {"report_to": "mlflow"}}}))
     result = CliRunner().invoke(app, ["search", str(space), "--trials", "1", "--out", str(tmp_path / "s")])
-    assert result.exit_code == 2 and "base.train.report_to: found mlflow, which is not installed" in result.stderr
+    assert (
+        result.exit_code == 2
+        and "base.train.report_to: found mlflow, which is not installed" in result.stderr
+    )
     assert not (tmp_path / "s").exists()

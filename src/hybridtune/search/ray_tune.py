@@ -212,7 +212,14 @@ def _searcher_class():
             self.count += 1
             self.durations.append(info["seconds"])
             record(
-                self._ot_study, ot_trial, self.ctx, state, info, f"({self.count}{self.total})", self.echo, self.root
+                self._ot_study,
+                ot_trial,
+                self.ctx,
+                state,
+                info,
+                f"({self.count}{self.total})",
+                self.echo,
+                self.root,
             )
             run = Path(info["run_dir"])
             if state != "complete" and run.is_dir():  # the worker was stopped before it wrote these

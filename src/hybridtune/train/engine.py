@@ -340,7 +340,8 @@ def make_trainer(
         if "mlflow" in recipe.train.report_to:
             from hybridtune.train.tracking import MLflowTracking, run_callback
 
-            if not any(isinstance(c, MLflowTracking) for c in callbacks):  # a search gives its trials their own
+            # a search gives its trials a callback of their own (the search's experiment, tags)
+            if not any(isinstance(c, MLflowTracking) for c in callbacks):
                 callbacks.append(run_callback(recipe, run_dir))
     if plan.stages is not None:
         callbacks.append(StageCallback(plan.stages, plan.base_names, run_dir / "metrics.jsonl"))

@@ -122,7 +122,9 @@ class MLflowTracking(MLflowCallback):
     `run_dir/mlflow.json` records it; a resumed run (the same store) goes on in the same MLflow run.
     Only the process of rank 0 logs (transformers' rule)."""
 
-    def __init__(self, tgt: Target, run_name: str, params: dict[str, str], tags: dict[str, Any], run_dir=None):
+    def __init__(
+        self, tgt: Target, run_name: str, params: dict[str, str], tags: dict[str, Any], run_dir=None
+    ):
         super().__init__()  # imports mlflow
         self.target, self.run_name, self.params = tgt, run_name, params
         self.tags = {k: str(v) for k, v in tags.items()}
@@ -152,7 +154,10 @@ class MLflowTracking(MLflowCallback):
             items = list(self.params.items())
             for i in range(0, len(items), self._MAX_PARAMS_TAGS_PER_BATCH):
                 mlflow.log_params(
-                    {k: v[: self._MAX_PARAM_VAL_LENGTH] for k, v in items[i : i + self._MAX_PARAMS_TAGS_PER_BATCH]}
+                    {
+                        k: v[: self._MAX_PARAM_VAL_LENGTH]
+                        for k, v in items[i : i + self._MAX_PARAMS_TAGS_PER_BATCH]
+                    }
                 )
         if self.run_dir is not None:
             record = {"tracking_uri": self.target.uri, "experiment_id": eid, "run_id": self.run_id}
