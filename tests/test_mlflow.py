@@ -128,7 +128,11 @@ def test_search_trials_are_runs_of_the_search_experiment(tmp_path, tiny_bert, se
         "families": {"full": {"lr": 5e-3}, "bitfit": {"lr": 1e-2}},
         "enqueue": [{"family": "full"}, {"family": "bitfit"}],
         "train": {"epochs": 1.0, "batch_size": 16, "warmup": 0.0, "weight_decay": 0.0, "schedule": "linear"},
-        "verdict": {"top": 0},
+        "verdict": {
+            "top": 1,
+            "seeds": 1,
+            "reference": {"train": {"epochs": 1, "lr": 5e-3, "batch_size": 16}},
+        },
     }
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
     root = run_search(
@@ -137,7 +141,8 @@ def test_search_trials_are_runs_of_the_search_experiment(tmp_path, tiny_bert, se
     trials = json.loads((root / "trials.json").read_text())["trials"]
     client = _client(root)
     experiment = client.get_experiment_by_name("tiny-tracked")
-    runs = {r.data.tags["trial"]: r for r in client.search_runs([experiment.experiment_id])}
+    every = client.search_runs([experiment.experiment_id])
+    runs = {r.data.tags["trial"]: r for r in every if "trial" in r.data.tags}
     assert sorted(runs) == ["0", "1"] and len(trials) == 2
     for t in trials:
         found = runs[str(t["number"])]
@@ -147,7 +152,14 @@ def test_search_trials_are_runs_of_the_search_experiment(tmp_path, tiny_bert, se
         assert found.data.params["name"] == t["family"]
         assert _same(_history(client, found.info.run_id, "eval_accuracy"), [tuple(p) for p in t["curve"]])
         assert found.info.status == ("FINISHED" if t["state"] != "failed" else "FAILED")
-    assert not (root / "trials" / "mlruns").exists()  # one store per search: its own dir's
+    # the verdict's runs (the reference and the best trial, one seed): the same experiment, tagged
+    verdict = json.loads((root / "verdict.json").read_text())
+    tagged = {(r.data.tags["verdict"], r.data.tags["seed"]): r for r in every if "verdict" in r.data.tags}
+    assert sorted(tagged) == sorted((c["name"], str(verdict["seeds"][0])) for c in verdict["candidates"])
+    assert all(r.info.status == "FINISHED" and r.data.params["train.seed"] == "43" for r in tagged.values())
+    assert len(every) == 4  # 2 trials + 2 verdict runs, nothing else
+    for stray in (root / "trials" / "mlruns", root / "verdict" / "mlruns"):
+        assert not stray.exists()  # one store per search: its own dir's
 
 
 def test_a_trial_left_running_is_ended_with_its_state(tmp_path):
