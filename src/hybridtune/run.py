@@ -179,6 +179,10 @@ def _train_held(
         raise UserError(
             "ensemble", "an ensemble recipe in the one-run pipeline", "api.train (hybridtune.ensemble)"
         )
+    if "mlflow" in recipe.train.report_to:  # not installed: exit 2 before the model loads
+        from hybridtune.train.tracking import check
+
+        check(recipe.train.report_to)
     prep = prepare(recipe)
     run = Path(resume) if resume else rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
     args = training_arguments(recipe.train, recipe.output, run / "checkpoints")
@@ -225,9 +229,13 @@ def _train_held(
             list(callbacks),
             search_trial,
         )
-    except KeyboardInterrupt:
-        raise  # interrupted, not failed: `hybridtune train --resume` goes on from the last checkpoint
     except BaseException as e:
+        if "mlflow" in recipe.train.report_to:  # its MLflow run ends now, marked, not FINISHED at exit
+            from hybridtune.train.tracking import end_runs
+
+            end_runs(phase["trainer"], "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if isinstance(e, KeyboardInterrupt):
+            raise  # interrupted, not failed: `hybridtune train --resume` goes on from the last checkpoint
         if not (main and phase["written"]):
             raise  # nothing of this run was written (e.g. its name was taken): the error says why
         step = phase["step"]

@@ -6,6 +6,8 @@
       params.json     per-layer trainable-parameter table
       metrics.jsonl   every train / eval log line (and stage changes)
       tensorboard/    the same, as TensorBoard event files
+      mlflow.json     with train.report_to: [mlflow]: its MLflow store, experiment and run id (the
+                      store itself is <output.dir>/mlruns/, next to the run dirs: train/tracking.py)
       checkpoints/    Trainer checkpoints (the last N and the best), each ending with complete.json
       final/          the result in standard HF / PEFT format, with its tokenizer
       eval.json       test-split metrics: accuracy, macro-F1, per-class report, confusion matrix

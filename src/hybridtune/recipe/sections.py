@@ -261,6 +261,19 @@ class TrainConfig(Section):
         "top-k; docs/speed.md): auto = where the run allows it, on = required, off = never",
     )
 
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        [],
+        description="trackers the run's params and log lines also go to: mlflow = an MLflow run "
+        "(MLFLOW_TRACKING_URI, else a SQLite store in <output.dir>/mlruns; pip install "
+        "'hybridtune[mlflow]'); tensorboard is always written into the run dir",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: Any) -> Any:
+        # `report_to: mlflow` (transformers' TrainingArguments take a string too) is a list of one
+        return [value] if isinstance(value, str) else value
+
     @field_validator("trunk_cache", mode="before")
     @classmethod
     def _yaml_switch(cls, value: Any) -> Any:

@@ -211,7 +211,16 @@ def _searcher_class():
                 info["error"] = f"its Ray worker failed (Ray's logs: {self.root / 'ray'})"
             self.count += 1
             self.durations.append(info["seconds"])
-            record(self._ot_study, ot_trial, self.ctx, state, info, f"({self.count}{self.total})", self.echo)
+            record(
+                self._ot_study,
+                ot_trial,
+                self.ctx,
+                state,
+                info,
+                f"({self.count}{self.total})",
+                self.echo,
+                self.root,
+            )
             run = Path(info["run_dir"])
             if state != "complete" and run.is_dir():  # the worker was stopped before it wrote these
                 rundir.write_json(run / "trial.json", {**info, "state": state, "params": params})

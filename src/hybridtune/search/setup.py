@@ -52,6 +52,7 @@ class Context:
     seed: int
     explicit_eval_steps: bool
     linear: list[str] = field(default_factory=list)  # a block's linear layers: LoRA's "all-linear"
+    report_to: list[str] = field(default_factory=list)  # the base's train.report_to: every trial's
 
 
 def load_space(path: str | None, overrides: list[str] | None = None) -> Space:
@@ -191,6 +192,10 @@ def resolve(space: Space, origin: str) -> Context:
     """Every check that needs the base recipe, the data and the model config."""
     raw = base_recipe(space, origin)
     recipe = validate_recipe(raw, f"{origin}: base")
+    if "mlflow" in recipe.train.report_to:  # every trial logs to MLflow: it must be there
+        from hybridtune.train.tracking import check
+
+        check(recipe.train.report_to, f"{origin}: base.train.report_to")
     metrics = tasks.spec(recipe.task).metrics
     metric = space.metric or metrics[0]
     if metric not in metrics:
@@ -214,6 +219,7 @@ def resolve(space: Space, origin: str) -> Context:
         seed=recipe.train.seed,
         explicit_eval_steps=bool((raw.get("train") or {}).get("eval_steps")),
         linear=linear,
+        report_to=list(recipe.train.report_to),
     )
     _check_corners(ctx)
     return ctx

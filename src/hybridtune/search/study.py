@@ -117,13 +117,17 @@ def open_study(root: Path, ctx: Context, fresh: bool, storage=None):
     return study
 
 
-def recover(study, root: Path, echo) -> None:
+def recover(study, root: Path, echo, ctx: Context | None = None) -> None:
     """Trials a killed search left running: marked failed (interrupted), their run dirs removed,
-    their parameters queued to run again, whole."""
+    their parameters queued to run again, whole; their MLflow runs tagged interrupted."""
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
+        if ctx is not None and "mlflow" in ctx.report_to:
+            from hybridtune.search.trial import end_tracked
+
+            end_tracked(ctx, root, t.number, "interrupted")
         study.set_user_attr(f"interrupted_{t.number}", True)
         shutil.rmtree(root / "trials" / f"trial-{t.number:04d}", ignore_errors=True)
         if t.params:
@@ -247,7 +251,12 @@ def _loop(
 
     storage = journal(root)
     study = open_study(root, ctx, fresh=not resuming, storage=storage)
-    recover(study, root, echo)
+    if "mlflow" in ctx.report_to:  # the store and the experiment, made here before any trial (or Ray worker)
+        from hybridtune.search.trial import tracking_target
+        from hybridtune.train.tracking import experiment_id
+
+        experiment_id(tracking_target(ctx, root))
+    recover(study, root, echo, ctx)
     done = finished(study)
     if done:
         echo(f"{len(done)} trial(s) finished earlier, kept")
@@ -282,5 +291,5 @@ def _one_trial(study, ctx: Context, root: Path, run_trial, index: int, total: in
 
     trial = study.ask()
     state, info = run_trial(ctx, trial, root)
-    record(study, trial, ctx, state, info, f"({index + 1}{f'/{total}' if total else ''})", echo)
+    record(study, trial, ctx, state, info, f"({index + 1}{f'/{total}' if total else ''})", echo, root)
     return info["seconds"]

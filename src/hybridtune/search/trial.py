@@ -6,7 +6,9 @@ transformers and the tokenized splits (data/token_cache.py keeps them in the pro
 HYBRIDTUNE_CACHE_DIR) are loaded once, and the frozen-trunk caches of equal frozen depths are shared
 through the same dir (train/trunk_store.py). Each trial's run dir `<search>/trials/trial-NNNN/` is an
 ordinary run dir (recipe.yaml, run.json, params.json, metrics.jsonl, tensorboard/, report.json) plus
-`trial.json`: its state (complete | pruned | failed), values and what it cost.
+`trial.json`: its state (complete | pruned | failed), values and what it cost. With
+`train.report_to: [mlflow]` in the base, each trial is an MLflow run in the search's store and an
+experiment named after the search, tagged with its number, family and state.
 """
 
 from __future__ import annotations
@@ -69,6 +71,33 @@ def trial_recipe(ctx: Context, trial: Any, out: Path):
     raw["name"] = f"{family}"
     raw.setdefault("output", {}).update({"dir": str(out / "trials"), "name": f"trial-{trial.number:04d}"})
     return validate_recipe(raw, f"trial {trial.number}"), family
+
+
+def tracking_target(ctx: Context, root: Path):
+    """The search's MLflow store and experiment (named after the search): MLFLOW_TRACKING_URI, else
+    `<search dir>/mlruns/mlflow.db` (train/tracking.py)."""
+    from hybridtune.train.tracking import target
+
+    return target(root, ctx.space.name)
+
+
+def mlflow_callback(ctx: Context, root: Path, recipe, run: Path, tags: dict):
+    """The MLflow run of one trial (or verdict run) of a search with `train.report_to: [mlflow]`:
+    in the search's experiment, named as its run dir, the recipe as its params, `tags` (+ the search
+    and its dir, which `record` finds it by)."""
+    from hybridtune.train.tracking import MLflowTracking, recipe_params
+
+    tags = {**tags, "search": ctx.space.name, "search_dir": str(Path(root).resolve())}
+    return MLflowTracking(tracking_target(ctx, root), run.name, recipe_params(recipe), tags, run)
+
+
+def end_tracked(ctx: Context, root: Path, number: int, state: str) -> None:
+    """Tag a trial's MLflow run with how it ended (complete | pruned | failed | interrupted); a run
+    left RUNNING (a Ray worker stopped by ASHA, a killed search) is ended too."""
+    from hybridtune.train.tracking import tag_runs
+
+    where = {"trial": number, "search_dir": str(Path(root).resolve())}
+    tag_runs(tracking_target(ctx, root), where, state)
 
 
 def peak_memory_start() -> None:
@@ -137,9 +166,12 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
     callback = PruningCallback(
         trial, ctx.metric, prune=not multi and ctx.space.pruner != "none", on_evaluation=hook
     )
+    callbacks = [callback]
+    if "mlflow" in recipe.train.report_to:
+        callbacks.append(mlflow_callback(ctx, out, recipe, run, {"trial": trial.number, "family": family}))
     peak_memory_start()
     try:
-        summary = one_run.train(recipe, callbacks=[callback], search_trial=True)
+        summary = one_run.train(recipe, callbacks=callbacks, search_trial=True)
     except (UserError, TrainingStopped) as e:
         state, info["error"] = "failed", str(e)
     else:
@@ -165,11 +197,14 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
     return state, info
 
 
-def record(study, trial, ctx: Context, state: str, info: dict, count: str, echo) -> None:
-    """Tell the study how a trial ended (its info as user attributes: the trials table reads them)
-    and say it in one line; both backends end their trials here."""
+def record(study, trial, ctx: Context, state: str, info: dict, count: str, echo, root: Path) -> None:
+    """Tell the study how a trial ended (its info as user attributes: the trials table reads them),
+    tag its MLflow run with it (`train.report_to: [mlflow]`) and say it in one line; both backends
+    end their trials here."""
     from optuna.trial import TrialState
 
+    if "mlflow" in ctx.report_to:
+        end_tracked(ctx, root, trial.number, state)
     for key in info:
         if key not in ("number", "state"):
             trial.set_user_attr(key, info[key])

@@ -61,17 +61,27 @@ def reference(ctx: Context) -> dict:
     return finish(ctx, raw)
 
 
-def _train(raw: dict, seed: int, target: Path, echo) -> dict:
-    """One verdict run (resumed: a finished one is kept); its test metrics from its own eval.json."""
+def _train(raw: dict, seed: int, target: Path, echo, tracked=None) -> dict:
+    """One verdict run (resumed: a finished one is kept); its test metrics from its own eval.json.
+    `tracked(recipe, run_dir)`: its MLflow callback, in the search's experiment."""
     if not (target / "report.json").is_file():
         shutil.rmtree(target, ignore_errors=True)  # an unfinished run of ours: start it over
         run = copy.deepcopy(raw)
         run.setdefault("train", {})["seed"] = seed
         run["output"] = {"dir": str(target.parent), "name": target.name}
         echo(f"verdict: training {target.name}")
-        one_run.train(validate_recipe(run, str(target)))
+        recipe = validate_recipe(run, str(target))
+        tracking = [tracked(recipe, target)] if tracked and "mlflow" in recipe.train.report_to else []
+        one_run.train(recipe, callbacks=tracking)
         shutil.rmtree(target / "checkpoints", ignore_errors=True)  # the best model is in final/
     return rundir.read_json(target / "eval.json")
+
+
+def _tracked(root: Path, ctx: Context, entry: dict, seed: int):
+    from hybridtune.search.trial import mlflow_callback
+
+    tags = {"verdict": entry["name"], "family": entry["family"], "seed": seed}
+    return lambda recipe, run: mlflow_callback(ctx, root, recipe, run, tags)
 
 
 def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
@@ -84,7 +94,10 @@ def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
     for entry in entries:
         runs = [root / "verdict" / f"{entry['name']}-s{seed}" for seed in seeds]
         entry["runs"] = [str(r) for r in runs]
-        entry["values"] = [_train(entry["raw"], s, r, echo)[metric] for s, r in zip(seeds, runs, strict=True)]
+        entry["values"] = [
+            _train(entry["raw"], s, r, echo, _tracked(root, ctx, entry, s))[metric]
+            for s, r in zip(seeds, runs, strict=True)
+        ]
         entry["mean"] = statistics.fmean(entry["values"])
         entry["sd"] = statistics.stdev(entry["values"]) if len(seeds) > 1 else 0.0
     ref = entries[0]

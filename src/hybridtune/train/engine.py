@@ -287,7 +287,7 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
         restore_callback_states_from_checkpoint=True,  # early stopping's patience count on resume
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         torch_compile=train.compile,
-        report_to="none",  # TensorBoard is added in make_trainer, writing into the run dir
+        report_to="none",  # TensorBoard (and MLflow: train.report_to) are added in make_trainer
         disable_tqdm=False,
         dataloader_num_workers=0,
         # Trainer multiplies the loss by the number of processes for models whose forward takes
@@ -337,6 +337,12 @@ def make_trainer(
     if args.process_index == 0:  # one event file per run, however many processes train
         purge = step_of(resume_from) if resume_from is not None else None
         callbacks.append(tensorboard(run_dir / "tensorboard", purge))
+        if "mlflow" in recipe.train.report_to:
+            from hybridtune.train.tracking import MLflowTracking, run_callback
+
+            # a search gives its trials a callback of their own (the search's experiment, tags)
+            if not any(isinstance(c, MLflowTracking) for c in callbacks):
+                callbacks.append(run_callback(recipe, run_dir))
     if plan.stages is not None:
         callbacks.append(StageCallback(plan.stages, plan.base_names, run_dir / "metrics.jsonl"))
     if recipe.train.early_stopping.patience and args.load_best_model_at_end:  # not without validation
