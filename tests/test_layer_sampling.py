@@ -81,11 +81,17 @@ def _lisa_draw(switch: int, units: int = 6, draw: int = 2) -> set[int]:
 # what trains, and the optimizer state
 
 
-def test_lisa_trains_exactly_the_drawn_blocks_the_embeddings_and_the_head(tmp_path, tiny_bert6, sentiment_csv):
+def test_lisa_trains_exactly_the_drawn_blocks_the_embeddings_and_the_head(
+    tmp_path, tiny_bert6, sentiment_csv
+):
     watch, anatomy, run_dir = _train(
-        tmp_path, tiny_bert6, sentiment_csv, "layer_sampling.method=lisa", "layer_sampling.gamma=0.333",
+        tmp_path,
+        tiny_bert6,
+        sentiment_csv,
+        "layer_sampling.method=lisa",
+        "layer_sampling.gamma=0.333",
         "layer_sampling.interval=2",
-    )  # fmt: skip
+    )
     draws = [_lisa_draw(s) for s in range(3)]
     assert len({frozenset(d) for d in draws}) > 1, "the draws must differ for the test to mean anything"
     for step, changed in enumerate(watch.changed):
@@ -107,9 +113,14 @@ def test_lisa_trains_exactly_the_drawn_blocks_the_embeddings_and_the_head(tmp_pa
 
 def test_badam_trains_one_group_at_a_time_each_from_a_fresh_state(tmp_path, tiny_bert6, sentiment_csv):
     watch, anatomy, _ = _train(
-        tmp_path, tiny_bert6, sentiment_csv, "layer_sampling.method=badam", "layer_sampling.order=ascending",
-        "layer_sampling.blocks_per_group=2", "layer_sampling.interval=2",
-    )  # fmt: skip
+        tmp_path,
+        tiny_bert6,
+        sentiment_csv,
+        "layer_sampling.method=badam",
+        "layer_sampling.order=ascending",
+        "layer_sampling.blocks_per_group=2",
+        "layer_sampling.interval=2",
+    )
     groups = [{"block.0", "block.1"}, {"block.2", "block.3"}, {"block.4", "block.5"}]
     for step, changed in enumerate(watch.changed):
         assert _slots(anatomy, changed) == {"head", *groups[step // 2]}, step  # embeddings frozen
@@ -144,8 +155,13 @@ def test_badam_random_visits_every_group_once_per_pass_from_the_seed():
 
 
 def test_with_freeze_only_the_blocks_it_leaves_are_drawn(tmp_path, tiny_bert6, sentiment_csv):
-    extra = ["freeze.trainable=[head, {top_k: 3}]", "layer_sampling.method=lisa", "layer_sampling.gamma=0.34",
-             "layer_sampling.interval=2", "lr.layer_decay=0.8"]  # fmt: skip
+    extra = [
+        "freeze.trainable=[head, {top_k: 3}]",
+        "layer_sampling.method=lisa",
+        "layer_sampling.gamma=0.34",
+        "layer_sampling.interval=2",
+        "lr.layer_decay=0.8",
+    ]
     watch, anatomy, run_dir = _train(tmp_path, tiny_bert6, sentiment_csv, *extra)
     for step, changed in enumerate(watch.changed):
         slots = _slots(anatomy, changed)
@@ -158,9 +174,14 @@ def test_with_freeze_only_the_blocks_it_leaves_are_drawn(tmp_path, tiny_bert6, s
 
 def test_with_lora_the_lora_matrices_of_the_drawn_blocks_train(tmp_path, tiny_bert6, sentiment_csv):
     watch, anatomy, _ = _train(
-        tmp_path, tiny_bert6, sentiment_csv, "peft.method=lora", "layer_sampling.method=lisa",
-        "layer_sampling.gamma=0.333", "layer_sampling.interval=2",
-    )  # fmt: skip
+        tmp_path,
+        tiny_bert6,
+        sentiment_csv,
+        "peft.method=lora",
+        "layer_sampling.method=lisa",
+        "layer_sampling.gamma=0.333",
+        "layer_sampling.interval=2",
+    )
     for step, changed in enumerate(watch.changed):
         blocks = {n for n in changed if anatomy.block_of(n) is not None}
         assert blocks and all("lora_" in n for n in blocks), step  # the base weights stay frozen
@@ -169,7 +190,9 @@ def test_with_lora_the_lora_matrices_of_the_drawn_blocks_train(tmp_path, tiny_be
 
 
 def test_the_parameter_report_says_what_trains_on_average(tmp_path, tiny_bert6, sentiment_csv):
-    args = _args(tmp_path, tiny_bert6, sentiment_csv, "layer_sampling.method=lisa", "layer_sampling.gamma=0.5")
+    args = _args(
+        tmp_path, tiny_bert6, sentiment_csv, "layer_sampling.method=lisa", "layer_sampling.gamma=0.5"
+    )
     prep = run.prepare(load_recipe(None, args))
     part = prep.params["parts"]["layer_sampling"]
     sizes = {r["slot"]: r["total"] for r in prep.params["rows"]}
@@ -194,7 +217,10 @@ def test_the_parameter_report_says_what_trains_on_average(tmp_path, tiny_bert6, 
         (["layer_sampling.method=lisa", "layer_sampling.interval=0"], ["layer_sampling.interval"]),
         (["layer_sampling.method=lisa", "layer_sampling.order=random"], ["order", "method: lisa"]),
         (["layer_sampling.method=badam", "layer_sampling.gamma=0.5"], ["gamma", "method: badam"]),
-        (["layer_sampling.method=badam", "layer_sampling.blocks_per_group=7"], ["blocks_per_group", "at most 6"]),
+        (
+            ["layer_sampling.method=badam", "layer_sampling.blocks_per_group=7"],
+            ["blocks_per_group", "at most 6"],
+        ),
         (["layer_sampling.method=layers"], ["layer_sampling.method"]),
         (["layer_sampling.method=lisa", "freeze.trainable=[head]"], ["layer_sampling", "no block"]),
         (["layer_sampling.method=lisa", "stages=[{train: [all]}]"], ["stages", "layer_sampling"]),
@@ -219,7 +245,10 @@ def test_bad_settings_exit_2_before_anything_is_written(tmp_path, tiny_bert6, se
 
 def _same_weights(run_dir: Path, straight: Path) -> None:
     assert _steps(run_dir) == _steps(straight)
-    for weights in ("final/model.safetensors", f"checkpoints/checkpoint-{_steps(run_dir)[-1]}/model.safetensors"):
+    for weights in (
+        "final/model.safetensors",
+        f"checkpoints/checkpoint-{_steps(run_dir)[-1]}/model.safetensors",
+    ):
         ours, theirs = load_file(run_dir / weights), load_file(straight / weights)
         diff = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
         assert diff <= 1e-6, (weights, diff)
@@ -233,14 +262,27 @@ def _same_weights(run_dir: Path, straight: Path) -> None:
         # step:7 resumes from 6, where a switch begins (its line, written after checkpoint-6, redone)
         (["layer_sampling.method=lisa", "layer_sampling.gamma=0.333"], ["step:5", "step:7"]),
         # killed after step 9, as the 4th switch (3 groups: the second pass's first) is due
-        (["layer_sampling.method=badam", "layer_sampling.order=random", "layer_sampling.blocks_per_group=2"],
-         ["step:9"]),
+        (
+            [
+                "layer_sampling.method=badam",
+                "layer_sampling.order=random",
+                "layer_sampling.blocks_per_group=2",
+            ],
+            ["step:9"],
+        ),
     ],
-)  # fmt: skip
-def test_killed_and_resumed_ends_like_the_uninterrupted_run(tmp_path, tiny_bert6, sentiment_csv, method, kills):
-    args = [*_args(tmp_path, tiny_bert6, sentiment_csv, *method), "layer_sampling.interval=3",
-            "train.max_steps=12", "train.eval_steps=2", "output.keep_checkpoints=3",
-            "train.early_stopping.patience=10"]  # fmt: skip
+)
+def test_killed_and_resumed_ends_like_the_uninterrupted_run(
+    tmp_path, tiny_bert6, sentiment_csv, method, kills
+):
+    args = [
+        *_args(tmp_path, tiny_bert6, sentiment_csv, *method),
+        "layer_sampling.interval=3",
+        "train.max_steps=12",
+        "train.eval_steps=2",
+        "output.keep_checkpoints=3",
+        "train.early_stopping.patience=10",
+    ]
     _train_cli([*args, "output.name=straight"])
     run_dir, straight = tmp_path / "runs" / "killed", tmp_path / "runs" / "straight"
     _killed([*args, "output.name=killed"], kills[0])

@@ -4,7 +4,7 @@
       recipe.yaml     the resolved recipe (every default filled in)
       run.json        task, labels, base model, format of final/ ("model" or "peft")
       params.json     per-layer trainable-parameter table
-      metrics.jsonl   every train / eval log line (and stage changes)
+      metrics.jsonl   every train / eval log line (and stage changes, layer-sampling draws)
       tensorboard/    the same, as TensorBoard event files
       checkpoints/    Trainer checkpoints (the last N and the best), each ending with complete.json
       final/          the result in standard HF / PEFT format, with its tokenizer

@@ -297,7 +297,9 @@ class LayerSampling(TrainerCallback):
                 for _, p in members:
                     held.pop(p, None)
         if state.is_world_process_zero:
-            tqdm.write(f"layer_sampling from step {state.global_step}: blocks {blocks}, {n:,} parameters train")
+            tqdm.write(
+                f"layer_sampling from step {state.global_step}: blocks {blocks}, {n:,} parameters train"
+            )
             log = Path(args.output_dir).parent / "metrics.jsonl"  # the run dir's (output_dir: checkpoints/)
             if log.parent.is_dir():
                 record = {
