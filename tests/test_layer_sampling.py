@@ -189,6 +189,26 @@ def test_with_lora_the_lora_matrices_of_the_drawn_blocks_train(tmp_path, tiny_be
         assert "head" in _slots(anatomy, changed)  # peft's copy of the head trains throughout
 
 
+def test_with_adapters_and_a_soft_prompt_the_drawn_blocks_adapters_train(tmp_path, tiny_bert6, sentiment_csv):
+    watch, anatomy, _ = _train(
+        tmp_path,
+        tiny_bert6,
+        sentiment_csv,
+        "adapters.method=houlsby",
+        "soft_prompt.num_virtual_tokens=4",
+        "data.max_length=64",
+        "layer_sampling.method=badam",
+        "layer_sampling.order=descending",
+        "layer_sampling.interval=2",
+    )
+    for step, changed in enumerate(watch.changed):
+        blocks = {anatomy.block_of(n) for n in changed if anatomy.block_of(n) is not None}
+        assert blocks == {5 - step // 2}, step  # top down, one block per interval
+        assert all("adapter" in n for n in changed if anatomy.block_of(n) is not None), step
+        assert any("soft_prompt" in n for n in changed), step  # outside the blocks: throughout
+        assert "embeddings" not in _slots(anatomy, changed)
+
+
 def test_the_parameter_report_says_what_trains_on_average(tmp_path, tiny_bert6, sentiment_csv):
     args = _args(
         tmp_path, tiny_bert6, sentiment_csv, "layer_sampling.method=lisa", "layer_sampling.gamma=0.5"
@@ -227,6 +247,10 @@ def test_the_parameter_report_says_what_trains_on_average(tmp_path, tiny_bert6, 
         (["layer_sampling.method=lisa", "peft.method=adalora"], ["peft.method", "adalora"]),
         (["layer_sampling.method=lisa", "contrastive.pairs=2"], ["contrastive", "layer_sampling"]),
         (["layer_sampling.method=badam", "train.trunk_cache=on"], ["train.trunk_cache", "layer_sampling"]),
+        (
+            ["layer_sampling.method=lisa", "ensemble.members=2", "ensemble.shared_trunk=true"],
+            ["ensemble.shared_trunk", "layer_sampling"],
+        ),
     ],
 )
 def test_bad_settings_exit_2_before_anything_is_written(tmp_path, tiny_bert6, sentiment_csv, extra, words):

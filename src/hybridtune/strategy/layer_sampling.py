@@ -136,7 +136,8 @@ def sampling(model: nn.Module, config: LayerSamplingConfig, build: Build) -> Sam
         )
     if config.method == "lisa":
         units = [[b] for b in pool]
-        draw = math.floor(config.gamma * len(pool) + 0.5 + 1e-9)  # round half up, as model/depth.py
+        # round half up, as model/depth.py's fractions, but without their floor of one block: 0 is refused
+        draw = math.floor(config.gamma * len(pool) + 0.5 + 1e-9)
         if draw == 0:
             raise UserError(
                 "layer_sampling.gamma",
@@ -152,7 +153,7 @@ def sampling(model: nn.Module, config: LayerSamplingConfig, build: Build) -> Sam
                 f"at most {len(pool)} (the blocks that can train)",
             )
         units, draw = [pool[i : i + k] for i in range(0, len(pool), k)], 1
-    members = [[np_ for b in unit for np_ in by_block[b]] for unit in units]
+    members = [[pair for b in unit for pair in by_block[b]] for unit in units]
     return Sampling(units, members, always, draw)
 
 
@@ -212,6 +213,12 @@ def check(config: LayerSamplingConfig, recipe) -> None:
         raise ValueError(
             "contrastive: found `contrastive` with `layer_sampling`; expected one of them (its stage "
             "before the Trainer trains every block, and its `then` sets what the Trainer trains)"
+        )
+    ensemble = getattr(recipe, "ensemble", None)
+    if ensemble is not None and ensemble.shared_trunk:
+        raise ValueError(
+            "ensemble.shared_trunk: found it with `layer_sampling`; expected separate members "
+            "(shared_trunk: false): the members train together in one loop, without the switches"
         )
     peft = getattr(recipe, "peft", None)
     if peft is not None and peft.method == "adalora":
