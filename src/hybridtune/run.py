@@ -112,6 +112,9 @@ def prepare(recipe: Recipe) -> Prepared:
     params = param_table(model, anatomy, base_ids, {n: v for n, v in plan.lrs.items() if n in held})
     if plan.stages is not None:
         params["stages"] = plan.stage_summary(model)
+    parts = strategy.param_reports(model, recipe, build)  # e.g. what layer sampling trains on average
+    if parts:
+        params["parts"] = parts
     if params["trainable"] == 0:
         raise UserError(
             "freeze", "a strategy that leaves no parameter trainable", "at least one trainable parameter"

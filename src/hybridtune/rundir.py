@@ -4,7 +4,7 @@
       recipe.yaml     the resolved recipe (every default filled in)
       run.json        task, labels, base model, format of final/ ("model" or "peft")
       params.json     per-layer trainable-parameter table
-      metrics.jsonl   every train / eval log line (and stage changes)
+      metrics.jsonl   every train / eval log line (and stage changes, layer-sampling draws)
       tensorboard/    the same, as TensorBoard event files
       mlflow.json     with train.report_to: [mlflow]: its MLflow store, experiment and run id (the
                       store itself is <output.dir>/mlruns/, next to the run dirs: train/tracking.py)

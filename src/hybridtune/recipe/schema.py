@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from hybridtune.strategy.contrastive import ContrastiveConfig
     from hybridtune.strategy.freeze import FreezeConfig
     from hybridtune.strategy.fusion import FusionConfig
+    from hybridtune.strategy.layer_sampling import LayerSamplingConfig
     from hybridtune.strategy.objective import ObjectiveConfig
     from hybridtune.strategy.peft import PeftConfig
     from hybridtune.strategy.pooling import PoolingConfig
@@ -87,6 +88,7 @@ class Recipe(RecipeParts):
         fusion: FusionConfig | None
         objective: ObjectiveConfig | None
         contrastive: ContrastiveConfig | None
+        layer_sampling: LayerSamplingConfig | None
     # the training plan
     lr: LrConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()

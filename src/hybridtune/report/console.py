@@ -85,6 +85,9 @@ def params_table(table: dict) -> Table:
             f"{s['stage']} from step {s['start_step']}: {s['trainable']:,} train (lr x {s['lr_scale']:g})"
             for s in table["stages"]
         )
+    lines = [part["line"] for part in table.get("parts", {}).values() if part.get("line")]
+    if lines:
+        out.caption = "\n".join([*([out.caption] if out.caption else []), *lines])
     return out
 
 

@@ -30,6 +30,7 @@ from hybridtune.strategy import (
     contrastive,
     freeze,
     fusion,
+    layer_sampling,
     objective,
     peft,
     pooling,
@@ -56,6 +57,7 @@ PARTS: dict[str, Part] = {
         fusion.PART,
         objective.PART,
         contrastive.PART,
+        layer_sampling.PART,
     )
 }
 
@@ -144,6 +146,15 @@ def callbacks(model: nn.Module, recipe, build: Build) -> list:
     if any(part.save is not None for _, part, _ in configured(recipe)):
         out.append(CheckpointExtras(model, recipe))
     return out
+
+
+def param_reports(model: nn.Module, recipe, build: Build) -> dict[str, dict]:
+    """key -> what each configured part with a `params` hook says about what trains."""
+    return {
+        key: part.params(model, config, build)
+        for key, part, config in configured(recipe)
+        if part.params is not None
+    }
 
 
 def save(model: nn.Module, recipe, out_dir: str | Path) -> set[str]:

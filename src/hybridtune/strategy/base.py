@@ -28,6 +28,9 @@ Hooks, each called only for a part the recipe configures, with its config:
   on the model (train/trunk_cache.py);
 - `training_args(config) -> dict`: TrainingArguments it must override;
 - `callbacks(model, config, build) -> [TrainerCallback]`: work during training;
+- `params(model, config, build) -> dict`: what the part says about what trains, beyond the
+  requires_grad table (layer sampling: what trains on average); `params.json`'s `parts.<key>`, its
+  `line` printed under `hybridtune params`' table;
 - `save(model, config, dir) -> [state-dict keys]` / `restore(model, config, dir) -> model`: files of
   its own in final/ (and in each checkpoint), for what neither the base model's save nor peft's
   adapter save holds; `save` returns the state-dict keys it wrote, which the base save leaves out.
@@ -119,6 +122,10 @@ class Callbacks(Protocol):
     def __call__(self, model: nn.Module, config: Any, build: Build) -> list: ...
 
 
+class Params(Protocol):
+    def __call__(self, model: nn.Module, config: Any, build: Build) -> dict: ...
+
+
 class Save(Protocol):
     def __call__(self, model: nn.Module, config: Any, out_dir: Any) -> list[str]: ...
 
@@ -141,6 +148,7 @@ class Part:
     trunk_cache: TrunkCacheReason | None = None
     training_args: TrainingArgs | None = None
     callbacks: Callbacks | None = None
+    params: Params | None = None
     save: Save | None = None
     restore: Restore | None = None
     # its apply / restore load a finished run (fusion's frozen model): they get the loader from the
@@ -160,6 +168,7 @@ class Part:
             "trunk_cache",
             "training_args",
             "callbacks",
+            "params",
             "save",
             "restore",
         )

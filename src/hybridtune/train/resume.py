@@ -97,10 +97,15 @@ def _pick(run: Path, where: str, weights_only: bool, main: bool) -> Path:
     return checkpoint
 
 
+# the keys of the lines a switch of what trains writes when a step begins: stages, layer_sampling
+SWITCHES = {"stage", "layer_sampling"}
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep the log lines written up to checkpoint `step`: those of earlier steps, and step `step`'s
-    train / eval lines (logged before the save). A stage change at `step` is logged after the save
-    (when the next step begins), so the resumed run logs it again; it is dropped here."""
+    train / eval lines (logged before the save). A stage change or a layer-sampling draw at `step`
+    is logged after the save (when the next step begins), so the resumed run logs it again; it is
+    dropped here."""
     if not path.is_file():
         return
     kept = []
@@ -110,7 +115,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         except json.JSONDecodeError:  # a line cut by the kill
             continue
         at = record.get("step", 0)
-        if at < step or (at == step and "stage" not in record):
+        if at < step or (at == step and not SWITCHES & record.keys()):
             kept.append(line)
     rundir.write_text(path, "".join(line + "\n" for line in kept))
 
