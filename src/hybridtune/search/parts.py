@@ -16,7 +16,7 @@ conditionally) and `parts.<key>.<setting>`, named as in the space file.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -54,9 +54,14 @@ def _hint(word: str, choices) -> str:
 
 
 def _plain(annotation: Any) -> Any:
-    """`float`, `int | None` -> int, `Optional[Config]` -> Config; anything else as it is."""
-    args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
-    return args[0] if len(args) == 1 and getattr(annotation, "__origin__", None) is not list else annotation
+    """`float`, `int | None` -> int, `Optional[Config]` -> Config, `Literal["a", "b"]` -> str;
+    anything else as it is."""
+    if get_origin(annotation) is Literal:
+        return type(get_args(annotation)[0])
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if len(args) == 1 and get_origin(annotation) is not list:
+        return _plain(args[0])
+    return annotation
 
 
 def nest(values: dict[str, Any]) -> dict[str, Any]:
@@ -98,15 +103,21 @@ def parse_parts(raw: Any) -> dict[str, dict[str, Param]]:
                 params[path] = parse_param(value, kind)
             except ValueError as e:
                 raise ValueError(f"parts.{key}.{path}: {e}") from None
-        for path, p in params.items():  # each reachable value, as the part's own config takes it
+        # each reachable value, as the part's own config takes it (the other settings at their first)
+        first = {path: p.corners()[0] for path, p in params.items() if path != USE}
+        for path, p in params.items():
             if path == USE:
                 continue
             for corner in p.corners():
                 try:
-                    config.model_validate(nest({path: corner}))
+                    config.model_validate(nest(first | {path: corner}))
                 except ValidationError as e:
-                    msg = e.errors()[0]["msg"]
-                    raise ValueError(f"parts.{key}.{path}: found {corner!r}; {msg}") from None
+                    err = e.errors()[0]
+                    where = ".".join(map(str, err["loc"])) or path  # the setting the config refused
+                    found = repr(err["input"] if err["loc"] else corner)
+                    if err["type"] == "missing":
+                        found = "no value (the part requires one: a fixed value or choices)"
+                    raise ValueError(f"parts.{key}.{where}: found {found}; {err['msg']}") from None
         if params[USE].choices == (False,):
             continue  # `use: false`: never
         out[key] = params

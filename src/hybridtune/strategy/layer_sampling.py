@@ -339,6 +339,9 @@ PART = Part(
     trunk_cache=trunk_cache,
     callbacks=callbacks,
     params=params,
+    # LISA's share of the blocks and its interval (the paper: γ = 2 of 32 layers for 7B models, K = 50;
+    # small encoders have few blocks, so a third to a half); BAdam has no setting that helps a search
+    search={"method": "lisa", "gamma": [0.167, 0.333, 0.5], "interval": [10, 20, 50]},
     summary="the blocks that train change every `interval` steps: LISA (a random share) or BAdam "
     "(one group after another)",
 )
