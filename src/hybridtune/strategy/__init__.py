@@ -30,6 +30,8 @@ from hybridtune.strategy import (
     contrastive,
     freeze,
     fusion,
+    l2sp,
+    mixout,
     objective,
     peft,
     pooling,
@@ -56,6 +58,8 @@ PARTS: dict[str, Part] = {
         fusion.PART,
         objective.PART,
         contrastive.PART,
+        l2sp.PART,
+        mixout.PART,
     )
 }
 
