@@ -293,3 +293,20 @@ def test_bad_settings_stop_before_the_run_dir(tiny_bert, sentiment_csv, tmp_path
     assert len(message.splitlines()) == 1 and "found" in message and "expected" in message, message
     assert all(w in message for w in words), message
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_with_the_trunk_cache_and_a_prompt_objective(
+    tiny_bert, tiny_bert_mlm, sentiment_csv, tmp_path, prompt_run
+):
+    """The term needs no forward: the frozen trunk is still cached; and it adds to another loss part's
+    terms (PET's LM objective on a tied MLM head, with mixout mixing the trained layers)."""
+    extra = ["l2sp.alpha=1", "freeze.trainable=[{top_k: 1}, head]", "train.trunk_cache=on"]
+    assert (
+        api.prepare(load_recipe(None, _overrides(tiny_bert, sentiment_csv, tmp_path, *extra))).trunk_depth
+        == 1
+    )
+    args = prompt_run(tiny_bert_mlm, "train.max_steps=3", "train.logging_steps=1", "l2sp.alpha=1")
+    run = Path(api.train(load_recipe(None, [*args, "objective.lm_weight=0.5", "mixout.p=0.5"]))["run_dir"])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(rows) == 3 and all({"loss_l2sp", "loss_lm", "loss_task"} <= set(r) for r in rows)
+    assert rows[-1]["loss_l2sp"] > 0
