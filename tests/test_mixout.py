@@ -323,3 +323,26 @@ def test_a_killed_and_resumed_run_draws_the_same_masks(tiny_bert, sentiment_csv,
     assert diff(straight, tmp_path / "runs" / "unmixed", last) > 1e-4  # the masks did change the run
     model, info = AutoModelForSequenceClassification.from_pretrained(run / "final", output_loading_info=True)
     assert not any(info.values()), info
+
+
+def test_causal_lm_sft_mixes_gpt2_s_layers_and_trains(tiny_gpt2, tmp_path):
+    from tests.test_causal_lm import colour_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", colour_rows(40))
+    args = [
+        "task=causal_lm",
+        f"model={tiny_gpt2}",
+        f"data.source={data}",
+        "data.max_length=24",
+        "train.max_steps=2",
+        "train.batch_size=8",
+        "train.precision=fp32",
+        "train.early_stopping.patience=null",
+        f"output.dir={tmp_path / 'runs'}",
+        f"mixout.p={P}",
+        "l2sp.alpha=1",
+    ]
+    recipe = load_recipe(None, args)
+    prep = api.prepare(recipe)
+    assert len(mixout.mixed_modules(prep.model)) == 2 * 4  # c_attn, c_proj, c_fc, mlp.c_proj per block
+    assert json.loads((Path(api.train(recipe)["run_dir"]) / "report.json").read_text())["steps"] == 2

@@ -12,18 +12,16 @@ In a training forward the layer computes with
 a fresh mask M per forward; E[W̃] = W, so evaluation uses W itself (the plain forward). Dropout is the
 case W⁰ = 0; mixout drops the *update* instead of the weight, which Lee et al. show keeps the model
 near w⁰ (an L2 penalty toward w⁰ growing with p/(1 − p), their Theorem 1) and stabilises fine-tuning
-on small data. They also turn the model's own dropout off; here the model's dropout stays as its
-config sets it.
+on small data. The model's own dropout stays as its config sets it: mixout comes on top of it.
 
 Which layers: every nn.Linear (and GPT-2's Conv1D, the same map transposed) whose weight was loaded
 from the checkpoint and trains at some point of the run: full fine-tuning mixes all of them, a
 `freeze` selection the ones it keeps, a stage the ones it unfreezes (from when it does), peft /
 adapters / a soft prompt the base modules `freeze` keeps trainable beside them (peft's
-`modules_to_save` copies, mixed toward the frozen original's value). The new head is not mixed: it
-has no pretrained value (Lee et al. mix the pretrained layers only, and keep dropout on the new
-output layer). With nothing pretrained training (LoRA, adapters or a soft prompt alone) there is
-nothing to mix and the run is refused before it starts: mixing a LoRA delta with 0 would be dropout
-on the adapter, not mixout.
+`modules_to_save` copies, mixed toward the frozen original's value). Not mixed: the new head, which
+has no pretrained value, and the embeddings with an LM head tied to them (the same matrix). With
+nothing pretrained training (LoRA, adapters or a soft prompt alone) there is nothing to mix and the
+run is refused before it starts: mixing a LoRA delta with 0 would be dropout on it, not mixout.
 
 How: the forward of each such module is replaced on the instance (as the trunk cache and
 soft_prompt do), never the module or a parametrization, so the module tree, the state-dict keys,
@@ -110,9 +108,12 @@ def mixed_modules(model: nn.Module) -> list[str]:
 
 def apply(model: nn.Module, config: MixoutConfig, build) -> nn.Module:
     trained = {id(p) for _, p in trained_pretrained(model, build)}
+    # an LM head tied to the token embeddings is the embedding matrix, which is not mixed (Lee et al.
+    # mix the linear layers); mixing it in the output only would also cost a vocabulary-sized mask
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     mixed = 0
     for module in model.modules():
-        if type(module) not in KINDS or id(module.weight) not in trained:
+        if type(module) not in KINDS or id(module.weight) not in trained or id(module.weight) in embeddings:
             continue
         module.__dict__[ATTR] = Mixing(module.weight.detach().clone(), config.p)  # W⁰, before any step
         forward = _linear_forward if type(module) is nn.Linear else _conv1d_forward
