@@ -1,5 +1,5 @@
 """l2sp: a penalty toward the pretrained weights (L2-SP: Li, Grandvalet & Davoine 2018, "Explicit
-Inductive Bias for Transfer Learning with Convolutional Networks", https://arxiv.org/abs/1802.01483, eq. 3).
+Inductive Bias for Transfer Learning with Convolutional Networks", https://arxiv.org/abs/1802.01483).
 
     l2sp:
       alpha: 0.1     # α · ½‖w − w⁰‖² over the trained parameters loaded from the checkpoint (w⁰: their values there)
@@ -164,7 +164,7 @@ def loss_terms(
 
 
 def training_args(config: L2SPConfig) -> dict:
-    """L2-SP replaces weight decay (Li et al. 2018, §3: Ω(w) takes the place of the usual L2): AdamW's
+    """L2-SP replaces weight decay (in Li et al. 2018 Ω(w) takes the place of the usual L2): AdamW's
     decay would pull the base toward 0 while α pulls it toward w⁰, and the new ones twice."""
     return {"weight_decay": 0.0}
 

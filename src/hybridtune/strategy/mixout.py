@@ -9,10 +9,10 @@ In a training forward the layer computes with
 
     W̃ = (M ⊙ W + (1 − M) ⊙ W⁰ − p·W⁰) / (1 − p) = W⁰ + M ⊙ (W − W⁰) / (1 − p),   M ~ Bernoulli(1 − p)
 
-a fresh mask M per forward; E[W̃] = W, so evaluation uses W itself (the plain forward). Dropout is the
-case W⁰ = 0; mixout drops the *update* instead of the weight, which Lee et al. show keeps the model
-near w⁰ (an L2 penalty toward w⁰ growing with p/(1 − p), their Theorem 1) and stabilises fine-tuning
-on small data. The model's own dropout stays as its config sets it: mixout comes on top of it.
+a fresh mask M per forward; E[W̃] = W, so evaluation uses W itself (the plain forward). DropConnect
+(dropout on the weights) is the case W⁰ = 0; mixout drops the *update* instead of the weight, which
+Lee et al. show keeps the model near w⁰ (an adaptive L2 penalty toward w⁰, their §3) and stabilises
+fine-tuning on small data. The model's own dropout stays as its config sets it: mixout comes on top of it.
 
 Which layers: every nn.Linear (and GPT-2's Conv1D, the same map transposed) whose weight was loaded
 from the checkpoint and trains at some point of the run: full fine-tuning mixes all of them, a
@@ -75,8 +75,8 @@ class Mixing:
 
 
 def mix(weight: torch.Tensor, target: torch.Tensor, p: float) -> torch.Tensor:
-    """W⁰ + M ⊙ (W − W⁰) / (1 − p), M ~ Bernoulli(1 − p) from the global torch RNG (Lee et al. 2020,
-    eq. 3: (M ⊙ W + (1 − M) ⊙ W⁰ − p·W⁰) / (1 − p)); the gradient to W is M / (1 − p)."""
+    """W⁰ + M ⊙ (W − W⁰) / (1 − p), M ~ Bernoulli(1 − p) from the global torch RNG: Lee et al.'s
+    (M ⊙ W + (1 − M) ⊙ W⁰ − p·W⁰) / (1 − p), rearranged; the gradient to W is M / (1 − p)."""
     if p == 0:
         return weight
     keep = torch.empty_like(weight, memory_format=torch.contiguous_format).bernoulli_(1 - p)
