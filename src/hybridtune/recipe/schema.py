@@ -37,7 +37,9 @@ if TYPE_CHECKING:
     from hybridtune.strategy.contrastive import ContrastiveConfig
     from hybridtune.strategy.freeze import FreezeConfig
     from hybridtune.strategy.fusion import FusionConfig
+    from hybridtune.strategy.l2sp import L2SPConfig
     from hybridtune.strategy.layer_sampling import LayerSamplingConfig
+    from hybridtune.strategy.mixout import MixoutConfig
     from hybridtune.strategy.objective import ObjectiveConfig
     from hybridtune.strategy.peft import PeftConfig
     from hybridtune.strategy.pooling import PoolingConfig
@@ -89,6 +91,8 @@ class Recipe(RecipeParts):
         objective: ObjectiveConfig | None
         contrastive: ContrastiveConfig | None
         layer_sampling: LayerSamplingConfig | None
+        l2sp: L2SPConfig | None
+        mixout: MixoutConfig | None
     # the training plan
     lr: LrConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()

@@ -30,7 +30,9 @@ from hybridtune.strategy import (
     contrastive,
     freeze,
     fusion,
+    l2sp,
     layer_sampling,
+    mixout,
     objective,
     peft,
     pooling,
@@ -58,6 +60,8 @@ PARTS: dict[str, Part] = {
         objective.PART,
         contrastive.PART,
         layer_sampling.PART,
+        l2sp.PART,
+        mixout.PART,
     )
 }
 
