@@ -185,5 +185,7 @@ PART = Part(
     check=check,
     loss_terms=loss_terms,
     training_args=training_args,
+    # α over three decades (the paper tunes it on a log grid); β as weight decay would be
+    search={"alpha": {"low": 0.001, "high": 1.0, "log": True}, "beta": [0.0, 0.01]},
     summary="L2-SP: α·½‖w − w⁰‖² toward the pretrained weights + β·½‖w‖² on new parameters (Li et al. 2018)",
 )

@@ -134,6 +134,8 @@ PART = Part(
     key="mixout",
     config=MixoutConfig,
     apply=apply,
+    # the paper's grid (0.1 ... 0.9; 0.7-0.9 best on small GLUE tasks)
+    search={"p": [0.1, 0.3, 0.5, 0.7, 0.9]},
     summary="Mixout: in training, trained pretrained Linear weights take their pretrained value with "
     "probability p (Lee et al. 2020)",
 )
