@@ -219,6 +219,13 @@ def trained_run(tmp_path_factory, tiny_bert, sentiment_csv):
     return make
 
 
+@pytest.fixture(scope="session")
+def teacher_run(trained_run) -> Path:
+    """A finished classification run with the labels negative, positive: the `distill.teacher` of
+    test_distill and of the example recipes with a `distill` section (test_recipes, test_matrix)."""
+    return trained_run("teacher")
+
+
 @pytest.fixture
 def prompt_run(quick):
     """Overrides for a few-step prompt_classification run of a tiny LM on the synthetic data."""
