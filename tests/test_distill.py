@@ -386,3 +386,51 @@ def test_every_family_cut_to_k_blocks_saves_as_a_k_block_model(family, tokenizer
     ids = tokenizer(["a fine film", "a dull and tedious plot"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(plain(**ids).logits, cut(**ids).logits)
+
+
+RECIPES = Path(__file__).parent.parent / "recipes"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["head_only", "freeze_top2", "bitfit", "lora", "houlsby_adapters", "soft_prompt_lora", "llrd", "ulmfit"],
+)
+def test_distill_composes_with_the_other_strategies(name, tiny_bert6, sentiment_csv, teacher_run, tmp_path):
+    """An example recipe plus `distill` on a 3-block student: exactly what its optimizer holds
+    changes (freeze, peft, adapters, a soft prompt, layer-wise lrs, stages work on the cut model),
+    and the soft term is in the training loss."""
+    from .test_recipes import _run
+
+    overrides = [
+        f"model={tiny_bert6}",
+        f"data.source={sentiment_csv}",
+        "data.max_length=64",
+        "train.max_steps=8",
+        "train.batch_size=16",
+        "train.precision=fp32",
+        "train.lr=0.01",
+        "train.early_stopping.patience=null",
+        f"output.dir={tmp_path}",
+        f"distill.teacher={teacher_run}",
+        "distill.student_blocks=3",
+    ]
+    recipe = load_recipe(RECIPES / f"{name}.yaml", overrides)
+    prep, changed, held = _run(recipe, tmp_path)
+    assert prep.anatomy.num_blocks == 3
+    assert changed and changed == {n for n in held if "original_module" not in n}, sorted(held - changed)[:5]
+    assert distill.soft_labels_of(prep.model).logits is not None  # the loss looked the soft labels up
+
+
+def test_a_head_only_student_uses_the_frozen_trunk_cache(tiny_bert, sentiment_csv, teacher_run, tmp_path):
+    """The teacher's logits are precomputed, so distillation leaves the cache eligible: a head-only
+    student runs on cached trunk states and learns the soft labels."""
+    extra = ("freeze.trainable=[head]", "train.trunk_cache=on", "distill.alpha=1")
+    summary = api.train(
+        load_recipe(None, _overrides(tiny_bert, sentiment_csv, tmp_path, teacher_run, *extra))
+    )
+    assert summary["trunk_cache"]["used"] and summary["trunk_cache"]["depth"] == 2
+    rows = [
+        json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [r for r in rows if "loss_distill" in r]
+    assert len(steps) == 6 and all(r["loss"] == pytest.approx(r["loss_distill"], abs=1e-3) for r in steps)
