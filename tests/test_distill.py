@@ -268,11 +268,14 @@ def test_bad_teachers_exit_2_before_anything_is_written(
     def train(teacher: Path, data: str = sentiment_csv) -> list[str]:
         return ["train", *_overrides(tiny_bert, data, out, teacher)]
 
-    _refused(train(tmp_path / "nowhere"), out, "distill.teacher", "no run dir")
-    unfinished = tmp_path / "unfinished"
-    shutil.copytree(teacher_run, unfinished)
-    (unfinished / "report.json").unlink()
-    _refused(train(unfinished), out, "distill.teacher", "has not finished")
+    _refused(train(tmp_path / "nowhere"), out, "distill.teacher", "not a finished run")
+    unfinished = tmp_path / "unfinished"  # killed before its end: checkpoints, no final/
+    shutil.copytree(teacher_run, unfinished, ignore=shutil.ignore_patterns("final"))
+    _refused(train(unfinished), out, "distill.teacher", "not a finished run")
+    failed = tmp_path / "failed"
+    shutil.copytree(teacher_run, failed)
+    (failed / "failed.json").write_text('{"step": "the test evaluation"}')
+    _refused(train(failed), out, "distill.teacher", "a failed run")
     ensemble = tmp_path / "ens"
     ensemble.mkdir()
     (ensemble / "ensemble.json").write_text("{}")

@@ -49,8 +49,8 @@ def student_recipe(
             "TEACHER_RUN", f"an ensemble dir ({teacher})", "a run dir (distil from an ensemble's best member)"
         )
     rundir.check_run_dir(teacher)
-    if not (root / "report.json").is_file():
-        raise UserError("TEACHER_RUN", f"'{teacher}', a run that has not finished", "a finished run")
+    if (root / rundir.FAILED).is_file():
+        raise UserError("TEACHER_RUN", f"'{teacher}', a failed run ({rundir.FAILED})", "a finished run")
     if student is not None and blocks is not None:
         raise UserError(
             "--student / --blocks", "both", "one of them: another model, or the teacher's base cut"
@@ -144,13 +144,15 @@ def compare(teacher: str, student: str, repeats: int = 3) -> dict:
 
 
 def _side(run: Path, loaded, texts: list[str], pairs: list[str] | None, repeats: int) -> dict:
-    report = rundir.read_json(run / "report.json")
+    # a soup or merged-adapter run dir has eval.json (its test report) but no report.json
+    report = rundir.read_json(run / "report.json") if (run / "report.json").is_file() else {}
+    test = rundir.read_json(run / "eval.json")
     model = merged_for_inference(loaded.model)
     return {
         "run": str(run),
         "validation": report.get("best_validation"),
         "validation_metric": report.get("best_validation_metric"),
-        "test": report.get("test") or {},
+        "test": {k: test[k] for k in ("accuracy", "f1_macro", "n") if k in test},
         "blocks": _blocks(model),
         "parameters": sum(p.numel() for p in model.parameters()),
         "weights_mib": round(weights_bytes(run) / 2**20, 2),

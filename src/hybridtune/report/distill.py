@@ -24,7 +24,10 @@ def distill_table(comparison: dict) -> Table:
         table.add_row(f"validation {name}", value(t["validation"]), value(s.get("validation")), "")
     lost = comparison["test_lost"]
     table.add_row(
-        f"test {metric}", pct(t["test"].get(metric)), pct(s["test"].get(metric)), f"{-100 * lost + 0.0:+.2f} points"
+        f"test {metric}",
+        pct(t["test"].get(metric)),
+        pct(s["test"].get(metric)),
+        f"{-100 * lost + 0.0:+.2f} points",
     )
     table.add_row("blocks", str(t["blocks"]), str(s["blocks"]), "")
     table.add_row(

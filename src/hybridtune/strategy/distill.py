@@ -59,6 +59,7 @@ from hybridtune.train.precision import autocast
 ATTR = "hybridtune_distill"  # the SoftLabels holder on the student (a plain attribute, no parameters)
 FILE = "soft_labels.safetensors"  # in the run dir: the soft labels the run learns from
 ENSEMBLE_MANIFEST = "ensemble.json"  # hybridtune.ensemble's MANIFEST (a layer above: not imported)
+FAILED = "failed.json"  # rundir.FAILED: a run that failed after its final/ was saved (the test evaluation)
 IGNORE = -100  # torch's cross-entropy ignore_index: a row without a hard label
 
 
@@ -268,10 +269,14 @@ def load_teacher(path: str, build) -> Any:
         raise UserError(
             where, f"an ensemble dir ({path})", "a run dir (distil from an ensemble's best member)"
         )
-    if not (root / "run.json").is_file() or not (root / "final").is_dir():
-        raise UserError(where, f"'{path}', no run dir", "a finished run dir written by `hybridtune train`")
-    if not (root / "report.json").is_file():
-        raise UserError(where, f"'{path}', a run that has not finished (no report.json)", "a finished run")
+    if not (root / "run.json").is_file() or not (root / "final").is_dir():  # final/: written when it ends
+        raise UserError(
+            where,
+            f"'{path}', not a finished run (no run.json and final/)",
+            "a run dir `hybridtune train` finished",
+        )
+    if (root / FAILED).is_file():
+        raise UserError(where, f"'{path}', a failed run ({FAILED})", "a run dir `hybridtune train` finished")
     teacher = build.load_run(str(root))
     if teacher.task.NAME != build.task.NAME:
         raise UserError(where, f"a {teacher.task.NAME} run", f"a {build.task.NAME} run, this recipe's task")
