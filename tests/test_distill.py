@@ -69,9 +69,8 @@ def test_the_loss_is_hintons_on_one_batch(still_bert, sentiment_csv, teacher_run
     prep, trainer, batch = _trainer(recipe, tmp_path)
     model = trainer.model.train()
     loss = trainer.compute_loss(model, dict(batch))
-    teacher = api.load_run(
-        str(teacher_run)
-    ).model.eval()  # same tokenizer, texts shorter than both max_lengths
+    # same tokenizer, texts shorter than both max_lengths; on the batch's device (Trainer's)
+    teacher = api.load_run(str(teacher_run)).model.eval().to(batch["input_ids"].device)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         t = teacher(**inputs).logits
@@ -99,7 +98,9 @@ def test_rows_without_a_hard_label_learn_the_soft_term_alone(
     loss = trainer.compute_loss(model, unlabelled)
     assert torch.isfinite(loss)
     soft = distill.soft_loss(
-        logits, distill.soft_labels_of(model).lookup(batch["input_ids"], batch["attention_mask"]), T
+        logits,
+        distill.soft_labels_of(model).lookup(batch["input_ids"], batch["attention_mask"]).to(logits.device),
+        T,
     )
     torch.testing.assert_close(loss.detach(), ALPHA * soft)
 
