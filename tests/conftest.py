@@ -33,6 +33,7 @@ SLOW_FIRST = (
     "test_bundled.py",
     "test_ensemble.py",
     "test_strategies_peft.py",
+    "test_distill.py",
 )
 
 
