@@ -33,6 +33,7 @@ SLOW_FIRST = (
     "test_bundled.py",
     "test_ensemble.py",
     "test_strategies_peft.py",
+    "test_distill.py",
 )
 
 
@@ -217,6 +218,13 @@ def trained_run(tmp_path_factory, tiny_bert, sentiment_csv):
         return cache[name][1]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def teacher_run(trained_run) -> Path:
+    """A finished classification run with the labels negative, positive: the `distill.teacher` of
+    test_distill and of the example recipes with a `distill` section (test_recipes, test_matrix)."""
+    return trained_run("teacher")
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ LAYERS = [
     ("train",),
     ("inference",),
     ("run",),
-    ("ensemble", "export"),
+    ("ensemble", "export", "distillation"),
     ("serve",),
     ("compare", "search"),
     ("api",),

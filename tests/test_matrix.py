@@ -17,6 +17,7 @@ from hybridtune.recipe import load_recipe
 
 from .conftest import sentiment_rows, write_csv
 from .test_recipes import _run as run_steps
+from .test_recipes import teacher_of
 
 RECIPE_DIR = Path(__file__).parent.parent / "recipes"
 RECIPES = sorted(p for p in RECIPE_DIR.glob("*.yaml") if "ensemble" not in yaml.safe_load(p.read_text()))
@@ -151,7 +152,7 @@ def _one_step(recipe, tmp_path: Path) -> None:
 @pytest.mark.parametrize("family", [*ENCODERS, *DECODERS])
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_trains_one_step_on_every_family_or_is_refused_by_name(
-    path, family, models, data, tmp_path
+    path, family, models, data, tmp_path, request
 ):
     task = yaml.safe_load(path.read_text()).get("task", "classification")
     overrides = [
@@ -164,6 +165,9 @@ def test_every_recipe_trains_one_step_on_every_family_or_is_refused_by_name(
         "train.lr=0.01",
         "train.early_stopping.patience=null",
         f"output.dir={tmp_path}",
+        *teacher_of(
+            path, request
+        ),  # a distill recipe's teacher: a tiny BERT run (any family may learn from it)
     ]
     expected = REFUSED.get((path.stem, family))
     try:

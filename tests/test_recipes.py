@@ -39,6 +39,13 @@ EXPECTED = {
 NEVER = r"classifier\.original_module\."  # peft keeps the original head untouched
 
 
+def teacher_of(path: Path, request) -> list[str]:
+    """A recipe with `distill` learns from a finished run: conftest's `teacher_run` (same labels)."""
+    if "distill" not in yaml.safe_load(path.read_text()):
+        return []
+    return [f"distill.teacher={request.getfixturevalue('teacher_run')}"]
+
+
 def _run(recipe, tmp_path):
     prep = api.prepare(recipe)
     before = {n: p.detach().clone() for n, p in prep.model.named_parameters()}
@@ -55,7 +62,7 @@ def _run(recipe, tmp_path):
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_changes_exactly_the_intended_parameters(path, tiny_bert6, sentiment_csv, tmp_path):
+def test_recipe_changes_exactly_the_intended_parameters(path, tiny_bert6, sentiment_csv, tmp_path, request):
     overrides = [
         f"model={tiny_bert6}",
         f"data.source={sentiment_csv}",
@@ -65,6 +72,7 @@ def test_recipe_changes_exactly_the_intended_parameters(path, tiny_bert6, sentim
         "train.early_stopping.patience=null",
         f"output.dir={tmp_path}",
         "train.lr=0.01",
+        *teacher_of(path, request),
     ]  # large enough that every held parameter visibly moves in 14 steps
     recipe = load_recipe(path, overrides)
     prep, changed, held = _run(recipe, tmp_path)

@@ -54,6 +54,22 @@ def train(
     return train_one(recipe, resume, callbacks, search_trial, resume_weights_only)
 
 
+def distill(
+    teacher: str,
+    student: str | None = None,
+    blocks: int | None = None,
+    recipe: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    repeats: int = 3,
+    echo=lambda _: None,
+) -> dict:
+    """Train a student on a finished run's soft labels and compare the two (hybridtune.distillation):
+    `student` another model, or `blocks` K: the teacher's base cut to its bottom K blocks."""
+    from hybridtune.distillation import distill as run_distill
+
+    return run_distill(teacher, student, blocks, recipe, overrides, repeats, echo)
+
+
 def evaluate(run_dir: str, data: str | None = None) -> dict:
     """Metrics of a finished run (or a saved ensemble) on its test split, or on every row of `data`."""
     from hybridtune import ensemble

@@ -1,4 +1,4 @@
-"""The commands built on finished runs: ensemble, soup, merge-adapters, export, serve.
+"""The commands built on finished runs: ensemble, soup, merge-adapters, distill, export, serve.
 
 Arguments -> calls -> rendering (report/console.py), as in cli.py, which registers them (with its
 error handling) under the names of `COMMANDS`.
@@ -74,6 +74,35 @@ def merge_adapters(
     console.print(merged_adapters_line(result["merged"], len(run_dirs), method, out))
 
 
+def distill(
+    teacher: str = typer.Argument(..., help="a finished classification run: the teacher"),
+    args: list[str] = typer.Argument(
+        None, help="[RECIPE.yaml] [key.path=value ...]: the student's strategy (default: the teacher's)"
+    ),
+    student: str = typer.Option(
+        None, "--student", help="the student model (a model dir, bundled name, hub id)"
+    ),
+    blocks: int = typer.Option(
+        None, "--blocks", help="the student: the teacher's base cut to its bottom K blocks"
+    ),
+    repeats: int = typer.Option(
+        3, "--repeats", help="timed scoring passes over the test split (the best counts)"
+    ),
+) -> None:
+    """Train a student on a finished run's soft labels (Hinton et al. 2015), then compare the two:
+    validation / test scores, parameters, weights on disk, texts per second."""
+    from hybridtune import api
+    from hybridtune.report.console import console
+    from hybridtune.report.distill import distill_table
+
+    items = list(args or [])
+    recipe = items.pop(0) if items and "=" not in items[0] else None
+    comparison = api.distill(teacher, student, blocks, recipe, items, repeats, echo=typer.echo)
+    console.print(distill_table(comparison))
+    run = comparison["student"]["run"]
+    typer.echo(f"student run: {run}; the comparison: {run}/distill.json (and report.json)")
+
+
 def export(
     run_dir: str = typer.Argument(..., help="a run dir written by `hybridtune train`"),
     fmt: str = typer.Option(
@@ -125,6 +154,7 @@ COMMANDS = {
     "ensemble": ensemble,
     "soup": soup,
     "merge-adapters": merge_adapters,
+    "distill": distill,
     "export": export,
     "serve": serve,
 }

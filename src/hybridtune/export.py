@@ -186,6 +186,14 @@ def _check_peft(loaded: Loaded, info: dict) -> None:
             f"a run with {' and '.join(parts)}, which a peft adapter cannot hold",
             "a run whose only added weights are peft's (serve the run dir itself)",
         )
+    cut = loaded.recipe.distill.student_blocks if loaded.recipe and loaded.recipe.distill else None
+    if cut is not None:  # the adapter's base is the base model cut to k blocks (strategy/distill.py)
+        raise UserError(
+            "--format peft",
+            f"a student cut to its bottom {cut} blocks (distill.student_blocks), whose base is not the "
+            "base model as published",
+            "--format merged (a plain model of those blocks), or serve the run dir itself",
+        )
     if info.get("format") != "peft":
         raise UserError(
             "--format peft",

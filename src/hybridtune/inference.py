@@ -338,7 +338,8 @@ def load_run(run_dir: str) -> LoadedRun:
         from hybridtune.strategy.peft import load_adapter
 
         base, _ = task.load_model(resolve(recipe.model.name), tokenizer, labels)
-        model = load_adapter(base, final)
+        # the base as the run reshaped it (distill's bottom k blocks), which the adapter was trained on
+        model = load_adapter(strategy.reshape(base, recipe), final)
     else:
         model, _ = task.load_model(final, tokenizer, labels)
     model = strategy.restore(model, recipe, final, load_run=load_run)  # fusion loads its frozen run

@@ -84,6 +84,7 @@ def prepare(recipe: Recipe) -> Prepared:
     check_vocabulary(tokenizer, training_texts(splits.train, skip), tokenizer_path(recipe.model)[1])
     set_seed(recipe.train.seed)  # the new head's initialisation is part of the run's reproducibility
     model, new_params = task.load_model(path, tokenizer, labels)
+    model = strategy.reshape(model, recipe)  # e.g. distill's bottom k blocks, before the anatomy maps it
     # encoded before the plan: with data.long_texts: chunks a training example is a window, not a text
     started = time.perf_counter()
     names = tuple(n for n in ("train", "validation", "test") if len(splits[n]))  # few-shot: no validation
@@ -104,7 +105,9 @@ def prepare(recipe: Recipe) -> Prepared:
         total_steps=planned_steps(recipe.train, n_train),
         recipe=recipe,
         labels=labels,
-        load_run=load_run,  # a part that loads a finished run (fusion's frozen model)
+        load_run=load_run,  # a part that loads a finished run (fusion's frozen model, distill's teacher)
+        splits=splits,
+        datasets=datasets,
     )
     model = strategy.apply(model, recipe, build)
     plan = make_plan(model, recipe, anatomy, base_ids, n_train)

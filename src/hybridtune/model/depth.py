@@ -38,3 +38,26 @@ def level_blocks(num_blocks: int, levels: int) -> list[range]:
 def level_of_block(num_blocks: int, levels: int) -> dict[int, int]:
     """Block index -> its level (see `level_blocks`)."""
     return {b: k for k, blocks in enumerate(level_blocks(num_blocks, levels)) for b in blocks}
+
+
+def keep_bottom_blocks(model, blocks_path: str, k: int):
+    """The model with only its bottom `k` blocks: the stack at `blocks_path` (Anatomy.blocks_path) cut
+    to its first k, and the config's layer count (transformers' `num_hidden_layers`, which each
+    config maps to its own name: GPT-2's n_layer, DistilBERT's n_layers) set to k, so that
+    `save_pretrained` writes a model plain transformers loads as a k-block model. Per-layer config
+    lists of the old depth (`layer_types`) are cut alike. Initialising a shallower student from the
+    bottom of a pretrained stack is the "bottom layers" choice of Sanh et al. 2019 (DistilBERT took
+    every other layer instead) and Sajjad et al. 2023 ("On the effect of dropping layers of
+    pre-trained transformer models": dropping the top layers keeps most of the accuracy)."""
+    from torch import nn
+
+    parent_path, _, attr = blocks_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    stack = getattr(parent, attr)
+    depth = len(stack)
+    setattr(parent, attr, nn.ModuleList(list(stack)[:k]))
+    config = model.config
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == depth:
+        config.layer_types = config.layer_types[:k]
+    config.num_hidden_layers = k
+    return model

@@ -35,6 +35,7 @@ from hybridtune.tasks.causal_lm import GenerationConfig
 if TYPE_CHECKING:
     from hybridtune.strategy.adapters import AdaptersConfig
     from hybridtune.strategy.contrastive import ContrastiveConfig
+    from hybridtune.strategy.distill import DistillConfig
     from hybridtune.strategy.freeze import FreezeConfig
     from hybridtune.strategy.fusion import FusionConfig
     from hybridtune.strategy.l2sp import L2SPConfig
@@ -89,6 +90,7 @@ class Recipe(RecipeParts):
         prompt: PromptConfig | None
         fusion: FusionConfig | None
         objective: ObjectiveConfig | None
+        distill: DistillConfig | None
         contrastive: ContrastiveConfig | None
         layer_sampling: LayerSamplingConfig | None
         l2sp: L2SPConfig | None

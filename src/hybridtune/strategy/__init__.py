@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from hybridtune.strategy import (
     adapters,
     contrastive,
+    distill,
     freeze,
     fusion,
     l2sp,
@@ -46,7 +47,7 @@ __all__ = ["PARTS", "Build", "LossTerm", "Part", "register", "unregister", "conf
 # recipe key -> part, in the order of application (DESIGN: freeze -> peft -> prompt -> head/fusion -> objective).
 # pooling: after peft (hooks on the modules that run); prompt (the template + verbalizer scorer)
 # wraps all of the above and fusion wraps it; contrastive only checks here, its stage runs before
-# the Trainer (run._train)
+# the Trainer (run._train); distill wraps the forward last (its hard-label loss skips unlabelled rows)
 PARTS: dict[str, Part] = {
     part.key: part
     for part in (
@@ -58,6 +59,7 @@ PARTS: dict[str, Part] = {
         prompt.PART,
         fusion.PART,
         objective.PART,
+        distill.PART,
         contrastive.PART,
         layer_sampling.PART,
         l2sp.PART,
@@ -95,6 +97,15 @@ def configured(recipe) -> Iterator[tuple[str, Part, Any]]:
         config = getattr(recipe, key, None)
         if config is not None:
             yield key, part, config
+
+
+def reshape(model: nn.Module, recipe) -> nn.Module:
+    """The loaded base model as the configured parts reshape it (distill's bottom k blocks), before
+    its anatomy is mapped and any part applies."""
+    for _, part, config in configured(recipe):
+        if part.reshape is not None:
+            model = part.reshape(model, config)
+    return model
 
 
 def apply(model: nn.Module, recipe, build: Build) -> nn.Module:

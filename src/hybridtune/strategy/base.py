@@ -15,6 +15,11 @@ callers (strategy/__init__.py, the engine, the trunk cache, the recipe) ask the 
 Hooks, each called only for a part the recipe configures, with its config:
 
 - `apply(model, config, build) -> model`: change the model (required);
+- `reshape(model, config) -> model`: change the loaded base model's architecture before anything
+  maps it (its anatomy, the parts' `apply`): distill's `student_blocks` keeps the bottom k blocks.
+  Called by the run pipeline right after loading, and by `inference.load_run` on the base a peft
+  run's adapter is loaded onto (a whole saved model has the new shape already); a model it cannot
+  change is a UserError naming the key;
 - `check(config, recipe)`: refuse a combination with the rest of the recipe, by name, while the
   recipe validates (nothing is loaded yet); raise ValueError("key.path: found X; expected Y");
 - `loss_terms(config, model, inputs, task_loss, outputs) -> [LossTerm]`: addends of the training
@@ -73,6 +78,8 @@ class Build:
     recipe: Any = None  # the whole recipe (objective: batch size, seed; fusion: checks on a frozen run)
     labels: Any = None  # the task's Labels
     load_run: Any = None  # a finished run's loader (inference.load_run), for parts with loads_runs
+    splits: Any = None  # the run's data, read and checked (data.Splits): distill scores the training texts
+    datasets: Any = None  # the splits encoded for the model ({"train": datasets.Dataset, ...})
     # filled by `apply`: id() of the parameters loaded from the checkpoint, and the base parameters
     # `freeze` keeps trainable (id -> parameter)
     pretrained: set[int] = field(default_factory=set)
@@ -94,6 +101,10 @@ class LossTerm:
 
 class Apply(Protocol):
     def __call__(self, model: nn.Module, config: Any, build: Build) -> nn.Module: ...
+
+
+class Reshape(Protocol):
+    def __call__(self, model: nn.Module, config: Any) -> nn.Module: ...
 
 
 class Check(Protocol):
@@ -142,6 +153,7 @@ class Part:
     config: type[BaseModel]  # the recipe section's schema (pydantic, extra keys forbidden)
     apply: Apply
     summary: str  # one line: the recipe field's description and docs/strategies.md's list of parts
+    reshape: Reshape | None = None
     check: Check | None = None
     loss_terms: LossTerms | None = None
     task_weight: TaskWeight | None = None
@@ -162,6 +174,7 @@ class Part:
     def hooks(self) -> list[str]:
         """The optional hooks this part declares (for docs and tests)."""
         optional = (
+            "reshape",
             "check",
             "loss_terms",
             "task_weight",
