@@ -150,6 +150,7 @@ def _rounds(ctx: Context) -> dict:
             ctx.step = f"round {number}: pseudo-labelling"
             record = pseudo_label(teacher, texts, ctx.labels, cfg, recipe.data, pseudo, number)
             rundir.write_json(record_file, record)
+        durable.maybe_kill("round", number)  # the test hook: a kill between labelling and training
         if not record["added_total"] and (number > 1 or not cfg.teacher):
             # the same rows as the round before, from the same start: the same model again
             stop = f"stopped after round {number - 1}: round {number} would train on the same rows"
