@@ -337,3 +337,51 @@ def test_the_example_recipe_reads():
     recipe = load_recipe(RECIPES / "self_training.yaml")
     assert recipe.data.shots == 64 and recipe.data.unlabeled == "train_rest"
     assert recipe.self_training.rounds >= 1 and recipe.self_training.per_class == "balanced"
+
+
+def test_a_prompt_task_self_trains_too(tiny_bert_mlm, sentiment_csv, tmp_path):
+    """prompt_classification (a label per text, its own predict): per_class none at threshold 0.5 of
+    two classes takes every unlabelled text."""
+    overrides = settings(tiny_bert_mlm, sentiment_csv, tmp_path, "self_training.rounds=1")
+    overrides += [
+        "task=prompt_classification",
+        "prompt.verbalizer={negative: bad, positive: good}",
+        "train.max_steps=2",
+        "self_training.threshold=0.5",
+        "self_training.per_class=none",
+    ]
+    summary = api.train(load_recipe(None, overrides))
+    run = Path(summary["run_dir"])
+    assert summary["self_training"]["rounds"][1]["added_total"] == 96
+    assert json.loads((run / "round-1" / "report.json").read_text())["few_shot"]["train_rows"] == 96 + 96
+    assert json.loads((run / "run.json").read_text())["task"] == "prompt_classification"
+
+
+def test_a_round_killed_mid_training_goes_on_from_its_checkpoint(self_trained, tmp_path):
+    """SIGKILLed at step 8 of round 0 (after its first epoch's checkpoint), `train --resume` resumes
+    round 0 from that checkpoint and self-trains on: the rounds end where the uninterrupted run's did."""
+    run, _, overrides = self_trained
+    out = tmp_path / "runs"
+    args = [o for o in overrides if not o.startswith(("output.", "self_training.rounds"))]
+    args += [f"output.dir={out}", "output.name=k", "self_training.rounds=1"]
+    env = {
+        **os.environ,
+        "HYBRIDTUNE_TEST_KILL_AT": "step:8",
+        "PYTHONPATH": str(Path(api.__file__).parents[1]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "hybridtune", "train", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    killed = out / "k"
+    assert (killed / "round-0" / "checkpoints" / "checkpoint-6").is_dir()
+    assert not (killed / "round-0" / "report.json").exists()
+    resumed = api.train(resume=killed)
+    original = json.loads((run / "report.json").read_text())["self_training"]["rounds"]
+    rounds = resumed["self_training"]["rounds"]
+    assert rounds[0]["test"] == original[0]["test"] and rounds[1]["test"] == original[1]["test"]
+    assert pseudo_rows(killed, 1) == pseudo_rows(run, 1)
