@@ -12,8 +12,9 @@
 
 Every round re-labels the whole unlabelled set with the newest model (Xie et al. 2020: the student
 becomes the teacher, and pseudo-labels are made afresh, not accumulated) and trains from the
-pretrained weights, not from the teacher (their §3: a student initialised from scratch / from the
-pre-trained starting point, so the teacher's errors are not inherited through the weights).
+pretrained weights, not from the teacher's, so the teacher's errors are not inherited through the
+weights (Noisy Student's image students start from scratch; NLP self-training restarts from the
+pretrained model, e.g. Du et al. 2021, "Self-training Improves Pre-training for NLU").
 
 Every check (recipe, data, unlabelled texts, teacher, the first round's model and strategy) runs
 before the run dir exists. A killed self-training resumes at its round (`hybridtune train --resume
