@@ -27,11 +27,11 @@ LAYERS = [
     ("report",),  # renderers and statistics over run files
     ("strategy",),
     ("tasks.classification", "tasks.token_classification", "tasks.prompt_classification", "tasks.causal_lm"),
-    ("recipe", "ensemble.config"),
+    ("recipe", "ensemble.config", "self_training.config"),
     ("train",),
     ("inference",),
     ("run",),
-    ("ensemble", "export", "distillation"),
+    ("ensemble", "export", "distillation", "self_training"),
     ("serve",),
     ("compare", "search"),
     ("api",),

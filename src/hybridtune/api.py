@@ -33,17 +33,28 @@ def train(
     search_trial: bool = False,
     resume_weights_only: bool = False,
 ) -> dict:
-    """Train one recipe end to end (`hybridtune.run.train`), or an `ensemble:` recipe's members and
-    their combination (`hybridtune.ensemble.train`); returns the summary written to report.json."""
+    """Train one recipe end to end (`hybridtune.run.train`), an `ensemble:` recipe's members and
+    their combination (`hybridtune.ensemble.train`), or a `self_training:` recipe's rounds
+    (`hybridtune.self_training`); returns the summary written to report.json."""
     if resume is None and recipe is not None and recipe.ensemble is not None:
         from hybridtune import ensemble
 
         return ensemble.train(recipe)
+    plain = not (callbacks or search_trial or resume_weights_only)  # else run.train refuses it
+    if resume is None and recipe is not None and recipe.self_training is not None and plain:
+        from hybridtune.self_training import rounds
+
+        return rounds.train(recipe)
     if resume is not None and (Path(resume) / "recipe.yaml").is_file():
         try:
-            is_ensemble = load_recipe(Path(resume) / "recipe.yaml").ensemble is not None
+            saved = load_recipe(Path(resume) / "recipe.yaml")
         except UserError:
-            is_ensemble = False  # run.train says what is wrong with it
+            saved = None  # run.train says what is wrong with it
+        is_ensemble = saved is not None and saved.ensemble is not None
+        if saved is not None and saved.self_training is not None and plain:
+            from hybridtune.self_training import rounds
+
+            return rounds.resume(Path(resume))
         if is_ensemble:
             raise UserError(
                 f"--resume {resume}",

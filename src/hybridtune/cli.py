@@ -140,6 +140,10 @@ def train(
         for part in ensemble_run(summary):
             console.print(part)
         return
+    if recipe.self_training is not None:  # per round: the pseudo-labels added and the scores
+        from hybridtune.report.console import self_training_table
+
+        console.print(self_training_table(summary))
     console.print(params_table(json.loads((run / "params.json").read_text())))
     for table in api.task_of(str(run)).eval_tables(json.loads((run / "eval.json").read_text())):
         console.print(table)

@@ -139,8 +139,12 @@ def train(
     callbacks: list | tuple = (),
     search_trial: bool = False,
     resume_weights_only: bool = False,
+    prepared: Prepared | None = None,
 ) -> dict:
     """Train one recipe end to end; returns the summary written to `report.json`.
+
+    `prepared`: what `prepare(recipe)` returned, when the caller prepared it already (self-training
+    checks its first round before its run dir exists) -- the model in it is trained in place.
 
     `callbacks`: more `TrainerCallback`s (a search's pruning callback). `search_trial`: a trial of
     `hybridtune search`, which sees only the validation split: no checkpoints, no final/, no test
@@ -168,7 +172,7 @@ def train(
             )
             rundir.read_meta(Path(resume) / "run.json", {"task": str})
             recipe = load_recipe(Path(resume) / "recipe.yaml")
-        return _train_held(recipe, resume, checkpoint, held, callbacks, search_trial)
+        return _train_held(recipe, resume, checkpoint, held, callbacks, search_trial, prepared)
     finally:
         for lock in held:
             if lock is not None:
@@ -176,7 +180,13 @@ def train(
 
 
 def _train_held(
-    recipe: Recipe | None, resume, checkpoint: Path | None, held: list, callbacks=(), search_trial=False
+    recipe: Recipe | None,
+    resume,
+    checkpoint: Path | None,
+    held: list,
+    callbacks=(),
+    search_trial=False,
+    prepared: Prepared | None = None,
 ) -> dict:
     from hybridtune.train.engine import resolve_precision, training_arguments
 
@@ -189,7 +199,13 @@ def _train_held(
         from hybridtune.train.tracking import check
 
         check(recipe.train.report_to)
-    prep = prepare(recipe)
+    if recipe.self_training is not None:  # api.train sends these to hybridtune.self_training
+        raise UserError(
+            "self_training",
+            "a self-training recipe in the one-run pipeline",
+            "api.train / hybridtune train (hybridtune.self_training)",
+        )
+    prep = prepared or prepare(recipe)
     run = Path(resume) if resume else rundir.run_dir_path(recipe.output.dir, recipe.output.name, recipe.name)
     args = training_arguments(recipe.train, recipe.output, run / "checkpoints")
     # under torchrun / accelerate launch every process runs this function; rank 0 names the run dir

@@ -20,6 +20,9 @@ class Splits:
     validation: pd.DataFrame
     test: pd.DataFrame
     label_names: list[str] | None = None  # known names of integer labels (bundled data)
+    # the train split's rows the few-shot draw left out (None without data.shots): what
+    # `data.unlabeled: train_rest` reads, labels dropped (data/unlabeled.py)
+    rest: pd.DataFrame | None = None
 
     def __getitem__(self, name: str) -> pd.DataFrame:
         return getattr(self, name)
@@ -122,10 +125,17 @@ def load_splits(
     if cfg.max_eval_samples:
         for name in ("validation", "test"):
             frames[name] = frames[name].iloc[: cfg.max_eval_samples]
+    rest = None
     if getattr(cfg, "shots", None):  # few-shot: draw `data.draw` of k per class (data/shots.py)
         from hybridtune.data import shots
 
+        pool = frames["train"]
         frames = shots.apply(frames, cfg, stratify)
+        rest = pool[~pool["_where"].isin(set(frames["train"]["_where"]))].reset_index(drop=True)
+    if getattr(cfg, "pseudo_labels", None):  # a self-training round's rows (data/unlabeled.py)
+        from hybridtune.data.unlabeled import read_pseudo_labels
+
+        frames["train"] = read_pseudo_labels(cfg, frames["train"], columns, stratify, check_rows)
     if getattr(cfg, "augment", None) is not None:  # EDA copies of the training texts (data/augment.py)
         from hybridtune.data.augment import augment
 
@@ -135,4 +145,6 @@ def load_splits(
             continue  # few-shot without a validation split: a fixed number of steps, the last model
         if len(frames[name]) == 0:
             raise UserError(f"data ({name} split)", "no examples", "at least one example per split")
-    return Splits(**{name: frames[name].reset_index(drop=True) for name in SPLITS}, label_names=label_names)
+    return Splits(
+        **{name: frames[name].reset_index(drop=True) for name in SPLITS}, label_names=label_names, rest=rest
+    )

@@ -27,6 +27,7 @@ from hybridtune.ensemble.config import EnsembleConfig
 from hybridtune.paths import NAME_RULE, is_safe_name
 from hybridtune.recipe.sections import DataConfig, ModelConfig, OutputConfig, Section, TrainConfig, one_of
 from hybridtune.recipe.trunk import expected, static_reason
+from hybridtune.self_training.config import SelfTrainingConfig
 from hybridtune.strategy.lr import LrConfig
 from hybridtune.strategy.schedule import ScheduleConfig
 from hybridtune.strategy.stages import StagesConfig
@@ -104,6 +105,8 @@ class Recipe(RecipeParts):
     output: OutputConfig = OutputConfig()
     # K members of this recipe, trained and combined in one run (hybridtune.ensemble)
     ensemble: EnsembleConfig | None = None
+    # rounds of pseudo-labelling data.unlabeled, each a run of this recipe (hybridtune.self_training)
+    self_training: SelfTrainingConfig | None = None
 
     @model_validator(mode="after")
     def _task_defaults(self) -> Recipe:
@@ -167,7 +170,7 @@ class Recipe(RecipeParts):
                     "(head_tail and chunks read single texts of task classification)"
                 )
         labelled = "few_shot" in spec.capabilities
-        for key in ("shots", "augment"):
+        for key in ("shots", "augment", "pseudo_labels"):
             if getattr(self.data, key) is not None and not labelled:
                 raise ValueError(
                     f"data.{key}: found it with task {self.task}; expected a classification task (one label per text)"
@@ -178,6 +181,39 @@ class Recipe(RecipeParts):
                 "are weighed, souped and reported on it)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _self_training(self) -> Recipe:
+        if self.self_training is None:
+            if self.data.unlabeled is not None and not any(getattr(self, k, None) for k in UNLABELED_READERS):
+                raise ValueError(
+                    "data.unlabeled: found it without a section that reads it; expected "
+                    + " or ".join(UNLABELED_READERS)
+                )
+            return self
+        spec = tasks.spec(self.task)
+        why = (
+            f"task {self.task} (a pseudo-label is one label per text)"
+            if "few_shot" not in spec.capabilities
+            else "data.text_pair_column (unlabelled texts are single texts)"
+            if self.data.text_pair_column
+            else "`ensemble` (train the ensemble as the teacher: self_training.teacher)"
+            if self.ensemble is not None
+            else "data.pseudo_labels (self_training writes each round's)"
+            if self.data.pseudo_labels
+            else "no data.unlabeled (the texts to pseudo-label)"
+            if not self.data.unlabeled
+            else None
+        )
+        if why:
+            raise ValueError(
+                f"self_training: found it with {why}; expected a classification recipe with data.unlabeled"
+            )
+        return self
+
+
+# the sections that read data.unlabeled (data/unlabeled.py): without one of them it would be ignored
+UNLABELED_READERS = ("self_training",)
 
 
 # the Recipe with the sections of parts registered after import (strategy.register), per set of parts

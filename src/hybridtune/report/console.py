@@ -203,6 +203,43 @@ def ensemble_run(summary: dict) -> list:
     return [table, line]
 
 
+def self_training_table(summary: dict) -> Table:
+    """A self-training run: per round, its teacher, the texts that were confident and that joined
+    (per class), and the round's validation and test scores (docs/few_shot.md)."""
+    section = summary["self_training"]
+    unlabeled = section["unlabeled"]
+    title = (
+        f"self-training: {unlabeled['texts']} unlabelled texts ({unlabeled['source']}), "
+        f"threshold {section['threshold']}, per_class {section['per_class']}"
+    )
+    table = Table(title=title)
+    for col in ("round", "trained on", "confident", "added", "validation", "test accuracy", "test macro-F1"):
+        table.add_column(col, justify="left" if col in ("round", "trained on") else "right")
+
+    def per_class(counts: dict | None) -> str:
+        return " · ".join(f"{name} {n}" for name, n in counts.items()) if counts else "-"
+
+    def share(value) -> str:
+        return "-" if value is None else f"{100 * value:.2f}"
+
+    for r in section["rounds"]:
+        if r["round"] == 0:
+            what = "(the given teacher)" if r.get("given") else "the labelled rows"
+        else:  # the texts its teacher, the round before, labelled confidently
+            what = f"+ round {r['round'] - 1}'s pseudo-labels"
+        test = r.get("test") or {}
+        table.add_row(
+            str(r["round"]),
+            what,
+            per_class(r.get("above_threshold")),
+            per_class(r.get("added")),
+            share(r.get("validation")),
+            share(test.get("accuracy")),
+            share(test.get("f1_macro")),
+        )
+    return table
+
+
 def ensemble_line(result: dict, out: str) -> str:
     return (
         f"gain over the best member on validation ({result['best_member']}): "
