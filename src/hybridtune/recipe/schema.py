@@ -37,10 +37,12 @@ if TYPE_CHECKING:
     from hybridtune.strategy.contrastive import ContrastiveConfig
     from hybridtune.strategy.freeze import FreezeConfig
     from hybridtune.strategy.fusion import FusionConfig
+    from hybridtune.strategy.label_loss import LabelLossConfig
     from hybridtune.strategy.objective import ObjectiveConfig
     from hybridtune.strategy.peft import PeftConfig
     from hybridtune.strategy.pooling import PoolingConfig
     from hybridtune.strategy.prompt import PromptConfig
+    from hybridtune.strategy.rdrop import RDropConfig
     from hybridtune.strategy.soft_prompt import SoftPromptConfig
 
 
@@ -87,6 +89,8 @@ class Recipe(RecipeParts):
         fusion: FusionConfig | None
         objective: ObjectiveConfig | None
         contrastive: ContrastiveConfig | None
+        label_loss: LabelLossConfig | None
+        rdrop: RDropConfig | None
     # the training plan
     lr: LrConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()

@@ -30,10 +30,12 @@ from hybridtune.strategy import (
     contrastive,
     freeze,
     fusion,
+    label_loss,
     objective,
     peft,
     pooling,
     prompt,
+    rdrop,
     soft_prompt,
 )
 from hybridtune.strategy.base import Build, LossTerm, Part
@@ -56,6 +58,8 @@ PARTS: dict[str, Part] = {
         fusion.PART,
         objective.PART,
         contrastive.PART,
+        label_loss.PART,
+        rdrop.PART,
     )
 }
 
