@@ -72,7 +72,9 @@ def _balanced(counts: Counter, names: list[str]) -> torch.Tensor:
     return torch.tensor([n / (k * counts[c]) for c in names])
 
 
-def _hand(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, eps: float, gamma: float) -> torch.Tensor:
+def _hand(
+    logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, eps: float, gamma: float
+) -> torch.Tensor:
     """Σ_i (1 − p_i,y)^γ [(1 − ε) w_y (−log p_i,y) + ε/K Σ_c w_c (−log p_i,c)] / Σ_i w_y over the scored
     positions, from log_softmax alone."""
     logits, labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
@@ -90,7 +92,9 @@ def _hand(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, eps: floa
 # the term is the papers' loss
 
 
-def test_the_training_loss_is_the_hand_computed_weighted_smoothed_focal_loss(still_bert, skewed_csv, tmp_path):
+def test_the_training_loss_is_the_hand_computed_weighted_smoothed_focal_loss(
+    still_bert, skewed_csv, tmp_path
+):
     recipe = load_recipe(
         None,
         _overrides(
@@ -174,7 +178,9 @@ def test_explicit_weights_by_label_name(still_bert, skewed_csv, tmp_path):
     assert label_loss.criterion_of(model).weight.tolist() == [1.0, 3.5]
     loss = trainer.compute_loss(model, dict(batch))
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.detach()
-    torch.testing.assert_close(loss, F.cross_entropy(logits, batch["labels"], weight=torch.tensor([1.0, 3.5])))
+    torch.testing.assert_close(
+        loss, F.cross_entropy(logits, batch["labels"], weight=torch.tensor([1.0, 3.5]))
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +278,9 @@ def test_bad_settings_exit_2_before_the_run_dir(setting, words, tiny_bert, skewe
 
 
 def test_causal_lm_is_refused_by_name(tmp_path):
-    with pytest.raises(UserError, match="label_loss: found it with task causal_lm, whose logits are not class"):
+    with pytest.raises(
+        UserError, match="label_loss: found it with task causal_lm, whose logits are not class"
+    ):
         load_recipe(None, ["task=causal_lm", "label_loss.smoothing=0.1", f"output.dir={tmp_path}"])
     assert not any(tmp_path.iterdir())
 

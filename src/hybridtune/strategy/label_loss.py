@@ -59,14 +59,19 @@ TASKS = ("classification", "token_classification", "prompt_classification")  # t
 class FocalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    gamma: float = Field(2.0, ge=0, description="γ: the focusing parameter (0 = cross-entropy; Lin et al. use 2)")
+    gamma: float = Field(
+        2.0, ge=0, description="γ: the focusing parameter (0 = cross-entropy; Lin et al. use 2)"
+    )
 
 
 class LabelLossConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     smoothing: float = Field(
-        0.0, ge=0, lt=1, description="ε: label smoothing, the target (1 − ε)·one-hot + ε/K (Szegedy et al. 2016)"
+        0.0,
+        ge=0,
+        lt=1,
+        description="ε: label smoothing, the target (1 − ε)·one-hot + ε/K (Szegedy et al. 2016)",
     )
     class_weights: Literal["balanced"] | dict[str, float] | None = Field(
         None,
@@ -223,5 +228,5 @@ PART = Part(
     check=check,
     loss_terms=loss_terms,
     task_weight=task_weight,
-    summary="the classification loss replaced: label smoothing, class weights (balanced | per label), focal loss",
+    summary="the classification loss replaced: label smoothing, class weights (balanced or per label), focal loss",
 )
