@@ -247,6 +247,27 @@ def test_prompt_classification_and_the_mixed_objective_weight_the_term_by_one_mi
         assert r["loss"] == pytest.approx(0.75 * r["loss_label"] + 0.25 * r["loss_lm"], abs=2e-3)
 
 
+def test_the_trunk_cache_serves_it_and_ends_like_an_uncached_run(still_bert, skewed_csv, tmp_path):
+    """The term reads the logits only: the frozen blocks' cache stays usable, and exact."""
+    from .test_trunk_cache import TOL, _max_diff
+
+    part = [
+        "label_loss.class_weights=balanced",
+        "label_loss.focal.gamma=2",
+        "freeze.trainable=[head, {top_k: 1}]",
+    ]
+    runs = {}
+    for cache in ("on", "off"):
+        extra = [*part, f"train.trunk_cache={cache}", "train.max_steps=8", f"output.name=cache-{cache}"]
+        recipe = load_recipe(None, [*_overrides(still_bert, skewed_csv, tmp_path), *extra])
+        runs[cache] = Path(api.train(recipe)["run_dir"])
+    report = json.loads((runs["on"] / "report.json").read_text())
+    assert report["trunk_cache"]["used"] and report["trunk_cache"]["depth"] == 2
+    assert _max_diff(runs["on"], runs["off"]) <= TOL
+    losses = [r["loss_label"] for r in _metrics(runs["on"]) if "loss" in r]
+    assert losses == [r["loss_label"] for r in _metrics(runs["off"]) if "loss" in r] and len(losses) == 8
+
+
 # --------------------------------------------------------------------------------------------------
 # refused before anything is written
 

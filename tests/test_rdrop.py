@@ -186,6 +186,35 @@ def test_a_run_logs_both_terms_and_evaluates_the_task_loss(tiny_bert, sentiment_
     assert all("loss_rdrop_kl" not in r for r in rows if "eval_loss" in r)
 
 
+def test_prompt_classification_and_the_mixed_objective_weight_both_passes(
+    tiny_bert_mlm, sentiment_csv, tmp_path
+):
+    """(1 − λ)·(R-Drop's loss) + λ·LM loss: the mixed objective's 1 − λ scales both R-Drop terms, as
+    it scales the engine's first-pass task loss."""
+    overrides = _overrides(
+        tiny_bert_mlm,
+        sentiment_csv,
+        tmp_path,
+        "task=prompt_classification",
+        "objective.lm_weight=0.25",
+        f"rdrop.alpha={ALPHA}",
+        "data.max_length=48",
+    )
+    recipe = load_recipe(None, overrides)
+    trainer, model, batch = _one_batch(recipe, tmp_path)
+    with torch.no_grad():
+        torch.manual_seed(11)
+        outputs = model(**batch)
+        terms = rdrop.loss_terms(recipe.rdrop, model, dict(batch), outputs.loss, outputs)
+        torch.manual_seed(11)
+        first, second = model(**batch), model(**batch)
+    assert [(t.name, t.weight) for t in terms] == [("rdrop_gap", 0.5 * 0.75), ("rdrop_kl", ALPHA * 0.75)]
+    torch.testing.assert_close(terms[0].value, second.loss - first.loss)  # class scores, not the LM's
+    kl = _hand_kl(first.logits, second.logits).mean()
+    torch.testing.assert_close(terms[1].value.double(), kl, atol=1e-7, rtol=1e-6)
+    assert first.logits.shape[-1] == 2 and kl > 0
+
+
 COMPOSE = {
     "freeze": ["freeze.trainable=[head]"],
     "peft": ["peft.method=lora"],
