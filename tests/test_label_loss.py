@@ -204,6 +204,7 @@ def test_a_run_logs_the_term_as_the_loss_and_evaluates_the_task_loss(tiny_bert, 
         assert "loss_task" in r
     assert all("loss_label" not in r for r in rows if "eval_loss" in r)
     assert "label_loss:\n  smoothing: 0.1" in (run / "recipe.yaml").read_text()
+    assert len(api.predict(str(run), ["a fine film"])) == 1  # the run loads back as any other
 
 
 # part sections to compose with: each must train what it trains without label_loss

@@ -184,6 +184,7 @@ def test_a_run_logs_both_terms_and_evaluates_the_task_loss(tiny_bert, sentiment_
         assert r["loss"] == pytest.approx(expected, abs=2e-3)
         assert r["loss_rdrop_kl"] >= 0  # a tiny random model: often below the log's 4 decimals
     assert all("loss_rdrop_kl" not in r for r in rows if "eval_loss" in r)
+    assert len(api.predict(str(run), ["a fine film"])) == 1  # the run loads back as any other
 
 
 def test_prompt_classification_and_the_mixed_objective_weight_both_passes(
