@@ -139,6 +139,14 @@ def test_gamma_zero_is_torchs_weighted_smoothed_cross_entropy():
     assert focal < F.cross_entropy(logits, labels)  # (1 − p_t)^γ < 1 lowers every example's share
 
 
+def test_a_focal_loss_below_gamma_1_has_finite_gradients_on_certain_examples():
+    """γ·(1 − p_t)^(γ − 1) is infinite at p_t = 1: a confident, right example must not make a NaN."""
+    logits = torch.tensor([[40.0, -40.0], [0.3, -0.2]], requires_grad=True)
+    loss = label_loss.LabelLoss(None, 0.0, 0.5, 1.0)(logits, torch.tensor([0, 1]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all() and logits.grad[1].abs().sum() > 0
+
+
 def test_token_classification_ignores_minus_100_and_counts_scored_sub_tokens(still_bert, ner_conll, tmp_path):
     recipe = load_recipe(
         None,

@@ -119,8 +119,10 @@ class LabelLoss:
             reduction="none",
         )  # 0 where not scored
         if self.gamma > 0:
-            p_true = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[:, None])[:, 0].exp()
-            per = per * (1 - p_true).clamp(min=0).pow(self.gamma)  # Lin et al. 2017, eq. 4
+            logp_true = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[:, None])[:, 0]
+            # 1 − p_t, exact near p_t = 1; floored so that γ < 1 has a finite gradient at p_t = 1
+            # (γ·(1 − p_t)^(γ − 1) is infinite there), where the factor is ~0 anyway
+            per = per * (-torch.expm1(logp_true)).clamp(min=1e-12).pow(self.gamma)  # Lin et al., eq. 4
         scored = labels != IGNORE
         total = weight[labels[scored]].sum() if weight is not None else scored.sum()
         return per.sum() / torch.where(total > 0, total, torch.ones_like(total))  # no scored label: 0
