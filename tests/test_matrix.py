@@ -44,6 +44,8 @@ REFUSED = {
         for n in ("setfit", "contrastive_lora_top")
         for e in ("roberta", "distilbert", "mpnet")
     },
+    # R-Drop's two passes differ only by their dropout masks; Llama's config sets every dropout to 0
+    ("rdrop", "llama"): "dropout probabilities are all 0",
     # SFT needs a causal LM head, which transformers does not have for these encoders
     **{
         (n, e): "AutoModelForCausalLM"

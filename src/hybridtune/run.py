@@ -71,6 +71,11 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
+def train_labels(train) -> Any:
+    """The training split's `labels` column, lazily (datasets' Column), or None for a task without."""
+    return train["labels"] if "labels" in train.column_names else None
+
+
 def prepare(recipe: Recipe) -> Prepared:
     quiet_libraries()
     task = task_for(recipe)
@@ -105,6 +110,7 @@ def prepare(recipe: Recipe) -> Prepared:
         total_steps=planned_steps(recipe.train, n_train),
         recipe=recipe,
         labels=labels,
+        train_labels=train_labels(datasets["train"]),  # what the loss sees (label_loss's class counts)
         load_run=load_run,  # a part that loads a finished run (fusion's frozen model, distill's teacher)
         splits=splits,
         datasets=datasets,

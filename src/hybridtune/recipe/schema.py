@@ -40,12 +40,14 @@ if TYPE_CHECKING:
     from hybridtune.strategy.freeze import FreezeConfig
     from hybridtune.strategy.fusion import FusionConfig
     from hybridtune.strategy.l2sp import L2SPConfig
+    from hybridtune.strategy.label_loss import LabelLossConfig
     from hybridtune.strategy.layer_sampling import LayerSamplingConfig
     from hybridtune.strategy.mixout import MixoutConfig
     from hybridtune.strategy.objective import ObjectiveConfig
     from hybridtune.strategy.peft import PeftConfig
     from hybridtune.strategy.pooling import PoolingConfig
     from hybridtune.strategy.prompt import PromptConfig
+    from hybridtune.strategy.rdrop import RDropConfig
     from hybridtune.strategy.soft_prompt import SoftPromptConfig
 
 
@@ -96,6 +98,8 @@ class Recipe(RecipeParts):
         layer_sampling: LayerSamplingConfig | None
         l2sp: L2SPConfig | None
         mixout: MixoutConfig | None
+        label_loss: LabelLossConfig | None
+        rdrop: RDropConfig | None
     # the training plan
     lr: LrConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()

@@ -53,6 +53,8 @@ class Context:
     explicit_eval_steps: bool
     linear: list[str] = field(default_factory=list)  # a block's linear layers: LoRA's "all-linear"
     report_to: list[str] = field(default_factory=list)  # the base's train.report_to: every trial's
+    # parts of the default space this base cannot take (key -> why): left out of the search
+    left_out: dict[str, str] = field(default_factory=dict)
 
 
 def load_space(path: str | None, overrides: list[str] | None = None) -> Space:
@@ -237,9 +239,10 @@ def _check_corners(ctx: Context) -> None:
                 f"{ctx.origin}: families.{family}",
             )
     # a part some family can take: a part refused with one family (layer sampling with staged
-    # unfreezing) only fails those trials; one refused with every family (a label loss for a causal
-    # LM task) is a space that cannot work
-    for key, params in ctx.space.parts.items():
+    # unfreezing) only fails those trials; one refused with every family (R-Drop on a model without
+    # dropout) is a space that cannot work when the space file names it, and is left out of the
+    # default space's parts (ctx.left_out, said when the search starts)
+    for key, params in list(ctx.space.parts.items()):
         values = {path: p.corners()[0] for path, p in params.items() if path != "use"}
         errors = []
         for family, settings in ctx.space.chosen().items():
@@ -253,7 +256,10 @@ def _check_corners(ctx: Context) -> None:
             else:
                 break
         else:
-            raise errors[0]
+            if "parts" in ctx.space.model_fields_set:
+                raise errors[0]
+            del ctx.space.parts[key]
+            ctx.left_out[key] = errors[0].found
 
 
 def finish(ctx: Context, raw: dict) -> dict:

@@ -32,12 +32,14 @@ from hybridtune.strategy import (
     freeze,
     fusion,
     l2sp,
+    label_loss,
     layer_sampling,
     mixout,
     objective,
     peft,
     pooling,
     prompt,
+    rdrop,
     soft_prompt,
 )
 from hybridtune.strategy.base import Build, LossTerm, Part
@@ -64,6 +66,8 @@ PARTS: dict[str, Part] = {
         layer_sampling.PART,
         l2sp.PART,
         mixout.PART,
+        label_loss.PART,
+        rdrop.PART,
     )
 }
 

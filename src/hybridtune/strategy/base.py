@@ -77,6 +77,10 @@ class Build:
     total_steps: int | None = None  # planned optimizer steps of the run (AdaLoRA's budget schedule)
     recipe: Any = None  # the whole recipe (objective: batch size, seed; fusion: checks on a frozen run)
     labels: Any = None  # the task's Labels
+    # the encoded training split's `labels` column (datasets' lazy Column: read only by a part that
+    # asks): what the training loss sees, a label id per example (per window with data.long_texts:
+    # chunks) or per sub-token (-100: not scored); label_loss counts its classes
+    train_labels: Any = None
     load_run: Any = None  # a finished run's loader (inference.load_run), for parts with loads_runs
     splits: Any = None  # the run's data, read and checked (data.Splits): distill scores the training texts
     datasets: Any = None  # the splits encoded for the model ({"train": datasets.Dataset, ...})
