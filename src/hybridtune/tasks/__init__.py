@@ -163,6 +163,7 @@ register(
         headline=("loss", "perplexity", "exact_match", "n"),
         lower_is_better=frozenset({"loss", "perplexity"}),
         label_space=False,
+        loss_over_tokens=True,
         capabilities=frozenset({"run_info", "generate"}),
         truncate_reason="an example is a prompt and its response, cut by its own rule",
     )

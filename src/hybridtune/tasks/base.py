@@ -88,6 +88,11 @@ class TaskSpec:
     # token states, nothing the task does between the blocks
     trunk_cacheable: bool = False
     capabilities: frozenset[Capability] = frozenset()
+    # the model's training loss is a token sum over all micro-batches of an optimizer step divided by
+    # their count (transformers' num_items_in_batch: its causal-LM losses); False: a per-batch mean
+    # (BERT's classification heads take **kwargs and ignore it), which Trainer must then divide by
+    # the accumulation steps itself
+    loss_over_tokens: bool = False
     # without the `long_texts` capability: why data.long_texts stays truncate (the refusal says it)
     truncate_reason: str | None = None
 

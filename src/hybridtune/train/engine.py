@@ -363,6 +363,11 @@ def make_trainer(
         keep_columns=[ROW] if trunk_cache is not None else [],
         loss_parts=strategy.loss_parts(recipe),
     )
+    # Trainer reads "the forward takes **kwargs" as "its loss divides by num_items_in_batch" and then
+    # skips its own division by the accumulation steps; a classification head's loss is a per-batch
+    # mean, so with grad_accum N the step's loss (and gradient) was N times too big
+    if not tasks.spec(recipe.task).loss_over_tokens:
+        trainer.model_accepts_loss_kwargs = False
     if resume_from is not None:
         trainer.add_callback(RestoreLoggingWindow(trainer, resume_from))
     trainer.remove_callback(ProgressCallback)
