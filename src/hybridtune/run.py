@@ -114,6 +114,7 @@ def prepare(recipe: Recipe) -> Prepared:
     params = param_table(model, anatomy, base_ids, {n: v for n, v in plan.lrs.items() if n in held})
     if plan.stages is not None:
         params["stages"] = plan.stage_summary(model)
+    params.update(build.report)  # a part's own account of its choice (freeze.spectrum: the scores)
     if params["trainable"] == 0:
         raise UserError(
             "freeze", "a strategy that leaves no parameter trainable", "at least one trainable parameter"
