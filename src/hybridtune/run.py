@@ -86,6 +86,12 @@ def prepare(recipe: Recipe) -> Prepared:
     check_vocabulary(tokenizer, training_texts(splits.train, skip), tokenizer_path(recipe.model)[1])
     set_seed(recipe.train.seed)  # the new head's initialisation is part of the run's reproducibility
     model, new_params = task.load_model(path, tokenizer, labels)
+    if recipe.train.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(
+            "train.gradient_checkpointing",
+            f"it with {type(model).__name__} (transformers implements no gradient checkpointing for it)",
+            "false for this model",
+        )
     # encoded before the plan: with data.long_texts: chunks a training example is a window, not a text
     started = time.perf_counter()
     names = tuple(n for n in ("train", "validation", "test") if len(splits[n]))  # few-shot: no validation
