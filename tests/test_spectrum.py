@@ -173,3 +173,32 @@ def test_params_shows_the_scores_and_the_choice(quick, tiny_bert6):
 def test_bad_settings_exit_2_before_the_run_dir(quick, tiny_bert6, tmp_path, extra, words):
     result = CliRunner().invoke(app, ["train", *quick(tiny_bert6, *extra)])
     _assert_clean_failure(result, tmp_path / "runs", *words)
+
+
+def test_killed_and_resumed_ends_like_an_uninterrupted_run(quick, tiny_bert6, tmp_path):
+    # with gradient checkpointing too: its recomputation must not disturb the resumed RNG stream
+    from safetensors.torch import load_file
+
+    from .test_resume import _killed, _steps
+    from .test_resume import _train as train_cli
+
+    args = quick(
+        tiny_bert6,
+        "freeze.spectrum.share=0.25",
+        "train.gradient_checkpointing=true",
+        "train.eval_steps=4",
+        "train.early_stopping.patience=null",
+    )
+    train_cli([*args, "output.name=straight"])
+    _killed([*args, "output.name=killed"], "step:6")
+    run = tmp_path / "runs" / "killed"
+    assert _steps(run) == [4]
+    train_cli(["--resume", str(run)])
+    ours, theirs = (
+        load_file(r / "final" / "model.safetensors") for r in (run, tmp_path / "runs" / "straight")
+    )
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) <= 1e-6
+    chosen = [
+        json.loads((r / "params.json").read_text())["spectrum"] for r in (run, tmp_path / "runs" / "straight")
+    ]
+    assert [m["chosen"] for m in chosen[0]["matrices"]] == [m["chosen"] for m in chosen[1]["matrices"]]
