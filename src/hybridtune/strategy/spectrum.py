@@ -12,16 +12,18 @@ The score is the one of the authors' code (github.com/cognitivecomputations/spec
 
     sigma = IQR(S) / 1.349                      # a robust noise scale (the IQR of a normal is 1.349 sigma)
     threshold = sigma * (1 + sqrt(min(n, m) / max(n, m)))   # the Marchenko-Pastur bulk edge
-    snr = sum(S > threshold) / sum(S <= threshold)          # noise 1.0 when no value is below
+    snr = sum(S[S > threshold]) / sum(S[S <= threshold])    # noise 1.0 when no value is below
     score = snr / max(S)
 
 Two choices of ours: a share of a type's k matrices is round-half-up(share x k), at least one (the
 rule of every fraction of blocks, model/depth.py; Spectrum floors, which names none of a type for a
-small share of a shallow model), and ties go to the lower block. `unit: block` ranks the blocks by
+small share of a shallow model), and ties go to the lower block. A chosen matrix trains with its
+bias (Spectrum's list names modules, which match as prefixes). `unit: block` ranks the blocks by
 the mean of their matrices' scores, each divided by the best score of its type (types differ in
 scale), and trains the chosen blocks whole.
 
-The scores cost one SVD per matrix (MiniLM's 36: ~1.2 s on one CPU thread; docs/strategies.md), so
+The scores cost one SVD per matrix (on one CPU thread MiniLM's 36 take 0.6-1.2 s, SmolLM2-135M's
+210 take 34 s; docs/strategies.md), so
 they are cached per model: `$HYBRIDTUNE_CACHE/spectrum/<digest>.json` (default ~/.cache/hybridtune),
 named by a digest of the matrices' names, shapes and contents, so another checkpoint at the same
 path never reads a stale entry.
