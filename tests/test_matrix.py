@@ -180,3 +180,51 @@ def test_every_recipe_trains_one_step_on_every_family_or_is_refused_by_name(
         assert expected in str(e) and "\n" not in str(e), str(e)
         return
     assert expected is None, f"trained, but expected a refusal naming {expected!r}"
+
+
+# with train.gradient_checkpointing: the pairs REFUSED names, and these (docs/speed.md)
+REFUSED_CHECKPOINTING = {
+    **REFUSED,
+    # transformers' checkpointed blocks drop the key/value cache argument, which holds the prefixes
+    **{("prefix_tuning", f): "train.gradient_checkpointing" for f in ("bert", "llama")},
+}
+
+
+# every recipe on BERT and Llama; MPNet, which transformers does not checkpoint, once
+CHECKPOINTING_PAIRS = [(p, f) for p in RECIPES for f in ("bert", "llama")] + [
+    (RECIPE_DIR / "full.yaml", "mpnet")
+]
+
+
+@pytest.mark.parametrize(
+    "path, family", CHECKPOINTING_PAIRS, ids=[f"{p.stem}-{f}" for p, f in CHECKPOINTING_PAIRS]
+)
+def test_every_recipe_trains_with_gradient_checkpointing_or_is_refused_by_name(
+    path, family, models, data, tmp_path
+):
+    task = yaml.safe_load(path.read_text()).get("task", "classification")
+    overrides = [
+        f"model={models[family]}",
+        f"data.source={data[task]}",
+        "data.max_length=48",
+        "train.max_steps=8",
+        "train.batch_size=8",
+        "train.precision=fp32",
+        "train.lr=0.01",
+        "train.early_stopping.patience=null",
+        "train.gradient_checkpointing=true",
+        f"output.dir={tmp_path}",
+    ]
+    # MPNet: transformers implements no gradient checkpointing for it (found when the model loads)
+    expected = (
+        "MPNetForSequenceClassification"
+        if family == "mpnet"
+        else REFUSED_CHECKPOINTING.get((path.stem, family))
+    )
+    try:
+        _one_step(load_recipe(path, overrides), tmp_path)
+    except UserError as e:
+        assert expected is not None, f"refused, but expected to train: {e}"
+        assert expected in str(e) and "\n" not in str(e), str(e)
+        return
+    assert expected is None, f"trained, but expected a refusal naming {expected!r}"

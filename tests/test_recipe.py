@@ -51,7 +51,7 @@ def test_yaml_file_with_shorthands(tmp_path):
         (["peft.r=many"], "peft", ["r: 'many'"]),
         (["freeze.trainable=[{top_k: -1}]"], "freeze.trainable", ["top_k", "-1"]),
         (["freeze.trainable=[heads]"], "freeze.trainable", ["'heads'", "selector"]),
-        (["freeze.train_new_head=true"], "freeze", ["exactly one of `trainable` or `frozen`"]),
+        (["freeze.train_new_head=true"], "freeze", ["exactly one of `trainable`, `frozen` or `spectrum`"]),
         (["data.train=x.csv", "data.source=bundled:imdb"], "data", ["either `source`"]),
         (["train.learning_rate=0.1"], "train.learning_rate", ["did you mean 'lr'"]),
     ],

@@ -238,13 +238,15 @@ def params(
 ) -> None:
     """What a recipe trains, per layer, without training."""
     from hybridtune import api
-    from hybridtune.report.console import console, params_table
+    from hybridtune.report.console import console, params_table, spectrum_table
 
     table = api.params(_recipe(args))
     if as_json:
         typer.echo(json.dumps(table, indent=2))
     else:
         console.print(params_table(table))
+        if "spectrum" in table:  # freeze.spectrum: the scores behind its choice
+            console.print(spectrum_table(table["spectrum"]))
 
 
 @app.command()

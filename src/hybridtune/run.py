@@ -90,6 +90,12 @@ def prepare(recipe: Recipe) -> Prepared:
     set_seed(recipe.train.seed)  # the new head's initialisation is part of the run's reproducibility
     model, new_params = task.load_model(path, tokenizer, labels)
     model = strategy.reshape(model, recipe)  # e.g. distill's bottom k blocks, before the anatomy maps it
+    if recipe.train.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise UserError(
+            "train.gradient_checkpointing",
+            f"it with {type(model).__name__} (transformers implements no gradient checkpointing for it)",
+            "false for this model",
+        )
     # encoded before the plan: with data.long_texts: chunks a training example is a window, not a text
     started = time.perf_counter()
     names = tuple(n for n in ("train", "validation", "test") if len(splits[n]))  # few-shot: no validation
@@ -124,6 +130,7 @@ def prepare(recipe: Recipe) -> Prepared:
     parts = strategy.param_reports(model, recipe, build)  # e.g. what layer sampling trains on average
     if parts:
         params["parts"] = parts
+    params.update(build.report)  # a part's own account of its choice (freeze.spectrum: the scores)
     if params["trainable"] == 0:
         raise UserError(
             "freeze", "a strategy that leaves no parameter trainable", "at least one trainable parameter"

@@ -263,6 +263,11 @@ class TrainConfig(Section):
     compile: bool = Field(
         False, description="torch.compile the model (off by default: see docs/BENCHMARKS.md for when it pays)"
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="keep only each block's input in training and recompute the rest in the backward pass: "
+        "less memory for long inputs and bigger models, about one more forward of compute (docs/speed.md)",
+    )
     logging_steps: int = Field(20, ge=1)
     on_nan: Literal["stop", "skip"] = Field(
         "stop",

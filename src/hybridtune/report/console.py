@@ -91,6 +91,32 @@ def params_table(table: dict) -> Table:
     return out
 
 
+def spectrum_table(report: dict) -> Table:
+    """freeze.spectrum's scores: a row per block, a column per matrix type; * marks what trains."""
+    unit = report["unit"]
+    where = "from the cache" if report["from_cache"] else f"computed in {report['seconds']:.1f} s"
+    out = Table(
+        title=f"spectrum: SNR score per matrix ({where}); * trains: the top {report['share']:g} "
+        + ("of each type" if unit == "matrix" else "of the blocks (mean of score / best of its type)")
+    )
+    out.add_column("layer")
+    for kind in report["types"]:
+        out.add_column(kind, justify="right")
+    blocks = {b["block"]: b for b in report.get("blocks", [])}
+    if blocks:
+        out.add_column("block score", justify="right")
+    cells: dict[int, dict[str, str]] = {}
+    for m in report["matrices"]:
+        mark = " *" if m["chosen"] and unit == "matrix" else ""
+        cells.setdefault(m["block"], {})[m["type"]] = f"{m['score']:.4g}{mark}"
+    for b in sorted(cells):
+        row = [f"block.{b}", *(cells[b].get(kind, "") for kind in report["types"])]
+        if blocks:
+            row.append(f"{blocks[b]['score']:.3f}" + (" *" if blocks[b]["chosen"] else ""))
+        out.add_row(*row)
+    return out
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

@@ -88,6 +88,9 @@ class Build:
     # `freeze` keeps trainable (id -> parameter)
     pretrained: set[int] = field(default_factory=set)
     keep: dict[int, nn.Parameter] = field(default_factory=dict)
+    # what a part tells `hybridtune params` (and the run's params.json) beside the per-layer table,
+    # under its own key: freeze's Spectrum scores and choice
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -4,6 +4,8 @@
       trainable: [head, {top_frac: 0.333}]    # only these train (the top third of the blocks + head)
     freeze:
       frozen: [embeddings, {bottom_k: 8}]      # these are frozen, everything else trains
+    freeze:
+      spectrum: {share: 0.25}                  # the top quarter of each matrix type by SNR (+ head)
 
 Selectors: all | none | head | embeddings | norms | final_norm | bias | blocks by depth, relative
 ({top_frac: F} | {bottom_frac: F} | {level: K, levels: L}) or absolute ({top_k: N} | {bottom_k: N} |
@@ -12,6 +14,10 @@ model/depth.py. A relative selector trains the same share of a 6-block and a 24-
 absolute one names the same blocks (and fails on a model that lacks them). A head that the checkpoint
 did not have (a new classifier) trains unless `train_new_head: false`. The same selector language is
 used by stages. BitFit: Ben Zaken et al. 2022, https://arxiv.org/abs/2106.10199.
+
+`spectrum` chooses by the pretrained weights themselves, data-free: the matrices (or blocks) whose
+singular values carry the most signal (Hartford et al. 2024; the score: strategy/spectrum.py). What
+trains beside them is `trainable` (default [head]); `hybridtune params` shows every score and the choice.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ from torch import nn
 from hybridtune.errors import UserError, did_you_mean
 from hybridtune.model.anatomy import is_norm
 from hybridtune.model.depth import fraction_blocks, level_blocks
+from hybridtune.strategy import spectrum as spectrum_score
 from hybridtune.strategy.base import Part
+from hybridtune.strategy.spectrum import SpectrumConfig
 
 NAMED = ("all", "none", "head", "embeddings", "norms", "final_norm", "bias")
 KEYED = ("top_frac", "bottom_frac", "level", "top_k", "bottom_k", "layers", "patterns")
@@ -115,9 +123,18 @@ def parse_selector(value: Any, where: str = "selector") -> list[str | dict]:
 class FreezeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    trainable: list[str | dict] | None = Field(None, description="selector of the only parameters that train")
+    trainable: list[str | dict] | None = Field(
+        None,
+        description="selector of the only parameters that train (with spectrum: what trains beside its choice)",
+    )
     frozen: list[str | dict] | None = Field(
-        None, description="selector of the parameters that are frozen (give exactly one of the two)"
+        None,
+        description="selector of the parameters that are frozen (give `trainable`, `frozen` or `spectrum`)",
+    )
+    spectrum: SpectrumConfig | None = Field(
+        None,
+        description="train the matrices (or blocks) of highest signal-to-noise ratio of their singular "
+        "values (Spectrum, Hartford et al. 2024) and `trainable` (default [head])",
     )
     train_new_head: bool = Field(
         True, description="a head the checkpoint lacked (a new classifier) trains unless `false`"
@@ -130,8 +147,13 @@ class FreezeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> FreezeConfig:
-        if (self.trainable is None) == (self.frozen is None):
-            raise ValueError("give exactly one of `trainable` or `frozen`")
+        if self.spectrum is not None and self.frozen is not None:
+            raise ValueError(
+                "freeze.frozen: found it with freeze.spectrum; expected `spectrum` alone or with "
+                "`trainable` (what trains beside its choice)"
+            )
+        if self.spectrum is None and (self.trainable is None) == (self.frozen is None):
+            raise ValueError("give exactly one of `trainable`, `frozen` or `spectrum`")
         return self
 
 
@@ -197,7 +219,13 @@ def select(model: nn.Module, anatomy, selector: list[str | dict], where: str) ->
 
 def apply(model: nn.Module, config: FreezeConfig, build) -> nn.Module:
     names = {n for n, _ in model.named_parameters()}
-    if config.trainable is not None:
+    if config.spectrum is not None:
+        chosen, build.report["spectrum"] = spectrum_score.choose(model, build.anatomy, config.spectrum)
+        beside = config.trainable if config.trainable is not None else ["head"]
+        train = chosen | select(model, build.anatomy, beside, "freeze.trainable")
+        if config.train_new_head:
+            train |= build.new_params & names
+    elif config.trainable is not None:
         train = select(model, build.anatomy, config.trainable, "freeze.trainable")
         if config.train_new_head:
             train |= build.new_params & names

@@ -46,6 +46,7 @@ from hybridtune.model.anatomy import block_layout
 from hybridtune.strategy import peft_prompt
 from hybridtune.strategy.base import Part
 from hybridtune.strategy.peft_prompt import PROMPT_LEARNING, accept_prefix_cache
+from hybridtune.strategy.peft_prompt import check as peft_prompt_check
 
 ALIASES = {"dora": ("lora", {"use_dora": True})}
 # beside a peft adapter in final/: the base model's config as the run built it (label names included)
@@ -361,6 +362,7 @@ PART = Part(
     key="peft",
     config=PeftConfig,
     apply=apply,
+    check=peft_prompt_check,
     training_args=training_args,
     callbacks=callbacks,
     summary="any method of the installed peft (LoRA, DoRA, AdaLoRA, IA3, prefix / prompt tuning, ...)",

@@ -32,6 +32,18 @@ def prepare(model: nn.Module, method: str, kwargs: dict, build) -> None:
             )
 
 
+def check(config, recipe) -> None:
+    """peft's refusals of the rest of the recipe (the part's `check` hook)."""
+    if config.method == "prefix_tuning" and recipe.train.gradient_checkpointing:
+        # transformers' checkpointed blocks (GradientCheckpointingLayer) drop the cache argument under
+        # checkpointing, and with it the prefixes: the attention mask then has more keys than the keys
+        raise ValueError(
+            "train.gradient_checkpointing: found it with peft.method prefix_tuning (transformers' "
+            "checkpointed blocks drop the key/value cache that holds the prefixes); expected "
+            "train.gradient_checkpointing: false, or lora, prompt_tuning or `soft_prompt:`"
+        )
+
+
 def _position_limit(model: nn.Module) -> int | None:
     config = model.config
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
+    PreTrainedModel,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -296,7 +297,33 @@ def training_arguments(train, output, checkpoints_dir: Path) -> TrainingArgument
         # big. A task whose model does divide (causal LM) may turn it back on.
         average_tokens_across_devices=False,
         **every,
+        **checkpointing(train.gradient_checkpointing),
     )
+
+
+def checkpointing(on: bool) -> dict:
+    """TrainingArguments for gradient checkpointing (Chen et al. 2016, https://arxiv.org/abs/1604.06174):
+    each block keeps its input only and is recomputed in the backward pass. Non-reentrant
+    (torch.utils.checkpoint's recommended mode): gradients reach parameters whose block input needs
+    no grad (a frozen trunk under LoRA), and the recomputation replays dropout's RNG. transformers 5
+    renamed the argument `activation_checkpointing`; `gradient_checkpointing` is its deprecated alias."""
+    if not on:
+        return {}
+    fields = TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": False}}
+
+
+class NoInputGrads(TrainerCallback):
+    """transformers' checkpointing switch also makes the embeddings' output require grad (a forward
+    hook, `enable_input_require_grads`), which only reentrant checkpointing needs: with it the
+    backward runs down through every frozen block, and the hook on the embeddings rules the trunk
+    cache out. Non-reentrant checkpointing (ours) reaches the trained parameters without it."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        for module in model.modules() if model is not None else ():
+            if isinstance(module, PreTrainedModel):
+                module.disable_input_require_grads()
 
 
 def without_validation(args: TrainingArguments) -> TrainingArguments:
@@ -334,6 +361,8 @@ def make_trainer(
     from hybridtune.train.trunk_cache import ROW, TrunkCacheCallback
 
     callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), *callbacks]
+    if args.gradient_checkpointing:  # first: the trunk cache looks for hooks on the embeddings
+        callbacks.insert(0, NoInputGrads())
     if args.process_index == 0:  # one event file per run, however many processes train
         purge = step_of(resume_from) if resume_from is not None else None
         callbacks.append(tensorboard(run_dir / "tensorboard", purge))
