@@ -67,6 +67,14 @@ class BitFit(Family):
     lr: LR = {"low": 3e-4, "high": 1e-2, "log": True}
 
 
+class Spectrum(Family):
+    """Spectrum (Hartford et al. 2024): the top share of each weight-matrix type by the SNR of its
+    singular values trains (data-free), with the head."""
+
+    lr: LR = {"low": 3e-5, "high": 3e-4, "log": True}
+    share: SHARE = [0.125, 0.25, 0.5]
+
+
 class Lora(Family):
     """LoRA (Hu et al. 2021); `dora` the same settings with DoRA's magnitude (Liu et al. 2024).
     `layer_share`: LoRA only in the top share of the blocks (peft's layers_to_transform)."""
@@ -123,6 +131,7 @@ FAMILIES: dict[str, type[Family]] = {
     "freeze_top": FreezeTop,
     "freeze_bottom": FreezeBottom,
     "bitfit": BitFit,
+    "spectrum": Spectrum,
     "lora": Lora,
     "dora": Lora,
     "ia3": IA3,
@@ -153,6 +162,8 @@ def strategy_keys(
         return {"freeze": {"frozen": ["embeddings", {"bottom_k": share_to_blocks(v["share"], blocks)}]}}
     if family == "bitfit":
         return {"freeze": {"trainable": ["bias", "head"]}}
+    if family == "spectrum":
+        return {"freeze": {"spectrum": {"share": v["share"]}}}
     if family == "ia3":  # peft's IA3Config has no layers_to_transform
         return {"peft": {"method": "ia3"}}
     if family in ("lora", "dora"):
@@ -193,6 +204,7 @@ class Families(BaseModel):
     freeze_top: FreezeTop | None = None
     freeze_bottom: FreezeBottom | None = None
     bitfit: BitFit | None = None
+    spectrum: Spectrum | None = None
     lora: Lora | None = None
     dora: Lora | None = None
     ia3: IA3 | None = None
