@@ -34,9 +34,11 @@ from hybridtune.tasks.causal_lm import GenerationConfig
 
 if TYPE_CHECKING:
     from hybridtune.strategy.adapters import AdaptersConfig
+    from hybridtune.strategy.adversarial import AdversarialConfig
     from hybridtune.strategy.contrastive import ContrastiveConfig
     from hybridtune.strategy.freeze import FreezeConfig
     from hybridtune.strategy.fusion import FusionConfig
+    from hybridtune.strategy.neftune import NeftuneConfig
     from hybridtune.strategy.objective import ObjectiveConfig
     from hybridtune.strategy.peft import PeftConfig
     from hybridtune.strategy.pooling import PoolingConfig
@@ -87,6 +89,8 @@ class Recipe(RecipeParts):
         fusion: FusionConfig | None
         objective: ObjectiveConfig | None
         contrastive: ContrastiveConfig | None
+        adversarial: AdversarialConfig | None
+        neftune: NeftuneConfig | None
     # the training plan
     lr: LrConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()

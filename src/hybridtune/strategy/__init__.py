@@ -27,9 +27,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hybridtune.strategy import (
     adapters,
+    adversarial,
     contrastive,
     freeze,
     fusion,
+    neftune,
     objective,
     peft,
     pooling,
@@ -56,6 +58,8 @@ PARTS: dict[str, Part] = {
         fusion.PART,
         objective.PART,
         contrastive.PART,
+        adversarial.PART,
+        neftune.PART,
     )
 }
 

@@ -1,0 +1,264 @@
+"""adversarial: adversarial training on the input embeddings, FGM (Miyato et al. 2017,
+https://arxiv.org/abs/1605.07725) or K-step PGD (Madry et al. 2018, https://arxiv.org/abs/1706.06083,
+on the word embeddings as in FreeLB, Zhu et al. 2020, https://arxiv.org/abs/1909.11764).
+
+    adversarial:
+      method: fgm        # fgm | pgd
+      epsilon: 1.0       # radius of the perturbation (L2 norm per example, over the whole sequence)
+      alpha: 0.3         # pgd: step size of each ascent step
+      steps: 3           # pgd: K ascent steps (>= 1)
+      weight: 1.0        # loss = task loss + weight * task loss at the perturbed embeddings
+
+What is perturbed: the output of the model's input-embedding layer (`get_input_embeddings()`, the
+word embeddings, before position / token-type embeddings and the embeddings' norm), as FreeLB does
+and as Miyato et al. perturb the word-embedding sequence. Through peft the layer is the wrapped
+model's own (a LoRA-on-embeddings or modules_to_save wrapper included). With `soft_prompt` only
+the word embeddings are perturbed: the hook runs before the soft prompt's (prepend), which then
+overwrites the virtual positions, so their gradient is zero and no perturbation reaches them; peft's
+prompt learning embeds the real tokens only, so the same holds there.
+
+The norm: per example, over the whole sequence (dims 1 and 2 of [batch, length, d]), as Miyato et
+al.'s code (tensorflow/models research/adversarial_text, adversarial_losses.py `_scale_l2`) and
+FreeLB's (`delta_grad.view(batch, -1).norm(dim=1)`) do. Padding needs no mask: its positions are
+masked out of attention and unlabelled, so the loss's gradient there is exactly zero.
+
+FGM: g = d task loss / d embeddings (the training forward's own graph, kept for the task loss's
+backward: `torch.autograd.grad(..., retain_graph=True)`), r = epsilon * g / ||g||, and the term is
+the task loss at embeddings + r, r a constant (no gradient through it): Miyato et al. eq. 2-3.
+
+PGD (Madry et al.'s, not FreeLB's average): from delta_0 = 0, K ascent steps
+delta_t = Proj_{||delta|| <= epsilon}(delta_{t-1} + alpha * g_t / ||g_t||), g_t the gradient at
+delta_{t-1} (g_1 is the training forward's, so the K steps cost K - 1 forward + backward passes on
+top of the final adversarial forward); the term is the task loss at delta_K only (the min-max
+objective: train on the worst point found). FreeLB instead averages the K losses' parameter
+gradients; this part does not. The start is 0, not random, so there is nothing random here besides
+the model's dropout (Trainer's RNG state: a resumed run draws the same).
+
+How: `apply` registers a forward pre-hook on the model Trainer calls (it marks the training forward
+and keeps its `num_items_in_batch`, so the adversarial loss is normalised as the task loss is) and a
+forward hook on the input embeddings, which keeps that forward's embedding output and, in the
+part's own forwards, adds the perturbation. A callback arms it for the Trainer's training steps and
+clears it at every micro-batch (other training-mode forwards, e.g. the contrastive stage's or
+another part's, are never taken). Refused: the frozen-trunk cache (`trunk_cache`), a shared-trunk
+ensemble, a model whose input embeddings transformers cannot reach.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from transformers import TrainerCallback
+
+from hybridtune.errors import UserError
+from hybridtune.model.anatomy import unwrap
+from hybridtune.strategy.base import LossTerm, Part
+
+ATTR = "hybridtune_adversary"
+PGD_ONLY = ("alpha", "steps")
+
+
+class AdversarialConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["fgm", "pgd"] = Field(
+        "fgm", description="fgm: one step of size epsilon | pgd: K projected ascent steps"
+    )
+    epsilon: float = Field(1.0, gt=0, description="L2 radius of the perturbation, per example")
+    alpha: float = Field(0.3, gt=0, description="pgd: step size of each ascent step")
+    steps: int = Field(3, ge=1, description="pgd: K, the number of ascent steps")
+    weight: float = Field(1.0, gt=0, description="weight of the adversarial loss next to the task loss")
+
+    @model_validator(mode="after")
+    def _pgd_keys(self) -> AdversarialConfig:
+        given = [k for k in PGD_ONLY if k in self.model_fields_set]
+        if self.method == "fgm" and given:
+            raise ValueError(
+                f"adversarial.{given[0]}: found it with method fgm, which takes one step of size "
+                "epsilon; expected method: pgd, or no such key"
+            )
+        return self
+
+
+class Adversary:
+    """The hooks' shared state. A plain object (not an nn.Module): nothing in the module tree or the
+    state dict. `state`: None (the next training forward is the task's), "open" (inside it, its
+    embedding output not yet seen), "done" (taken, or to be ignored until the next micro-batch)."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.state: str | None = None
+        self.embeds: torch.Tensor | None = None
+        self.extra: dict = {}
+        self.delta: torch.Tensor | None = None  # added to the next embedding output, then dropped
+
+    def clear(self) -> None:
+        self.state, self.embeds, self.extra, self.delta = None, None, {}, None
+
+    def enter(self, module: nn.Module, args, kwargs):
+        """Forward pre-hook on the model Trainer calls: the first training forward of a micro-batch."""
+        if self.armed and self.state is None and module.training and torch.is_grad_enabled():
+            self.state = "open"
+            self.extra = {k: kwargs[k] for k in ("num_items_in_batch",) if kwargs.get(k) is not None}
+        return None
+
+    def hook(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook on the input embeddings."""
+        if self.delta is not None:  # one of the part's own forwards
+            delta, self.delta = self.delta, None
+            return output + delta.to(output.dtype)
+        if self.state != "open":
+            return None
+        self.state = "done"
+        if not output.requires_grad:  # frozen embeddings (LoRA, freeze): g is still wanted
+            output = output.detach().requires_grad_()
+        self.embeds = output
+        return output
+
+    def take(self) -> torch.Tensor:
+        embeds, self.embeds, self.state = self.embeds, None, "done"
+        if embeds is None:
+            raise RuntimeError(
+                "adversarial: the training forward did not pass through the model's input embeddings "
+                "(get_input_embeddings); nothing to perturb"
+            )
+        return embeds
+
+    def loss_at(self, model: nn.Module, inputs: dict, delta: torch.Tensor) -> torch.Tensor:
+        """The task loss of `inputs` with `delta` added to the embedding output (Trainer's reading of
+        the output: `loss`, or the first element of a tuple)."""
+        self.delta = delta
+        try:
+            out = model(**inputs, **self.extra)
+        finally:
+            missed, self.delta = self.delta is not None, None
+        if missed:
+            raise RuntimeError("adversarial: the perturbed forward did not reach the input embeddings")
+        return out["loss"] if isinstance(out, dict) else out[0]
+
+
+class Arm(TrainerCallback):
+    """Arms the hooks while Trainer trains; clears them before every micro-batch."""
+
+    def __init__(self, adversary: Adversary):
+        self.adversary = adversary
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.adversary.clear()
+        self.adversary.armed = True
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.adversary.clear()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.adversary.clear()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.adversary.clear()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.adversary.clear()
+        self.adversary.armed = False
+
+
+def input_embeddings(model: nn.Module, where: str) -> nn.Module:
+    """The input-embedding layer of a (peft-wrapped) model, or a UserError naming the model and the
+    part (`where`) that needs it."""
+    base = unwrap(model)
+    try:
+        layer = base.get_input_embeddings()
+    except (NotImplementedError, AttributeError):
+        layer = None
+    if not isinstance(layer, nn.Module):
+        raise UserError(
+            where,
+            f"{type(base).__name__}, whose input embeddings transformers cannot reach (get_input_embeddings)",
+            "a model with an input-embedding layer",
+        )
+    return layer
+
+
+def adversary_of(model: nn.Module) -> Adversary | None:
+    return getattr(unwrap(getattr(model, "module", model)), ATTR, None)
+
+
+def apply(model: nn.Module, config: AdversarialConfig, build) -> nn.Module:
+    adversary = Adversary()
+    # prepend: before soft_prompt's hook on the same layer, which then overwrites the virtual positions
+    input_embeddings(model, "adversarial").register_forward_hook(adversary.hook, prepend=True)
+    model.register_forward_pre_hook(adversary.enter, with_kwargs=True)
+    setattr(unwrap(model), ATTR, adversary)
+    return model
+
+
+def unit(g: torch.Tensor) -> torch.Tensor:
+    """g / ||g||_2 per example over the whole sequence (Miyato et al.'s `_scale_l2`, FreeLB's norm);
+    an example whose gradient is 0 (nothing labelled) gets 0."""
+    g = g.float()
+    norm = g.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return g / norm.view(-1, *([1] * (g.ndim - 1)))
+
+
+def project(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Onto the L2 ball of radius epsilon, per example."""
+    norm = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return delta * (epsilon / norm).clamp(max=1.0).view(-1, *([1] * (delta.ndim - 1)))
+
+
+def perturbation(
+    config: AdversarialConfig, model: nn.Module, inputs: dict, task_loss: torch.Tensor
+) -> torch.Tensor:
+    """r (FGM) or delta_K (PGD), detached, from the training forward's embedding output."""
+    adversary = adversary_of(model)
+    embeds = adversary.take()
+    (g,) = torch.autograd.grad(task_loss, embeds, retain_graph=True)  # the engine's backward needs it
+    if config.method == "fgm":
+        return (config.epsilon * unit(g)).detach()
+    delta = project(config.alpha * unit(g), config.epsilon)
+    for _ in range(config.steps - 1):
+        point = delta.detach().requires_grad_()
+        (g,) = torch.autograd.grad(adversary.loss_at(model, inputs, point), point)
+        delta = project(delta + config.alpha * unit(g), config.epsilon)
+    return delta.detach()
+
+
+def loss_terms(
+    config: AdversarialConfig, model: nn.Module, inputs: dict, task_loss: torch.Tensor, outputs
+) -> list[LossTerm]:
+    """weight × the task loss at the adversarially perturbed embeddings."""
+    adversary = adversary_of(model)
+    if adversary is None:  # a model this part was not applied to
+        return []
+    delta = perturbation(config, model, inputs, task_loss)
+    return [LossTerm("adv", adversary.loss_at(model, inputs, delta), config.weight)]
+
+
+def callbacks(model: nn.Module, config: AdversarialConfig, build) -> list:
+    return [Arm(adversary_of(model))]
+
+
+def check(config: AdversarialConfig, recipe) -> None:
+    if recipe.ensemble is not None and recipe.ensemble.shared_trunk:
+        raise ValueError(
+            "adversarial: found it with ensemble.shared_trunk, whose members share one frozen trunk "
+            "forward; expected no shared trunk (the perturbation needs each member's own forward and "
+            "backward through the embeddings)"
+        )
+
+
+def trunk_cache(config: AdversarialConfig, recipe) -> str:
+    return "adversarial training (its perturbed forwards and gradient run through the whole trunk)"
+
+
+PART = Part(
+    key="adversarial",
+    config=AdversarialConfig,
+    apply=apply,
+    check=check,
+    loss_terms=loss_terms,
+    callbacks=callbacks,
+    trunk_cache=trunk_cache,
+    summary="adversarial training on the input embeddings: FGM or K-step PGD (Miyato et al. 2017; Madry et al. 2018)",
+)
