@@ -34,12 +34,13 @@ objective: train on the worst point found). FreeLB instead averages the K losses
 gradients; this part does not. The start is 0, not random, so there is nothing random here besides
 the model's dropout (Trainer's RNG state: a resumed run draws the same).
 
-How: `apply` registers a forward pre-hook on the model Trainer calls (it marks the training forward
-and keeps its `num_items_in_batch`, so the adversarial loss is normalised as the task loss is) and a
-forward hook on the input embeddings, which keeps that forward's embedding output and, in the
-part's own forwards, adds the perturbation. A callback arms it for the Trainer's training steps and
-clears it at every micro-batch (other training-mode forwards, e.g. the contrastive stage's or
-another part's, are never taken). Refused: the frozen-trunk cache (`trunk_cache`), a shared-trunk
+How: `apply` registers a forward pre-hook on the model Trainer calls (it notes a training forward
+of a new batch and its `num_items_in_batch`, so the adversarial loss is normalised as the task loss
+is) and a forward hook on the input embeddings, which keeps that forward's embedding output and, in
+the part's own forwards, adds the perturbation. `loss_terms` finds the task forward's output by the
+batch's `input_ids` tensor, so other training-mode forwards (another part's, the contrastive
+stage's) are never taken for it; no callback is needed, so a Trainer built without the parts'
+callbacks trains the same. Refused: the frozen-trunk cache (`trunk_cache`), a shared-trunk
 ensemble, a model whose input embeddings transformers cannot reach.
 """
 
@@ -50,7 +51,6 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-from transformers import TrainerCallback
 
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import unwrap
@@ -84,24 +84,25 @@ class AdversarialConfig(BaseModel):
 
 class Adversary:
     """The hooks' shared state. A plain object (not an nn.Module): nothing in the module tree or the
-    state dict. `state`: None (the next training forward is the task's), "open" (inside it, its
-    embedding output not yet seen), "done" (taken, or to be ignored until the next micro-batch)."""
+    state dict. The embedding outputs of the training forwards are kept by the batch's `input_ids`
+    tensor (the very object Trainer passes to the forward and then to `loss_terms`), so the task
+    forward's is found whatever other training forwards ran (another part's, the contrastive
+    stage's): at most KEEP, all dropped when a step takes its own."""
+
+    KEEP = 4
 
     def __init__(self) -> None:
-        self.armed = False
-        self.state: str | None = None
-        self.embeds: torch.Tensor | None = None
-        self.extra: dict = {}
+        self.pending: tuple | None = None  # (input_ids, extra kwargs) of the forward now running
+        self.kept: list[tuple[torch.Tensor, torch.Tensor, dict]] = []  # (input_ids, embeds, extra)
         self.delta: torch.Tensor | None = None  # added to the next embedding output, then dropped
 
-    def clear(self) -> None:
-        self.state, self.embeds, self.extra, self.delta = None, None, {}, None
-
     def enter(self, module: nn.Module, args, kwargs):
-        """Forward pre-hook on the model Trainer calls: the first training forward of a micro-batch."""
-        if self.armed and self.state is None and module.training and torch.is_grad_enabled():
-            self.state = "open"
-            self.extra = {k: kwargs[k] for k in ("num_items_in_batch",) if kwargs.get(k) is not None}
+        """Forward pre-hook on the model Trainer calls: a training forward of a batch not seen yet."""
+        ids = kwargs.get("input_ids")
+        if self.delta is None and module.training and torch.is_grad_enabled() and ids is not None:
+            if not any(seen is ids for seen, _, _ in self.kept):
+                extra = {k: kwargs[k] for k in ("num_items_in_batch",) if kwargs.get(k) is not None}
+                self.pending = (ids, extra)
         return None
 
     def hook(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor | None:
@@ -109,58 +110,37 @@ class Adversary:
         if self.delta is not None:  # one of the part's own forwards
             delta, self.delta = self.delta, None
             return output + delta.to(output.dtype)
-        if self.state != "open":
+        if self.pending is None:
             return None
-        self.state = "done"
+        (ids, extra), self.pending = self.pending, None
         if not output.requires_grad:  # frozen embeddings (LoRA, freeze): g is still wanted
             output = output.detach().requires_grad_()
-        self.embeds = output
+        self.kept = [*self.kept[1 - self.KEEP :], (ids, output, extra)]
         return output
 
-    def take(self) -> torch.Tensor:
-        embeds, self.embeds, self.state = self.embeds, None, "done"
-        if embeds is None:
+    def take(self, inputs: dict) -> tuple[torch.Tensor, dict]:
+        """The embedding output and extra kwargs of the training forward of `inputs`; forgets all."""
+        ids = inputs.get("input_ids")
+        found = [(embeds, extra) for seen, embeds, extra in self.kept if seen is ids]
+        self.kept, self.pending = [], None
+        if not found:
             raise RuntimeError(
                 "adversarial: the training forward did not pass through the model's input embeddings "
-                "(get_input_embeddings); nothing to perturb"
+                "(get_input_embeddings) with input_ids; nothing to perturb"
             )
-        return embeds
+        return found[-1]
 
-    def loss_at(self, model: nn.Module, inputs: dict, delta: torch.Tensor) -> torch.Tensor:
+    def loss_at(self, model: nn.Module, inputs: dict, extra: dict, delta: torch.Tensor) -> torch.Tensor:
         """The task loss of `inputs` with `delta` added to the embedding output (Trainer's reading of
         the output: `loss`, or the first element of a tuple)."""
         self.delta = delta
         try:
-            out = model(**inputs, **self.extra)
+            out = model(**inputs, **extra)
         finally:
             missed, self.delta = self.delta is not None, None
         if missed:
             raise RuntimeError("adversarial: the perturbed forward did not reach the input embeddings")
         return out["loss"] if isinstance(out, dict) else out[0]
-
-
-class Arm(TrainerCallback):
-    """Arms the hooks while Trainer trains; clears them before every micro-batch."""
-
-    def __init__(self, adversary: Adversary):
-        self.adversary = adversary
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.adversary.clear()
-        self.adversary.armed = True
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.adversary.clear()
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        self.adversary.clear()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.adversary.clear()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.adversary.clear()
-        self.adversary.armed = False
 
 
 def input_embeddings(model: nn.Module, where: str) -> nn.Module:
@@ -209,19 +189,20 @@ def project(delta: torch.Tensor, epsilon: float) -> torch.Tensor:
 
 def perturbation(
     config: AdversarialConfig, model: nn.Module, inputs: dict, task_loss: torch.Tensor
-) -> torch.Tensor:
-    """r (FGM) or delta_K (PGD), detached, from the training forward's embedding output."""
+) -> tuple[torch.Tensor, dict]:
+    """r (FGM) or delta_K (PGD), detached, from the training forward's embedding output; and the
+    extra kwargs that forward had (num_items_in_batch)."""
     adversary = adversary_of(model)
-    embeds = adversary.take()
+    embeds, extra = adversary.take(inputs)
     (g,) = torch.autograd.grad(task_loss, embeds, retain_graph=True)  # the engine's backward needs it
     if config.method == "fgm":
-        return (config.epsilon * unit(g)).detach()
+        return (config.epsilon * unit(g)).detach(), extra
     delta = project(config.alpha * unit(g), config.epsilon)
     for _ in range(config.steps - 1):
         point = delta.detach().requires_grad_()
-        (g,) = torch.autograd.grad(adversary.loss_at(model, inputs, point), point)
+        (g,) = torch.autograd.grad(adversary.loss_at(model, inputs, extra, point), point)
         delta = project(delta + config.alpha * unit(g), config.epsilon)
-    return delta.detach()
+    return delta.detach(), extra
 
 
 def loss_terms(
@@ -231,12 +212,8 @@ def loss_terms(
     adversary = adversary_of(model)
     if adversary is None:  # a model this part was not applied to
         return []
-    delta = perturbation(config, model, inputs, task_loss)
-    return [LossTerm("adv", adversary.loss_at(model, inputs, delta), config.weight)]
-
-
-def callbacks(model: nn.Module, config: AdversarialConfig, build) -> list:
-    return [Arm(adversary_of(model))]
+    delta, extra = perturbation(config, model, inputs, task_loss)
+    return [LossTerm("adv", adversary.loss_at(model, inputs, extra, delta), config.weight)]
 
 
 def check(config: AdversarialConfig, recipe) -> None:
@@ -258,7 +235,6 @@ PART = Part(
     apply=apply,
     check=check,
     loss_terms=loss_terms,
-    callbacks=callbacks,
     trunk_cache=trunk_cache,
     summary="adversarial training on the input embeddings: FGM or K-step PGD (Miyato et al. 2017; Madry et al. 2018)",
 )
