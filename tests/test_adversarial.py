@@ -71,11 +71,19 @@ def _loss_at(model, batch, embeds):
     return model(inputs_embeds=embeds, **inputs).loss
 
 
-def test_fgm_perturbs_by_epsilon_along_the_gradient_and_adds_the_loss_there(still_bert, sentiment_csv, tmp_path):
+def test_fgm_perturbs_by_epsilon_along_the_gradient_and_adds_the_loss_there(
+    still_bert, sentiment_csv, tmp_path
+):
     epsilon, weight = 0.7, 0.5
     recipe = load_recipe(
         None,
-        _overrides(still_bert, sentiment_csv, tmp_path, f"adversarial.epsilon={epsilon}", f"adversarial.weight={weight}"),
+        _overrides(
+            still_bert,
+            sentiment_csv,
+            tmp_path,
+            f"adversarial.epsilon={epsilon}",
+            f"adversarial.weight={weight}",
+        ),
     )
     trainer, model, batch = _trainer_and_batch(recipe, tmp_path)
     seen = _embedding_outputs(model)
@@ -102,7 +110,12 @@ def test_fgm_perturbs_by_epsilon_along_the_gradient_and_adds_the_loss_there(stil
 def test_pgd_takes_k_projected_steps_and_trains_on_the_last(still_bert, sentiment_csv, tmp_path):
     """K = 2, alpha 0.3, epsilon 0.5: the second step leaves the ball and is projected back to it."""
     eps, alpha = 0.5, 0.3
-    extra = ("adversarial.method=pgd", f"adversarial.epsilon={eps}", f"adversarial.alpha={alpha}", "adversarial.steps=2")
+    extra = (
+        "adversarial.method=pgd",
+        f"adversarial.epsilon={eps}",
+        f"adversarial.alpha={alpha}",
+        "adversarial.steps=2",
+    )
     recipe = load_recipe(None, _overrides(still_bert, sentiment_csv, tmp_path, *extra))
     trainer, model, batch = _trainer_and_batch(recipe, tmp_path)
     seen = _embedding_outputs(model)
@@ -132,14 +145,18 @@ def test_unit_and_project_per_example():
     torch.testing.assert_close(project(d, 1.0), torch.tensor([[[0.6, 0.8]], [[0.3, 0.4]]]))
 
 
-def test_with_a_soft_prompt_only_the_word_embeddings_are_perturbed(still_bert, sentiment_csv, tmp_path, monkeypatch):
+def test_with_a_soft_prompt_only_the_word_embeddings_are_perturbed(
+    still_bert, sentiment_csv, tmp_path, monkeypatch
+):
     n, eps = 4, 0.7
     extra = (f"soft_prompt.num_virtual_tokens={n}", f"adversarial.epsilon={eps}")
     recipe = load_recipe(None, _overrides(still_bert, sentiment_csv, tmp_path, *extra))
     trainer, model, batch = _trainer_and_batch(recipe, tmp_path)
     deltas = []
     loss_at = adversarial.Adversary.loss_at
-    monkeypatch.setattr(adversarial.Adversary, "loss_at", lambda s, m, i, e, d: deltas.append(d) or loss_at(s, m, i, e, d))
+    monkeypatch.setattr(
+        adversarial.Adversary, "loss_at", lambda s, m, i, e, d: deltas.append(d) or loss_at(s, m, i, e, d)
+    )
     seen = _embedding_outputs(model)  # after the soft prompt's hook: what the blocks see
     trainer.compute_loss(model, dict(batch))
     (delta,) = deltas
@@ -246,7 +263,10 @@ def test_killed_and_resumed_ends_like_an_uninterrupted_run(tiny_bert, sentiment_
     assert _steps(run) == [4]
     _train_cli(["--resume", str(run)])
     for where in ("final", f"checkpoints/checkpoint-{_steps(run)[-1]}"):
-        ours, theirs = load_file(run / where / "model.safetensors"), load_file(straight / where / "model.safetensors")
+        ours, theirs = (
+            load_file(run / where / "model.safetensors"),
+            load_file(straight / where / "model.safetensors"),
+        )
         diff = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
         assert diff <= 1e-6, (where, diff)
     assert _metrics(run) == _metrics(straight)

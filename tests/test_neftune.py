@@ -58,8 +58,12 @@ def _seen(model) -> list[torch.Tensor]:
     return seen
 
 
-def test_the_noise_is_uniform_of_magnitude_alpha_over_sqrt_l_d_in_training_only(still_bert, sentiment_csv, tmp_path):
-    prep = api.prepare(load_recipe(None, _overrides(still_bert, sentiment_csv, tmp_path, f"neftune.alpha={ALPHA}")))
+def test_the_noise_is_uniform_of_magnitude_alpha_over_sqrt_l_d_in_training_only(
+    still_bert, sentiment_csv, tmp_path
+):
+    prep = api.prepare(
+        load_recipe(None, _overrides(still_bert, sentiment_csv, tmp_path, f"neftune.alpha={ALPHA}"))
+    )
     model, batch = prep.model, _batch(prep)
     seen = _seen(model)
     table = model.get_input_embeddings().weight.detach()
@@ -79,7 +83,9 @@ def test_the_noise_is_uniform_of_magnitude_alpha_over_sqrt_l_d_in_training_only(
     assert torch.equal(seen[2], clean)  # evaluation: no noise
 
 
-def test_eval_outputs_equal_a_model_without_it_and_training_outputs_do_not(still_bert, sentiment_csv, tmp_path):
+def test_eval_outputs_equal_a_model_without_it_and_training_outputs_do_not(
+    still_bert, sentiment_csv, tmp_path
+):
     base = _overrides(still_bert, sentiment_csv, tmp_path)
     plain = api.prepare(load_recipe(None, base)).model  # the same seed: the same new head
     noisy_prep = api.prepare(load_recipe(None, [*base, f"neftune.alpha={ALPHA}"]))
@@ -133,7 +139,9 @@ COMPOSED = {
 def _assert_exactly(prep, changed, held, pattern) -> None:
     names = [n for n, _ in prep.model.named_parameters()]
     intended = {
-        n for n in names if re.search(pattern, n.removeprefix("base_model.model.")) and "original_module" not in n
+        n
+        for n in names
+        if re.search(pattern, n.removeprefix("base_model.model.")) and "original_module" not in n
     }
     assert changed == held == intended, (sorted(intended ^ changed)[:4], sorted(held ^ changed)[:4])
 
@@ -149,7 +157,13 @@ def test_exactly_the_intended_parameters_train(part, tiny_bert, sentiment_csv, t
 def test_causal_lm_sft_with_lora(tiny_gpt2, tmp_path):
     """The paper's setting: instruction SFT (the loss on the answers), here with LoRA."""
     pairs = write_jsonl(tmp_path / "pairs.jsonl", colour_rows(40))
-    extra = ("task=causal_lm", "data.max_length=24", "train.max_steps=2", "peft.method=lora", f"neftune.alpha={ALPHA}")
+    extra = (
+        "task=causal_lm",
+        "data.max_length=24",
+        "train.max_steps=2",
+        "peft.method=lora",
+        f"neftune.alpha={ALPHA}",
+    )
     recipe = load_recipe(None, _overrides(tiny_gpt2, pairs, tmp_path, *extra))
     _assert_exactly(*_run(recipe, tmp_path), r"\.lora_[AB]\.")
 
