@@ -21,6 +21,7 @@ from hybridtune.recipe import load_recipe
 from hybridtune.strategy import adversarial
 from hybridtune.strategy.adversarial import adversary_of, project, unit
 from hybridtune.train.engine import make_trainer, training_arguments
+from tests.test_causal_lm import colour_rows, write_jsonl
 
 from .test_bad_input import _assert_clean_failure
 from .test_recipes import _run
@@ -175,6 +176,11 @@ COMPOSED = {
     "full": ([], r"."),
     "freeze_top1": (["freeze.trainable=[head, {top_k: 1}]"], HEAD + r"|^bert\.encoder\.layer\.1\."),
     "lora": (["peft.method=lora"], r"\.lora_[AB]\.|^classifier\.modules_to_save\."),
+    # peft's prompt learning embeds the real tokens through the same layer, then prepends the prompt
+    "prompt_tuning": (
+        ["peft.method=prompt_tuning", "peft.num_virtual_tokens=4"],
+        r"^prompt_encoder\.|classifier\.modules_to_save\.",
+    ),
     "adapters": (["adapters.method=houlsby"], r"bottleneck_|^classifier\."),
     "soft_prompt_lora": (
         ["soft_prompt.num_virtual_tokens=4", "peft.method=lora"],
@@ -203,6 +209,29 @@ def test_exactly_the_intended_parameters_train(part, method, tiny_bert, sentimen
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in rows if "loss" in r]
     assert logged and all(r["loss_adv"] > 0 and "loss_task" in r for r in logged)
+
+
+def test_causal_lm_sft_with_lora(tiny_gpt2, tmp_path):
+    """SFT: the loss on the answer tokens, normalised by Trainer's token count (num_items_in_batch),
+    which the adversarial forward gets too: with 2 micro-batches both losses are on one scale."""
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", colour_rows(40))
+    extra = (
+        "task=causal_lm",
+        "data.max_length=24",
+        "train.max_steps=2",
+        "train.grad_accum=2",
+        "train.logging_steps=1",
+        "peft.method=lora",
+        "adversarial.method=fgm",
+        "adversarial.epsilon=0.01",  # barely moved: the two losses must be nearly equal
+    )
+    recipe = load_recipe(None, _overrides(tiny_gpt2, pairs, tmp_path, *extra))
+    prep, changed, held = _run(recipe, tmp_path)
+    lora = {n for n, _ in prep.model.named_parameters() if re.search(r"\.lora_[AB]\.", n)}
+    assert changed == held == lora
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    assert logged and all(abs(r["loss_adv"] - r["loss_task"]) < 0.02 * r["loss_task"] for r in logged)
 
 
 def test_the_trunk_cache_and_a_shared_trunk_are_refused_by_name(tmp_path):
