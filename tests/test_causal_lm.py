@@ -318,7 +318,9 @@ def test_generate_refuses_bad_input_in_one_line(tmp_path):
         generation.answer(None, None, ["hi", " "], 4, prompt_format="plain")
 
 
-@pytest.mark.parametrize("name", ["sft_chatterbot_smollm2", "sft_rotten_tomatoes_smollm2"])
+@pytest.mark.parametrize(
+    "name", ["sft_chatterbot_smollm2", "sft_rotten_tomatoes_smollm2", "neftune_sft_smollm2"]
+)
 def test_example_recipe_runs_on_a_tiny_model(name, tiny_chat_gpt2, tmp_path):
     """The example SFT recipes as they are, on the tiny model and a slice of their bundled data."""
     recipe = load_recipe(

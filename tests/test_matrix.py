@@ -49,7 +49,7 @@ REFUSED = {
     # SFT needs a causal LM head, which transformers does not have for these encoders
     **{
         (n, e): "AutoModelForCausalLM"
-        for n in ("sft_chatterbot_smollm2", "sft_rotten_tomatoes_smollm2")
+        for n in ("sft_chatterbot_smollm2", "sft_rotten_tomatoes_smollm2", "neftune_sft_smollm2")
         for e in ("distilbert", "mpnet")
     },
 }

@@ -35,6 +35,7 @@ from hybridtune.tasks.causal_lm import GenerationConfig
 
 if TYPE_CHECKING:
     from hybridtune.strategy.adapters import AdaptersConfig
+    from hybridtune.strategy.adversarial import AdversarialConfig
     from hybridtune.strategy.contrastive import ContrastiveConfig
     from hybridtune.strategy.distill import DistillConfig
     from hybridtune.strategy.freeze import FreezeConfig
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from hybridtune.strategy.label_loss import LabelLossConfig
     from hybridtune.strategy.layer_sampling import LayerSamplingConfig
     from hybridtune.strategy.mixout import MixoutConfig
+    from hybridtune.strategy.neftune import NeftuneConfig
     from hybridtune.strategy.objective import ObjectiveConfig
     from hybridtune.strategy.peft import PeftConfig
     from hybridtune.strategy.pooling import PoolingConfig
@@ -100,6 +102,8 @@ class Recipe(RecipeParts):
         mixout: MixoutConfig | None
         label_loss: LabelLossConfig | None
         rdrop: RDropConfig | None
+        adversarial: AdversarialConfig | None
+        neftune: NeftuneConfig | None
     # the training plan
     lr: LrConfig | None = None
     schedule: ScheduleConfig = ScheduleConfig()

@@ -27,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hybridtune.strategy import (
     adapters,
+    adversarial,
     contrastive,
     distill,
     freeze,
@@ -35,6 +36,7 @@ from hybridtune.strategy import (
     label_loss,
     layer_sampling,
     mixout,
+    neftune,
     objective,
     peft,
     pooling,
@@ -68,6 +70,8 @@ PARTS: dict[str, Part] = {
         mixout.PART,
         label_loss.PART,
         rdrop.PART,
+        adversarial.PART,
+        neftune.PART,
     )
 }
 
