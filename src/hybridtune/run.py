@@ -112,8 +112,7 @@ def prepare(recipe: Recipe) -> Prepared:
         splits=splits,
         datasets=datasets,
     )
-    # rows a part adds to training (distill: unlabelled texts), before the steps are counted
-    strategy.add_train_rows(recipe, build)
+    strategy.add_train_rows(recipe, build)  # distill's unlabelled texts: before the steps are counted
     n_train = len(datasets["train"])
     build.total_steps = planned_steps(recipe.train, n_train)
     build.train_labels = train_labels(datasets["train"])  # what the loss sees (label_loss's class counts)
@@ -393,8 +392,7 @@ def _train(
             else {}
         ),
         **({"contrastive": {k: v for k, v in record.items() if k != "losses"}} if record else {}),
-        # rows parts added to the labelled ones (strategy.add_train_rows): distill's unlabelled texts
-        **({"added_train_rows": prep.build.added_rows} if prep.build.added_rows else {}),
+        **({"added_train_rows": prep.build.added_rows} if prep.build.added_rows else {}),  # + labelled
     }
     phase["step"] = "writing report.json"
     rundir.write_json(run / "report.json", summary)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,6 +52,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hybridtune import durable
 from hybridtune.data.long_texts import DOC, pool
+from hybridtune.data.unlabeled import read_unlabeled
 from hybridtune.device import to_device
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import Anatomy, unwrap
@@ -136,10 +138,6 @@ def train_rows(config: DistillConfig, build) -> TrainRows | None:
     """The texts of `data.unlabeled` (data/unlabeled.py: each once, none of the labelled splits'),
     encoded as the training split is, with the label IGNORE. None without data.unlabeled, or with
     `self_training`, whose rounds pseudo-label the texts instead (they run without data.unlabeled)."""
-    import pandas as pd
-
-    from hybridtune.data.unlabeled import read_unlabeled
-
     data = build.recipe.data
     if data.unlabeled is None or build.recipe.self_training is not None:
         return None
