@@ -104,7 +104,6 @@ def prepare(recipe: Recipe) -> Prepared:
     )
     encoded = {"from_cache": cached, "seconds": round(time.perf_counter() - started, 3)}
     truncation = long_texts.report(counts, data_cfg)
-    n_train = len(datasets["train"])
     anatomy = Anatomy.of(model)
     base_ids = {id(p) for p in model.parameters()}
     build = strategy.Build(
@@ -113,14 +112,16 @@ def prepare(recipe: Recipe) -> Prepared:
         new_params=new_params,
         tokenizer=tokenizer,
         max_length=data_cfg.max_length,
-        total_steps=planned_steps(recipe.train, n_train),
         recipe=recipe,
         labels=labels,
-        train_labels=train_labels(datasets["train"]),  # what the loss sees (label_loss's class counts)
         load_run=load_run,  # a part that loads a finished run (fusion's frozen model, distill's teacher)
         splits=splits,
         datasets=datasets,
     )
+    strategy.add_train_rows(recipe, build)  # distill's unlabelled texts: before the steps are counted
+    n_train = len(datasets["train"])
+    build.total_steps = planned_steps(recipe.train, n_train)
+    build.train_labels = train_labels(datasets["train"])  # what the loss sees (label_loss's class counts)
     model = strategy.apply(model, recipe, build)
     plan = make_plan(model, recipe, anatomy, base_ids, n_train)
     held = plan.optimizer_names(model)
@@ -398,6 +399,7 @@ def _train(
             else {}
         ),
         **({"contrastive": {k: v for k, v in record.items() if k != "losses"}} if record else {}),
+        **({"added_train_rows": prep.build.added_rows} if prep.build.added_rows else {}),  # + labelled
     }
     phase["step"] = "writing report.json"
     rundir.write_json(run / "report.json", summary)

@@ -221,7 +221,7 @@ class Recipe(RecipeParts):
 
 
 # the sections that read data.unlabeled (data/unlabeled.py): without one of them it would be ignored
-UNLABELED_READERS = ("self_training",)
+UNLABELED_READERS = ("self_training", "distill")
 
 
 # the Recipe with the sections of parts registered after import (strategy.register), per set of parts

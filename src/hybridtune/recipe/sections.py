@@ -138,10 +138,12 @@ class DataConfig(Section):
     augment: AugmentConfig | None = Field(
         None, description="EDA copies of the training texts (data/augment.py)"
     )
-    # self-training (hybridtune/self_training/, docs/few_shot.md): texts without labels, and a round's pseudo-labels
+    # self-training (hybridtune/self_training/, docs/few_shot.md) and distill (docs/distill.md): texts
+    # without labels, and a self-training round's pseudo-labels
     unlabeled: str | None = Field(
         None,
-        description="texts without labels (data/unlabeled.py): a csv/tsv/jsonl/json/parquet file or saved "
+        description="texts without labels, read by self_training and distill (data/unlabeled.py): a "
+        "csv/tsv/jsonl/json/parquet file or saved "
         "dataset dir (its text_column; a label column must agree with the label set), a .txt file (one "
         "text per line), bundled:<name>, or train_rest (the train split's rows the few-shot draw left out, "
         "labels dropped); texts of the labelled splits are left out",

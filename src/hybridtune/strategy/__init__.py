@@ -44,9 +44,9 @@ from hybridtune.strategy import (
     rdrop,
     soft_prompt,
 )
-from hybridtune.strategy.base import Build, LossTerm, Part
+from hybridtune.strategy.base import Build, LossTerm, Part, TrainRows
 
-__all__ = ["PARTS", "Build", "LossTerm", "Part", "register", "unregister", "configured"]
+__all__ = ["PARTS", "Build", "LossTerm", "Part", "TrainRows", "register", "unregister", "configured"]
 
 # recipe key -> part, in the order of application (DESIGN: freeze -> peft -> prompt -> head/fusion -> objective).
 # pooling: after peft (hooks on the modules that run); prompt (the template + verbalizer scorer)
@@ -114,6 +114,35 @@ def reshape(model: nn.Module, recipe) -> nn.Module:
         if part.reshape is not None:
             model = part.reshape(model, config)
     return model
+
+
+def add_train_rows(recipe, build: Build) -> None:
+    """Append the rows each configured part adds (its `train_rows` hook) to the training dataset,
+    `build.datasets["train"]`, and their texts to `build.train_frame` (which starts as the labelled
+    training split), in the order of the parts; `build.added_rows` says what each part added.
+    Called before any part applies, so every part (distill's soft labels) sees the whole training set."""
+    import datasets
+    import pandas as pd
+
+    from hybridtune.data.long_texts import DOC
+
+    build.train_frame = build.splits.train
+    for key, part, config in configured(recipe):
+        rows = part.train_rows(config, build) if part.train_rows is not None else None
+        if rows is None:
+            continue
+        train, extra = build.datasets["train"], rows.dataset
+        if set(extra.column_names) != set(train.column_names):
+            raise RuntimeError(
+                f"{key}.train_rows: found columns {extra.column_names}; expected the training split's "
+                f"{train.column_names}"
+            )
+        offset = len(build.train_frame)  # a chunked row's `doc`: its text's row in train_frame
+        columns = {c: [d + offset for d in extra[c]] if c == DOC else extra[c] for c in train.column_names}
+        extra = datasets.Dataset.from_dict(columns, features=train.features)
+        build.datasets["train"] = datasets.concatenate_datasets([train, extra])
+        build.train_frame = pd.concat([build.train_frame, rows.frame], ignore_index=True)
+        build.added_rows[key] = {"texts": len(rows.frame), "rows": len(extra), **rows.about}
 
 
 def apply(model: nn.Module, recipe, build: Build) -> nn.Module:

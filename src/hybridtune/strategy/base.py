@@ -15,6 +15,15 @@ callers (strategy/__init__.py, the engine, the trunk cache, the recipe) ask the 
 Hooks, each called only for a part the recipe configures, with its config:
 
 - `apply(model, config, build) -> model`: change the model (required);
+- `train_rows(config, build) -> TrainRows | None`: training rows the part adds to the training
+  split (distill: the unlabelled texts of `data.unlabeled`, label -100, which learn its soft term
+  alone). Called by `strategy.add_train_rows` in run.prepare after the splits are encoded and
+  before any part applies, before the plan counts the steps and before the trunk cache numbers the
+  rows, so the added rows are training rows like the others: in the Trainer's dataset (its sampler,
+  `group_by_length`'s lengths), the planned steps, the trunk cache. Their texts follow the training
+  split's in `build.train_frame` (a chunked dataset's `doc` column indexes it); `build.added_rows`
+  counts them per part (report.json's `added_train_rows`). `splits.train` stays the labelled rows
+  (contrastive's pairs, the few-shot draw's count);
 - `reshape(model, config) -> model`: change the loaded base model's architecture before anything
   maps it (its anatomy, the parts' `apply`): distill's `student_blocks` keeps the bottom k blocks.
   Called by the run pipeline right after loading, and by `inference.load_run` on the base a peft
@@ -84,6 +93,10 @@ class Build:
     load_run: Any = None  # a finished run's loader (inference.load_run), for parts with loads_runs
     splits: Any = None  # the run's data, read and checked (data.Splits): distill scores the training texts
     datasets: Any = None  # the splits encoded for the model ({"train": datasets.Dataset, ...})
+    # the texts of every training row (a frame): splits.train, then the rows parts added with
+    # `train_rows`, in the order of datasets["train"]; its index is what a chunked row's `doc` names
+    train_frame: Any = None
+    added_rows: dict[str, dict] = field(default_factory=dict)  # part key -> what it added (report.json)
     # filled by `apply`: id() of the parameters loaded from the checkpoint, and the base parameters
     # `freeze` keeps trainable (id -> parameter)
     pretrained: set[int] = field(default_factory=set)
@@ -91,6 +104,18 @@ class Build:
     # what a part tells `hybridtune params` (and the run's params.json) beside the per-layer table,
     # under its own key: freeze's Spectrum scores and choice
     report: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainRows:
+    """Training rows a part adds (its `train_rows` hook): their texts and their encoded rows."""
+
+    frame: Any  # a pandas frame with the recipe's text column (and `_where`), one row per text
+    # encoded as the task encodes the training split (task.encode with the recipe's data settings):
+    # the training dataset's columns; `labels` -100 where a row has no hard label; with
+    # data.long_texts: chunks, `doc` numbers the rows of `frame` (run.prepare offsets it)
+    dataset: Any
+    about: dict = field(default_factory=dict)  # what report.json says of them (their source, counts)
 
 
 @dataclass
@@ -112,6 +137,10 @@ class Apply(Protocol):
 
 class Reshape(Protocol):
     def __call__(self, model: nn.Module, config: Any) -> nn.Module: ...
+
+
+class TrainRowsHook(Protocol):
+    def __call__(self, config: Any, build: Build) -> TrainRows | None: ...
 
 
 class Check(Protocol):
@@ -161,6 +190,7 @@ class Part:
     apply: Apply
     summary: str  # one line: the recipe field's description and docs/strategies.md's list of parts
     reshape: Reshape | None = None
+    train_rows: TrainRowsHook | None = None
     check: Check | None = None
     loss_terms: LossTerms | None = None
     task_weight: TaskWeight | None = None
@@ -182,6 +212,7 @@ class Part:
         """The optional hooks this part declares (for docs and tests)."""
         optional = (
             "reshape",
+            "train_rows",
             "check",
             "loss_terms",
             "task_weight",

@@ -26,9 +26,11 @@ vocabulary); a chunked student's windows each learn their document's soft label,
 hard label. The soft labels are written to the run dir (soft_labels.safetensors) before the first
 step; a resumed run reads them back, so it learns from the very same numbers.
 
-Rows without a hard label (label -100: unlabelled texts, which join in `soft_label_rows`) learn the
-soft term alone: the hard loss is the mean over the batch's labelled rows, 0 when there are none
-(torch's mean over no rows is NaN).
+Unlabelled texts (`data.unlabeled`, data/unlabeled.py) join the training set through the part
+contract's `train_rows` hook, as rows labelled -100 (Hinton §3 trains on a transfer set that needs
+no labels): the teacher scores them with the labelled rows, and they learn the soft term alone: the
+hard loss is the mean over the batch's labelled rows, 0 when there are none (torch's mean over no
+rows is NaN).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,11 +52,12 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hybridtune import durable
 from hybridtune.data.long_texts import DOC, pool
+from hybridtune.data.unlabeled import read_unlabeled
 from hybridtune.device import to_device
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import Anatomy, unwrap
 from hybridtune.model.depth import keep_bottom_blocks
-from hybridtune.strategy.base import LossTerm, Part, patch_forward
+from hybridtune.strategy.base import LossTerm, Part, TrainRows, patch_forward
 from hybridtune.train.precision import autocast
 
 ATTR = "hybridtune_distill"  # the SoftLabels holder on the student (a plain attribute, no parameters)
@@ -124,9 +128,24 @@ def row_key(ids) -> bytes:
 
 def soft_label_rows(build) -> tuple[Any, Any]:
     """The texts the student learns the teacher's soft labels on (a frame) and their encoded rows:
-    the training split. Unlabelled texts (data.unlabeled) join HERE: appended to both, their encoded
-    rows with the label IGNORE (-100), which `hard_loss` skips, so they learn the soft term alone."""
-    return build.splits.train, build.datasets["train"]
+    every training row, the labelled split's and those parts added (`train_rows`: the unlabelled
+    texts, label IGNORE, which `hard_loss` skips, so they learn the soft term alone)."""
+    frame = build.train_frame if build.train_frame is not None else build.splits.train
+    return frame, build.datasets["train"]
+
+
+def train_rows(config: DistillConfig, build) -> TrainRows | None:
+    """The texts of `data.unlabeled` (data/unlabeled.py: each once, none of the labelled splits'),
+    encoded as the training split is, with the label IGNORE. None without data.unlabeled, or with
+    `self_training`, whose rounds pseudo-label the texts instead (they run without data.unlabeled)."""
+    data = build.recipe.data
+    if data.unlabeled is None or build.recipe.self_training is not None:
+        return None
+    unlabeled = read_unlabeled(data, build.splits, build.labels)  # a bad file: UserError, file:row
+    frame = pd.DataFrame({data.text_column: unlabeled.texts})
+    dataset = build.task.encode(frame, build.tokenizer, None, data)
+    dataset = dataset.add_column("labels", [IGNORE] * len(dataset))
+    return TrainRows(frame, dataset, {"unlabeled": unlabeled.summary()})
 
 
 @torch.no_grad()
@@ -342,6 +361,17 @@ def check(config: DistillConfig, recipe) -> None:
             "distill: found it with ensemble.shared_trunk; expected members trained one by one (the "
             "joint model's loss is its members' sum, with no soft labels of each)"
         )
+    if recipe.data.unlabeled is not None and recipe.self_training is None:
+        if recipe.data.text_pair_column:
+            raise ValueError(
+                "distill: found data.unlabeled with data.text_pair_column; expected single texts "
+                "(unlabelled texts are single texts)"
+            )
+        if config.alpha == 0:
+            raise ValueError(
+                "distill.alpha: found 0 with data.unlabeled; expected alpha > 0 (the unlabelled texts "
+                "learn the soft term alone, weighed alpha)"
+            )
     if recipe.contrastive is not None and recipe.contrastive.then == "none":
         raise ValueError(
             "distill: found it with contrastive.then: none; expected head or all (with none the "
@@ -358,11 +388,12 @@ PART = Part(
     config=DistillConfig,
     apply=apply,
     reshape=reshape,
+    train_rows=train_rows,
     check=check,
     loss_terms=loss_terms,
     task_weight=task_weight,
     callbacks=callbacks,
     loads_runs=True,
     summary="knowledge distillation: the model learns a finished run's soft labels (temperature T, "
-    "weight alpha with the hard labels); optionally cut to its bottom k blocks",
+    "weight alpha with the hard labels), on data.unlabeled too; optionally cut to its bottom k blocks",
 )
