@@ -121,9 +121,12 @@ def test_chat_template_example_trains_on_the_response_and_eos_only(tiny_chat_gpt
     assert short.any() and (batch["labels"][1][short] == causal_lm.IGNORE).all()
 
 
-def test_plain_format_without_a_chat_template(tiny_gpt2):
+def test_plain_format_without_a_chat_template(tiny_gpt2, monkeypatch):
     from transformers import AutoTokenizer
 
+    monkeypatch.setattr(
+        causal_lm, "_told", set()
+    )  # said once per model path: another test may have loaded it
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     with pytest.warns(UserWarning, match="no chat template"):
         causal_lm.load_model(tiny_gpt2, tokenizer, causal_lm.Labels())
