@@ -3,6 +3,7 @@ over a stated depth, and every example recipe training the same share of a 6-blo
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from hybridtune.errors import UserError
 from hybridtune.model.depth import fraction_blocks, level_blocks
 from hybridtune.recipe import load_recipe
 from tests.test_causal_lm import colour_rows, write_jsonl
+
+from .test_recipes import teacher_of
 
 
 # ------------------------------------------------------------------------------------------ the rules
@@ -198,16 +201,25 @@ def _shares(prep) -> dict:
     ]
     anchors = {"embeddings": "embeddings", "bottom": "block.0", "top": f"block.{n - 1}", "head": "head"}
     lrs = {name: rows[slot]["lr"] or 0.0 for name, slot in anchors.items() if slot in rows}  # None: not held
-    return {"stages": trained, "lr": lrs}
+    out = {"stages": trained, "lr": lrs}
+    if "spectrum" in prep.params:  # per matrix type, the share of the blocks' matrices chosen
+        matrices = prep.params["spectrum"]["matrices"]
+        types = {m["type"] for m in matrices}
+        out["spectrum"] = {t: sum(m["chosen"] for m in matrices if m["type"] == t) / n for t in types}
+    return out
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_trains_the_same_share_of_a_6_and_a_12_block_model(path, tiny_model, data, tmp_path):
+def test_recipe_trains_the_same_share_of_a_6_and_a_12_block_model(path, tiny_model, data, tmp_path, request):
     """No recipe is skipped: every one runs `params` on tiny models of its kind (an encoder recipe on a
-    BERT, a decoder one on a GPT-2; the tiny tokenizer has no chat template, hence prompt.chat=false)."""
+    BERT, a decoder one on a GPT-2; the tiny tokenizer has no chat template, hence prompt.chat=false;
+    a distill recipe learns from a tiny run; few-shot draws fit the tiny data)."""
     raw = yaml.safe_load(path.read_text())
     task = raw.get("task", "classification")
     extra = ["prompt.chat=false"] if raw.get("prompt", {}).get("chat") else []
+    extra += teacher_of(path, request)
+    if isinstance(raw.get("data"), dict) and raw["data"].get("shots"):
+        extra += ["data.shots=8", "data.validation_shots=4"]
     shares = {}
     for depth in (6, 12):
         overrides = [
@@ -218,7 +230,11 @@ def test_recipe_trains_the_same_share_of_a_6_and_a_12_block_model(path, tiny_mod
             *extra,
         ]
         shares[depth] = _shares(api.prepare(load_recipe(path, overrides)))
-    assert shares[6]["stages"] == shares[12]["stages"]
+    if path.stem == "spectrum":  # it picks matrices, per type: the share of each type's matrices is kept
+        for depth, share in shares.items():
+            assert share["spectrum"] == {t: math.floor(0.25 * depth + 0.5) / depth for t in share["spectrum"]}
+    else:
+        assert shares[6]["stages"] == shares[12]["stages"]
     assert shares[12]["lr"] == pytest.approx(shares[6]["lr"], rel=1e-9), shares
     if path.stem in ("freeze_top2", "freeze_bottom4"):
         assert shares[6]["stages"][0]["blocks"] == pytest.approx(1 / 3)  # 2 of 6, 4 of 12

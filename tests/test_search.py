@@ -13,6 +13,7 @@ import optuna
 import pytest
 import yaml
 
+from hybridtune.errors import UserError
 from hybridtune.recipe import load_recipe, validate_recipe
 from hybridtune.search import run_search
 from hybridtune.search.report import non_dominated
@@ -224,7 +225,7 @@ def test_kill_9_mid_search_and_resume_keeps_finished_trials(tmp_path, tiny_bert,
 def test_every_family_samples_a_valid_conditional_recipe():
     space = Space()  # the default space: every family
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    seen = set()
+    seen, refused = set(), set()
     for _ in range(60):
         trial = study.ask()
         family, values, shared = sample(space, trial)
@@ -232,9 +233,15 @@ def test_every_family_samples_a_valid_conditional_recipe():
         # a family's settings exist only in its own trials (a part's: `parts.<key>.*`)
         assert {k.split(".")[0] for k in trial.params if "." in k and not k.startswith("parts.")} == {family}
         raw = recipe_dict({}, family, values, shared, blocks=6)
-        validate_recipe(raw)
+        try:
+            validate_recipe(raw)
+        except UserError as e:  # a part the family refuses (layer sampling with staged): that trial fails
+            assert shared["parts"], str(e)
+            refused.add((family, *shared["parts"]))
+            validate_recipe(recipe_dict({}, family, values, shared | {"parts": {}}, blocks=6))  # the family
         study.tell(trial, 0.5)
     assert seen == set(FAMILIES)
+    assert all(family == "staged" for family, *_ in refused), refused  # the only refusal in the default
 
 
 def test_plot_labels_never_overlap():
