@@ -19,38 +19,12 @@ from hybridtune.cli import app
 from hybridtune.errors import UserError
 from hybridtune.recipe import load_recipe
 from hybridtune.strategy import rdrop
-from hybridtune.train.engine import make_trainer, training_arguments
 
+from .test_label_loss import _one_batch, _overrides  # the same tiny runs and first batch
 from .test_resume import _killed, _steps, _train
 from .test_token_classification import tagged_sentences, write_conll
 
 ALPHA = 0.7
-
-
-def _overrides(model: str, data: str, tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        f"model={model}",
-        f"data.source={data}",
-        "train.max_steps=3",
-        "train.batch_size=16",
-        "train.lr=0.005",
-        "train.precision=fp32",
-        "train.logging_steps=1",
-        "train.early_stopping.patience=null",
-        f"output.dir={tmp_path / 'runs'}",
-        *extra,
-    ]
-
-
-def _one_batch(recipe, tmp_path: Path):
-    prep = api.prepare(recipe)
-    args = training_arguments(recipe.train, recipe.output, tmp_path / "ck")
-    collator = prep.task.collator(prep.tokenizer)
-    trainer = make_trainer(
-        prep.model, prep.tokenizer, prep.datasets, recipe, args, tmp_path, None, prep.plan, collator=collator
-    )
-    model = trainer.model.train()
-    return trainer, model, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
 
 
 def _hand_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
@@ -73,7 +47,7 @@ def _loss_and_grad(trainer, model, batch, seed: int, weight: torch.Tensor):
 
 def test_the_training_loss_is_the_papers_on_two_dropout_passes(tiny_bert, sentiment_csv, tmp_path):
     recipe = load_recipe(None, _overrides(tiny_bert, sentiment_csv, tmp_path, f"rdrop.alpha={ALPHA}"))
-    trainer, model, batch = _one_batch(recipe, tmp_path)
+    _, trainer, model, batch = _one_batch(recipe, tmp_path)
     weight = dict(model.named_parameters())["classifier.weight"]
     loss, grad = _loss_and_grad(trainer, model, batch, 1234, weight)
 
@@ -96,7 +70,7 @@ def test_with_label_loss_both_passes_use_its_loss(tiny_bert, sentiment_csv, tmp_
         None,
         _overrides(tiny_bert, sentiment_csv, tmp_path, f"rdrop.alpha={ALPHA}", "label_loss.smoothing=0.2"),
     )
-    trainer, model, batch = _one_batch(recipe, tmp_path)
+    _, trainer, model, batch = _one_batch(recipe, tmp_path)
     torch.manual_seed(7)
     with torch.no_grad():
         loss = trainer.compute_loss(model, dict(batch))
@@ -131,7 +105,7 @@ def test_token_classification_scores_the_labelled_sub_tokens(tiny_bert, tmp_path
         None,
         _overrides(tiny_bert, str(conll), tmp_path, "task=token_classification", f"rdrop.alpha={ALPHA}"),
     )
-    trainer, model, batch = _one_batch(recipe, tmp_path)
+    _, trainer, model, batch = _one_batch(recipe, tmp_path)
     with torch.no_grad():
         torch.manual_seed(3)
         loss = trainer.compute_loss(model, dict(batch))
@@ -154,7 +128,7 @@ def test_a_causal_lm_scores_next_tokens(tiny_gpt2, tmp_path):
     recipe = load_recipe(
         None, _overrides(tiny_gpt2, str(pairs), tmp_path, "task=causal_lm", f"rdrop.alpha={ALPHA}")
     )
-    trainer, model, batch = _one_batch(recipe, tmp_path)
+    _, trainer, model, batch = _one_batch(recipe, tmp_path)
     assert trainer.model_accepts_loss_kwargs is False  # per-batch means, divided by the accumulation
     with torch.no_grad():
         torch.manual_seed(5)
@@ -202,7 +176,7 @@ def test_prompt_classification_and_the_mixed_objective_weight_both_passes(
         "data.max_length=48",
     )
     recipe = load_recipe(None, overrides)
-    trainer, model, batch = _one_batch(recipe, tmp_path)
+    _, trainer, model, batch = _one_batch(recipe, tmp_path)
     with torch.no_grad():
         torch.manual_seed(11)
         outputs = model(**batch)
