@@ -6,11 +6,7 @@ the comparison, bad input stops before anything is written, and a killed run res
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,8 +23,8 @@ from hybridtune.strategy import distill
 from hybridtune.train.engine import make_trainer, training_arguments
 
 from .conftest import sentiment_rows, write_csv
+from .test_resume import _killed, _train
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 T, ALPHA = 3.0, 0.3
 
 
@@ -332,19 +328,8 @@ def test_a_killed_student_resumes_from_the_soft_labels_it_began_with(
         "train.max_steps=10",
         "train.eval_steps=4",
     ]
-    result = CliRunner().invoke(
-        app, ["train", *args, "output.name=straight"], env={"HYBRIDTUNE_TEST_KILL_AT": None}
-    )
-    assert result.exit_code == 0, result.output[-2000:]
-    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "HYBRIDTUNE_TEST_KILL_AT": "step:6"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "hybridtune", "train", *args, "output.name=killed"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _train([*args, "output.name=straight"])  # tests/test_resume.py: to the end, in this process
+    _killed([*args, "output.name=killed"], "step:6")  # SIGKILLed after step 6, in a process of its own
     run, straight = tmp_path / "runs" / "killed", tmp_path / "runs" / "straight"
     written = (run / distill.FILE).read_bytes()
     soft, soft_straight = load_file(run / distill.FILE), load_file(straight / distill.FILE)

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,7 +23,8 @@ from hybridtune.strategy import distill
 from hybridtune.train.engine import make_trainer, training_arguments
 
 from .conftest import sentiment_rows, write_csv
-from .test_distill import ALPHA, SRC, T, _overrides, _refused
+from .test_distill import ALPHA, T, _overrides, _refused
+from .test_resume import _killed, _train
 
 N_UNLABELLED = 40
 
@@ -216,19 +213,8 @@ def test_a_killed_student_with_unlabelled_rows_resumes_exactly(
         "train.max_steps=10",
         "train.eval_steps=4",
     ]
-    result = CliRunner().invoke(
-        app, ["train", *args, "output.name=straight"], env={"HYBRIDTUNE_TEST_KILL_AT": None}
-    )
-    assert result.exit_code == 0, result.output[-2000:]
-    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "HYBRIDTUNE_TEST_KILL_AT": "step:6"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "hybridtune", "train", *args, "output.name=killed"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _train([*args, "output.name=straight"])  # tests/test_resume.py: to the end, in this process
+    _killed([*args, "output.name=killed"], "step:6")  # SIGKILLed after step 6, in a process of its own
     run, straight = tmp_path / "runs" / "killed", tmp_path / "runs" / "straight"
     result = CliRunner().invoke(app, ["train", "--resume", str(run)], env={"HYBRIDTUNE_TEST_KILL_AT": None})
     assert result.exit_code == 0, result.output[-2000:]
