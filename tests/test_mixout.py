@@ -22,6 +22,7 @@ from hybridtune.cli import app
 from hybridtune.recipe import load_recipe
 from hybridtune.strategy import contrastive, mixout
 
+from .test_l2sp import _overrides  # the same tiny runs
 from .test_resume import _killed, _steps
 from .test_resume import _train as _cli_train
 
@@ -34,21 +35,6 @@ BERT_LINEARS = (
     "intermediate.dense",
     "output.dense",
 )
-
-
-def _overrides(model: str, data: str, tmp_path: Path, *extra: str) -> list[str]:
-    return [
-        f"model={model}",
-        f"data.source={data}",
-        "train.max_steps=4",
-        "train.batch_size=16",
-        "train.lr=0.005",
-        "train.precision=fp32",
-        "train.early_stopping.patience=null",
-        "data.max_length=64",
-        f"output.dir={tmp_path / 'runs'}",
-        *extra,
-    ]
 
 
 def _prepared(model: str, data: str, tmp_path: Path, *extra: str):
