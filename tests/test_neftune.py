@@ -21,6 +21,7 @@ from hybridtune.errors import UserError
 from hybridtune.recipe import load_recipe
 from tests.test_causal_lm import colour_rows, write_jsonl
 
+from .test_adversarial import COMPOSED as ADVERSARIAL_COMPOSED
 from .test_bad_input import _assert_clean_failure
 from .test_recipes import _run
 from .test_resume import _killed, _metrics, _steps
@@ -115,25 +116,9 @@ def test_with_a_soft_prompt_only_the_word_embeddings_get_noise(still_bert, senti
 
 
 # exactly which parameters change, with each part it composes with (regex on names without peft's prefix)
-HEAD = r"^(bert\.pooler\.|classifier\.)"
-COMPOSED = {
-    "full": ([], r"."),
-    "freeze_top1": (["freeze.trainable=[head, {top_k: 1}]"], HEAD + r"|^bert\.encoder\.layer\.1\."),
-    "lora": (["peft.method=lora"], r"\.lora_[AB]\.|^classifier\.modules_to_save\."),
-    # peft's prompt tuning on an encoder classifier: Trainer's own NEFTune raises AttributeError here
-    "prompt_tuning": (
-        ["peft.method=prompt_tuning", "peft.num_virtual_tokens=4"],
-        r"^prompt_encoder\.|classifier\.modules_to_save\.",
-    ),
-    "adapters": (["adapters.method=houlsby"], r"bottleneck_|^classifier\."),
-    "soft_prompt_lora": (
-        ["soft_prompt.num_virtual_tokens=4", "peft.method=lora"],
-        r"soft_prompt\.weight$|\.lora_[AB]\.|^classifier\.modules_to_save\.",
-    ),
-    "layer_decay": (["lr.layer_decay=0.5"], r"."),
-    "stages": (["stages=[{fraction: 0.5, train: [head]}, {train: [all]}]"], r"."),
-    "adversarial": (["adversarial.method=fgm"], r"."),
-}
+# the same combinations and expectations as adversarial's (peft's prompt tuning on an encoder
+# classifier included: Trainer's own NEFTune raises AttributeError there), and adversarial itself
+COMPOSED = {**ADVERSARIAL_COMPOSED, "adversarial": (["adversarial.method=fgm"], r".")}
 
 
 def _assert_exactly(prep, changed, held, pattern) -> None:
