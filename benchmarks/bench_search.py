@@ -8,11 +8,12 @@ by one through `hybridtune train`.
    budget, then retrains the best recipes and full fine-tuning with `--seeds` seeds and tests them
    (the verdict). Its wall time, peak RSS, the trials (complete / pruned / failed) and the verdict's
    sentences are printed.
-2. The first `--one-by-one` complete trials' recipes (their own recipe.yaml, as the search ran them)
-   are each trained by `hybridtune train` in a process of its own, as a user would without the
-   search: the ratio of their wall times to the same trials' wall times inside the search (one
-   long-lived process, shared token and trunk caches, no checkpoints, no test pass) is the saving
-   per trial. Run on a quiet machine; the CPU is named in the output.
+2. The first `--one-by-one` finished trials, complete or pruned (their own recipe.yaml, as the search
+   ran them), are each trained to the end by `hybridtune train` in a process of its own, as a user
+   would without the search: the ratio of their wall times to the same trials' wall times inside
+   the search (pruned early, one long-lived process, shared token and trunk caches, no checkpoints,
+   no test pass) is the saving. The best validation score among them is printed for both sides.
+   Run on a quiet machine; the CPU is named in the output.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main() -> None:
     verdict_path = out / "verdict.json"
     verdict = json.loads(verdict_path.read_text()) if verdict_path.is_file() else {"sentences": []}
 
-    chosen = [t for t in trials if t["state"] == "complete"][: opts.one_by_one]
+    chosen = [t for t in trials if t["state"] in ("complete", "pruned")][: opts.one_by_one]
     one_by_one = []
     scratch = Path(tempfile.mkdtemp(prefix="bench-search-train-"))
     for t in chosen:
@@ -69,6 +70,9 @@ def main() -> None:
             {
                 "trial": t["number"],
                 "family": t["family"],
+                "state": t["state"],
+                "search_val": t["value"],
+                "alone_val": report["best_validation"],
                 "search_wall": t["seconds"],
                 "search_train": t["train_seconds"],
                 "alone_wall": alone["wall_s"],
@@ -88,10 +92,10 @@ def main() -> None:
         return
     # wall = training + what surrounds it (start-up, loading, encoding; alone also checkpoints, final/,
     # the test pass); the training seconds are shown so that a busy machine slowing one side is seen
-    print("trial  family            search wall s (train s)  train-cmd wall s (train s)  wall ratio")
+    print("trial  family            state     search wall s (train s)  train-cmd wall s (train s)  wall ratio")
     for r in one_by_one:
         print(
-            f"{r['trial']:>5}  {r['family']:<16}  {r['search_wall']:>13.1f} ({r['search_train']:>6.1f})"
+            f"{r['trial']:>5}  {r['family']:<16}  {r['state']:<8}  {r['search_wall']:>13.1f} ({r['search_train']:>6.1f})"
             f"  {r['alone_wall']:>16.1f} ({r['alone_train']:>6.1f})  {r['alone_wall'] / r['search_wall']:9.2f}x"
         )
     total_in = sum(r["search_wall"] for r in one_by_one)
@@ -103,6 +107,10 @@ def main() -> None:
         f"total wall: search {total_in:.1f} s, one by one {total_alone:.1f} s: {total_alone / total_in:.2f}x "
         f"(median {med:.2f}x); outside training per trial: {over_in:.1f} s in the search, {over_alone:.1f} s alone"
     )
+    best_in = max(r["search_val"] for r in one_by_one if r["state"] == "complete") if any(
+        r["state"] == "complete" for r in one_by_one) else None
+    best_alone = max(r["alone_val"] for r in one_by_one)
+    print(f"best validation among them: search {best_in}, one by one {best_alone}")
 
 
 if __name__ == "__main__":

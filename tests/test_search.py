@@ -338,3 +338,28 @@ def test_lora_on_every_linear_layer_of_the_top_blocks(tmp_path, tiny_bert, senti
     assert peft["layers_to_transform"] == [1] and "intermediate.dense" in peft["target_modules"]
     rows = {r["slot"]: r for r in json.loads((Path(trial["run_dir"]) / "params.json").read_text())["rows"]}
     assert rows["block.0"]["added"] == 0 and rows["block.1"]["added"] > 0
+
+
+def test_verdict_light_adds_the_best_parameter_efficient_trial(searched):
+    """`verdict.light`: the best complete trial training at most that % of the parameters joins the top
+    ones when they hold none; the `searched` study's trials give the numbers."""
+    from types import SimpleNamespace
+
+    from hybridtune.search.study import journal
+    from hybridtune.search.verdict import candidates
+
+    study = optuna.load_study(study_name=None, storage=journal(searched))
+    ctx = SimpleNamespace(metric="accuracy")
+    done = sorted(
+        (t for t in study.get_trials() if t.state.name == "COMPLETE"), key=lambda t: -t.values[0]
+    )
+    pcts = {t.number: t.user_attrs["trainable_pct"] for t in done}
+    top1 = candidates(study, ctx, 1)
+    assert [c["trial"] for c in top1] == [done[0].number]
+    lightest = min(pcts.values())
+    with_light = candidates(study, ctx, 1, light=lightest)
+    best_light = next(t.number for t in done if pcts[t.number] <= lightest)
+    assert pcts[done[0].number] > lightest  # the fixture's best trial trains more than its lightest
+    assert [c["trial"] for c in with_light] == [done[0].number, best_light]
+    assert candidates(study, ctx, 1, light=100.0) == top1  # the top one is light enough itself
+    assert candidates(study, ctx, 1, light=lightest / 10) == top1  # no trial that light: the top alone

@@ -234,6 +234,13 @@ class VerdictConfig(BaseModel):
 
     top: int = Field(3, ge=0, description="the best recipes retrained (0: no verdict)")
     seeds: int = Field(3, ge=1, description="seeds per recipe (the search's seed + 1, + 2, ...)")
+    light: float | None = Field(
+        None,
+        gt=0,
+        le=100,
+        description="also retrain the best complete trial with at most this % of trainable parameters, "
+        "when the top ones hold none (e.g. 2.0: the best parameter-efficient recipe)",
+    )
     reference: dict = Field(
         default_factory=dict,
         description="recipe keys of the reference on top of `base` (default: the default recipe, "

@@ -27,24 +27,32 @@ from hybridtune.search.setup import Context, finish
 __all__ = ["paired", "run_verdict"]
 
 
-def candidates(study, ctx: Context, top: int) -> list[dict]:
-    """The `top` best complete trials by validation metric, one per distinct recipe."""
+def candidates(study, ctx: Context, top: int, light: float | None = None) -> list[dict]:
+    """The `top` best complete trials by validation metric, one per distinct recipe; with `light`,
+    also the best one training at most `light` % of the parameters, when the top ones hold none."""
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     done.sort(key=lambda t: t.values[0], reverse=higher_is_better(ctx.metric))
-    out, seen = [], set()
+    distinct, seen = [], set()
     for t in done:
         recipe = load_recipe(Path(t.user_attrs["run_dir"]) / "recipe.yaml")
         key = recipe_to_yaml(recipe.model_copy(update={"output": None, "name": "x"}))
-        if key in seen:
-            continue
-        seen.add(key)
+        if key not in seen:
+            seen.add(key)
+            distinct.append((t, recipe))
+    chosen = distinct[:top]
+    if light is not None and top > 0:
+        def is_light(pair):
+            return pair[0].user_attrs.get("trainable_pct", 100.0) <= light
+
+        if not any(is_light(c) for c in chosen):
+            chosen += [c for c in distinct if is_light(c)][:1]
+    out = []
+    for t, recipe in chosen:
         raw = recipe.model_dump(mode="json", exclude_unset=False)
         raw.pop("output")
         out.append(
             {"name": f"trial-{t.number:04d}", "trial": t.number, "family": t.user_attrs["family"], "raw": raw}
         )
-        if len(out) == top:
-            break
     return out
 
 
@@ -90,7 +98,7 @@ def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
     metric = ctx.metric
     up = higher_is_better(metric)
     entries = [{"name": "reference", "trial": None, "family": "full (reference)", "raw": reference(ctx)}]
-    entries += candidates(study, ctx, verdict_cfg.top)
+    entries += candidates(study, ctx, verdict_cfg.top, verdict_cfg.light)
     for entry in entries:
         runs = [root / "verdict" / f"{entry['name']}-s{seed}" for seed in seeds]
         entry["runs"] = [str(r) for r in runs]
