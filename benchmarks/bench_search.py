@@ -92,7 +92,9 @@ def main() -> None:
         return
     # wall = training + what surrounds it (start-up, loading, encoding; alone also checkpoints, final/,
     # the test pass); the training seconds are shown so that a busy machine slowing one side is seen
-    print("trial  family            state     search wall s (train s)  train-cmd wall s (train s)  wall ratio")
+    print(
+        "trial  family            state     search wall s (train s)  train-cmd wall s (train s)  wall ratio"
+    )
     for r in one_by_one:
         print(
             f"{r['trial']:>5}  {r['family']:<16}  {r['state']:<8}  {r['search_wall']:>13.1f} ({r['search_train']:>6.1f})"
@@ -107,8 +109,11 @@ def main() -> None:
         f"total wall: search {total_in:.1f} s, one by one {total_alone:.1f} s: {total_alone / total_in:.2f}x "
         f"(median {med:.2f}x); outside training per trial: {over_in:.1f} s in the search, {over_alone:.1f} s alone"
     )
-    best_in = max(r["search_val"] for r in one_by_one if r["state"] == "complete") if any(
-        r["state"] == "complete" for r in one_by_one) else None
+    best_in = (
+        max(r["search_val"] for r in one_by_one if r["state"] == "complete")
+        if any(r["state"] == "complete" for r in one_by_one)
+        else None
+    )
     best_alone = max(r["alone_val"] for r in one_by_one)
     print(f"best validation among them: search {best_in}, one by one {best_alone}")
 

@@ -350,9 +350,7 @@ def test_verdict_light_adds_the_best_parameter_efficient_trial(searched):
 
     study = optuna.load_study(study_name=None, storage=journal(searched))
     ctx = SimpleNamespace(metric="accuracy")
-    done = sorted(
-        (t for t in study.get_trials() if t.state.name == "COMPLETE"), key=lambda t: -t.values[0]
-    )
+    done = sorted((t for t in study.get_trials() if t.state.name == "COMPLETE"), key=lambda t: -t.values[0])
     pcts = {t.number: t.user_attrs["trainable_pct"] for t in done}
     top1 = candidates(study, ctx, 1)
     assert [c["trial"] for c in top1] == [done[0].number]

@@ -41,6 +41,7 @@ def candidates(study, ctx: Context, top: int, light: float | None = None) -> lis
             distinct.append((t, recipe))
     chosen = distinct[:top]
     if light is not None and top > 0:
+
         def is_light(pair):
             return pair[0].user_attrs.get("trainable_pct", 100.0) <= light
 
