@@ -64,11 +64,6 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def train_labels(train) -> Any:
-    """The training split's `labels` column, lazily (datasets' Column), or None for a task without."""
-    return train["labels"] if "labels" in train.column_names else None
-
-
 def prepare(recipe: Recipe) -> Prepared:
     quiet_libraries()
     task = tasks.for_recipe(recipe)
@@ -114,7 +109,6 @@ def prepare(recipe: Recipe) -> Prepared:
     strategy.add_train_rows(recipe, build)  # distill's unlabelled texts: before the steps are counted
     n_train = len(datasets["train"])
     build.total_steps = planned_steps(recipe.train, n_train)
-    build.train_labels = train_labels(datasets["train"])  # what the loss sees (label_loss's class counts)
     model = strategy.apply(model, recipe, build)
     plan = make_plan(model, recipe, anatomy, base_ids, n_train)
     held = plan.optimizer_names(model)

@@ -86,10 +86,6 @@ class Build:
     total_steps: int | None = None  # planned optimizer steps of the run (AdaLoRA's budget schedule)
     recipe: Any = None  # the whole recipe (objective: batch size, seed; fusion: checks on a frozen run)
     labels: Any = None  # the task's Labels
-    # the encoded training split's `labels` column (datasets' lazy Column: read only by a part that
-    # asks): what the training loss sees, a label id per example (per window with data.long_texts:
-    # chunks) or per sub-token (-100: not scored); label_loss counts its classes
-    train_labels: Any = None
     load_run: Any = None  # a finished run's loader (inference.load_run), for parts with loads_runs
     splits: Any = None  # the run's data, read and checked (data.Splits): distill scores the training texts
     datasets: Any = None  # the splits encoded for the model ({"train": datasets.Dataset, ...})
@@ -104,6 +100,15 @@ class Build:
     # what a part tells `hybridtune params` (and the run's params.json) beside the per-layer table,
     # under its own key: freeze's Spectrum scores and choice
     report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_labels(self) -> Any:
+        """The encoded training split's `labels` column, the rows parts added included (datasets'
+        lazy Column: read only by a part that asks), or None for a task without: what the training
+        loss sees, a label id per example (per window with data.long_texts: chunks) or per sub-token
+        (-100: not scored); label_loss counts its classes."""
+        train = (self.datasets or {}).get("train")
+        return train["labels"] if train is not None and "labels" in train.column_names else None
 
 
 @dataclass
