@@ -19,11 +19,18 @@ from hybridtune.errors import UserError
 from hybridtune.inference import LoadedRun, bind_labels, load_run, task_of  # noqa: F401  (the API)
 from hybridtune.model.loading import load_tokenizer, resolve, tokenizer_path
 from hybridtune.recipe import Recipe, load_recipe
-from hybridtune.run import Prepared, params, prepare, quiet_libraries, task_for  # noqa: F401
+from hybridtune.run import Prepared, params, prepare, quiet_libraries  # noqa: F401
 from hybridtune.run import train as train_one
 from hybridtune.tasks.classification import logits_of  # noqa: F401  (part of the API)
 from hybridtune.train.precision import autocast
 from hybridtune.train.run_files import train_tokens  # noqa: F401
+
+
+def task_for(recipe: Recipe):
+    """The recipe's task (hybridtune.tasks: the contract in tasks/base.py): its module, or what the
+    module's `bind` makes of the recipe (a prompt task needs the recipe's template and verbalizer to
+    encode its data)."""
+    return tasks.for_recipe(recipe)
 
 
 def train(

@@ -31,13 +31,6 @@ from hybridtune.train import run_files, trunk_cache
 from hybridtune.train.precision import autocast
 
 
-def task_for(recipe: Recipe) -> Any:
-    """The recipe's task (hybridtune.tasks: the contract in tasks/base.py): its module, or what the
-    module's `bind` makes of the recipe (a prompt task needs the recipe's template and verbalizer to
-    encode its data)."""
-    return tasks.for_recipe(recipe)
-
-
 @dataclass
 class Prepared:
     """Everything a run needs, built and checked before anything is written."""
@@ -71,14 +64,9 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
 
 
-def train_labels(train) -> Any:
-    """The training split's `labels` column, lazily (datasets' Column), or None for a task without."""
-    return train["labels"] if "labels" in train.column_names else None
-
-
 def prepare(recipe: Recipe) -> Prepared:
     quiet_libraries()
-    task = task_for(recipe)
+    task = tasks.for_recipe(recipe)
     data_cfg = recipe.data
     splits = task.load_splits(data_cfg)
     labels = task.label_space(splits, data_cfg)
@@ -121,7 +109,6 @@ def prepare(recipe: Recipe) -> Prepared:
     strategy.add_train_rows(recipe, build)  # distill's unlabelled texts: before the steps are counted
     n_train = len(datasets["train"])
     build.total_steps = planned_steps(recipe.train, n_train)
-    build.train_labels = train_labels(datasets["train"])  # what the loss sees (label_loss's class counts)
     model = strategy.apply(model, recipe, build)
     plan = make_plan(model, recipe, anatomy, base_ids, n_train)
     held = plan.optimizer_names(model)
@@ -178,13 +165,7 @@ def train(
         )
         held.append(lock)
     try:
-        if resume is not None:
-            # a hand-edited or truncated state is bad input (exit 2), found before the model loads
-            rundir.read_meta(
-                checkpoint / "trainer_state.json",
-                {"epoch": (int, float), "global_step": int, "log_history": list},
-            )
-            rundir.read_meta(Path(resume) / "run.json", {"task": str})
+        if resume is not None:  # its checkpoint's state and run.json were checked by prepare_resume
             recipe = load_recipe(Path(resume) / "recipe.yaml")
         return _train_held(recipe, resume, checkpoint, held, callbacks, search_trial, prepared)
     finally:

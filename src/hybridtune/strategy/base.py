@@ -44,7 +44,10 @@ Hooks, each called only for a part the recipe configures, with its config:
 - `callbacks(model, config, build) -> [TrainerCallback]`: work during training;
 - `params(model, config, build) -> dict`: what the part says about what trains, beyond the
   requires_grad table (layer sampling: what trains on average); `params.json`'s `parts.<key>`, its
-  `line` printed under `hybridtune params`' table;
+  `line` printed under `hybridtune params`' table. It runs after every part has applied; what only
+  `apply` can know goes into `build.report` instead (freeze.spectrum: its scores, taken on the model
+  before a later part such as peft wraps it, and whether the cache served them), a top-level key of
+  params.json;
 - `save(model, config, dir) -> [state-dict keys]` / `restore(model, config, dir) -> model`: files of
   its own in final/ (and in each checkpoint), for what neither the base model's save nor peft's
   adapter save holds; `save` returns the state-dict keys it wrote, which the base save leaves out.
@@ -86,10 +89,6 @@ class Build:
     total_steps: int | None = None  # planned optimizer steps of the run (AdaLoRA's budget schedule)
     recipe: Any = None  # the whole recipe (objective: batch size, seed; fusion: checks on a frozen run)
     labels: Any = None  # the task's Labels
-    # the encoded training split's `labels` column (datasets' lazy Column: read only by a part that
-    # asks): what the training loss sees, a label id per example (per window with data.long_texts:
-    # chunks) or per sub-token (-100: not scored); label_loss counts its classes
-    train_labels: Any = None
     load_run: Any = None  # a finished run's loader (inference.load_run), for parts with loads_runs
     splits: Any = None  # the run's data, read and checked (data.Splits): distill scores the training texts
     datasets: Any = None  # the splits encoded for the model ({"train": datasets.Dataset, ...})
@@ -101,9 +100,18 @@ class Build:
     # `freeze` keeps trainable (id -> parameter)
     pretrained: set[int] = field(default_factory=set)
     keep: dict[int, nn.Parameter] = field(default_factory=dict)
-    # what a part tells `hybridtune params` (and the run's params.json) beside the per-layer table,
-    # under its own key: freeze's Spectrum scores and choice
+    # what a part's `apply` tells `hybridtune params` (and the run's params.json) beside the per-layer
+    # table, under its own top-level key: freeze's Spectrum scores and choice (see `params` above)
     report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_labels(self) -> Any:
+        """The encoded training split's `labels` column, the rows parts added included (datasets'
+        lazy Column: read only by a part that asks), or None for a task without: what the training
+        loss sees, a label id per example (per window with data.long_texts: chunks) or per sub-token
+        (-100: not scored); label_loss counts its classes."""
+        train = (self.datasets or {}).get("train")
+        return train["labels"] if train is not None and "labels" in train.column_names else None
 
 
 @dataclass

@@ -31,6 +31,7 @@ from hybridtune.errors import TrainingStopped
 from hybridtune.rundir import DISK_ERRORS, disk_error
 from hybridtune.train.checkpoints import KILL_ENV, KillAt, checkpoints, save_checkpoint
 from hybridtune.train.precision import resolve_precision
+from hybridtune.train.resume import EpochSeededLengthGroupedSampler, RestoreLoggingWindow
 
 
 class MetricsJsonl(TrainerCallback):
@@ -56,28 +57,6 @@ class MetricsJsonl(TrainerCallback):
             if e.errno in DISK_ERRORS:  # a line cut short is dropped on resume (train/checkpoints.py)
                 raise disk_error(e, self.path) from None
             raise
-
-
-class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """transformers' LengthGroupedSampler with its order drawn from a generator seeded with
-    seed + epoch, as accelerate's SeedableRandomSampler does for the random order. Trainer builds the
-    length-grouped sampler without a generator, so each epoch's order came from the global random
-    state at the epoch's start; a run resumed inside epoch 2 or later has the checkpoint's state
-    there instead (restored after the skipped batches), so its order, and everything after it,
-    differed from the uninterrupted run's. Trainer calls `set_epoch` before each epoch (through
-    accelerate's DataLoaderShard, also under `skip_first_batches`), so the resumed epoch is drawn
-    from the same seed as it was the first time."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator.manual_seed(self.seed + self.epoch)
-        return super().__iter__()
 
 
 class HybridTrainer(Trainer):
@@ -117,7 +96,7 @@ class HybridTrainer(Trainer):
         return loss, logits, labels
 
     def _get_train_sampler(self, train_dataset=None):
-        """Trainer's sampler; its length-grouped one drawn per (seed, epoch) (see above)."""
+        """Trainer's sampler; its length-grouped one drawn per (seed, epoch) (train/resume.py)."""
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -357,7 +336,6 @@ def make_trainer(
     `resume_from`: the checkpoint a resumed run goes on from (its logging window, TensorBoard purge)."""
     from hybridtune.rundir import step_of
     from hybridtune.strategy.stages import StageCallback
-    from hybridtune.train.resume import RestoreLoggingWindow
     from hybridtune.train.trunk_cache import ROW, TrunkCacheCallback
 
     callbacks = [MetricsJsonl(run_dir / "metrics.jsonl"), *callbacks]

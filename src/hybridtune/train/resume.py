@@ -2,14 +2,16 @@
 
 Resume is Trainer's `train(resume_from_checkpoint=...)`, which restores model, optimizer, scheduler
 and RNG states and skips the batches already trained; the data order of every epoch comes from
-(seed, epoch) (engine.EpochSeededLengthGroupedSampler, accelerate's SeedableRandomSampler), so a
-checkpoint inside any epoch continues the same order. What this module adds:
+(seed, epoch) (accelerate's SeedableRandomSampler for the random order, `EpochSeededLengthGroupedSampler`
+below for the length-grouped one), so a checkpoint inside any epoch continues the same order. What
+this module adds:
 
 - `prepare_resume` takes the run dir's lock, picks the newest *complete* checkpoint (rundir.problem:
   marker, sizes, trainer_state.json and weights readable), saying in one line which newer ones are
-  damaged and skipped; refuses one without its optimizer state unless `weights_only`; removes what
-  killed writes left behind and cuts `metrics.jsonl` back to the checkpoint's step, so the steps
-  redone after resume are not logged twice.
+  damaged and skipped; refuses one without its optimizer state unless `weights_only`, and a
+  hand-edited or truncated trainer_state.json / run.json; removes what killed writes left behind
+  and cuts `metrics.jsonl` back to the checkpoint's step, so the steps redone after resume are not
+  logged twice.
 - `RestoreLoggingWindow` puts back the train loss summed since the last log line (saved in the
   checkpoint), so the first train-loss line after a resume averages the same steps as in an
   uninterrupted run, also when checkpoints and logging steps do not coincide.
@@ -21,7 +23,9 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hybridtune import durable, rundir
 from hybridtune.errors import UserError
@@ -36,14 +40,22 @@ def prepare_resume(
     run: Path, weights_only: bool = False, main: bool = True
 ) -> tuple[Path, durable.DirLock | None]:
     """(the checkpoint to resume `run` from, the run dir's lock, held: None when not `main`).
-    Refuses a dir that is no run, a finished run, a run with no complete checkpoint and (unless
-    `weights_only`) a checkpoint without its optimizer state; the lock is released on refusal."""
+    Refuses a dir that is no run, a finished run, a run with no complete checkpoint, (unless
+    `weights_only`) a checkpoint without its optimizer state, and a checkpoint state or run.json
+    that does not read (bad input, exit 2, found before the model loads); the lock is released on
+    refusal."""
     where = f"--resume {run}"
     if not (run / "recipe.yaml").is_file() or not (run / "run.json").is_file():
         raise UserError(where, "no run dir (recipe.yaml, run.json missing)", "a run dir to resume")
     lock = durable.lock_dir(run, where) if main else None
     try:
         checkpoint = _pick(run, where, weights_only, main)
+        # a hand-edited or truncated state is bad input (exit 2), found before the model loads
+        rundir.read_meta(
+            checkpoint / "trainer_state.json",
+            {"epoch": (int, float), "global_step": int, "log_history": list},
+        )
+        rundir.read_meta(run / "run.json", {"task": str})
     except BaseException:
         if lock is not None:
             lock.release()
@@ -134,3 +146,25 @@ class RestoreLoggingWindow(TrainerCallback):
         window = json.loads(path.read_text(encoding="utf-8"))
         self.trainer._tr_loss.fill_(window["tr_loss"])
         self.trainer._globalstep_last_logged = window["last_logged_step"]
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' LengthGroupedSampler with its order drawn from a generator seeded with
+    seed + epoch, as accelerate's SeedableRandomSampler does for the random order. Trainer builds the
+    length-grouped sampler without a generator, so each epoch's order came from the global random
+    state at the epoch's start; a run resumed inside epoch 2 or later has the checkpoint's state
+    there instead (restored after the skipped batches), so its order, and everything after it,
+    differed from the uninterrupted run's. Trainer calls `set_epoch` before each epoch (through
+    accelerate's DataLoaderShard, also under `skip_first_batches`), so the resumed epoch is drawn
+    from the same seed as it was the first time."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
