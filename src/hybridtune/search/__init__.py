@@ -3,6 +3,7 @@
     space.py    the space schema (families and their settings) and a trial's recipe
     params.py   one setting: fixed, choices or a range
     setup.py    every check before anything is written (space, base recipe, metric, data, budget)
+    lr_range.py the optional lr range test per family before the first trial (its lr range)
     study.py    Optuna storage (a journal file in the search dir), sampler, pruner, the loop, resume
     trial.py    one trial in this process through run.train, with the pruning callback
     report.py   trials table, Pareto fronts and their recipes, plots, report.html

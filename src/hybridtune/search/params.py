@@ -44,6 +44,16 @@ class Param:
         """The values that bound what a trial can get: every choice, or both ends of the range."""
         return list(self.choices) if self.choices is not None else [self.low, self.high]
 
+    def typical(self) -> Any:
+        """One value standing for the setting (what the lr range test trains with): the fixed value
+        or the first choice, or the middle of a range (geometric on a log scale, on its grid)."""
+        if self.choices is not None:
+            return self.choices[0]
+        mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
+        if self.step is not None:
+            mid = self.low + round((mid - self.low) / self.step) * self.step
+        return round(mid) if self.integer else mid
+
     def to_yaml(self) -> Any:
         if self.choices is not None:
             return self.choices[0] if len(self.choices) == 1 else list(self.choices)

@@ -1,5 +1,6 @@
 """The outputs of a search: trials.csv / trials.json, the Pareto fronts (pareto.json, a recipe per
-Pareto point under pareto/, two plots), verdict.json's table and report.html in compare's style.
+Pareto point under pareto/, two plots), verdict.json's table, the lr range tests (lr_range.json and
+its plot, when the space has `lr_range_test`) and report.html in compare's style.
 
 The fronts are of finished (complete) trials: validation metric vs trainable parameters and vs
 training time, and, in a multi-objective search, over the study's own objectives. A trial is on a
@@ -188,7 +189,8 @@ def write_outputs(root: Path, study, ctx: Context) -> dict:
     for name, data in images.items():
         (root / name).write_bytes(data)
     verdict = rundir.read_json(root / "verdict.json") if (root / "verdict.json").is_file() else None
-    rundir.write_text(root / "report.html", html_report(ctx, rows, set(on_any), images, recipes, verdict))
+    page = html_report(ctx, rows, set(on_any), images, recipes, verdict, lr_range_section(root))
+    rundir.write_text(root / "report.html", page)
     return front
 
 
@@ -207,8 +209,34 @@ def pareto_recipe(root: Path, number: int) -> str:
     return head + yaml.safe_dump(yaml.safe_load(recipe_to_yaml(recipe)), sort_keys=False)
 
 
+def lr_range_section(root: Path) -> str:
+    """The lr range tests (search/lr_range.py): their plot and, per family, what it found."""
+    import base64
+
+    from hybridtune.search.lr_range import PLOT, RESULTS
+
+    if not (root / RESULTS).is_file():
+        return ""
+    header = ["family", "steps run", "diverged", "lowest-loss lr", "suggestion", "lr searched", "note"]
+    body = []
+    for family, r in rundir.read_json(root / RESULTS)["families"].items():
+        found = "suggestion" in r
+        body.append([
+            family, str(r.get("steps_run", 0)), "yes" if r.get("diverged") else "no",
+            f"{r['suggestions']['lowest_loss_lr']:.2g}" if found else "-",
+            f"{r['suggestion']:.2g} ({r['rule']})" if found else "-",
+            f"{r['range']['low']:.2g} … {r['range']['high']:.2g}" if found else "unchanged",
+            r.get("note") or r.get("error") or "",
+        ])  # fmt: skip
+    img = ""
+    if (root / PLOT).is_file():
+        data = base64.b64encode((root / PLOT).read_bytes()).decode()
+        img = f'<div class="plots"><img id="{PLOT}" alt="{PLOT}" src="data:image/png;base64,{data}"></div>'
+    return "<h2>LR range test (before the search)</h2>" + img + _table(header, body, "lr_range")
+
+
 def html_report(
-    ctx: Context, rows, front: set[int], images: dict, recipes: dict, verdict: dict | None
+    ctx: Context, rows, front: set[int], images: dict, recipes: dict, verdict: dict | None, lr_range: str = ""
 ) -> str:
     import base64
 
@@ -231,7 +259,7 @@ def html_report(
         )
         parts.append(f'<h2>Pareto fronts (validation)</h2><div class="plots">{imgs}</div>')
     header, body = trials_table(rows, ctx.metric, front)
-    parts += ["<h2>Trials</h2>", _table(header, body, "trials")]
+    parts += ["<h2>Trials</h2>", _table(header, body, "trials"), lr_range]
     details = "\n".join(
         f"<details><summary>{html.escape(k)}</summary><pre>{html.escape(v)}</pre></details>"
         for k, v in recipes.items()

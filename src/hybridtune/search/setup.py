@@ -30,6 +30,7 @@ from hybridtune.search.space import (
     SEARCHED,
     SEARCHED_TRAIN,
     Families,
+    LrRangeTest,
     Space,
     TrainSpace,
     VerdictConfig,
@@ -95,7 +96,12 @@ def _owner(loc: tuple) -> type[BaseModel] | None:
         return Space
     if loc[0] == "families" and len(loc) == 3:
         return FAMILIES.get(str(loc[1]))
-    owners = {"train": TrainSpace, "verdict": VerdictConfig, "families": Families}
+    owners = {
+        "train": TrainSpace,
+        "verdict": VerdictConfig,
+        "families": Families,
+        "lr_range_test": LrRangeTest,
+    }
     return owners.get(str(loc[0])) if len(loc) == 2 else None
 
 
@@ -224,6 +230,11 @@ def resolve(space: Space, origin: str) -> Context:
         report_to=list(recipe.train.report_to),
     )
     _check_corners(ctx)
+    if space.lr_range_test is not None:  # the recipe each family's lr range test trains (search/lr_range.py)
+        from hybridtune.search.lr_range import range_recipe, tested
+
+        for family in tested(space):
+            validate_recipe(range_recipe(ctx, family), f"{origin}: lr_range_test ({family})")
     return ctx
 
 

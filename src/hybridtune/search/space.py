@@ -11,6 +11,7 @@
       lora: {r: [4, 8, 16], lr: {low: 1.0e-4, high: 3.0e-3, log: true}}
       full: {}
     train: {epochs: [1, 2], batch_size: [16, 32]}
+    lr_range_test: true        # an lr range test per family narrows its lr range (search/lr_range.py)
 
 A family's settings exist only in its own trials (Optuna parameters named `lora.r`, `lora.lr`): TPE
 models them conditionally (`group=True`). A space file restricts the default space (only the
@@ -248,6 +249,39 @@ class VerdictConfig(BaseModel):
     )
 
 
+class LrRangeTest(BaseModel):
+    """The lr range test per family before the first trial (search/lr_range.py): `steps` steps, the lr
+    growing exponentially from `low` to `high`; the family then searches suggestion / factor ... x factor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(100, ge=5, le=10_000, description="training steps of the test (fastai: 100)")
+    low: float = Field(1e-7, gt=0, lt=1, description="the lr of the first step (fastai: 1e-7)")
+    high: float = Field(10.0, gt=0, le=10, description="the lr of the last step (fastai: 10)")
+    factor: float = Field(3.0, gt=1, le=100, description="searched lr: suggestion / factor ... x factor")
+    suggest: Literal["minimum", "steepest"] = Field(
+        "minimum", description="the lowest smoothed loss's lr / 10, or where the loss falls fastest"
+    )
+
+    @model_validator(mode="after")
+    def _order(self) -> LrRangeTest:
+        if not self.low < self.high:
+            raise ValueError(f"found low {self.low} >= high {self.high}; expected low < high")
+        return self
+
+
+def _lr_range_test(value: Any) -> Any:
+    """`lr_range_test: true` = the defaults; false / null = off; or a mapping of its settings."""
+    if value is True or value is False or value is None:
+        return {} if value else None
+    if not isinstance(value, dict | LrRangeTest):
+        fields = ", ".join(LrRangeTest.model_fields)
+        raise ValueError(
+            f"found {value!r} ({type(value).__name__}); expected true, false or a mapping of {fields}"
+        )
+    return value
+
+
 OBJECTIVES = ("metric", "params", "time", "memory")
 PRUNERS = ("hyperband", "successive_halving", "median", "none")
 # the keys a trial sets: a base that sets them contradicts the space
@@ -277,6 +311,9 @@ class Space(BaseModel):
     pruner: Literal["hyperband", "successive_halving", "median", "none"] = "hyperband"
     seed: int = 42
     enqueue: list[dict[str, Any]] = Field(default_factory=list, description="trials to run first (params)")
+    lr_range_test: Annotated[LrRangeTest | None, BeforeValidator(_lr_range_test)] = Field(
+        None, description="an lr range test per family before the first trial narrows its lr range"
+    )
     verdict: VerdictConfig = Field(default_factory=VerdictConfig)
 
     @field_validator("families", mode="before")
@@ -320,6 +357,8 @@ class Space(BaseModel):
         dump["families"] = {k: _yaml(v) for k, v in self.chosen().items()}
         dump["train"] = _yaml(self.train)
         dump["parts"] = to_yaml(self.parts)
+        if dump["lr_range_test"] is None:  # off: a search dir made before the key existed resumes
+            del dump["lr_range_test"]
         return dump
 
 

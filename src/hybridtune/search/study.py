@@ -6,8 +6,9 @@ The study lives in `<out>/study.journal` (Optuna's JournalStorage, a file backen
 so a search killed at any point reopens with every finished trial). On reopening, a trial the
 killed process left running is marked failed ("interrupted") and its parameters are queued again,
 so it runs once more, whole; finished trials are never rerun. `--trials N` counts every finished
-trial of the study (earlier runs included); `--budget` counts the trials' own time, earlier runs
-included: the search starts no trial once the time left is below the shortest trial so far.
+trial of the study (earlier runs included); `--budget` counts the trials' own time and the lr range
+tests' (lr_range.py), earlier runs included: the search starts no trial once the time left is below
+the shortest trial so far.
 """
 
 from __future__ import annotations
@@ -245,10 +246,13 @@ def _loop(
     ctx: Context, root: Path, seconds: float | None, n_trials: int | None, resuming: bool, echo, cluster=None
 ) -> None:
     """The trials (until N are finished or the budget is spent), the outputs, the verdict."""
+    from hybridtune.search import lr_range
     from hybridtune.search.report import write_outputs
     from hybridtune.search.trial import run_trial
     from hybridtune.search.verdict import run_verdict
 
+    # before the first trial: each family's lr range from its lr range test (lr_range.json on resume)
+    tests_seconds = lr_range.apply(ctx, root, echo)
     storage = journal(root)
     study = open_study(root, ctx, fresh=not resuming, storage=storage)
     if "mlflow" in ctx.report_to:  # the store and the experiment, made here before any trial (or Ray worker)
@@ -262,7 +266,7 @@ def _loop(
     done = finished(study)
     if done:
         echo(f"{len(done)} trial(s) finished earlier, kept")
-    spent = sum(t.user_attrs.get("seconds", 0.0) for t in done)
+    spent = tests_seconds + sum(t.user_attrs.get("seconds", 0.0) for t in done)
     if cluster is not None:
         from hybridtune.search.ray_tune import run_trials
 
