@@ -308,7 +308,7 @@ class Space(BaseModel):
     )
     evaluations: int = Field(4, ge=1, description="validations per trial (the rungs the pruner compares)")
     sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
-    pruner: Literal["hyperband", "successive_halving", "median", "none"] = "hyperband"
+    pruner: Literal["hyperband", "successive_halving", "median", "none"] = "successive_halving"
     seed: int = 42
     enqueue: list[dict[str, Any]] = Field(default_factory=list, description="trials to run first (params)")
     lr_range_test: Annotated[LrRangeTest | None, BeforeValidator(_lr_range_test)] = Field(

@@ -54,8 +54,10 @@ def sampler_for(ctx: Context, parallel: bool = False):
 
 
 def pruner_for(ctx: Context):
-    """Hyperband (Li et al. 2018) or successive halving (ASHA, Li et al. 2020) over the trial's
-    evaluations: rung r holds the trials that reached evaluation r; the weak ones stop there."""
+    """Successive halving (ASHA, Li et al. 2020; the default) or Hyperband (Li et al. 2018) over the
+    trial's evaluations: rung r holds the trials that reached evaluation r; the weak ones stop there.
+    Hyperband splits the trials into log2(evaluations) + 1 brackets, and its last bracket never
+    prunes: with the few trials a CPU budget allows, a trial learning nothing ran to its end there."""
     import optuna
 
     n = ctx.space.evaluations
