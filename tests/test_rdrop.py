@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from hybridtune import api
 from hybridtune.cli import app
 from hybridtune.errors import UserError
+from hybridtune.model.facts import dropout_rates
 from hybridtune.recipe import load_recipe
 from hybridtune.strategy import rdrop
 
@@ -217,7 +218,7 @@ def test_lora_dropout_is_dropout_enough(still_bert, sentiment_csv, tmp_path):
 
     def rates(*extra: str) -> dict[str, float]:
         recipe = load_recipe(None, _overrides(still_bert, sentiment_csv, tmp_path, *extra))
-        return rdrop.dropout_rates(api.prepare(recipe).model)
+        return dropout_rates(api.prepare(recipe).model)
 
     assert rates() == {}
     lora = rates("peft.method=lora", "peft.lora_dropout=0.1")
