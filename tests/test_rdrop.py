@@ -243,6 +243,8 @@ def _refused(args: list[str], out: Path, *words: str) -> None:
 def test_a_model_without_dropout_is_refused_by_name(still_bert, sentiment_csv, tmp_path):
     args = _overrides(still_bert, sentiment_csv, tmp_path, "rdrop.alpha=1")
     _refused(args, tmp_path / "runs", "rdrop: found model", "dropout probabilities are all 0", "dropout > 0")
+    no_lora_dropout = [*args, "peft.method=lora", "peft.lora_dropout=0"]  # LoRA adds none either
+    _refused(no_lora_dropout, tmp_path / "runs", "rdrop: found model", "peft.lora_dropout > 0")
 
 
 @pytest.mark.parametrize(

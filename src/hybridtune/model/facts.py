@@ -7,7 +7,7 @@ the run would judge it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -20,7 +20,7 @@ DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout
 class ModelFacts:
     blocks: int  # the number of transformer blocks (Anatomy.num_blocks)
     linear: tuple[str, ...] = ()  # a block's nn.Linear layers, named relative to the block
-    dropout: dict[str, float] = field(default_factory=dict)  # dropout_rates: the probabilities > 0
+    dropout: float = 0.0  # the largest dropout probability (dropout_rates); 0: none anywhere
 
 
 def dropout_rates(model: nn.Module) -> dict[str, float]:
@@ -40,4 +40,4 @@ def facts_of(model: nn.Module) -> ModelFacts:
     anatomy = Anatomy.of(model)
     block = unwrap(model).get_submodule(f"{anatomy.blocks_path}.0")
     linear = tuple(name for name, m in block.named_modules() if isinstance(m, nn.Linear))
-    return ModelFacts(blocks=anatomy.num_blocks, linear=linear, dropout=dropout_rates(model))
+    return ModelFacts(anatomy.num_blocks, linear, max(dropout_rates(model).values(), default=0.0))

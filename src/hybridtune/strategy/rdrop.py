@@ -89,7 +89,7 @@ def state_of(model: nn.Module) -> RDrop | None:
 
 def model_check(config: RDropConfig, recipe, facts: ModelFacts) -> None:
     """A model without dropout is refused, unless peft's layers add theirs (LoRA's lora_dropout)."""
-    if not facts.dropout and not (recipe.peft is not None and peft_dropout(recipe.peft) > 0):
+    if facts.dropout == 0 and not (recipe.peft is not None and peft_dropout(recipe.peft) > 0):
         raise UserError(
             "rdrop",
             f"model {recipe.model.name!r} whose dropout probabilities are all 0",
