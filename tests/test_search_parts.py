@@ -16,7 +16,7 @@ from hybridtune import api, strategy
 from hybridtune.errors import UserError
 from hybridtune.model.facts import facts_of
 from hybridtune.recipe import load_recipe, validate_recipe
-from hybridtune.search import run_search
+from hybridtune.search import ray_tune, run_search
 from hybridtune.search.parts import default_parts, nest, parse_parts, sample_parts
 from hybridtune.search.setup import finish, load_space, model_facts, resolve, sample_trial
 from hybridtune.search.space import Space, recipe_dict
@@ -148,14 +148,16 @@ def _context(tmp_path: Path, model: str, data: str, families: dict, parts: dict)
 
 
 def _draw(ctx, n: int = 40) -> list[tuple[str, dict, dict, dict]]:
-    """n trials drawn as both backends draw them (`sample_trial`), each replayed from its parameters
-    alone as a Ray worker replays it (an Optuna FixedTrial: a parameter drawn off its path is an error)."""
+    """n trials drawn as Ray Tune's OptunaSearch draws them (ray_tune's define-by-run function: the
+    local loop's `sample_trial`), each replayed from its parameters alone as a trial replays them
+    (an Optuna FixedTrial, as in a Ray worker: a parameter off the drawn path is an error)."""
+    define = ray_tune._define(ctx)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     out = []
     for _ in range(n):
         trial = study.ask()
-        family, values, shared = sample_trial(ctx, trial)
-        assert sample_trial(ctx, optuna.trial.FixedTrial(trial.params)) == (family, values, shared)
+        define(trial)
+        family, values, shared = sample_trial(ctx, optuna.trial.FixedTrial(trial.params))
         out.append((family, values, shared, trial.params))
         study.tell(trial, 0.5)
     return out

@@ -1,6 +1,8 @@
 """Everything a search checks before it writes anything: the space file and its key=value overrides,
 the base recipe, the metric, the data (read once: its size sets each trial's evaluation steps), the
-model's depth (a share of blocks -> a count) and, with --budget, whether one trial can fit.
+model's facts from its config (its depth: a share of blocks -> a count; its dropout ...), which part
+each family can take, and, with --budget, whether one trial can fit. Per trial, `sample_trial` draws
+a part only where the trial's recipe passes the checks a run makes before it trains (`refusal`).
 
 Every problem is a `UserError` naming the key path (`space.yaml: families.lora.r`): exit 2, nothing
 written.
