@@ -133,11 +133,11 @@ def test_a_part_in_the_base_and_the_space_is_a_contradiction(registered, tiny_be
 # a part the trial's family or the model refuses is not drawn in that trial
 
 
-def _context(tmp_path: Path, model: str, data: str, families: dict, parts: dict):
+def _context(tmp_path: Path, model: str, data: str, families: dict, parts: dict, **base):
     """The checked space (search/setup.py's `resolve`: the model's facts from its config)."""
     space = {
         "name": "compat",
-        "base": {"model": model, "data": {"source": data, "max_length": 48}},
+        "base": {"model": model, "data": {"source": data, "max_length": 48}, **base},
         "families": families,
         "parts": parts,
         "train": {"epochs": 1.0, "batch_size": 16, "warmup": 0.0, "weight_decay": 0.0, "schedule": "linear"},
@@ -211,6 +211,9 @@ def test_a_part_no_family_takes_is_refused_by_name_or_left_out_of_the_default(
     with pytest.raises(UserError) as e:  # named in the space file: exit 2, found / expected
         _context(tmp_path, still_bert, sentiment_csv, {"full": {}}, {"rdrop": {"alpha": 1.0}})
     assert "parts.rdrop: found model" in str(e.value) and "dropout probabilities are all 0" in str(e.value)
+    with pytest.raises(UserError) as e:  # in the base: no trial could run
+        _context(tmp_path, still_bert, sentiment_csv, {"full": {}}, {}, rdrop={"alpha": 1.0})
+    assert "families.full: rdrop: found model" in str(e.value)
     with pytest.raises(UserError) as e:  # a γ that no family's blocks can meet (0.05 of 6 rounds to 0)
         _context(
             tmp_path,

@@ -233,16 +233,21 @@ def resolve(space: Space, origin: str) -> Context:
 
 
 def _check_corners(ctx: Context) -> None:
-    """Each family's recipe at the ends of its settings validates (e.g. a schedule with stages)."""
+    """Each family's recipe at the ends of its settings validates (e.g. a schedule with stages) and
+    passes the parts' model checks (a base's R-Drop on a model without dropout)."""
     shared = {k: p.corners()[0] for k, p in dict(ctx.space.train).items()}
     for family, settings in ctx.space.chosen().items():
         params = dict(settings)
         for end in (0, -1):
             values = {k: p.corners()[end] for k, p in params.items()}
-            validate_recipe(
-                finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear)),
-                f"{ctx.origin}: families.{family}",
-            )
+            raw = finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear))
+            recipe = validate_recipe(raw, f"{ctx.origin}: families.{family}")
+            try:
+                strategy.model_check(recipe, ctx.facts)
+            except UserError as e:
+                raise UserError(
+                    f"{ctx.origin}: families.{family}: {e.where}", e.found, e.expected, e.hint
+                ) from None
     # a part some family can take: a part refused with one family (layer sampling with staged
     # unfreezing) is not drawn in its trials (`refusal`); one refused with every family (R-Drop on a
     # model without dropout) is a space that cannot work when the space file names it, and is left
@@ -278,8 +283,9 @@ def refusal(ctx: Context, family: str, values: dict, shared: dict, key: str) -> 
     `model_check` on the model's facts, the checks `hybridtune train` makes before it trains."""
     try:
         raw = finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear))
+        strategy.model_check(validate_recipe(raw), ctx.facts)
     except UserError:
-        return None  # the family's own recipe fails: the trial says so, not the part
+        return None  # the trial's recipe fails without the part: the trial says so, not the part
     where = f"{ctx.origin}: parts.{key}"
     for section in corners(ctx.space.parts[key]):
         candidate = copy.deepcopy(raw)
