@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from hybridtune import api
 from hybridtune.cli import app
 from hybridtune.errors import UserError
+from hybridtune.model.facts import dropout_rates
 from hybridtune.recipe import load_recipe
 from hybridtune.strategy import rdrop
 
@@ -217,7 +218,7 @@ def test_lora_dropout_is_dropout_enough(still_bert, sentiment_csv, tmp_path):
 
     def rates(*extra: str) -> dict[str, float]:
         recipe = load_recipe(None, _overrides(still_bert, sentiment_csv, tmp_path, *extra))
-        return rdrop.dropout_rates(api.prepare(recipe).model)
+        return dropout_rates(api.prepare(recipe).model)
 
     assert rates() == {}
     lora = rates("peft.method=lora", "peft.lora_dropout=0.1")
@@ -242,6 +243,8 @@ def _refused(args: list[str], out: Path, *words: str) -> None:
 def test_a_model_without_dropout_is_refused_by_name(still_bert, sentiment_csv, tmp_path):
     args = _overrides(still_bert, sentiment_csv, tmp_path, "rdrop.alpha=1")
     _refused(args, tmp_path / "runs", "rdrop: found model", "dropout probabilities are all 0", "dropout > 0")
+    no_lora_dropout = [*args, "peft.method=lora", "peft.lora_dropout=0"]  # LoRA adds none either
+    _refused(no_lora_dropout, tmp_path / "runs", "rdrop: found model", "peft.lora_dropout > 0")
 
 
 @pytest.mark.parametrize(

@@ -13,11 +13,10 @@ import optuna
 import pytest
 import yaml
 
-from hybridtune.errors import UserError
 from hybridtune.recipe import load_recipe, validate_recipe
 from hybridtune.search import run_search
 from hybridtune.search.report import non_dominated
-from hybridtune.search.space import FAMILIES, Space, recipe_dict, sample
+from hybridtune.search.space import FAMILIES, Space, recipe_dict
 from hybridtune.search.verdict import paired
 
 
@@ -223,25 +222,31 @@ def test_kill_9_mid_search_and_resume_keeps_finished_trials(tmp_path, tiny_bert,
 
 
 def test_every_family_samples_a_valid_conditional_recipe():
-    space = Space()  # the default space: every family
+    from hybridtune import strategy
+    from hybridtune.model.facts import ModelFacts
+    from hybridtune.search.setup import Context, finish, sample_trial
+
+    space = Space()  # the default space: every family and every part declaring `search`
+    linear = ("attention.self.query", "attention.self.value", "intermediate.dense", "output.dense")
+    facts = ModelFacts(blocks=6, linear=linear, dropout=0.1)  # a MiniLM-like model
+    ctx = Context(space, "default space", {}, "classification", "accuracy", facts, 1000, 42, False)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    seen, refused = set(), set()
+    seen, parts = set(), set()
     for _ in range(60):
         trial = study.ask()
-        family, values, shared = sample(space, trial)
+        family, values, shared = sample_trial(ctx, trial)
         seen.add(family)
+        parts |= {(family, key) for key in shared["parts"]}
         # a family's settings exist only in its own trials (a part's: `parts.<key>.*`)
         assert {k.split(".")[0] for k in trial.params if "." in k and not k.startswith("parts.")} == {family}
-        raw = recipe_dict({}, family, values, shared, blocks=6)
-        try:
-            validate_recipe(raw)
-        except UserError as e:  # a part the family refuses (layer sampling with staged): that trial fails
-            assert shared["parts"], str(e)
-            refused.add((family, *shared["parts"]))
-            validate_recipe(recipe_dict({}, family, values, shared | {"parts": {}}, blocks=6))  # the family
+        # every trial's recipe passes the checks the run makes before it trains: no part its family
+        # (layer sampling with staged) or the model refuses is drawn
+        recipe = validate_recipe(finish(ctx, recipe_dict({}, family, values, shared, 6, list(linear))))
+        strategy.model_check(recipe, facts)
         study.tell(trial, 0.5)
     assert seen == set(FAMILIES)
-    assert all(family == "staged" for family, *_ in refused), refused  # the only refusal in the default
+    assert ("full", "layer_sampling") in parts and ("staged", "layer_sampling") not in parts
+    assert ("full", "mixout") in parts and not {("lora", "mixout"), ("adapters", "mixout")} & parts
 
 
 def test_plot_labels_never_overlap():

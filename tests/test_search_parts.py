@@ -12,14 +12,17 @@ import optuna
 import pytest
 import yaml
 
-from hybridtune import strategy
+from hybridtune import api, strategy
 from hybridtune.errors import UserError
-from hybridtune.recipe import load_recipe
-from hybridtune.search import run_search
-from hybridtune.search.parts import default_parts, parse_parts, sample_parts
-from hybridtune.search.space import Space
+from hybridtune.model.facts import facts_of
+from hybridtune.recipe import load_recipe, validate_recipe
+from hybridtune.search import ray_tune, run_search
+from hybridtune.search.parts import default_parts, nest, parse_parts, sample_parts
+from hybridtune.search.setup import finish, load_space, model_facts, resolve, sample_trial
+from hybridtune.search.space import Space, recipe_dict
 
 from . import head_l2
+from .test_l2sp import _overrides  # the same tiny runs
 
 SEARCH = {"alpha": {"low": 0.01, "high": 1.0, "log": True}}
 
@@ -124,3 +127,117 @@ def test_a_part_in_the_base_and_the_space_is_a_contradiction(registered, tiny_be
         run_search(str(space), [], str(tmp_path / "out"), trials=1, threads=1, echo=lambda *_: None)
     assert "base.head_l2" in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# a part the trial's family or the model refuses is not drawn in that trial
+
+
+def _context(tmp_path: Path, model: str, data: str, families: dict, parts: dict, **base):
+    """The checked space (search/setup.py's `resolve`: the model's facts from its config)."""
+    space = {
+        "name": "compat",
+        "base": {"model": model, "data": {"source": data, "max_length": 48}, **base},
+        "families": families,
+        "parts": parts,
+        "train": {"epochs": 1.0, "batch_size": 16, "warmup": 0.0, "weight_decay": 0.0, "schedule": "linear"},
+    }
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return resolve(load_space(str(path)), str(path))
+
+
+def _draw(ctx, n: int = 40) -> list[tuple[str, dict, dict, dict]]:
+    """n trials drawn as Ray Tune's OptunaSearch draws them (ray_tune's define-by-run function: the
+    local loop's `sample_trial`), each replayed from its parameters alone as a trial replays them
+    (an Optuna FixedTrial, as in a Ray worker: a parameter off the drawn path is an error)."""
+    define = ray_tune._define(ctx)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        define(trial)
+        family, values, shared = sample_trial(ctx, optuna.trial.FixedTrial(trial.params))
+        out.append((family, values, shared, trial.params))
+        study.tell(trial, 0.5)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("model", "families", "part", "refused", "words"),
+    [
+        # refused by the recipe's validation (the part's `check`)
+        ("tiny_bert6", {"staged": {}, "full": {}}, {"layer_sampling": {"method": "lisa", "gamma": [0.333, 0.5]}},
+         "staged", "stages: found `stages` with `layer_sampling`"),
+        ("tiny_bert6", {"lora": {}, "full": {}}, {"mixout": {"p": [0.1, 0.7]}},
+         "lora", "mixout: found no Linear layer whose pretrained weight trains"),
+        # refused by the part's `model_check`, on the model's facts: LISA's γ draws no block of the one
+        # freeze_top trains (0.15 of 6); R-Drop on a model without dropout, unless LoRA adds its own
+        ("tiny_bert6", {"freeze_top": {"share": 0.15}, "full": {}},
+         {"layer_sampling": {"method": "lisa", "gamma": [0.333, 0.5]}},
+         "freeze_top", "layer_sampling.gamma: found 0.333, which draws 0 of the 1 trainable blocks"),
+        ("still_bert", {"full": {}, "lora": {"lora_dropout": 0.1}}, {"rdrop": {"alpha": 1.0}},
+         "full", "rdrop: found model"),
+    ],
+    ids=["staged+layer_sampling", "lora+mixout", "freeze_top+lisa", "no-dropout+rdrop"],
+)  # fmt: skip
+def test_a_part_the_trial_s_recipe_refuses_is_never_drawn(
+    request, sentiment_csv, tmp_path, model, families, part, refused, words
+):
+    ctx = _context(tmp_path, request.getfixturevalue(model), sentiment_csv, families, part)
+    (key,) = part
+    took, seen = set(), set()
+    for family, values, shared, params in _draw(ctx):
+        seen.add(family)
+        raw = finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear))
+        if family == refused:
+            assert key not in shared["parts"] and f"parts.{key}.use" not in params
+            # not drawn because the run would refuse it: the checks `hybridtune train` makes say so
+            with pytest.raises(UserError) as e:
+                at_first = {path: p.corners()[0] for path, p in ctx.space.parts[key].items() if path != "use"}
+                strategy.model_check(validate_recipe({**raw, key: nest(at_first)}), ctx.facts)
+            assert words in str(e.value)
+        else:
+            took.add(params[f"parts.{key}.use"])
+        if key in shared["parts"]:
+            assert family != refused and params[f"parts.{key}.use"]
+            strategy.model_check(validate_recipe(raw), ctx.facts)  # the trial's recipe passes them all
+    assert seen == set(families) and took == {True, False}  # the other family draws it, on or off
+
+
+def test_a_part_no_family_takes_is_refused_by_name_or_left_out_of_the_default(
+    still_bert, tiny_bert6, sentiment_csv, tmp_path
+):
+    with pytest.raises(UserError) as e:  # named in the space file: exit 2, found / expected
+        _context(tmp_path, still_bert, sentiment_csv, {"full": {}}, {"rdrop": {"alpha": 1.0}})
+    assert "parts.rdrop: found model" in str(e.value) and "dropout probabilities are all 0" in str(e.value)
+    with pytest.raises(UserError) as e:  # in the base: no trial could run
+        _context(tmp_path, still_bert, sentiment_csv, {"full": {}}, {}, rdrop={"alpha": 1.0})
+    assert "families.full: rdrop: found model" in str(e.value)
+    with pytest.raises(UserError) as e:  # a γ that no family's blocks can meet (0.05 of 6 rounds to 0)
+        _context(
+            tmp_path,
+            tiny_bert6,
+            sentiment_csv,
+            {"full": {}},
+            {"layer_sampling": {"method": "lisa", "gamma": [0.05, 0.5]}},
+        )
+    assert "parts.layer_sampling.gamma: found 0.05, which draws 0 of the 6" in str(e.value)
+    path = tmp_path / "default.yaml"  # the default parts: left out, said when the search starts
+    path.write_text(
+        yaml.safe_dump(
+            {"base": {"model": still_bert, "data": {"source": sentiment_csv}}, "families": ["full"]}
+        )
+    )
+    ctx = resolve(load_space(str(path)), str(path))
+    assert "rdrop" in ctx.left_out and "rdrop" not in ctx.space.parts and "mixout" in ctx.space.parts
+
+
+@pytest.mark.parametrize("model", ["tiny_bert", "still_bert", "tiny_gpt2"])
+def test_the_search_judges_the_model_on_the_facts_the_run_sees(request, model, sentiment_csv, tmp_path):
+    """The facts read from the config on the meta device (the search) are those of the loaded model
+    (run.prepare), so a part's `model_check` answers a trial as it answers the run."""
+    path = request.getfixturevalue(model)
+    prepared = api.prepare(load_recipe(None, _overrides(path, sentiment_csv, tmp_path)))
+    assert model_facts(path) == facts_of(prepared.model)
+    assert (model_facts(path).dropout > 0) == (model != "still_bert")

@@ -23,6 +23,7 @@ from hybridtune.data import Splits, long_texts, token_cache
 from hybridtune.errors import RunFailed, TrainingStopped, UserError, one_line
 from hybridtune.inference import bind_labels, load_run
 from hybridtune.model.anatomy import Anatomy
+from hybridtune.model.facts import facts_of
 from hybridtune.model.loading import check_vocabulary, load_tokenizer, resolve, tokenizer_path, training_texts
 from hybridtune.recipe import Recipe, load_recipe
 from hybridtune.report.params import param_table
@@ -78,6 +79,8 @@ def prepare(recipe: Recipe) -> Prepared:
     set_seed(recipe.train.seed)  # the new head's initialisation is part of the run's reproducibility
     model, new_params = task.load_model(path, tokenizer, labels)
     model = strategy.reshape(model, recipe)  # e.g. distill's bottom k blocks, before the anatomy maps it
+    # what the parts refuse of this model (R-Drop without dropout), judged on the facts a search has too
+    strategy.model_check(recipe, facts_of(model))
     if recipe.train.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise UserError(
             "train.gradient_checkpointing",

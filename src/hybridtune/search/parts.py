@@ -11,11 +11,14 @@ nested one, `focal.gamma`), its kind is the field's, and every value a trial cou
 choice, both ends of a range) is validated by the part's own config before anything runs, so a
 space that cannot make a valid recipe is refused with its key path. Each part is an Optuna
 parameter `parts.<key>.use` (a trial with it off has none of its settings: TPE models them
-conditionally) and `parts.<key>.<setting>`, named as in the space file.
+conditionally) and `parts.<key>.<setting>`, named as in the space file. A part the trial's recipe
+cannot take (its family, the parts drawn before it, or the model refuse it at some corner of its
+settings: search/setup.py's `refusal`) is not drawn in that trial: no `parts.<key>.use` at all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
@@ -124,10 +127,27 @@ def parse_parts(raw: Any) -> dict[str, dict[str, Param]]:
     return out
 
 
-def sample_parts(parts: dict[str, dict[str, Param]], trial: Any) -> dict[str, dict]:
-    """The recipe sections of the parts this trial adds: {key: its config} (off: absent)."""
+def corners(params: dict[str, Param]) -> list[dict]:
+    """The part's sections that bound what a trial can draw: each setting at each of its corners
+    (every choice, both ends of a range), the others at their first."""
+    first = {path: p.corners()[0] for path, p in params.items() if path != USE}
+    out = [nest(first)]
+    for path, p in params.items():
+        if path != USE:
+            out += [nest(first | {path: corner}) for corner in p.corners()[1:]]
+    return out
+
+
+def sample_parts(
+    parts: dict[str, dict[str, Param]], trial: Any, fits: Callable[[dict, str], bool] | None = None
+) -> dict[str, dict]:
+    """The recipe sections of the parts this trial adds: {key: its config} (off: absent).
+    `fits(sections, key)`: whether part `key` can go beside the sections drawn so far; a part that
+    cannot is not drawn at all (no `parts.<key>.use`: TPE models it as absent, like its settings)."""
     sections: dict[str, dict] = {}
     for key, params in parts.items():
+        if fits is not None and not fits(sections, key):
+            continue
         if not params[USE].sample(trial, f"parts.{key}.{USE}"):
             continue
         values = {path: p.sample(trial, f"parts.{key}.{path}") for path, p in params.items() if path != USE}

@@ -4,7 +4,7 @@
                                  [--cpus-per-trial N] [--gpus-per-trial N]
 
 Ray Tune runs the trials; Optuna still chooses them: `OptunaSearch` with the space as an Optuna
-define-by-run function (`space.sample`, the same conditional space as the local backend), the
+define-by-run function (`setup.sample_trial`, the same conditional space as the local backend), the
 search's own sampler (TPE with the constant liar, so parallel asks spread out) and the search's own
 journal storage, so the study file, the trials table, the fronts, the verdict and resume are the
 local backend's. `ASHAScheduler` (asynchronous successive halving, Li et al. 2020) prunes on the
@@ -114,14 +114,15 @@ def connect(address: str | None, threads: int | None, cpus: int | None, gpus: fl
     return cluster
 
 
-def _define(space):
-    """The space as an Optuna define-by-run function (what OptunaSearch samples with); the trial's
+def _define(ctx: Context):
+    """The space as an Optuna define-by-run function (what OptunaSearch samples with): the local
+    backend's `sample_trial`, so a worker replaying the parameters takes the same path; the trial's
     number travels with its parameters to name its run dir."""
 
     def define(trial) -> dict:
-        from hybridtune.search.space import sample
+        from hybridtune.search.setup import sample_trial
 
-        sample(space, trial)
+        sample_trial(ctx, trial)
         return {"trial_number": trial.number}
 
     return define
@@ -252,7 +253,7 @@ def run_trials(
     single = len(objectives) == 1
     searcher = _searcher_class()(
         ctx, root, None if seconds is None else seconds - spent, done, f"/{len(done) + left}" if left else "",
-        echo, space=_define(ctx.space), metric="metric" if single else objectives,
+        echo, space=_define(ctx), metric="metric" if single else objectives,
         mode=modes[0] if single else modes, sampler=sampler, study_name=ctx.space.name, storage=storage,
     )  # fmt: skip
     if single and ctx.space.pruner != "none":

@@ -1,6 +1,8 @@
 """Everything a search checks before it writes anything: the space file and its key=value overrides,
 the base recipe, the metric, the data (read once: its size sets each trial's evaluation steps), the
-model's depth (a share of blocks -> a count) and, with --budget, whether one trial can fit.
+model's facts from its config (its depth: a share of blocks -> a count; its dropout ...), which part
+each family can take, and, with --budget, whether one trial can fit. Per trial, `sample_trial` draws
+a part only where the trial's recipe passes the checks a run makes before it trains (`refusal`).
 
 Every problem is a `UserError` naming the key path (`space.yaml: families.lora.r`): exit 2, nothing
 written.
@@ -18,13 +20,13 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from hybridtune import tasks
+from hybridtune import strategy, tasks
 from hybridtune.errors import UserError, did_you_mean
-from hybridtune.model.anatomy import Anatomy
+from hybridtune.model.facts import ModelFacts, facts_of
 from hybridtune.model.loading import load_tokenizer
 from hybridtune.model.loading import resolve as resolve_model
 from hybridtune.recipe import apply_override, load_recipe, validate_recipe
-from hybridtune.search.parts import nest as _nest
+from hybridtune.search.parts import corners
 from hybridtune.search.space import (
     FAMILIES,
     SEARCHED,
@@ -35,6 +37,7 @@ from hybridtune.search.space import (
     TrainSpace,
     VerdictConfig,
     recipe_dict,
+    sample,
 )
 from hybridtune.strategy.plan import planned_steps
 
@@ -48,14 +51,21 @@ class Context:
     base: dict
     task: str
     metric: str
-    blocks: int
+    facts: ModelFacts  # the model's depth, a block's linear layers, its dropout (from its config)
     n_train: int
     seed: int
     explicit_eval_steps: bool
-    linear: list[str] = field(default_factory=list)  # a block's linear layers: LoRA's "all-linear"
     report_to: list[str] = field(default_factory=list)  # the base's train.report_to: every trial's
     # parts of the default space this base cannot take (key -> why): left out of the search
     left_out: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> int:
+        return self.facts.blocks
+
+    @property
+    def linear(self) -> list[str]:  # a block's linear layers: LoRA's "all-linear"
+        return list(self.facts.linear)
 
 
 def load_space(path: str | None, overrides: list[str] | None = None) -> Space:
@@ -181,8 +191,8 @@ def base_recipe(space: Space, origin: str) -> dict:
     return raw
 
 
-def model_shape(model_name: str) -> tuple[int, list[str]]:
-    """The model's number of blocks and the linear layers of a block (names relative to the block),
+def model_facts(model_name: str) -> ModelFacts:
+    """The model's facts (its number of blocks, a block's linear layers, its dropout: model/facts.py)
     from its config alone: the model is built on the meta device, no weights loaded."""
     import torch
     from transformers import AutoConfig, AutoModel
@@ -190,10 +200,7 @@ def model_shape(model_name: str) -> tuple[int, list[str]]:
     config = AutoConfig.from_pretrained(resolve_model(model_name))
     with torch.device("meta"):
         model = AutoModel.from_config(config)
-    anatomy = Anatomy.of(model)
-    block = model.get_submodule(f"{anatomy.blocks_path}.0")
-    linear = [name for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-    return anatomy.num_blocks, linear
+    return facts_of(model)
 
 
 def resolve(space: Space, origin: str) -> Context:
@@ -215,18 +222,16 @@ def resolve(space: Space, origin: str) -> Context:
         )
     task = tasks.for_recipe(recipe)
     splits = task.load_splits(recipe.data)  # a bad data file stops here, by file:row
-    blocks, linear = model_shape(recipe.model.name)
     ctx = Context(
         space=space,
         origin=origin,
         base=raw,
         task=recipe.task,
         metric=metric,
-        blocks=blocks,
+        facts=model_facts(recipe.model.name),
         n_train=len(splits.train),
         seed=recipe.train.seed,
         explicit_eval_steps=bool((raw.get("train") or {}).get("eval_steps")),
-        linear=linear,
         report_to=list(recipe.train.report_to),
     )
     _check_corners(ctx)
@@ -239,38 +244,84 @@ def resolve(space: Space, origin: str) -> Context:
 
 
 def _check_corners(ctx: Context) -> None:
-    """Each family's recipe at the ends of its settings validates (e.g. a schedule with stages)."""
+    """Each family's recipe at the ends of its settings validates (e.g. a schedule with stages) and
+    passes the parts' model checks (a base's R-Drop on a model without dropout)."""
     shared = {k: p.corners()[0] for k, p in dict(ctx.space.train).items()}
     for family, settings in ctx.space.chosen().items():
         params = dict(settings)
         for end in (0, -1):
             values = {k: p.corners()[end] for k, p in params.items()}
-            validate_recipe(
-                finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear)),
-                f"{ctx.origin}: families.{family}",
-            )
-    # a part some family can take: a part refused with one family (layer sampling with staged
-    # unfreezing) only fails those trials; one refused with every family (R-Drop on a model without
-    # dropout) is a space that cannot work when the space file names it, and is left out of the
-    # default space's parts (ctx.left_out, said when the search starts)
-    for key, params in list(ctx.space.parts.items()):
-        values = {path: p.corners()[0] for path, p in params.items() if path != "use"}
-        errors = []
-        for family, settings in ctx.space.chosen().items():
-            family_values = {k: p.corners()[0] for k, p in dict(settings).items()}
-            raw = recipe_dict(ctx.base, family, family_values, shared, ctx.blocks, ctx.linear)
-            raw[key] = _nest(values)
+            raw = finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear))
+            recipe = validate_recipe(raw, f"{ctx.origin}: families.{family}")
             try:
-                validate_recipe(finish(ctx, raw), f"{ctx.origin}: parts.{key}")
+                strategy.model_check(recipe, ctx.facts)
             except UserError as e:
-                errors.append(e)
-            else:
-                break
-        else:
-            if "parts" in ctx.space.model_fields_set:
-                raise errors[0]
-            del ctx.space.parts[key]
-            ctx.left_out[key] = errors[0].found
+                raise UserError(
+                    f"{ctx.origin}: families.{family}: {e.where}", e.found, e.expected, e.hint
+                ) from None
+    # a part some family can take: a part refused with one family (layer sampling with staged
+    # unfreezing) is not drawn in its trials (`refusal`); one refused with every family (R-Drop on a
+    # model without dropout) is a space that cannot work when the space file names it, and is left
+    # out of the default space's parts (ctx.left_out, said when the search starts)
+    for key in list(ctx.space.parts):
+        error = _no_family_takes(ctx, key, shared)
+        if error is None:
+            continue
+        if "parts" in ctx.space.model_fields_set:
+            raise error
+        del ctx.space.parts[key]
+        ctx.left_out[key] = error.found
+
+
+def _no_family_takes(ctx: Context, key: str, shared: dict) -> UserError | None:
+    """None when some family of the space, at either end of its settings, takes part `key`; else
+    the first refusal."""
+    first = None
+    for family, settings in ctx.space.chosen().items():
+        for end in (0, -1):
+            values = {k: p.corners()[end] for k, p in dict(settings).items()}
+            error = refusal(ctx, family, values, shared, key)
+            if error is None:
+                return None
+            first = first or error
+    return first
+
+
+def refusal(ctx: Context, family: str, values: dict, shared: dict, key: str) -> UserError | None:
+    """Why part `key` cannot go into a trial of `family` with these values (`shared["parts"]`: the
+    parts drawn before it), or None: the trial's recipe with the part at each corner of its settings
+    (parts.corners) through the recipe's validation (the parts' `check`) and the parts'
+    `model_check` on the model's facts, the checks `hybridtune train` makes before it trains."""
+    try:
+        raw = finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear))
+        strategy.model_check(validate_recipe(raw), ctx.facts)
+    except UserError:
+        return None  # the trial's recipe fails without the part: the trial says so, not the part
+    where = f"{ctx.origin}: parts.{key}"
+    for section in corners(ctx.space.parts[key]):
+        candidate = copy.deepcopy(raw)
+        candidate[key] = section
+        try:
+            recipe = validate_recipe(candidate, where)
+        except UserError as e:
+            return e
+        try:
+            strategy.model_check(recipe, ctx.facts)
+        except UserError as e:  # named as in the space: `parts.layer_sampling.gamma`
+            at = f"{ctx.origin}: parts.{e.where}" if e.where.split(".")[0] == key else f"{where}: {e.where}"
+            return UserError(at, e.found, e.expected, e.hint)
+    return None
+
+
+def sample_trial(ctx: Context, trial: Any) -> tuple[str, dict, dict]:
+    """A trial's family, values and shared values (space.sample) with only the parts its recipe can
+    take (`refusal`): the one sampling function of both backends (the local loop and Ray Tune's
+    define-by-run), so a trial replayed from its parameters takes the same path."""
+    return sample(
+        ctx.space,
+        trial,
+        lambda family, values, shared, key: refusal(ctx, family, values, shared, key) is None,
+    )
 
 
 def finish(ctx: Context, raw: dict) -> dict:

@@ -22,6 +22,7 @@ values into the recipe dict that `recipe.validate_recipe` checks and `hybridtune
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
@@ -366,16 +367,26 @@ def _yaml(model: BaseModel) -> dict:
     return {k: (v.to_yaml() if isinstance(v, Param) else v) for k, v in dict(model).items()}
 
 
-def sample(space: Space, trial: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+def sample(
+    space: Space, trial: Any, fits: Callable[[str, dict, dict, str], bool] | None = None
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """A trial's family, its family values and the shared training values (Optuna suggest calls);
-    the shared values' `parts`: the recipe sections of the parts the trial adds (search/parts.py)."""
+    the shared values' `parts`: the recipe sections of the parts the trial adds (search/parts.py).
+    `fits(family, values, shared, key)`: whether part `key` can go into the trial drawn so far
+    (`shared["parts"]`: the parts drawn before it); search/setup.py's `sample_trial` gives it."""
     chosen = space.chosen()
     names = list(chosen)
     family = names[0] if len(names) == 1 else trial.suggest_categorical("family", names)
     settings = chosen[family]
     values = {k: p.sample(trial, f"{family}.{k}") for k, p in dict(settings).items()}
     shared = {k: p.sample(trial, k) for k, p in dict(space.train).items()}
-    shared["parts"] = sample_parts(space.parts, trial)
+    parts_fit = None
+    if fits is not None:
+
+        def parts_fit(drawn: dict, key: str) -> bool:
+            return fits(family, values, shared | {"parts": drawn}, key)
+
+    shared["parts"] = sample_parts(space.parts, trial, parts_fit)
     return family, values, shared
 
 

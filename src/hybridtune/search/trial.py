@@ -24,8 +24,8 @@ from transformers import TrainerCallback
 
 from hybridtune import rundir
 from hybridtune.errors import TrainingStopped, UserError
-from hybridtune.search.setup import Context, finish
-from hybridtune.search.space import recipe_dict, sample
+from hybridtune.search.setup import Context, finish, sample_trial
+from hybridtune.search.space import recipe_dict
 from hybridtune.train.checkpoints import maybe_kill
 
 
@@ -66,7 +66,7 @@ def trial_recipe(ctx: Context, trial: Any, out: Path):
     """The trial's recipe (validated) and its family; written to run as is by `hybridtune train`."""
     from hybridtune.recipe import validate_recipe
 
-    family, values, shared = sample(ctx.space, trial)
+    family, values, shared = sample_trial(ctx, trial)
     raw = finish(ctx, recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear))
     raw["name"] = f"{family}"
     raw.setdefault("output", {}).update({"dir": str(out / "trials"), "name": f"trial-{trial.number:04d}"})
@@ -150,7 +150,7 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
     started = time.perf_counter()
     try:
         recipe, family = trial_recipe(ctx, trial, out)
-    except UserError as e:  # a part its family refuses (search/setup.py checked each part works somewhere)
+    except UserError as e:  # a refusal no check before the draw foresaw (search/setup.py's `refusal`)
         info = {"number": trial.number, "family": trial.params.get("family", "?"), "error": str(e)}
         return "failed", info | {"state": "failed", "evaluations": 0, "curve": [], "seconds": 0.0}
     run = Path(recipe.output.dir) / recipe.output.name

@@ -162,6 +162,15 @@ def check(recipe) -> None:
             part.check(config, recipe)
 
 
+def model_check(recipe, facts) -> None:
+    """Each configured part's refusals of the model (its `model_check` hook, on the model's facts:
+    model/facts.py), a UserError naming the key; run.prepare calls it before any part applies, and
+    `hybridtune search` before a trial draws a part."""
+    for _, part, config in configured(recipe):
+        if part.model_check is not None:
+            part.model_check(config, recipe, facts)
+
+
 def trunk_cache_reason(recipe) -> str | None:
     """Why a configured part rules the frozen-trunk cache out, or None."""
     for _, part, config in configured(recipe):

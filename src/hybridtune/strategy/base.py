@@ -31,6 +31,13 @@ Hooks, each called only for a part the recipe configures, with its config:
   change is a UserError naming the key;
 - `check(config, recipe)`: refuse a combination with the rest of the recipe, by name, while the
   recipe validates (nothing is loaded yet); raise ValueError("key.path: found X; expected Y");
+- `model_check(config, recipe, facts)`: refuse what the model cannot take, judged on its
+  `ModelFacts` (model/facts.py: depth, a block's linear layers, dropout) and the recipe alone; raise
+  UserError naming the key. Called by run.prepare right after the model loads, before any part
+  applies, and by `hybridtune search` before a trial draws the part (the facts read from the
+  model's config), so a search never draws what the run would refuse. What shows only once the
+  parts have combined on the real model stays in `apply`; a refusal both can see is written once
+  and called by both (layer sampling's draw of γ on the blocks that can train);
 - `loss_terms(config, model, inputs, task_loss, outputs) -> [LossTerm]`: addends of the training
   loss; `outputs` is the training forward's output (logits: R-Drop's KL, a focal loss). A term may
   run forwards of its own (a second dropout pass, an adversarial pass). The engine sums `task_weight * task loss + Σ term.weight * term.value` over every part and logs
@@ -72,6 +79,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from hybridtune.model.anatomy import Anatomy
+from hybridtune.model.facts import ModelFacts
 
 # --------------------------------------------------------------------------------------------------
 # what a part may read
@@ -155,6 +163,10 @@ class Check(Protocol):
     def __call__(self, config: Any, recipe: Any) -> None: ...
 
 
+class ModelCheck(Protocol):
+    def __call__(self, config: Any, recipe: Any, facts: ModelFacts) -> None: ...
+
+
 class LossTerms(Protocol):
     def __call__(
         self, config: Any, model: nn.Module, inputs: dict, task_loss: torch.Tensor, outputs: Any
@@ -200,6 +212,7 @@ class Part:
     reshape: Reshape | None = None
     train_rows: TrainRowsHook | None = None
     check: Check | None = None
+    model_check: ModelCheck | None = None
     loss_terms: LossTerms | None = None
     task_weight: TaskWeight | None = None
     trunk_cache: TrunkCacheReason | None = None
@@ -222,6 +235,7 @@ class Part:
             "reshape",
             "train_rows",
             "check",
+            "model_check",
             "loss_terms",
             "task_weight",
             "trunk_cache",

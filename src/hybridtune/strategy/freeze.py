@@ -185,6 +185,31 @@ def atom_blocks(atom: dict, num_blocks: int, at: str) -> set[int] | None:
     return None
 
 
+def blocks_at_most(config: FreezeConfig, num_blocks: int) -> set[int]:
+    """The blocks in which this selection may leave a parameter trainable, from the recipe alone:
+    exact for the depth selectors, every block for one that may reach into any (all, norms, bias,
+    patterns, spectrum's choice)."""
+    every = set(range(num_blocks))
+    if config.spectrum is not None:
+        return every
+    if config.frozen is not None:  # the blocks a depth selector (or `all`) freezes whole are out
+        out = set(every)
+        for i, atom in enumerate(config.frozen):
+            if atom == "all":
+                return set()
+            if isinstance(atom, dict):
+                out -= atom_blocks(atom, num_blocks, f"freeze.frozen[{i}]") or set()
+        return out
+    picked: set[int] = set()
+    for i, atom in enumerate(config.trainable or []):
+        if isinstance(atom, dict):
+            blocks = atom_blocks(atom, num_blocks, f"freeze.trainable[{i}]")
+            picked |= every if blocks is None else blocks  # None: patterns
+        elif atom in ("all", "norms", "bias"):
+            picked |= every
+    return picked
+
+
 def select(model: nn.Module, anatomy, selector: list[str | dict], where: str) -> set[str]:
     """Names of the parameters of `model` picked by `selector` (a union of its atoms)."""
     names = [n for n, _ in model.named_parameters()]

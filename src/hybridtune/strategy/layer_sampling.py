@@ -49,7 +49,9 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from hybridtune.errors import UserError
+from hybridtune.model.facts import ModelFacts
 from hybridtune.strategy.base import Build, Part
+from hybridtune.strategy.freeze import blocks_at_most
 
 LISA_GAMMA = 0.25  # the default share (LISA's 2 of 8 sampled layers; 2 of 32 for LLaMA-2-7B)
 BADAM_ORDER = "descending"  # BlockOptimizer's default switch_mode
@@ -115,6 +117,45 @@ class Sampling:
     draw: int  # units trainable at a time (LISA: round(gamma x units); BAdam: 1)
 
 
+def units_of(config: LayerSamplingConfig, n: int) -> tuple[int, int]:
+    """(units drawn at a time, blocks per unit) with `n` blocks that can train; a setting that
+    cannot work with `n` is a UserError. Called on the model's blocks (`sampling`) and on the most
+    the recipe can leave trainable (`model_check`, which a search asks before it draws the part):
+    the draw only grows with `n`, so what the bound refuses, the model refuses too."""
+    if n == 0:
+        raise UserError(
+            "layer_sampling",
+            "no block with a trainable parameter (freeze / peft left none inside the blocks)",
+            "a recipe that trains parameters inside the transformer blocks",
+        )
+    if config.method == "lisa":
+        # round half up, as model/depth.py's fractions, but without their floor of one block: 0 is refused
+        draw = math.floor(config.gamma * n + 0.5 + 1e-9)
+        if draw == 0:
+            raise UserError(
+                "layer_sampling.gamma",
+                f"{config.gamma:g}, which draws 0 of the {n} trainable blocks",
+                f"a share that draws at least one block (>= {0.5 / n:.3g} here)",
+            )
+        return draw, 1
+    if config.blocks_per_group > n:
+        raise UserError(
+            "layer_sampling.blocks_per_group",
+            str(config.blocks_per_group),
+            f"at most {n} (the blocks that can train)",
+        )
+    return 1, config.blocks_per_group
+
+
+def model_check(config: LayerSamplingConfig, recipe, facts: ModelFacts) -> None:
+    """The settings against the most blocks the recipe can leave trainable: LoRA and adapters may put
+    weights in every block; otherwise the blocks `freeze` may leave trainable (every one without it)."""
+    n = facts.blocks
+    if recipe.freeze is not None and recipe.peft is None and recipe.adapters is None:
+        n = len(blocks_at_most(recipe.freeze, facts.blocks))
+    units_of(config, n)
+
+
 def sampling(model: nn.Module, config: LayerSamplingConfig, build: Build) -> Sampling:
     """What may train, split into units; a setting the model cannot meet is a UserError."""
     anatomy = build.anatomy
@@ -128,31 +169,8 @@ def sampling(model: nn.Module, config: LayerSamplingConfig, build: Build) -> Sam
         elif config.embeddings or anatomy.slot_of(name) != "embeddings":
             always.append((name, p))
     pool = sorted(by_block)
-    if not pool:
-        raise UserError(
-            "layer_sampling",
-            "no block with a trainable parameter (freeze / peft left none inside the blocks)",
-            "a recipe that trains parameters inside the transformer blocks",
-        )
-    if config.method == "lisa":
-        units = [[b] for b in pool]
-        # round half up, as model/depth.py's fractions, but without their floor of one block: 0 is refused
-        draw = math.floor(config.gamma * len(pool) + 0.5 + 1e-9)
-        if draw == 0:
-            raise UserError(
-                "layer_sampling.gamma",
-                f"{config.gamma:g}, which draws 0 of the {len(pool)} trainable blocks",
-                f"a share that draws at least one block (>= {0.5 / len(pool):.3g} here)",
-            )
-    else:
-        k = config.blocks_per_group
-        if k > len(pool):
-            raise UserError(
-                "layer_sampling.blocks_per_group",
-                str(k),
-                f"at most {len(pool)} (the blocks that can train)",
-            )
-        units, draw = [pool[i : i + k] for i in range(0, len(pool), k)], 1
+    draw, size = units_of(config, len(pool))
+    units = [pool[i : i + size] for i in range(0, len(pool), size)]
     members = [[pair for b in unit for pair in by_block[b]] for unit in units]
     return Sampling(units, members, always, draw)
 
@@ -336,6 +354,7 @@ PART = Part(
     config=LayerSamplingConfig,
     apply=apply,
     check=check,
+    model_check=model_check,
     trunk_cache=trunk_cache,
     callbacks=callbacks,
     params=params,

@@ -48,6 +48,14 @@ from hybridtune.strategy.l2sp import trained_pretrained
 
 ATTR = "hybridtune_mixout"  # the Mixing on each mixed module (a plain attribute: no state-dict entry)
 KINDS = (nn.Linear, Conv1D)  # exact types: a subclass (a quantized or peft layer) has its own forward
+NOTHING = (
+    "no Linear layer whose pretrained weight trains (peft, adapters and a soft prompt freeze the base; "
+    "a frozen base has nothing to mix)"
+)
+EXPECTED = (
+    "full fine-tuning, or base layers kept trainable with `freeze` (e.g. freeze.trainable: "
+    "[{top_k: 2}, head] beside LoRA)"
+)
 
 
 class MixoutConfig(BaseModel):
@@ -119,21 +127,28 @@ def apply(model: nn.Module, config: MixoutConfig, build) -> nn.Module:
         forward = _linear_forward if type(module) is nn.Linear else _conv1d_forward
         module.forward = types.MethodType(forward, module)
         mixed += 1
-    if not mixed:
-        raise UserError(
-            "mixout",
-            "no Linear layer whose pretrained weight trains (peft, adapters and a soft prompt freeze "
-            "the base; a frozen base has nothing to mix)",
-            "full fine-tuning, or base layers kept trainable with `freeze` (e.g. freeze.trainable: "
-            "[{top_k: 2}, head] beside LoRA)",
-        )
+    if not mixed:  # what the recipe alone cannot show (`check`): a `freeze` that keeps no Linear weight
+        raise UserError("mixout", NOTHING, EXPECTED)
     return model
+
+
+def check(config: MixoutConfig, recipe) -> None:
+    """Refused from the recipe alone: a part that adds weights freezes the pretrained base, so with
+    nothing keeping base layers training (`freeze`, `stages`, peft's `modules_to_save`) nothing is mixed."""
+    peft = recipe.peft
+    adds = [key for key in ("peft", "adapters", "soft_prompt") if getattr(recipe, key, None) is not None]
+    kept = recipe.freeze is not None or recipe.stages is not None
+    if peft is not None and peft.kwargs().get("modules_to_save"):
+        kept = True
+    if adds and not kept:
+        raise ValueError(f"mixout: found {NOTHING}; expected {EXPECTED}")
 
 
 PART = Part(
     key="mixout",
     config=MixoutConfig,
     apply=apply,
+    check=check,
     # the paper's grid (0.1 ... 0.9; 0.7-0.9 best on small GLUE tasks)
     search={"p": [0.1, 0.3, 0.5, 0.7, 0.9]},
     summary="Mixout: in training, trained pretrained Linear weights take their pretrained value with "

@@ -131,6 +131,17 @@ class PeftConfig(BaseModel):
         return out
 
 
+def dropout(config: PeftConfig) -> float:
+    """The largest dropout the method's own layers apply in training (LoRA's lora_dropout, LoHa's
+    module_dropout, ...): peft's keys ending in `dropout`, with our defaults; 0 when none."""
+    rates = [
+        v
+        for k, v in config.kwargs().items()
+        if k.endswith("dropout") and isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    return float(max(rates, default=0))
+
+
 # --------------------------------------------------------------------------------------------------
 # defaults per architecture
 

@@ -38,12 +38,13 @@ from torch import nn
 
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import unwrap
+from hybridtune.model.facts import ModelFacts
 from hybridtune.strategy.base import LossTerm, Part
 from hybridtune.strategy.label_loss import IGNORE, align, loss_of
 from hybridtune.strategy.objective import task_weight as mixed_task_weight
+from hybridtune.strategy.peft import dropout as peft_dropout
 
 ATTR = "hybridtune_rdrop"  # the RDrop, a plain attribute of the transformers model
-DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
 class RDropConfig(BaseModel):
@@ -59,18 +60,6 @@ class RDrop:
 
     def __init__(self, shift: bool, scale: float):
         self.shift, self.scale = shift, scale
-
-
-def dropout_rates(model: nn.Module) -> dict[str, float]:
-    """The dropout probabilities above 0: the dropout modules' (peft's lora_dropout and adapters'
-    included) and the model config's (Llama's attention dropout is an argument, not a module)."""
-    out = {name: m.p for name, m in model.named_modules() if isinstance(m, DROPOUT) and m.p > 0}
-    config = getattr(unwrap(model), "config", None)
-    for key, value in (config.to_dict() if config is not None else {}).items():
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ("dropout" in key or "pdrop" in key) and number and value > 0:
-            out[f"config.{key}"] = float(value)
-    return out
 
 
 def symmetric_kl(
@@ -98,13 +87,18 @@ def state_of(model: nn.Module) -> RDrop | None:
     return getattr(unwrap(getattr(model, "module", model)), ATTR, None)
 
 
-def apply(model: nn.Module, config: RDropConfig, build) -> nn.Module:
-    if not dropout_rates(model):
+def model_check(config: RDropConfig, recipe, facts: ModelFacts) -> None:
+    """A model without dropout is refused, unless peft's layers add theirs (LoRA's lora_dropout)."""
+    if facts.dropout == 0 and not (recipe.peft is not None and peft_dropout(recipe.peft) > 0):
         raise UserError(
             "rdrop",
-            f"model {build.recipe.model.name!r} whose dropout probabilities are all 0",
-            "a model with dropout > 0 (R-Drop's two passes differ only by their dropout masks)",
+            f"model {recipe.model.name!r} whose dropout probabilities are all 0",
+            "a model with dropout > 0, or peft.lora_dropout > 0 (R-Drop's two passes differ only by "
+            "their dropout masks)",
         )
+
+
+def apply(model: nn.Module, config: RDropConfig, build) -> nn.Module:
     recipe = build.recipe
     shift = recipe.task == "causal_lm"
     if shift:  # both passes' losses per-batch means: Trainer then divides by the accumulation steps
@@ -151,6 +145,7 @@ PART = Part(
     config=RDropConfig,
     apply=apply,
     check=check,
+    model_check=model_check,
     loss_terms=loss_terms,
     trunk_cache=trunk_cache,
     # the paper tunes α per task (about 0.1 on GLUE up to 5 for translation; ours is half theirs)

@@ -1,0 +1,43 @@
+"""What can be known of a model before any strategy part applies: its depth, a block's linear layers,
+its dropout. `hybridtune search` reads them from the model's config alone (the model built on the
+meta device, no weights loaded: search/setup.py); run.prepare from the loaded model. Both with
+`facts_of`, so a part's `model_check` (strategy/base.py) judges a trial's recipe at search time as
+the run would judge it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from hybridtune.model.anatomy import Anatomy, unwrap
+
+DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    blocks: int  # the number of transformer blocks (Anatomy.num_blocks)
+    linear: tuple[str, ...] = ()  # a block's nn.Linear layers, named relative to the block
+    dropout: float = 0.0  # the largest dropout probability (dropout_rates); 0: none anywhere
+
+
+def dropout_rates(model: nn.Module) -> dict[str, float]:
+    """The dropout probabilities above 0: the dropout modules' (peft's lora_dropout included, on a
+    peft model) and the model config's (Llama's attention dropout is an argument, not a module)."""
+    out = {name: m.p for name, m in model.named_modules() if isinstance(m, DROPOUT) and m.p > 0}
+    config = getattr(unwrap(model), "config", None)
+    for key, value in (config.to_dict() if config is not None else {}).items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ("dropout" in key or "pdrop" in key) and number and value > 0:
+            out[f"config.{key}"] = float(value)
+    return out
+
+
+def facts_of(model: nn.Module) -> ModelFacts:
+    """The facts of a model (a plain transformers one, on any device, the meta device included)."""
+    anatomy = Anatomy.of(model)
+    block = unwrap(model).get_submodule(f"{anatomy.blocks_path}.0")
+    linear = tuple(name for name, m in block.named_modules() if isinstance(m, nn.Linear))
+    return ModelFacts(anatomy.num_blocks, linear, max(dropout_rates(model).values(), default=0.0))
