@@ -35,7 +35,9 @@ class PruningCallback(TrainerCallback):
     training stops at once, cleanly (Trainer's own stop: callbacks end, the event file closes), and
     `trial.py` marks the trial pruned. A multi-objective study cannot prune (Optuna has no
     intermediate values for several objectives): there it only counts. `on_evaluation(value, n)`,
-    when given, hears each evaluation too (the Ray backend reports it to Ray Tune's scheduler)."""
+    when given, hears each evaluation too (the Ray backend reports it to Ray Tune's scheduler).
+    `floor`: the constant answer's score (search/setup.py); from the second evaluation on, a trial no
+    better than it stops whatever the pruner says, and `why` says so."""
 
     def __init__(
         self, trial: optuna.Trial, metric: str, prune: bool, on_evaluation=None, floor: float | None = None
