@@ -58,6 +58,9 @@ class Context:
     report_to: list[str] = field(default_factory=list)  # the base's train.report_to: every trial's
     # parts of the default space this base cannot take (key -> why): left out of the search
     left_out: dict[str, str] = field(default_factory=dict)
+    # the validation metric of always answering the most frequent label (tasks/baseline.py); a trial
+    # no better than it at its second evaluation or later stops (search/trial.py); None: no floor
+    floor: float | None = None
 
     @property
     def blocks(self) -> int:
@@ -233,6 +236,7 @@ def resolve(space: Space, origin: str) -> Context:
         seed=recipe.train.seed,
         explicit_eval_steps=bool((raw.get("train") or {}).get("eval_steps")),
         report_to=list(recipe.train.report_to),
+        floor=_floor(recipe, metric, splits.validation),
     )
     _check_corners(ctx)
     if space.lr_range_test is not None:  # the recipe each family's lr range test trains (search/lr_range.py)
@@ -241,6 +245,19 @@ def resolve(space: Space, origin: str) -> Context:
         for family in tested(space):
             validate_recipe(range_recipe(ctx, family), f"{origin}: lr_range_test ({family})")
     return ctx
+
+
+def _floor(recipe, metric: str, validation) -> float | None:
+    """The constant answer's validation score, for a task with a label column (tasks/baseline.py)."""
+    from hybridtune.tasks import baseline
+
+    column = recipe.data.label_column
+    if not tasks.spec(recipe.task).label_space or column not in validation:
+        return None
+    gold = validation[column].tolist()
+    if any(isinstance(g, (list, tuple)) for g in gold[:1]):  # per-word tags: not a constant answer
+        return None
+    return baseline.constant_answer_score(metric, gold)
 
 
 def _check_corners(ctx: Context) -> None:

@@ -35,12 +35,17 @@ class PruningCallback(TrainerCallback):
     training stops at once, cleanly (Trainer's own stop: callbacks end, the event file closes), and
     `trial.py` marks the trial pruned. A multi-objective study cannot prune (Optuna has no
     intermediate values for several objectives): there it only counts. `on_evaluation(value, n)`,
-    when given, hears each evaluation too (the Ray backend reports it to Ray Tune's scheduler)."""
+    when given, hears each evaluation too (the Ray backend reports it to Ray Tune's scheduler).
+    `floor`: the constant answer's score (search/setup.py); from the second evaluation on, a trial no
+    better than it stops whatever the pruner says, and `why` says so."""
 
-    def __init__(self, trial: optuna.Trial, metric: str, prune: bool, on_evaluation=None):
+    def __init__(
+        self, trial: optuna.Trial, metric: str, prune: bool, on_evaluation=None, floor: float | None = None
+    ):
         self.trial, self.key, self.prune = trial, f"eval_{metric}", prune
         self.evaluations, self.pruned, self.curve = 0, False, []
         self.on_evaluation = on_evaluation
+        self.metric, self.floor, self.why = metric, floor, None
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 2:
@@ -57,9 +62,19 @@ class PruningCallback(TrainerCallback):
         if not self.prune:
             return
         self.trial.report(value, self.evaluations)
-        if self.trial.should_prune():
+        if self.at_chance(value):
+            self.why = (
+                f"stopped at evaluation {self.evaluations}: validation {self.metric} {value:.4f} is no "
+                f"better than always answering the most frequent label ({self.floor:.4f})"
+            )
+        if self.why or self.trial.should_prune():
             self.pruned = True
             control.should_training_stop = True
+
+    def at_chance(self, value: float) -> bool:
+        """From the second evaluation on, a score no better than the constant answer's (the first may
+        come before a staged run trains its body, or within warm-up)."""
+        return self.floor is not None and self.evaluations >= 2 and value <= self.floor + 1e-9
 
 
 def trial_recipe(ctx: Context, trial: Any, out: Path):
@@ -164,7 +179,7 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
             on_evaluation(value, n, info | so_far)
 
     callback = PruningCallback(
-        trial, ctx.metric, prune=not multi and ctx.space.pruner != "none", on_evaluation=hook
+        trial, ctx.metric, prune=not multi and ctx.space.pruner != "none", on_evaluation=hook, floor=ctx.floor
     )
     callbacks = [callback]
     if "mlflow" in recipe.train.report_to:
@@ -176,6 +191,8 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
         state, info["error"] = "failed", str(e)
     else:
         state = "pruned" if callback.pruned else "complete"
+        if callback.why:
+            info["error"] = callback.why  # the trials table's note: why it stopped
         info |= {
             "value": summary["best_validation"],
             "trainable": summary["trainable"],

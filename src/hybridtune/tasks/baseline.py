@@ -88,3 +88,19 @@ def token_warnings(scores: dict, base: dict, words: int, entities: int) -> list[
 def short(warnings: Sequence[str]) -> list[str]:
     """The kinds of the warnings ("majority baseline", "one class", ...), as compare shows them."""
     return [w.split(":", 1)[0] for w in warnings]
+
+
+def constant_answer_score(metric: str, gold: Sequence) -> float | None:
+    """What answering the most frequent label of `gold` for every example scores under a classifier's
+    validation `metric`: accuracy, that label's share p; macro-F1 (scikit-learn's, over the k labels
+    present), 2p / (1 + p) for that label and 0 for the k - 1 others, averaged. None for any other
+    metric (no constant-answer score is known for it here) and for an empty split."""
+    counts = Counter(gold)
+    if not counts:
+        return None
+    p = max(counts.values()) / len(gold)
+    if metric == "accuracy":
+        return p
+    if metric == "f1_macro":
+        return 2 * p / (1 + p) / len(counts)
+    return None

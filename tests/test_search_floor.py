@@ -1,0 +1,94 @@
+"""The search's floor: a trial no better than always answering the most frequent label, at its second
+evaluation or later, stops there (search/trial.py), whatever the pruner's rungs say."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from sklearn.metrics import accuracy_score, f1_score
+
+from hybridtune.search import run_search
+from hybridtune.search.trial import PruningCallback
+from hybridtune.tasks.baseline import constant_answer_score
+from tests.conftest import sentiment_rows, write_csv
+from tests.test_search import _space
+
+
+def test_constant_answer_score_is_sklearns_on_a_constant_prediction():
+    rng = random.Random(3)
+    gold = rng.choices(["a", "b", "c"], weights=[5, 3, 2], k=200)
+    majority = max(set(gold), key=gold.count)
+    constant = [majority] * len(gold)
+    assert constant_answer_score("accuracy", gold) == pytest.approx(accuracy_score(gold, constant))
+    assert constant_answer_score("f1_macro", gold) == pytest.approx(
+        f1_score(gold, constant, average="macro", zero_division=0)
+    )
+    assert constant_answer_score("loss", gold) is None and constant_answer_score("accuracy", []) is None
+
+
+class _Trial:
+    def __init__(self):
+        self.reported = []
+
+    def report(self, value, step):
+        self.reported.append((step, value))
+
+    def should_prune(self):
+        return False  # the pruner's rungs never stop it: only the floor can
+
+
+def _evaluate(callback, values) -> list[bool]:
+    stops = []
+    for step, value in enumerate(values, 1):
+        control = SimpleNamespace(should_training_stop=False)
+        callback.on_evaluate(
+            None, SimpleNamespace(global_step=step), control, metrics={"eval_accuracy": value}
+        )
+        stops.append(control.should_training_stop)
+    return stops
+
+
+def test_the_floor_stops_from_the_second_evaluation_on():
+    at_chance = PruningCallback(_Trial(), "accuracy", prune=True, floor=0.5)
+    assert _evaluate(at_chance, [0.5, 0.5]) == [False, True]  # the first evaluation is spared
+    assert at_chance.pruned and "no better than always answering the most frequent label" in at_chance.why
+    learning = PruningCallback(_Trial(), "accuracy", prune=True, floor=0.5)
+    assert _evaluate(learning, [0.5, 0.62, 0.7, 0.75]) == [False] * 4 and learning.why is None
+    relapsed = PruningCallback(_Trial(), "accuracy", prune=True, floor=0.5)
+    assert _evaluate(relapsed, [0.4, 0.6, 0.49]) == [False, False, True]
+    unpruned = PruningCallback(_Trial(), "accuracy", prune=False, floor=0.5)  # pruner: none
+    assert _evaluate(unpruned, [0.5, 0.5, 0.5]) == [False] * 3
+
+
+def test_a_search_stops_trials_at_the_constant_answers_score(tmp_path, tiny_bert):
+    """A validation split of one label: the constant answer scores 100 %, so no trial can beat it and
+    every trial stops at its second of 4 evaluations, saying why; without a floor they would all run on
+    (`pruner: none`)."""
+    rows = sentiment_rows(160)
+    train = write_csv(tmp_path / "train.csv", rows[:120])
+    positive = [r for r in rows[120:] if r[1] == "positive"]
+    validation = write_csv(tmp_path / "validation.csv", positive)
+    test = write_csv(tmp_path / "test.csv", rows[120:])
+    space = _space(tmp_path / "space.yaml", tiny_bert, str(train), verdict={"top": 0})
+    raw = yaml.safe_load(space.read_text())
+    raw["base"]["data"] = {
+        "train": str(train),
+        "validation": str(validation),
+        "test": str(test),
+        "max_length": 48,
+    }
+    space.write_text(yaml.safe_dump(raw))
+    out = run_search(
+        str(space), ["families=[full]"], str(tmp_path / "out"), trials=2, threads=1, echo=lambda *_: None
+    )
+    trials = json.loads((Path(out) / "trials.json").read_text())["trials"]
+    assert [t["state"] for t in trials] == ["pruned", "pruned"]
+    assert [t["evaluations"] for t in trials] == [2, 2]
+    assert all(
+        "no better than always answering the most frequent label (1.0000)" in t["error"] for t in trials
+    )
