@@ -75,7 +75,10 @@ class AdversarialConfig(BaseModel):
 
     @model_validator(mode="after")
     def _pgd_keys(self) -> AdversarialConfig:
-        given = [k for k in PGD_ONLY if k in self.model_fields_set]
+        # a key at its default is not a choice: a run dir's recipe.yaml writes every default, and
+        # must run again as is
+        fields = type(self).model_fields
+        given = [k for k in PGD_ONLY if k in self.model_fields_set and getattr(self, k) != fields[k].default]
         if self.method == "fgm" and given:
             raise ValueError(
                 f"adversarial.{given[0]}: found it with method fgm, which takes one step of size "
