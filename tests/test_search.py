@@ -186,7 +186,8 @@ def test_weak_trials_are_pruned_early(tmp_path, tiny_bert, sentiment_csv):
 
 
 def test_kill_9_mid_search_and_resume_keeps_finished_trials(tmp_path, tiny_bert, sentiment_csv):
-    space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0})
+    # no pruning (nor the floor): every trial that is not killed runs to its end
+    space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0}, pruner="none")
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -333,9 +334,9 @@ def test_lora_on_every_linear_layer_of_the_top_blocks(tmp_path, tiny_bert, senti
     """`all-linear` with a layer share: the block's linear layers by name (peft's own `all-linear`
     refuses layers_to_transform), LoRA only in the top block of two."""
     space = _space(
-        tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0},
+        tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0}, pruner="none",
         families={"lora": {"r": 2, "target_modules": "all-linear", "layer_share": 0.5}},
-    )  # fmt: skip
+    )  # fmt: skip (pruner none: a tiny LoRA at chance at its 2nd evaluation would meet the floor)
     root = run_search(str(space), [], str(tmp_path / "out"), trials=1, threads=1, echo=lambda *_: None)
     (trial,) = _trials(root)
     assert trial["state"] == "complete", trial
