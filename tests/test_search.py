@@ -332,11 +332,12 @@ def test_a_dir_holding_another_study_is_refused(tmp_path, tiny_bert, sentiment_c
 
 def test_lora_on_every_linear_layer_of_the_top_blocks(tmp_path, tiny_bert, sentiment_csv):
     """`all-linear` with a layer share: the block's linear layers by name (peft's own `all-linear`
-    refuses layers_to_transform), LoRA only in the top block of two."""
+    refuses layers_to_transform), LoRA only in the top block of two. No pruning: a tiny LoRA still at
+    chance at its 2nd evaluation would meet the floor."""
     space = _space(
         tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0}, pruner="none",
         families={"lora": {"r": 2, "target_modules": "all-linear", "layer_share": 0.5}},
-    )  # fmt: skip (pruner none: a tiny LoRA at chance at its 2nd evaluation would meet the floor)
+    )  # fmt: skip
     root = run_search(str(space), [], str(tmp_path / "out"), trials=1, threads=1, echo=lambda *_: None)
     (trial,) = _trials(root)
     assert trial["state"] == "complete", trial
