@@ -128,6 +128,7 @@ def test_search_trials_are_runs_of_the_search_experiment(tmp_path, tiny_bert, se
         "families": {"full": {"lr": 5e-3}, "bitfit": {"lr": 1e-2}},
         "parts": {},  # the families alone
         "enqueue": [{"family": "full"}, {"family": "bitfit"}],
+        "pruner": "none",  # both trials run to the end (no rungs, no floor): the verdict has a trial
         "train": {"epochs": 1.0, "batch_size": 16, "warmup": 0.0, "weight_decay": 0.0, "schedule": "linear"},
         "verdict": {
             "top": 1,
