@@ -297,6 +297,12 @@ def test_plot_labels_never_overlap():
     ],
 )
 def test_bad_input_exits_2_before_writing(tmp_path, tiny_bert, sentiment_csv, extra, args, words):
+    refused_before_writing(tmp_path, tiny_bert, sentiment_csv, args, words, **extra)
+
+
+def refused_before_writing(tmp_path, tiny_bert, sentiment_csv, args, words, **extra) -> None:
+    """`hybridtune search` on `_space(**extra)` with `args`: exit 2, one line with each of `words`,
+    the search dir never made."""
     from typer.testing import CliRunner
 
     from hybridtune.cli import app

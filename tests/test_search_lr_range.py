@@ -17,7 +17,7 @@ from hybridtune.search.params import Param
 from hybridtune.search.setup import load_space, resolve
 from hybridtune.search.space import LrRangeTest
 
-from .test_search import _space
+from .test_search import _space, refused_before_writing
 
 
 def _context(tmp_path: Path, tiny_bert: str, data: str, **test):
@@ -151,16 +151,4 @@ def test_typical_values_of_a_setting():
     ],
 )
 def test_bad_settings_exit_2_before_writing(tmp_path, tiny_bert, sentiment_csv, value, words):
-    from typer.testing import CliRunner
-
-    from hybridtune.cli import app
-
-    space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv, lr_range_test=value)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["search", str(space), "--out", str(out), "--trials", "1"])
-    message = result.stderr.strip()
-    assert result.exit_code == 2, (result.exit_code, message, result.exception)
-    assert len(message.splitlines()) == 1 and "found" in message and "expected" in message, message
-    for word in words:
-        assert word in message, (word, message)
-    assert not out.exists()
+    refused_before_writing(tmp_path, tiny_bert, sentiment_csv, [], words, lr_range_test=value)
