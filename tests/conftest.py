@@ -34,6 +34,7 @@ SLOW_FIRST = (
     "test_ensemble.py",
     "test_strategies_peft.py",
     "test_distill.py",
+    "test_distill_cli.py",
 )
 
 
@@ -67,6 +68,19 @@ def write_csv(path: Path, rows, header=("text", "label")) -> Path:
         writer.writerow(header)
         writer.writerows(rows)
     return path
+
+
+# three reviews a trained model predicts on (test_strategies_peft*.py)
+TEXTS = ["the film was great and charming", "a dull and tedious story", "quite the messy plot"]
+
+
+def cli(args: list[str]):
+    """`hybridtune ARGS` in this process (typer's CliRunner): the result's exit_code, stdout, stderr."""
+    from typer.testing import CliRunner
+
+    from hybridtune.cli import app
+
+    return CliRunner().invoke(app, args)
 
 
 @pytest.fixture(scope="session")
@@ -154,6 +168,30 @@ def tiny_gpt2(tmp_path_factory, tokenizer_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_distilbert(tmp_path_factory, tokenizer_dir) -> str:
+    """An architecture peft has no IA3 table for."""
+    import torch
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    assert "distilbert" not in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = DistilBertConfig(
+        vocab_size=tokenizer.vocab_size,
+        dim=32,
+        hidden_dim=64,
+        n_layers=2,
+        n_heads=2,
+        max_position_embeddings=128,
+    )
+    out = tmp_path_factory.mktemp("tiny-distilbert")
+    DistilBertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def still_bert(tmp_path_factory, tokenizer_dir) -> str:
     """3 blocks, no dropout: training with and without a cache computes the same (test_trunk_cache)."""
     return _save_tiny("bert", tmp_path_factory.mktemp("still-bert"), tokenizer_dir, layers=3, dropout=False)
@@ -223,8 +261,30 @@ def trained_run(tmp_path_factory, tiny_bert, sentiment_csv):
 @pytest.fixture(scope="session")
 def teacher_run(trained_run) -> Path:
     """A finished classification run with the labels negative, positive: the `distill.teacher` of
-    test_distill and of the example recipes with a `distill` section (test_recipes, test_matrix)."""
+    test_distill*.py and of the example recipes with a `distill` section (test_recipes, test_matrix)."""
     return trained_run("teacher")
+
+
+DISTILL_T, DISTILL_ALPHA = 3.0, 0.3  # distill.temperature and distill.alpha of distill_overrides
+
+
+def distill_overrides(model: str, data: str, out: Path, teacher: Path, *extra: str) -> list[str]:
+    """Overrides for a 6-step distillation of `teacher` (a run dir) into `model` on `data`, into `out`
+    (test_distill*.py)."""
+    return [
+        f"model={model}",
+        f"data.source={data}",
+        "train.max_steps=6",
+        "train.batch_size=16",
+        "train.lr=0.005",
+        "train.precision=fp32",
+        "train.logging_steps=1",
+        f"output.dir={out}",
+        f"distill.teacher={teacher}",
+        f"distill.temperature={DISTILL_T}",
+        f"distill.alpha={DISTILL_ALPHA}",
+        *extra,
+    ]
 
 
 @pytest.fixture

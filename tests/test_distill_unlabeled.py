@@ -2,7 +2,7 @@
 the texts join the Trainer's training set with the label -100 and the teacher's soft labels, the steps
 grow with them, a batch of them only learns alpha·T²·KL, the trunk cache, chunks and the few-shot
 `train_rest` work with them, a killed run resumes exactly, and bad input stops before anything is
-written. (tests/test_distill.py has the part itself.)"""
+written. (tests/test_distill.py has the part itself, tests/test_distill_cli.py the command.)"""
 
 from __future__ import annotations
 
@@ -22,8 +22,11 @@ from hybridtune.recipe import load_recipe
 from hybridtune.strategy import distill
 from hybridtune.train.engine import make_trainer, training_arguments
 
+from .conftest import DISTILL_ALPHA as ALPHA
+from .conftest import DISTILL_T as T
+from .conftest import distill_overrides as _overrides
 from .conftest import sentiment_rows, write_csv
-from .test_distill import ALPHA, T, _overrides, _refused
+from .test_distill_cli import _refused
 from .test_resume import _killed, _train
 
 N_UNLABELLED = 40
