@@ -29,6 +29,7 @@ import shutil
 import statistics
 from pathlib import Path
 
+from hybridtune import run as one_run
 from hybridtune import rundir
 from hybridtune.errors import TrainingStopped, UserError
 from hybridtune.recipe import validate_recipe
@@ -62,8 +63,6 @@ def score(raw: dict, seed: int, target: Path, echo, tracked=None) -> dict:
     error = None
     if not report.is_file() and not failed.is_file():
         shutil.rmtree(target, ignore_errors=True)  # an unfinished run of ours: start it over
-        from hybridtune import run as one_run
-
         run = copy.deepcopy(raw)
         run.setdefault("train", {})["seed"] = seed
         run["output"] = {"dir": str(target.parent), "name": target.name}
