@@ -83,9 +83,13 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"search: {' '.join(cmd[2:])}")
     print(
-        f"  wall {searched['wall_s']:.0f} s (trials + verdict), peak RSS {searched['max_rss_mib']:.0f} MiB; "
+        f"  wall {searched['wall_s']:.0f} s (trials + confirmation + verdict), peak RSS {searched['max_rss_mib']:.0f} MiB; "
         f"{len(trials)} trials: {states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed"
     )
+    for c in verdict.get("confirm", {}).get("trials", []):  # search/confirm.py: validation, by seed
+        shown = ", ".join("failed" if v is None else f"{v:.4f}" for v in c["values"])
+        mean = "-" if c["mean"] is None else f"{c['mean']:.4f}"
+        print(f"  confirm {c['name']} ({c['family']}), seeds {c['seeds']}: {shown}; mean {mean}{' (chosen)' if c.get('chosen') else ''}")  # fmt: skip
     for sentence in verdict["sentences"]:
         print(f"  {sentence}")
     if not one_by_one:

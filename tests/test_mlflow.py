@@ -159,8 +159,15 @@ def test_search_trials_are_runs_of_the_search_experiment(tmp_path, tiny_bert, se
     tagged = {(r.data.tags["verdict"], r.data.tags["seed"]): r for r in every if "verdict" in r.data.tags}
     assert sorted(tagged) == sorted((c["name"], str(verdict["seeds"][0])) for c in verdict["candidates"])
     assert all(r.info.status == "FINISHED" and r.data.params["train.seed"] == "43" for r in tagged.values())
-    assert len(every) == 4  # 2 trials + 2 verdict runs, nothing else
-    for stray in (root / "trials" / "mlruns", root / "verdict" / "mlruns"):
+    # the confirmation's runs (both trials, seed 1042, before the verdict): the same experiment, tagged
+    confirmed = {r.data.tags["confirm"]: r for r in every if "confirm" in r.data.tags}
+    assert sorted(confirmed) == [f"trial-{t['number']:04d}" for t in trials]
+    assert all(
+        r.data.tags["seed"] == "1042" and r.data.params["train.seed"] == "1042" for r in confirmed.values()
+    )
+    assert all(r.info.status == "FINISHED" for r in confirmed.values())
+    assert len(every) == 6  # 2 trials + 2 confirmation runs + 2 verdict runs, nothing else
+    for stray in (root / "trials" / "mlruns", root / "confirm" / "mlruns", root / "verdict" / "mlruns"):
         assert not stray.exists()  # one store per search: its own dir's
 
 

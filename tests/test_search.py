@@ -294,6 +294,8 @@ def test_plot_labels_never_overlap():
         ({}, ["base.train.epochs=3"], ["base.train.epochs", "train.epochs"]),
         ({}, ["--budget", "0.001s"], ["--budget", "too small for one trial"]),
         ({}, ["--budget", "soon"], ["--budget", "60m"]),
+        ({"verdict": {"top": 1, "confirm": -1}}, [], ["verdict.confirm", "-1", "greater than or equal to 0"]),
+        ({}, ["verdict.confirm_seeds=0"], ["verdict.confirm_seeds", "greater than or equal to 1"]),
     ],
 )
 def test_bad_input_exits_2_before_writing(tmp_path, tiny_bert, sentiment_csv, extra, args, words):

@@ -159,6 +159,26 @@ def verdict_table(verdict: dict) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def confirm_table(verdict: dict) -> tuple[list[str], list[list[str]]]:
+    """The confirmation (search/confirm.py): per confirmed trial its validation score with the
+    search's seed and with each confirmation seed, their mean, and whether the verdict took it."""
+    metric, confirm = verdict["metric"], verdict["confirm"]
+    search_seed = confirm["trials"][0]["seeds"][0] if confirm["trials"] else "-"
+    seeds = ", ".join(map(str, confirm["seeds"]))
+    header = ["trial", "family", f"val {metric}, seed {search_seed}", f"val {metric}, seed {seeds}", "mean", "chosen"]  # fmt: skip
+    scale = 100 if higher_is_better(metric) else 1
+
+    def shown(value) -> str:
+        return "failed" if value is None else f"{scale * value:.2f}"
+
+    body = [
+        [c["name"], c["family"], shown(c["values"][0]), ", ".join(shown(v) for v in c["values"][1:]),
+         shown(c["mean"]), "yes" if c.get("chosen") else ""]
+        for c in confirm["trials"]
+    ]  # fmt: skip
+    return header, body
+
+
 def write_outputs(root: Path, study, ctx: Context) -> dict:
     rows = trial_rows(study)
     rundir.write_json(
@@ -252,6 +272,12 @@ def html_report(
         parts.append("<h2>Verdict (test split, retrained with fresh seeds)</h2>")
         parts += [f"<p><b>{html.escape(s)}</b></p>" for s in verdict["sentences"]]
         parts.append(_table(header, body, "verdict"))
+        if verdict.get("confirm"):
+            header, body = confirm_table(verdict)
+            parts.append(
+                "<h3>Chosen by the mean over seeds (validation; search/confirm.py)</h3>"
+                + _table(header, body, "confirm")
+            )
     if images:
         imgs = "".join(
             f'<img id="{html.escape(k)}" alt="{html.escape(k)}" src="data:image/png;base64,{base64.b64encode(v).decode()}">'

@@ -64,6 +64,16 @@ class VerdictConfig(BaseModel):
         description="recipe keys of the reference on top of `base` (default: the default recipe, "
         "full fine-tuning)",
     )
+    confirm: int = Field(
+        3,
+        ge=0,
+        description="before the verdict, retrain this many best trials (and with `light` the as many "
+        "best light ones) with `confirm_seeds` more seeds, on validation only, and pick the verdict's "
+        "recipes by the mean over seeds (search/confirm.py; 0: pick on the search's seed alone)",
+    )
+    confirm_seeds: int = Field(
+        1, ge=1, description="seeds per confirmed trial (the search's seed + 1000, + 1001, ...)"
+    )
 
 
 class LrRangeTest(BaseModel):

@@ -9,6 +9,10 @@ same data order and head initialisation), so the seed-to-seed noise they share c
 difference; the 95 % interval of the mean paired difference is Student's t with n - 1 degrees of
 freedom. Better / worse when the interval excludes zero, else "no difference detectable" (the
 statistics: report/stats.py, which `hybridtune compare --reference` uses too).
+
+Which recipes: with `verdict.confirm` (the default) the best trials are first retrained with more
+seeds on validation (search/confirm.py) and ranked by the mean over seeds, so that a recipe stable
+across seeds wins over one lucky seed; with `confirm: 0`, by the search seed's score alone.
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ from hybridtune import run as one_run
 from hybridtune import rundir
 from hybridtune.recipe import load_recipe, recipe_to_yaml, validate_recipe
 from hybridtune.report.stats import higher_is_better, paired, sentence
+from hybridtune.search.confirm import light_enough, run_confirm
 from hybridtune.search.setup import Context, finish
 
 __all__ = ["paired", "run_verdict"]
 
 
-def candidates(study, ctx: Context, top: int, light: float | None = None) -> list[dict]:
-    """The `top` best complete trials by validation metric, one per distinct recipe; with `light`,
-    also the best one training at most `light` % of the parameters, when the top ones hold none."""
+def ranked(study, ctx: Context) -> list[tuple]:
+    """The complete trials, best first by the search seed's validation score, one (trial, recipe)
+    per distinct recipe."""
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     done.sort(key=lambda t: t.values[0], reverse=higher_is_better(ctx.metric))
     distinct, seen = [], set()
@@ -39,14 +44,36 @@ def candidates(study, ctx: Context, top: int, light: float | None = None) -> lis
         if key not in seen:
             seen.add(key)
             distinct.append((t, recipe))
+    return distinct
+
+
+def by_mean(distinct: list[tuple], means: dict[int, float | None], up: bool) -> list[tuple]:
+    """The confirmed trials first, best mean first (search/confirm.py), then the unconfirmed ones in
+    the search's order, then those whose confirmation failed (mean None): a recipe that did not
+    train with a fresh seed is the least stable. Equal means keep the search's order."""
+
+    def key(pair):
+        mean = means.get(pair[0].number, 0.0)
+        group = 2 if mean is None else 0 if pair[0].number in means else 1
+        return group, (-mean if up else mean) if group == 0 else 0.0
+
+    return sorted(distinct, key=key)
+
+
+def candidates(
+    study, ctx: Context, top: int, light: float | None = None, means: dict[int, float | None] | None = None
+) -> list[dict]:
+    """The `top` best complete trials by validation metric, one per distinct recipe; with `light`,
+    also the best one training at most `light` % of the parameters, when the top ones hold none.
+    With `means` (trial number -> mean over seeds, from the confirmation), the confirmed trials are
+    ranked by it, ahead of the others (`by_mean`)."""
+    distinct = ranked(study, ctx)
+    if means:
+        distinct = by_mean(distinct, means, higher_is_better(ctx.metric))
     chosen = distinct[:top]
     if light is not None and top > 0:
-
-        def is_light(pair):
-            return pair[0].user_attrs.get("trainable_pct", 100.0) <= light
-
-        if not any(is_light(c) for c in chosen):
-            chosen += [c for c in distinct if is_light(c)][:1]
+        if not any(light_enough(t, light) for t, _ in chosen):
+            chosen += [c for c in distinct if light_enough(c[0], light)][:1]
     out = []
     for t, recipe in chosen:
         raw = recipe.model_dump(mode="json", exclude_unset=False)
@@ -98,8 +125,16 @@ def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
     seeds = [ctx.seed + 1 + i for i in range(verdict_cfg.seeds)]
     metric = ctx.metric
     up = higher_is_better(metric)
+    confirmed = None  # first, before anything of the verdict trains: stable over lucky
+    if verdict_cfg.confirm:
+        confirmed = run_confirm(root, ctx, ranked(study, ctx), echo)
+    means = {c["trial"]: c["mean"] for c in confirmed["trials"]} if confirmed else None
     entries = [{"name": "reference", "trial": None, "family": "full (reference)", "raw": reference(ctx)}]
-    entries += candidates(study, ctx, verdict_cfg.top, verdict_cfg.light)
+    entries += candidates(study, ctx, verdict_cfg.top, verdict_cfg.light, means)
+    if confirmed:
+        picked = {e["trial"] for e in entries}
+        for c in confirmed["trials"]:
+            c["chosen"] = c["trial"] in picked
     for entry in entries:
         runs = [root / "verdict" / f"{entry['name']}-s{seed}" for seed in seeds]
         entry["runs"] = [str(r) for r in runs]
@@ -121,6 +156,7 @@ def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
         "seeds": seeds,
         "candidates": [{k: v for k, v in e.items() if k != "raw"} for e in entries],
         "sentences": sentences,
+        **({"confirm": confirmed} if confirmed else {}),
     }
     rundir.write_json(root / "verdict.json", out)
     for s in sentences:
