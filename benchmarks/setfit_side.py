@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
+import tempfile
 import time
 
 
@@ -48,11 +50,13 @@ def main() -> None:
         body_learning_rate=a.body_lr,
         seed=a.seed,
         report_to="none",
+        output_dir=tempfile.mkdtemp(prefix="setfit-"),  # its checkpoints: not into the caller's cwd
     )
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     args = TrainingArguments(**{k: v for k, v in settings.items() if k in known})
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(train))
     trainer.train()
+    shutil.rmtree(settings["output_dir"], ignore_errors=True)
     train_s = time.perf_counter() - started
     predicted = model.predict([r["text"] for r in test])
     predicted = [p.item() if hasattr(p, "item") else p for p in predicted]

@@ -193,13 +193,14 @@ def predict(
 ) -> None:
     """Classify texts (or find their entities) with a finished run."""
     from hybridtune import api
+    from hybridtune.data.sources import text_lines
 
     items = list(texts or [])
     if file is not None:
         if not file.is_file():
             raise UserError(f"--file {file}", "no such file", "a text file with one text per line")
         try:
-            lines = file.read_text(encoding="utf-8-sig").splitlines()
+            lines = text_lines(file.read_text(encoding="utf-8-sig"))
         except UnicodeDecodeError:
             raise UserError(f"--file {file}", "bytes that are not UTF-8", "a UTF-8 text file") from None
         items += [line for line in lines if line.strip()]

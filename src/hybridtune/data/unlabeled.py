@@ -30,7 +30,7 @@ import pandas as pd
 
 from hybridtune import bundled
 from hybridtune.data import Splits, check_columns, check_texts
-from hybridtune.data.sources import read_table
+from hybridtune.data.sources import read_table, text_lines
 from hybridtune.errors import UserError
 
 TRAIN_REST = "train_rest"
@@ -119,7 +119,7 @@ def _read_lines(path: Path, column: str) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(KEY, f"'{path}' (no such file)", "a csv/tsv/jsonl/json/parquet/txt file")
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        lines = text_lines(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as e:
         raise UserError(
             str(path), f"bytes that are not UTF-8 at byte {e.start}", "a UTF-8 text file"

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from hybridtune.data.sources import text_lines
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import unwrap
 from hybridtune.strategy.base import LossTerm, Part
@@ -104,7 +105,7 @@ def read_corpus(path: str, tokenizer, max_length: int) -> list[list[int]]:
     if not file.is_file():
         raise UserError(where, f"'{path}' (no such file)", "a text file with one text per line")
     try:
-        lines = [line for line in file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        lines = [line for line in text_lines(file.read_text(encoding="utf-8-sig")) if line.strip()]
     except UnicodeDecodeError:
         raise UserError(where, f"'{path}' with bytes that are not UTF-8", "a UTF-8 text file") from None
     if not lines:

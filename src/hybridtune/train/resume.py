@@ -28,6 +28,7 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hybridtune import durable, rundir
+from hybridtune.data.sources import text_lines
 from hybridtune.errors import UserError
 from hybridtune.train.checkpoints import LOGGING_STATE, clean, has_optimizer
 
@@ -121,7 +122,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text_lines(path.read_text(encoding="utf-8")):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut by the kill
