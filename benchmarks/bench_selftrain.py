@@ -64,6 +64,8 @@ def truth(overrides: list[str]) -> dict[str, object]:
 
 
 def one_draw(draw: int, draws: int, extra: list[str], root: Path) -> dict:
+    from hybridtune.data.lines import text_lines
+
     overrides = [f"data.draws={draws}", f"data.draw={draw}", f"train.seed={draw}", *extra]
     out = root / f"d{draw}"
     measured = run_child(
@@ -86,7 +88,7 @@ def one_draw(draw: int, draws: int, extra: list[str], root: Path) -> dict:
     labels = truth(overrides)
     added = []
     for r in rounds[1:]:
-        rows = [json.loads(x) for x in Path(r["pseudo_labels"]).read_text().splitlines()]
+        rows = [json.loads(x) for x in text_lines(Path(r["pseudo_labels"]).read_text(encoding="utf-8"))]
         right = sum(labels[row["text"]] == row["label"] for row in rows)
         added.append({"round": r["round"], "added": r["added"], "right": right, "trained": r.get("trained")})
     return {

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from hybridtune.data.sources import read_table, text_lines
+from hybridtune.data.lines import text_lines
+from hybridtune.data.sources import read_table
 from hybridtune.data.unlabeled import _read_lines
 
 ODD = ["a film\x85 of its time", "line\u2028separator", "para\u2029graph", "form\x0cfeed", "plain"]

@@ -193,7 +193,7 @@ def predict(
 ) -> None:
     """Classify texts (or find their entities) with a finished run."""
     from hybridtune import api
-    from hybridtune.data.sources import text_lines
+    from hybridtune.data.lines import text_lines
 
     items = list(texts or [])
     if file is not None:

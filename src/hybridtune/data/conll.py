@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from hybridtune.data.lines import text_lines
 from hybridtune.errors import UserError
 
 SUFFIXES = (".conll", ".txt", ".bio")
@@ -53,7 +54,7 @@ def read_conll(path: Path) -> pd.DataFrame:
     tokens: list[str] = []
     tags: list[str] = []
     first = 0
-    for lineno, line in enumerate(text.splitlines() + [""], start=1):  # "" closes the last sentence
+    for lineno, line in enumerate(text_lines(text) + [""], start=1):  # "" closes the last sentence
         if not line.strip():
             if tokens:
                 sentences.append((tokens, tags, first))

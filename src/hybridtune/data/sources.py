@@ -17,26 +17,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from hybridtune.data.conll import SUFFIXES as CONLL_SUFFIXES
 from hybridtune.data.conll import read_conll
+from hybridtune.data.lines import text_lines
 from hybridtune.errors import UserError
 
 SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", *CONLL_SUFFIXES)
 DELIMITERS = (",", ";", "\t", "|")  # what sniffing chooses among, in this order of preference
 SNIFF_CHARS = 64 * 1024
-
-
-def text_lines(text: str) -> list[str]:
-    """A text file's lines, split at "\n", "\r\n" and "\r" only. `str.splitlines` also splits at
-    U+0085, U+2028, U+2029, \v, \f and \x1c-\x1e, which occur inside real texts (Rotten Tomatoes has
-    U+0085) and are written unescaped in JSON: they would cut a JSON line or a text in two."""
-    lines = re.split(r"\r\n|\n|\r", text)
-    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def read_table(

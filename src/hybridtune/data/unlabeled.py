@@ -30,7 +30,8 @@ import pandas as pd
 
 from hybridtune import bundled
 from hybridtune.data import Splits, check_columns, check_texts
-from hybridtune.data.sources import read_table, text_lines
+from hybridtune.data.lines import text_lines
+from hybridtune.data.sources import read_table
 from hybridtune.errors import UserError
 
 TRAIN_REST = "train_rest"

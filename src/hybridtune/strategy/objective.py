@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from hybridtune.data.sources import text_lines
+from hybridtune.data.lines import text_lines
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import unwrap
 from hybridtune.strategy.base import LossTerm, Part

@@ -28,7 +28,7 @@ from transformers import TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from hybridtune import durable, rundir
-from hybridtune.data.sources import text_lines
+from hybridtune.data.lines import text_lines
 from hybridtune.errors import UserError
 from hybridtune.train.checkpoints import LOGGING_STATE, clean, has_optimizer
 
