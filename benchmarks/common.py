@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -152,9 +151,16 @@ def matmul_peak(dtype_name: str, n: int = 2048, seconds: float = 3.0) -> float:
 
 
 def machine() -> str:
+    """The CPU as `lscpu` names it, whether it has native bf16, cores, torch and its threads: what
+    every figure is printed beside."""
     import torch
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    from hybridtune.train.precision import NATIVE_FLAGS, cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
+    bf16 = "native bf16" if flags & set(NATIVE_FLAGS) else "no native bf16"
+    threads = torch.get_num_threads()
+    return f"{model}, {bf16}, {os.cpu_count()} cores, torch {torch.__version__}, threads {threads}"
 
 
 def median(rows: list[dict], key: str) -> float | None:
