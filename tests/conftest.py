@@ -70,7 +70,7 @@ def write_csv(path: Path, rows, header=("text", "label")) -> Path:
     return path
 
 
-# three reviews a trained model predicts on (test_strategies_peft*.py)
+# three reviews a trained model predicts on (test_train, test_export, test_strategies_peft*, ...)
 TEXTS = ["the film was great and charming", "a dull and tedious story", "quite the messy plot"]
 
 

@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from hybridtune import api, strategy
-from hybridtune.cli import app
 from hybridtune.errors import UserError
 from hybridtune.recipe import load_recipe
 from hybridtune.strategy import adversarial
@@ -23,7 +21,7 @@ from hybridtune.strategy.adversarial import adversary_of, project, unit
 from hybridtune.train.engine import make_trainer, training_arguments
 from tests.test_causal_lm import colour_rows, write_jsonl
 
-from .test_bad_input import _assert_clean_failure
+from .refusal import refused
 from .test_recipes import _run
 from .test_resume import _killed, _metrics, _steps
 from .test_resume import _train as _train_cli
@@ -260,7 +258,7 @@ def test_the_trunk_cache_and_a_shared_trunk_are_refused_by_name(tmp_path):
 )
 def test_bad_settings_stop_before_the_run_dir(setting, words, tiny_bert, sentiment_csv, tmp_path):
     args = ["train", f"model={tiny_bert}", f"data.source={sentiment_csv}", f"output.dir={tmp_path / 'runs'}"]
-    _assert_clean_failure(CliRunner().invoke(app, [*args, setting]), tmp_path / "runs", *words)
+    refused([*args, setting], tmp_path / "runs", *words)
 
 
 def test_pgd_on_alpha_with_method_pgd_is_accepted():

@@ -8,15 +8,14 @@ import csv
 import io
 
 import pytest
-from typer.testing import CliRunner
 
-from hybridtune.cli import app
 from hybridtune.data import load_splits
 from hybridtune.data.sources import read_table, sniff_delimiter
 from hybridtune.errors import UserError
 from hybridtune.recipe import DataConfig, load_recipe
 
 from .conftest import sentiment_rows
+from .refusal import refused
 
 COLUMNS = {"text_column": "text", "label_column": "label"}
 
@@ -126,23 +125,19 @@ def test_a_blank_line_is_an_empty_spreadsheet_row(tmp_path):
     assert error.value.where == f"{path}:row 4"
 
 
-def _refused(args: list[str], out, *words: str) -> str:
-    result = CliRunner().invoke(app, ["train", *args, "train.max_steps=1", f"output.dir={out}"])
-    message = result.stderr.strip()
-    assert result.exit_code == 2, (result.exit_code, message, result.exception)
-    assert len(message.splitlines()) == 1 and "Traceback" not in message, message
-    assert "found" in message and "expected" in message, message
-    for word in words:
-        assert word in message, (word, message)
-    assert not out.exists() or not any(out.iterdir()), "a run dir was left behind"
-    return message
-
-
 def test_a_delimiter_that_splits_no_row_is_refused(tmp_path, tiny_bert):
     path = _write(tmp_path / "semi.csv", sentiment_rows(20), ";")
-    _refused(
-        [f"model={tiny_bert}", f"data.source={path}", "data.delimiter=,"],
-        tmp_path / "runs",
+    out = tmp_path / "runs"
+    refused(
+        [
+            "train",
+            f"model={tiny_bert}",
+            f"data.source={path}",
+            "data.delimiter=,",
+            "train.max_steps=1",
+            f"output.dir={out}",
+        ],
+        out,
         "semi.csv",
         "data.delimiter",
         "one column ('text;label') when split at ','",
@@ -153,7 +148,13 @@ def test_a_delimiter_that_splits_no_row_is_refused(tmp_path, tiny_bert):
 def test_a_delimiter_sniffing_cannot_find_is_refused(tmp_path, tiny_bert):
     path = tmp_path / "colon.csv"
     path.write_text("text:label\n" + "".join(f"{t}:{label}\n" for t, label in sentiment_rows(20)))
-    _refused([f"model={tiny_bert}", f"data.source={path}"], tmp_path / "runs", "colon.csv", "data.delimiter")
+    out = tmp_path / "runs"
+    refused(
+        ["train", f"model={tiny_bert}", f"data.source={path}", "train.max_steps=1", f"output.dir={out}"],
+        out,
+        "colon.csv",
+        "data.delimiter",
+    )
     # told, it reads
     table = read_table(str(path), "data.source", delimiter=":")
     assert list(table.columns) == ["text", "label", "_where"] and len(table) == 20
@@ -161,4 +162,9 @@ def test_a_delimiter_sniffing_cannot_find_is_refused(tmp_path, tiny_bert):
 
 @pytest.mark.parametrize("value", ["ab", '"', ""])
 def test_a_delimiter_is_one_character(value, tmp_path):
-    _refused([f"data.delimiter='{value}'"], tmp_path / "runs", "data.delimiter")
+    out = tmp_path / "runs"
+    refused(
+        ["train", f"data.delimiter='{value}'", "train.max_steps=1", f"output.dir={out}"],
+        out,
+        "data.delimiter",
+    )

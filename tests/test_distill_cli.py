@@ -21,6 +21,7 @@ from hybridtune.strategy import distill
 
 from .conftest import distill_overrides as _overrides
 from .conftest import sentiment_rows, write_csv
+from .refusal import refused
 from .test_resume import _killed, _train
 
 # --------------------------------------------------------------------------------------------------
@@ -63,16 +64,6 @@ def test_the_distill_command_trains_and_compares(teacher_run, tmp_path):
 # bad input: exit 2, one line, nothing written
 
 
-def _refused(args: list[str], out: Path, *words: str) -> None:
-    result = CliRunner().invoke(app, args)
-    message = result.stderr.strip()
-    assert result.exit_code == 2, (result.exit_code, message, result.exception)
-    assert len(message.splitlines()) == 1 and "found" in message and "expected" in message, message
-    for word in words:
-        assert word in message, (word, message)
-    assert not out.exists() or not any(out.iterdir()), "something was written"
-
-
 @pytest.fixture
 def token_run(tmp_path_factory, tiny_bert) -> Path:
     conll = tmp_path_factory.mktemp("ner") / "ner.conll"
@@ -98,7 +89,7 @@ def test_bad_settings_exit_2_before_anything_is_written(
     extra, words, tiny_bert, sentiment_csv, teacher_run, tmp_path
 ):
     out = tmp_path / "runs"
-    _refused(["train", *_overrides(tiny_bert, sentiment_csv, out, teacher_run), *extra], out, *words)
+    refused(["train", *_overrides(tiny_bert, sentiment_csv, out, teacher_run), *extra], out, *words)
 
 
 def test_bad_teachers_exit_2_before_anything_is_written(
@@ -109,30 +100,30 @@ def test_bad_teachers_exit_2_before_anything_is_written(
     def train(teacher: Path, data: str = sentiment_csv) -> list[str]:
         return ["train", *_overrides(tiny_bert, data, out, teacher)]
 
-    _refused(train(tmp_path / "nowhere"), out, "distill.teacher", "not a finished run")
+    refused(train(tmp_path / "nowhere"), out, "distill.teacher", "not a finished run")
     unfinished = tmp_path / "unfinished"  # killed before its end: checkpoints, no final/
     shutil.copytree(teacher_run, unfinished, ignore=shutil.ignore_patterns("final"))
-    _refused(train(unfinished), out, "distill.teacher", "not a finished run")
+    refused(train(unfinished), out, "distill.teacher", "not a finished run")
     failed = tmp_path / "failed"
     shutil.copytree(teacher_run, failed)
     (failed / "failed.json").write_text('{"step": "the test evaluation"}')
-    _refused(train(failed), out, "distill.teacher", "a failed run")
+    refused(train(failed), out, "distill.teacher", "a failed run")
     ensemble = tmp_path / "ens"
     ensemble.mkdir()
     (ensemble / "ensemble.json").write_text("{}")
-    _refused(train(ensemble), out, "distill.teacher", "an ensemble dir")
-    _refused(train(token_run), out, "distill.teacher", "a token_classification run")
+    refused(train(ensemble), out, "distill.teacher", "an ensemble dir")
+    refused(train(token_run), out, "distill.teacher", "a token_classification run")
     other = str(write_csv(tmp_path / "other.csv", sentiment_rows(80, labels=("bad", "good"))))
-    _refused(train(teacher_run, other), out, "distill.teacher", "labels ['negative', 'positive']")
-    _refused(
+    refused(train(teacher_run, other), out, "distill.teacher", "labels ['negative', 'positive']")
+    refused(
         ["distill", str(teacher_run), "--blocks", "1", "--student", "x", f"output.dir={out}"],
         out,
         "--student",
     )
-    _refused(
+    refused(
         ["distill", str(tmp_path / "nowhere"), "--blocks", "1", f"output.dir={out}"], out, "no finished run"
     )
-    _refused(
+    refused(
         ["distill", str(teacher_run), "--blocks", "5", f"output.dir={out}"], out, "distill.student_blocks"
     )
 

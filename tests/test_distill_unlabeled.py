@@ -26,7 +26,7 @@ from .conftest import DISTILL_ALPHA as ALPHA
 from .conftest import DISTILL_T as T
 from .conftest import distill_overrides as _overrides
 from .conftest import sentiment_rows, write_csv
-from .test_distill_cli import _refused
+from .refusal import refused
 from .test_resume import _killed, _train
 
 N_UNLABELLED = 40
@@ -247,14 +247,14 @@ def test_bad_unlabelled_input_exits_2_before_anything_is_written(
     def train(*extra: str) -> list[str]:
         return ["train", *_overrides(tiny_bert, sentiment_csv, out, teacher_run), *extra]
 
-    _refused(train("data.unlabeled=train_rest"), out, "data.unlabeled", "train_rest without data.shots")
-    _refused(train(f"data.unlabeled={tmp_path / 'missing.csv'}"), out, "data.unlabeled", "no such file")
+    refused(train("data.unlabeled=train_rest"), out, "data.unlabeled", "train_rest without data.shots")
+    refused(train(f"data.unlabeled={tmp_path / 'missing.csv'}"), out, "data.unlabeled", "no such file")
     bad = write_csv(tmp_path / "u.csv", [("a new text", "negative"), ("another one", "neutral")])
-    _refused(train(f"data.unlabeled={bad}"), out, "u.csv:row 3", "label 'neutral'")
-    _refused(
+    refused(train(f"data.unlabeled={bad}"), out, "u.csv:row 3", "label 'neutral'")
+    refused(
         train(f"data.unlabeled={unlabelled_txt}", "distill.alpha=0"), out, "distill.alpha", "data.unlabeled"
     )
-    _refused(
+    refused(
         train(f"data.unlabeled={unlabelled_txt}", "data.text_pair_column=label"),
         out,
         "distill",

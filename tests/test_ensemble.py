@@ -17,9 +17,7 @@ from hybridtune import api, ensemble
 from hybridtune.cli import app
 from hybridtune.errors import UserError
 from hybridtune.recipe import load_recipe
-from tests.conftest import sentiment_rows, write_csv
-
-TEXTS = ["the film was great and charming", "a dull and tedious story", "quite the messy plot"]
+from tests.conftest import TEXTS, sentiment_rows, write_csv
 
 
 def _quick(tiny_bert, data, out: Path, *extra: str) -> list[str]:

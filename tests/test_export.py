@@ -17,7 +17,8 @@ from hybridtune.errors import UserError
 from hybridtune.export import export
 from hybridtune.recipe import load_recipe
 
-TEXTS = ["the film was great and charming", "a dull and tedious story", "quite the messy plot"]
+from .conftest import TEXTS
+
 FEW = ["train.max_steps=2"]  # runs that only need to exist
 
 

@@ -16,7 +16,7 @@ from hybridtune.recipe import load_recipe
 from hybridtune.strategy import fusion, prompt
 from hybridtune.train.engine import make_trainer, training_arguments
 
-TEXTS = ["the film was great and charming", "a dull and tedious story", "quite the messy plot"]
+from .conftest import TEXTS
 
 
 def _train(overrides) -> Path:

@@ -10,12 +10,11 @@ import os
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from hybridtune.cli import app
 from hybridtune.model import gguf
 
 from .conftest import sentiment_rows, write_csv
+from .refusal import refused
 from .tiny_gguf import CHAT_TEMPLATE, write_tiny_gguf
 
 
@@ -131,18 +130,6 @@ def test_a_changed_file_gets_its_own_entry(tmp_path, cache, monkeypatch):
     assert json.loads((second / gguf.SOURCE).read_text())["sha256"].startswith(second.name.rsplit("-", 1)[1])
 
 
-def _refused(args: list[str], out: Path, *words: str) -> str:
-    result = CliRunner().invoke(app, ["train", *args, "train.max_steps=2", f"output.dir={out}"])
-    message = result.stderr.strip()
-    assert result.exit_code == 2, (result.exit_code, message, result.exception)
-    assert len(message.splitlines()) == 1 and "Traceback" not in message, message
-    assert "found" in message and "expected" in message, message
-    for word in words:
-        assert word in message, (word, message)
-    assert not out.exists() or not any(out.iterdir()), "a run dir was left behind"
-    return message
-
-
 def _truncated(tmp_path: Path) -> Path:
     whole = write_tiny_gguf(tmp_path / "whole.gguf").read_bytes()
     (tmp_path / "cut.gguf").write_bytes(whole[:300])
@@ -167,14 +154,18 @@ def _truncated(tmp_path: Path) -> Path:
 )
 def test_a_file_transformers_cannot_read_is_refused(make, words, tmp_path, cache, sentiment_csv):
     file = make(tmp_path)
-    _refused([f"model.name={file}", f"data.source={sentiment_csv}"], tmp_path / "runs", *words)
+    out = tmp_path / "runs"
+    args = ["train", f"model.name={file}", f"data.source={sentiment_csv}", "train.max_steps=2"]
+    refused([*args, f"output.dir={out}"], out, *words)
     assert not cache.exists() or not [p for p in cache.iterdir() if p.is_dir()], "no cache entry"
 
 
 def test_gguf_file_key_must_name_a_gguf_file(tmp_path, sentiment_csv):
-    _refused(
-        [f"model={{name: {tmp_path}, gguf_file: model.bin}}", f"data.source={sentiment_csv}"],
-        tmp_path / "runs",
+    out = tmp_path / "runs"
+    args = ["train", f"model={{name: {tmp_path}, gguf_file: model.bin}}", f"data.source={sentiment_csv}"]
+    refused(
+        [*args, "train.max_steps=2", f"output.dir={out}"],
+        out,
         "model.gguf_file",
         "'model.bin'",
         ".gguf",

@@ -13,14 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers.models.bert.modeling_bert import BertAttention
-from typer.testing import CliRunner
 
 from hybridtune import api
-from hybridtune.cli import app
 from hybridtune.recipe import load_recipe
 from hybridtune.train.engine import training_arguments
 
-from .test_bad_input import _assert_clean_failure
+from .refusal import refused
 from .test_matrix import RECIPE_DIR
 from .test_recipes import _run as run_steps
 
@@ -134,12 +132,8 @@ def test_with_the_trunk_cache(quick, still_bert):
 
 
 def test_prefix_tuning_is_refused_by_name(quick, tmp_path):
-    result = CliRunner().invoke(
-        app, ["train", *quick(None, "peft.method=prefix_tuning", "train.gradient_checkpointing=true")]
-    )
-    message = _assert_clean_failure(
-        result, tmp_path / "runs", "train.gradient_checkpointing", "prefix_tuning"
-    )
+    args = ["train", *quick(None, "peft.method=prefix_tuning", "train.gradient_checkpointing=true")]
+    message = refused(args, tmp_path / "runs", "train.gradient_checkpointing", "prefix_tuning")
     assert "drop the key/value cache" in message
 
 
@@ -159,7 +153,5 @@ def test_a_model_without_checkpointing_is_refused_by_name(quick, tmp_path, token
     path = tmp_path / "tiny-mpnet"
     MPNetModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    result = CliRunner().invoke(app, ["train", *quick(str(path), "train.gradient_checkpointing=true")])
-    _assert_clean_failure(
-        result, tmp_path / "runs", "train.gradient_checkpointing", "MPNetForSequenceClassification"
-    )
+    args = ["train", *quick(str(path), "train.gradient_checkpointing=true")]
+    refused(args, tmp_path / "runs", "train.gradient_checkpointing", "MPNetForSequenceClassification")

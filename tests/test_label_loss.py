@@ -12,16 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from typer.testing import CliRunner
 
 from hybridtune import api
-from hybridtune.cli import app
 from hybridtune.errors import UserError
 from hybridtune.recipe import load_recipe
 from hybridtune.strategy import label_loss
 from hybridtune.train.engine import make_trainer, training_arguments
 
 from .conftest import sentiment_rows, write_csv
+from .refusal import refused
 from .test_token_classification import tagged_sentences, write_conll
 
 LABELS = ("negative", "positive")
@@ -281,16 +280,6 @@ def test_the_trunk_cache_serves_it_and_ends_like_an_uncached_run(still_bert, ske
 # refused before anything is written
 
 
-def _refused(args: list[str], out: Path, *words: str) -> None:
-    result = CliRunner().invoke(app, ["train", *args])
-    message = result.stderr.strip()
-    assert result.exit_code == 2, (result.exit_code, message, result.exception)
-    assert len(message.splitlines()) == 1 and "Traceback" not in message, message
-    for word in words:
-        assert word in message, (word, message)
-    assert not out.exists() or not any(out.iterdir()), "a run dir was left behind"
-
-
 @pytest.mark.parametrize(
     ("setting", "words"),
     [
@@ -304,7 +293,7 @@ def _refused(args: list[str], out: Path, *words: str) -> None:
     ],
 )
 def test_bad_settings_exit_2_before_the_run_dir(setting, words, tiny_bert, skewed_csv, tmp_path):
-    _refused([*_overrides(tiny_bert, skewed_csv, tmp_path), setting], tmp_path / "runs", *words)
+    refused(["train", *_overrides(tiny_bert, skewed_csv, tmp_path), setting], tmp_path / "runs", *words)
 
 
 def test_causal_lm_is_refused_by_name(tmp_path):

@@ -11,7 +11,7 @@ from hybridtune.errors import UserError
 from hybridtune.export import MARKER as EXPORT_MARKER
 from hybridtune.export import export
 
-from .test_catalogue import snapshot
+from .refusal import snapshot
 
 
 @pytest.mark.parametrize("name", ["../x", "../../etc", "/abs", "a/b", ".hidden", "", "x" * 300, "a\x00b"])

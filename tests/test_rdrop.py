@@ -12,15 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from hybridtune import api
-from hybridtune.cli import app
 from hybridtune.errors import UserError
 from hybridtune.model.facts import dropout_rates
 from hybridtune.recipe import load_recipe
 from hybridtune.strategy import rdrop
 
+from .refusal import refused
 from .test_label_loss import _one_batch, _overrides  # the same tiny runs and first batch
 from .test_resume import _killed, _steps, _train
 from .test_token_classification import tagged_sentences, write_conll
@@ -230,21 +229,17 @@ def test_lora_dropout_is_dropout_enough(still_bert, sentiment_csv, tmp_path):
 # refused before anything is written
 
 
-def _refused(args: list[str], out: Path, *words: str) -> None:
-    result = CliRunner().invoke(app, ["train", *args])
-    message = result.stderr.strip()
-    assert result.exit_code == 2, (result.exit_code, message, result.exception)
-    assert len(message.splitlines()) == 1 and "Traceback" not in message, message
-    for word in words:
-        assert word in message, (word, message)
-    assert not out.exists() or not any(out.iterdir()), "a run dir was left behind"
-
-
 def test_a_model_without_dropout_is_refused_by_name(still_bert, sentiment_csv, tmp_path):
     args = _overrides(still_bert, sentiment_csv, tmp_path, "rdrop.alpha=1")
-    _refused(args, tmp_path / "runs", "rdrop: found model", "dropout probabilities are all 0", "dropout > 0")
+    refused(
+        ["train", *args],
+        tmp_path / "runs",
+        "rdrop: found model",
+        "dropout probabilities are all 0",
+        "dropout > 0",
+    )
     no_lora_dropout = [*args, "peft.method=lora", "peft.lora_dropout=0"]  # LoRA adds none either
-    _refused(no_lora_dropout, tmp_path / "runs", "rdrop: found model", "peft.lora_dropout > 0")
+    refused(["train", *no_lora_dropout], tmp_path / "runs", "rdrop: found model", "peft.lora_dropout > 0")
 
 
 @pytest.mark.parametrize(
@@ -257,7 +252,7 @@ def test_a_model_without_dropout_is_refused_by_name(still_bert, sentiment_csv, t
 )
 def test_bad_settings_exit_2_before_the_run_dir(setting, words, tiny_bert, sentiment_csv, tmp_path):
     args = _overrides(tiny_bert, sentiment_csv, tmp_path, "rdrop.alpha=1", "freeze.trainable=[head]", setting)
-    _refused(args, tmp_path / "runs", *words)
+    refused(["train", *args], tmp_path / "runs", *words)
 
 
 def test_a_contrastive_stage_without_trainer_steps_is_refused():

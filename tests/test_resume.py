@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 
 from hybridtune.cli import app
 
+from .refusal import refused
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # 192 training rows / batch 16 = 12 steps per epoch, 2 epochs = 24 steps; a checkpoint every 4 steps
 # (the last 2 and the best kept); stage 1 (everything trains) begins at step 8, a checkpoint step
@@ -185,16 +187,11 @@ def _run_dir(tmp_path, *files: str) -> Path:
 )
 def test_resume_refuses_what_it_cannot_continue(tmp_path, files, word):
     run = _run_dir(tmp_path, *files)
-    before = sorted(p.name for p in run.iterdir())
-    result = CliRunner().invoke(app, ["train", "--resume", str(run)])
-    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
-    assert word in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert sorted(p.name for p in run.iterdir()) == before
+    refused(["train", "--resume", str(run)], run, word)
 
 
 def test_resume_with_a_recipe_too_is_refused(tmp_path):
-    result = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "train.epochs=1"])
-    assert result.exit_code == 2 and "--resume RUN_DIR alone" in result.stderr
+    refused(["train", "--resume", str(tmp_path), "train.epochs=1"], tmp_path, "--resume RUN_DIR alone")
 
 
 def test_a_checkpoint_without_its_trainer_state_is_not_resumed_from(tmp_path):

@@ -18,6 +18,8 @@ from typer.testing import CliRunner
 from hybridtune.cli import app
 from tests.test_resume import _killed, _metrics, _steps, _train
 
+from .refusal import assert_refused, snapshot
+
 
 def _args(tiny_bert, sentiment_csv, out: Path) -> list[str]:
     # 12 steps, a checkpoint every 2, the last 3 (and the best) kept
@@ -95,13 +97,10 @@ def test_a_checkpoint_without_its_optimizer_state_is_refused(run):
     (run / "checkpoints" / "checkpoint-6" / "optimizer.pt").unlink()
     (run / "checkpoints" / "checkpoint-6" / "complete.json").unlink()  # as an earlier version wrote it
     (run / ".lock").unlink(missing_ok=True)  # the killed process's stale lock (a refusal removes it)
-    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    before = snapshot(run)
     result = _resume(run)
-    assert result.exit_code == 2, (result.output[-2000:], result.exception)
-    line = result.stderr.strip()
-    assert len(line.splitlines()) == 1 and "checkpoint-6/optimizer.pt missing" in line
-    assert "--resume-weights-only" in line
-    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before  # nothing changed, no lock left
+    # nothing changed, no lock left
+    assert_refused(result, run, "checkpoint-6/optimizer.pt missing", "--resume-weights-only", before=before)
 
 
 def test_resume_weights_only_goes_on_and_says_so_loudly(run):

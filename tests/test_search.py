@@ -19,6 +19,8 @@ from hybridtune.search.report import non_dominated
 from hybridtune.search.space import FAMILIES, Space, recipe_dict
 from hybridtune.search.verdict import paired
 
+from .refusal import refused
+
 
 def _space(path: Path, tiny_bert: str, data: str, **extra) -> Path:
     """A tiny space: the tiny BERT on the synthetic sentiment data, 1 epoch of 12 steps, 4 evaluations."""
@@ -303,39 +305,19 @@ def test_bad_input_exits_2_before_writing(tmp_path, tiny_bert, sentiment_csv, ex
 
 
 def refused_before_writing(tmp_path, tiny_bert, sentiment_csv, args, words, **extra) -> None:
-    """`hybridtune search` on `_space(**extra)` with `args`: exit 2, one line with each of `words`,
-    the search dir never made."""
-    from typer.testing import CliRunner
-
-    from hybridtune.cli import app
-
+    """`hybridtune search` on `_space(**extra)` with `args`: refused (tests/refusal.py) with each of
+    `words`, the search dir never made."""
     space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv, **extra)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["search", str(space), *args, "--out", str(out), "--trials", "1"])
-    message = result.stderr.strip()
-    assert result.exit_code == 2, (result.exit_code, message, result.exception)
-    assert len(message.splitlines()) == 1 and "found" in message and "expected" in message, message
-    for word in words:
-        assert word in message, (word, message)
-    assert not out.exists()
+    refused(["search", str(space), *args, "--out", str(out), "--trials", "1"], out, *words, absent=True)
 
 
 def test_a_dir_holding_another_study_is_refused(tmp_path, tiny_bert, sentiment_csv):
-    from typer.testing import CliRunner
-
-    from hybridtune.cli import app
-
     space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0}, families=["bitfit"])
     out = tmp_path / "out"
     run_search(str(space), [], str(out), trials=1, threads=1, echo=lambda *_: None)
-    listing = sorted(p.name for p in out.rglob("*"))
-    result = CliRunner().invoke(
-        app, ["search", str(space), "families=[full]", "--out", str(out), "--trials", "1"]
-    )
-    assert result.exit_code == 2 and "--out" in result.stderr and "another study" in result.stderr, (
-        result.stderr
-    )
-    assert sorted(p.name for p in out.rglob("*")) == listing  # nothing written
+    args = ["search", str(space), "families=[full]", "--out", str(out), "--trials", "1"]
+    refused(args, out, "--out", "another study")  # the study's files unchanged
 
 
 def test_lora_on_every_linear_layer_of_the_top_blocks(tmp_path, tiny_bert, sentiment_csv):

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from hybridtune.search import run_search
-from tests.test_search import _space
+from tests.test_search import _space, refused_before_writing
+
+from .refusal import refused
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(
@@ -69,30 +71,14 @@ def test_ray_backend_writes_the_local_backends_tables(tmp_path, tiny_bert, senti
     ],
 )
 def test_backend_flags_refused_before_writing(tmp_path, tiny_bert, sentiment_csv, args, words):
-    from typer.testing import CliRunner
-
-    from hybridtune.cli import app
-
-    space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["search", str(space), *args, "--out", str(out), "--trials", "1"])
-    message = result.stderr.strip()
-    assert result.exit_code == 2 and len(message.splitlines()) == 1, (result.exit_code, message)
-    assert all(w in message for w in words), message
-    assert not out.exists()
+    refused_before_writing(tmp_path, tiny_bert, sentiment_csv, args, words)
 
 
 def test_ray_backend_without_ray_says_how_to_install(tmp_path, tiny_bert, sentiment_csv, monkeypatch):
-    from typer.testing import CliRunner
-
-    from hybridtune.cli import app
-
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
     )
     space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv)
-    result = CliRunner().invoke(app, ["search", str(space), "--backend", "ray", "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2, result.stderr
-    assert "pip install 'hybridtune[ray]'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+    args = ["search", str(space), "--backend", "ray", "--out", str(tmp_path / "o")]
+    refused(args, tmp_path / "o", "pip install 'hybridtune[ray]'", absent=True)

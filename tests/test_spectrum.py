@@ -17,7 +17,7 @@ from hybridtune.cli import app
 from hybridtune.model.anatomy import canonical
 from hybridtune.recipe import load_recipe
 
-from .test_bad_input import _assert_clean_failure
+from .refusal import refused
 from .test_recipes import _run as run_steps
 
 TYPES = (
@@ -171,8 +171,7 @@ def test_params_shows_the_scores_and_the_choice(quick, tiny_bert6):
     ],
 )
 def test_bad_settings_exit_2_before_the_run_dir(quick, tiny_bert6, tmp_path, extra, words):
-    result = CliRunner().invoke(app, ["train", *quick(tiny_bert6, *extra)])
-    _assert_clean_failure(result, tmp_path / "runs", *words)
+    refused(["train", *quick(tiny_bert6, *extra)], tmp_path / "runs", *words)
 
 
 def test_killed_and_resumed_ends_like_an_uninterrupted_run(quick, tiny_bert6, tmp_path):

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from hybridtune import api
 from hybridtune.recipe import load_recipe
 
-TEXTS = ["the film was great and charming", "a dull and tedious story", "quite the messy plot"]
+from .conftest import TEXTS
 
 
 def _train(overrides, recipe_path=None) -> Path:
