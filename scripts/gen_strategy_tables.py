@@ -1,4 +1,5 @@
-"""Write docs/strategies.md's key tables from the schema (the parts' and plan sections' pydantic fields).
+"""Write the docs' key tables from the schema (the parts' and other sections' pydantic fields): those
+of docs/strategies.md, and of the feature pages in DOCS (docs/few_shot.md: `self_training`).
 
 Each table sits between two marker comments, which name what it shows:
 
@@ -7,8 +8,8 @@ Each table sits between two marker comments, which name what it shows:
     <!-- end generated -->                    of a list section
     <!-- generated: parts -->                 the parts in their order of application, with their hooks
 
-    python scripts/gen_strategy_tables.py           # rewrite docs/strategies.md
-    python scripts/gen_strategy_tables.py --check   # exit 1 when the file differs (tests/test_doc_tables.py)
+    python scripts/gen_strategy_tables.py           # rewrite the DOCS
+    python scripts/gen_strategy_tables.py --check   # exit 1 when a file differs (tests/test_doc_tables.py)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pydantic_core import PydanticUndefined
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "strategies.md"
+DOCS = (DOC, ROOT / "docs" / "few_shot.md")  # every page with a generated block
 BLOCK = re.compile(r"(<!-- generated: (?P<what>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
 
 
@@ -99,17 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when the doc differs, write nothing")
     args = parser.parse_args(argv)
-    text = DOC.read_text(encoding="utf-8")
-    new = render(text)
-    if args.check:
-        if new != text:
-            print(f"{DOC.relative_to(ROOT)} differs from the schema: run scripts/gen_strategy_tables.py")
-            return 1
-        return 0
-    if new != text:
-        DOC.write_text(new, encoding="utf-8")
-        print(f"wrote {DOC.relative_to(ROOT)}")
-    return 0
+    drifted = 0
+    for doc in DOCS:
+        text = doc.read_text(encoding="utf-8")
+        new = render(text)
+        if new == text:
+            continue
+        if args.check:
+            print(f"{doc.relative_to(ROOT)} differs from the schema: run scripts/gen_strategy_tables.py")
+            drifted = 1
+        else:
+            doc.write_text(new, encoding="utf-8")
+            print(f"wrote {doc.relative_to(ROOT)}")
+    return drifted
 
 
 if __name__ == "__main__":

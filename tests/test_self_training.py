@@ -1,7 +1,8 @@
 """Self-training on unlabelled text (`self_training:`, `data.unlabeled`): the pseudo-labels of each round
 are what the teacher's `predict` and the threshold give, class-balanced; a given teacher; the rounds
-in report.json; the run dir loads as one run; a killed self-training resumes at its round; bad input
-exits 2 before anything is written."""
+in report.json; the run dir is the kept round (`keep`) as one run; `min_added` stops the rounds; a
+killed self-training resumes at its round; bad input exits 2 before anything is written. The rules
+that need no run: test_self_training_rules.py."""
 
 from __future__ import annotations
 
@@ -13,21 +14,17 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from hybridtune import api
-from hybridtune.data.unlabeled import load_unlabeled, read_unlabeled
+from hybridtune.data.unlabeled import load_unlabeled
 from hybridtune.errors import UserError
 from hybridtune.recipe import load_recipe, recipe_to_yaml
-from hybridtune.self_training.pseudo import select
-from hybridtune.self_training.rounds import round_recipe
 from hybridtune.tasks import classification
 
 from .conftest import write_csv
 from .refusal import refused
 
-RECIPES = Path(__file__).parent.parent / "recipes"
 THRESHOLD = 0.6
 
 
@@ -110,7 +107,7 @@ def test_each_round_adds_what_predict_and_the_threshold_give(self_trained):
     assert rounds[1]["above_threshold"] == {n: confident.get(n, 0) for n in ("negative", "positive")}
 
 
-def test_report_has_every_round_and_the_run_dir_is_the_last_round(self_trained):
+def test_report_has_every_round_and_the_run_dir_is_the_kept_round(self_trained):
     run, summary, _ = self_trained
     report = json.loads((run / "report.json").read_text())
     rounds = report["self_training"]["rounds"]
@@ -119,25 +116,106 @@ def test_report_has_every_round_and_the_run_dir_is_the_last_round(self_trained):
         scores = json.loads((Path(r["run_dir"]) / "report.json").read_text())
         assert r["validation"] == scores["best_validation"] and r["test"] == scores["test"]
     assert rounds[0]["given"] is False and rounds[2]["trained"] is True
-    assert report["test"] == rounds[2]["test"] and report["self_training"]["final_round"] == 2
+    # keep: best (the default): the highest validation accuracy, the earlier round on a tie
+    best = max(rounds, key=lambda r: (r["validation"], -r["round"]))["round"]
+    section = report["self_training"]
+    assert (section["keep"], section["final_round"], section["last_round"]) == ("best", best, 2)
+    assert report["test"] == rounds[best]["test"] and section["stopped"] is None
+    assert json.loads((run / "self_training.json").read_text()) == section
     assert report["self_training"]["unlabeled"]["texts"] == 96
     # the cost: every round's training and the labelling
     trained = sum(r["train_seconds"] for r in rounds)
     assert report["train_seconds"] == pytest.approx(
         trained + report["self_training"]["label_seconds"], abs=0.05
     )
-    # final/ is the last round's and loads with plain transformers
+    # final/ is the kept round's and loads with plain transformers
+    assert_final_is(run, best)
+    assert api.predict(str(run), ["a wonderful film"]) == api.predict(
+        str(run / f"round-{best}"), ["a wonderful film"]
+    )
+    assert api.evaluate(str(run))["accuracy"] == report["test"]["accuracy"]
+
+
+def same_weights(a: Path, b: Path) -> bool:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    plain = AutoModelForSequenceClassification.from_pretrained(run / "final")
-    last = AutoModelForSequenceClassification.from_pretrained(run / "round-2" / "final")
-    for (name, a), b in zip(plain.state_dict().items(), last.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    assert api.predict(str(run), ["a wonderful film"]) == api.predict(
-        str(run / "round-2"), ["a wonderful film"]
+    one = AutoModelForSequenceClassification.from_pretrained(a).state_dict()
+    other = AutoModelForSequenceClassification.from_pretrained(b).state_dict()
+    return one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
+
+
+def assert_final_is(run: Path, number: int) -> None:  # the run dir is round `number` as one run
+    assert same_weights(run / "final", run / f"round-{number}" / "final")
+    for name in ("run.json", "eval.json", "params.json"):
+        assert (run / name).read_text() == (run / f"round-{number}" / name).read_text(), name
+
+
+def unfinished_copy(run: Path, dest: Path, **settings) -> Path:
+    """A copy of the finished self-training `run` as a killed one (no result written yet), its
+    recipe's `self_training` section edited: `train --resume` then only chooses the result, or goes
+    on with the rounds it lacks."""
+    import yaml
+
+    shutil.copytree(run, dest)
+    shutil.rmtree(dest / "final")
+    for name in ("report.json", "self_training.json"):
+        (dest / name).unlink()
+    raw = yaml.safe_load((dest / "recipe.yaml").read_text())
+    raw["self_training"] |= settings
+    (dest / "recipe.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
+@pytest.mark.parametrize("keep, expected", [("best", 1), ("last", 2)])
+def test_keep_chooses_the_result_among_the_rounds(keep, expected, self_trained, tmp_path, monkeypatch):
+    """Round 2 validates worse than round 1 (the rounds' scores set here, so the choice does not
+    hang on what the tiny model learnt): keep: best makes round 1 the result, keep: last round 2."""
+    from hybridtune.self_training import rounds as loop
+
+    run, _, _ = self_trained
+    assert not same_weights(run / "round-1" / "final", run / "round-2" / "final")  # else untestable
+    validation, scores = {"round-0": 0.5, "round-1": 0.9, "round-2": 0.7}, loop._scores
+    monkeypatch.setattr(loop, "_scores", lambda p: {**scores(p), "validation": validation[Path(p).name]})
+    copy = unfinished_copy(run, tmp_path / "copy", keep=keep)
+    summary = api.train(resume=copy)
+    section = summary["self_training"]
+    assert (section["final_round"], section["last_round"], section["keep"]) == (expected, 2, keep)
+    assert f"self_training.keep: {keep}" in section["kept_because"]
+    assert keep == "last" or "round 0 0.5000, round 1 0.9000, round 2 0.7000" in section["kept_because"]
+    kept = json.loads((copy / f"round-{expected}" / "report.json").read_text())
+    assert summary["test"] == kept["test"] and summary["best_validation"] == kept["best_validation"]
+    assert json.loads((copy / "report.json").read_text())["self_training"] == section
+    assert_final_is(copy, expected)
+    assert api.evaluate(str(copy))["accuracy"] == kept["test"]["accuracy"]
+    # the whole cost still counts every round
+    assert summary["steps"] == sum(
+        json.loads((copy / f"round-{r}" / "report.json").read_text())["steps"] for r in (0, 1, 2)
     )
-    assert api.evaluate(str(run))["accuracy"] == report["test"]["accuracy"]
+
+
+def test_min_added_stops_before_the_student_trains(self_trained, tmp_path):
+    """Round 2 labelled afresh by round 1 adds as many texts as in the uninterrupted run: one
+    fewer than min_added stops the rounds there, and the result is chosen among rounds 0 and 1."""
+    run, _, _ = self_trained
+    added = json.loads((run / "pseudo-labels" / "round-2.json").read_text())["added_total"]
+    assert added >= 1, "round 2 added nothing: the test would prove nothing"
+    copy = unfinished_copy(run, tmp_path / "copy", min_added=added + 1)
+    shutil.rmtree(copy / "round-2")
+    for suffix in (".json", ".jsonl"):
+        (copy / "pseudo-labels" / f"round-2{suffix}").unlink()
+    summary = api.train(resume=copy)
+    assert not (copy / "round-2").exists()
+    assert pseudo_rows(copy, 2) == pseudo_rows(run, 2)  # labelled, not trained on
+    section = summary["self_training"]
+    stop = (
+        f"stopped after round 1: round 2 adds {added} texts, fewer than self_training.min_added ({added + 1})"
+    )
+    assert section["stopped"] == stop and stop in summary["warnings"]
+    assert section["rounds"][2]["trained"] is False and section["last_round"] == 1
+    rounds = section["rounds"][:2]
+    best = max(rounds, key=lambda r: (r["validation"], -r["round"]))["round"]
+    assert section["final_round"] == best and summary["test"] == rounds[best]["test"]
 
 
 def test_round_0_is_the_recipe_without_self_training(self_trained, tiny_bert, sentiment_csv, tmp_path):
@@ -202,63 +280,6 @@ def test_a_killed_self_training_resumes_at_its_round(self_trained, tiny_bert, se
         api.train(resume=killed)
 
 
-def test_select_balanced_none_and_max_per_round():
-    probs = np.array(
-        [[0.95, 0.05], [0.9, 0.1], [0.2, 0.8], [0.97, 0.03], [0.5, 0.5], [0.05, 0.95], [0.91, 0.09]]
-    )
-    # confident at 0.9: class 0 -> 3 (0.97), 0 (0.95), 6 (0.91), 1 (0.9); class 1 -> 5 (0.95)
-    assert select(probs, 0.9, "balanced", None) == [3, 5]
-    assert select(probs, 0.9, "none", None) == [0, 1, 3, 5, 6]
-    assert select(probs, 0.9, "none", 2) == [0, 3]  # 0.97, then 0.95 of texts 0 and 5: the earlier wins
-    assert select(probs, 0.9, "none", 3) == [0, 3, 5]
-    # at 0.8 class 1 has 5 (0.95) and 2 (0.8): two per class, each class's most confident
-    assert select(probs, 0.8, "balanced", None) == [0, 2, 3, 5]
-    assert select(probs, 0.8, "balanced", 3) == [3, 5]  # 3 // 2 classes = 1 per class
-    assert select(probs, 0.99, "balanced", None) == [] and select(probs, 0.99, "none", None) == []
-    assert select(probs, 0.5, "none", None) == list(range(7))  # the threshold is inclusive
-
-
-def test_unlabelled_files_txt_bundled_and_what_is_left_out(tmp_path, sentiment_csv):
-    recipe = load_recipe(None, [f"data.source={sentiment_csv}", "data.shots=8"])
-    splits = classification.load_splits(recipe.data)
-    labels = classification.label_space(splits, recipe.data)
-    test_text = splits.test["text"][0]
-    txt = tmp_path / "more.txt"
-    txt.write_text(f"a new line\n\n{test_text}\na new line\nanother one\n")
-    data = recipe.data.model_copy(update={"unlabeled": str(txt)})
-    found = read_unlabeled(data, splits, labels)
-    # a test text would leak into training; a repeated text counts once; blank lines are no texts
-    assert found.texts == ["a new line", "another one"] and (found.duplicates, found.overlap) == (1, 1)
-    # a label column that agrees with the label set is allowed (and dropped); blank labels are no labels
-    labelled = write_csv(tmp_path / "u.csv", [("fresh words here", "positive"), ("more words", "")])
-    data = recipe.data.model_copy(update={"unlabeled": str(labelled)})
-    assert load_unlabeled(data, splits, labels) == ["fresh words here", "more words"]
-    rest = load_unlabeled(recipe.data.model_copy(update={"unlabeled": "train_rest"}), splits, labels)
-    assert len(rest) == 192 - 16 and not set(rest) & set(splits.train["text"])
-    bundled = load_unlabeled(recipe.data.model_copy(update={"unlabeled": "bundled:rotten_tomatoes"}), splits)
-    assert len(bundled) == 8530  # every review of the bundled set (none is in the synthetic splits)
-
-
-def test_run_train_refuses_a_self_training_recipe(tiny_bert, sentiment_csv, tmp_path):
-    from hybridtune import run
-
-    recipe = load_recipe(None, settings(tiny_bert, sentiment_csv, tmp_path))
-    with pytest.raises(
-        UserError, match="self_training: found a self-training recipe in the one-run pipeline"
-    ):
-        run.train(recipe, search_trial=True)  # what a search trial would do
-
-
-def test_round_recipes_take_the_student_overrides_only_for_students(tiny_bert, sentiment_csv, tmp_path):
-    recipe = load_recipe(
-        None, settings(tiny_bert, sentiment_csv, tmp_path, "self_training.student_overrides=[train.epochs=2]")
-    )
-    assert round_recipe(recipe, tmp_path, 0, None).train.epochs == 6
-    student = round_recipe(recipe, tmp_path, 1, tmp_path / "p.jsonl")
-    assert student.train.epochs == 2 and student.data.pseudo_labels == str((tmp_path / "p.jsonl").resolve())
-    assert student.self_training is None and student.data.unlabeled is None
-
-
 def _finished_copy(run: Path, tmp_path: Path, **edits) -> Path:
     copy = tmp_path / "teacher"
     shutil.copytree(run / "round-0", copy)
@@ -286,6 +307,17 @@ def _finished_copy(run: Path, tmp_path: Path, **edits) -> Path:
         (["self_training.teacher=LABELS"], ["self_training.teacher", "['a', 'b']", "the recipe's labels"]),
         (["self_training.teacher=TASK"], ["self_training.teacher", "token_classification run"]),
         (["self_training.student_overrides=[peft.r=4]"], ["self_training.student_overrides", "train.<key>"]),
+        (["self_training.min_added=0"], ["self_training.min_added", "greater than or equal to 1"]),
+        (["self_training.keep=worst"], ["self_training.keep", "'best' or 'last'"]),
+        (
+            ["data.validation_shots=0"],
+            ["self_training.keep", "best (the default) with data.validation_shots: 0", "keep: last"],
+        ),
+        (["data.validation_shots=0", "self_training.keep=best"], ["keep: found best with data.validation"]),
+        (
+            ["self_training.student_overrides=[train.early_stopping.metric=loss]"],
+            ["self_training.student_overrides", "early_stopping.metric=loss with keep: best", "accuracy"],
+        ),
         (
             ["task=token_classification", "data.shots=null", "data.validation_shots=null"],
             ["self_training", "task token_classification"],
@@ -315,21 +347,6 @@ def test_bad_input_exits_2_before_anything_is_written(
     out = tmp_path / "runs"
     args = ["train", *settings(tiny_bert, sentiment_csv, out), "self_training.rounds=1", *extra]
     refused(args, out, *words)
-
-
-def test_unlabeled_without_self_training_and_pseudo_labels_by_hand_are_refused():
-    with pytest.raises(UserError, match="data.unlabeled: found it without a section that reads it"):
-        load_recipe(None, ["data.unlabeled=train_rest", "data.shots=8"])
-    with pytest.raises(UserError, match="self_training: found it with data.pseudo_labels"):
-        load_recipe(None, ["data.unlabeled=x.csv", "data.pseudo_labels=p.jsonl", "self_training.rounds=1"])
-    with pytest.raises(UserError, match="self_training: found it with `ensemble`"):
-        load_recipe(None, ["data.unlabeled=x.csv", "self_training.rounds=1", "ensemble.members=2"])
-
-
-def test_the_example_recipe_reads():
-    recipe = load_recipe(RECIPES / "self_training.yaml")
-    assert recipe.data.shots == 64 and recipe.data.unlabeled == "train_rest"
-    assert recipe.self_training.rounds >= 1 and recipe.self_training.per_class == "balanced"
 
 
 def test_a_prompt_task_self_trains_too(tiny_bert_mlm, sentiment_csv, tmp_path):

@@ -217,6 +217,12 @@ class Recipe(RecipeParts):
             raise ValueError(
                 f"self_training: found it with {why}; expected a classification recipe with data.unlabeled"
             )
+        if self.self_training.keep == "best" and self.data.validation_shots == 0:
+            given = "" if "keep" in self.self_training.model_fields_set else " (the default)"
+            raise ValueError(
+                f"self_training.keep: found best{given} with data.validation_shots: 0; expected keep: "
+                "last (no validation split to choose a round on) or a validation split"
+            )
         return self
 
 

@@ -231,14 +231,18 @@ def ensemble_run(summary: dict) -> list:
 
 def self_training_table(summary: dict) -> Table:
     """A self-training run: per round, its teacher, the texts that were confident and that joined
-    (per class), and the round's validation and test scores (docs/few_shot.md)."""
+    (per class), and the round's validation and test scores; below, the round kept and why, and why
+    the rounds stopped early (docs/few_shot.md)."""
     section = summary["self_training"]
     unlabeled = section["unlabeled"]
     title = (
         f"self-training: {unlabeled['texts']} unlabelled texts ({unlabeled['source']}), "
         f"threshold {section['threshold']}, per_class {section['per_class']}"
     )
-    table = Table(title=title)
+    kept = section.get("final_round")
+    caption = [f"kept: round {kept}, {section['kept_because']}"] if section.get("kept_because") else []
+    caption += [section["stopped"]] if section.get("stopped") else []
+    table = Table(title=title, caption="\n".join(caption) or None)
     for col in ("round", "trained on", "confident", "added", "validation", "test accuracy", "test macro-F1"):
         table.add_column(col, justify="left" if col in ("round", "trained on") else "right")
 
@@ -255,7 +259,7 @@ def self_training_table(summary: dict) -> Table:
             what = f"+ round {r['round'] - 1}'s pseudo-labels"
         test = r.get("test") or {}
         table.add_row(
-            str(r["round"]),
+            f"{r['round']} (kept)" if r["round"] == kept and r.get("trained") else str(r["round"]),
             what,
             per_class(r.get("above_threshold")),
             per_class(r.get("added")),

@@ -38,6 +38,18 @@ class SelfTrainingConfig(BaseModel):
         description="the first round's teacher: a finished run or ensemble dir of this task and label "
         "set; default: round 0 trains the recipe on the labelled rows",
     )
+    min_added: int = Field(
+        1,
+        ge=1,
+        description="a round whose pseudo-labelling adds fewer texts stops the rounds before its student "
+        "trains (1: only a round that adds nothing)",
+    )
+    keep: Literal["best", "last"] = Field(
+        "best",
+        description="the round whose model is the run's final/ and test result: best = the best "
+        "validation score (train.early_stopping.metric; ties: the earlier round), last = the last round "
+        "trained",
+    )
     student_overrides: list[str] = Field(
         [],
         description="train.<key>=value overrides of the rounds that train on pseudo-labels (e.g. "
@@ -48,7 +60,7 @@ class SelfTrainingConfig(BaseModel):
     @classmethod
     def _train_keys(cls, value: list[str]) -> list[str]:
         # only the training budget: the strategy and data stay the recipe's, so the run's final/
-        # (the last round's) loads with the run's own recipe.yaml
+        # (the kept round's) loads with the run's own recipe.yaml
         for item in value:
             key, sep, _ = item.partition("=")
             if not sep or not key.startswith("train.") or key == "train.":

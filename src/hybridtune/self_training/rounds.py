@@ -1,4 +1,4 @@
-"""The rounds of self-training: each an ordinary run (`run.train`) in the run dir; the last is the result.
+"""The rounds of self-training: each an ordinary run (`run.train`) in the run dir; one is the result.
 
     runs/<name>/
       recipe.yaml             the self-training recipe
@@ -7,8 +7,14 @@
       pseudo-labels/          round-<r>.jsonl: the rows round r adds; round-<r>.json: how they were chosen
       round-1/ .. round-<R>/  the students: the recipe trained from the pretrained weights on the
                               labelled + pseudo-labelled rows (`data.pseudo_labels`); each teaches the next
-      final/ run.json params.json eval.json metrics.jsonl   the last round's (final/'s files hard-linked)
-      self_training.json      every round's record; report.json: the last round's, with `self_training`
+      final/ run.json params.json eval.json metrics.jsonl   the kept round's (final/'s files hard-linked)
+      self_training.json      every round's record; report.json: the kept round's, with `self_training`
+
+The kept round (`self_training.keep`): best, the round trained here with the best validation score
+(ties: the earlier round; a given teacher is no candidate: it is not this recipe's model), or last.
+Picking on validation is ordinary model selection: the rounds never see the test split, and a
+student can validate worse than its teacher (docs/few_shot.md, draws 3 and 4). A round that adds
+fewer than `self_training.min_added` texts stops the rounds before its student trains.
 
 Every round re-labels the whole unlabelled set with the newest model (Xie et al. 2020: the student
 becomes the teacher, and pseudo-labels are made afresh, not accumulated) and trains from the
@@ -38,7 +44,7 @@ from hybridtune.recipe import Recipe, apply_override, load_recipe, recipe_to_yam
 from hybridtune.self_training.config import SUMMARY
 from hybridtune.self_training.pseudo import check_teacher, pseudo_label
 
-# the last round's files the run dir holds too, so that it loads, evaluates and compares as one run
+# the kept round's files the run dir holds too, so that it loads, evaluates and compares as one run
 COPIED = ("run.json", "params.json", "eval.json", "metrics.jsonl")
 
 
@@ -89,7 +95,14 @@ def check(recipe: Recipe, run: Path, prepare_first: bool = True) -> Context:
     if cfg.teacher:
         check_teacher(cfg.teacher, recipe.task, labels)
     first = round_recipe(recipe, run, 1 if cfg.teacher else 0, None)
-    round_recipe(recipe, run, 1, None)  # the students' overrides, validated
+    student = round_recipe(recipe, run, 1, None)  # the students' overrides, validated
+    metric = recipe.train.early_stopping.metric
+    if cfg.keep == "best" and student.train.early_stopping.metric != metric:
+        raise UserError(
+            "self_training.student_overrides",
+            f"train.early_stopping.metric={student.train.early_stopping.metric} with keep: best",
+            f"the recipe's metric ({metric}): the rounds are compared on it",
+        )
     prepared = one_run.prepare(first) if prepare_first else None
     if cfg.teacher:
         prepared = None  # round 1 trains on pseudo-labels: it prepares its own data
@@ -132,14 +145,14 @@ def _guarded(ctx: Context) -> dict:
 def _rounds(ctx: Context) -> dict:
     recipe, run = ctx.recipe, ctx.run
     cfg = recipe.self_training
-    records, summaries, last = [], [], run / "round-0"
+    records, summaries, stopped = [], {}, None  # summaries: round number -> its report.json
     if cfg.teacher:
         teacher = Path(cfg.teacher)
         records.append({"round": 0, "given": True, **_scores(teacher)})
     else:
-        summaries.append(_train_round(ctx, 0, None))
+        summaries[0] = _train_round(ctx, 0, None)
         teacher = run / "round-0"
-        records.append({"round": 0, "given": False, **_scores(teacher)})
+        records.append({"round": 0, "given": False, "trained": True, **_scores(teacher)})
     for number in range(1, cfg.rounds + 1):
         pseudo = run / "pseudo-labels" / f"round-{number}.jsonl"
         record_file = pseudo.with_suffix(".json")
@@ -152,15 +165,48 @@ def _rounds(ctx: Context) -> dict:
             record = pseudo_label(teacher, texts, ctx.labels, cfg, recipe.data, pseudo, number)
             rundir.write_json(record_file, record)
         durable.maybe_kill("round", number)  # the test hook: a kill between labelling and training
-        if not record["added_total"] and (number > 1 or not cfg.teacher):
-            # the same rows as the round before, from the same start: the same model again
-            stop = f"stopped after round {number - 1}: round {number} would train on the same rows"
-            records.append({**record, "trained": False, "warnings": [*record["warnings"], stop]})
+        added = record["added_total"]
+        if added < cfg.min_added and summaries:  # a given teacher's round 1 trains: nothing else would
+            stopped = f"stopped after round {number - 1}: round {number} " + (
+                "would train on the same rows"  # from the same start: the same model again
+                if not added
+                else f"adds {added} texts, fewer than self_training.min_added ({cfg.min_added})"
+            )
+            records.append({**record, "trained": False, "warnings": [*record["warnings"], stopped]})
             break
-        summaries.append(_train_round(ctx, number, pseudo if record["added_total"] else None))
-        teacher = last = run / f"round-{number}"
+        if added < cfg.min_added:
+            record = {**record, "warnings": [*record["warnings"], _few(number, added, cfg.min_added)]}
+        summaries[number] = _train_round(ctx, number, pseudo if added else None)
+        teacher = run / f"round-{number}"
         records.append({**record, "trained": True, **_scores(teacher)})
-    return _finish(ctx, records, summaries, last)
+    return _finish(ctx, records, summaries, stopped)
+
+
+def _few(number: int, added: int, min_added: int) -> str:
+    return (
+        f"round {number}: adds {added} texts, fewer than self_training.min_added ({min_added}), and "
+        "trains all the same: the given teacher's first round is the run's only model"
+    )
+
+
+def kept(records: list[dict], keep: str) -> tuple[int, str]:
+    """The round whose model is the result, and why: `keep` best, the round trained here with the
+    best validation score (ties: the earlier round); last (or no round with a score), the last."""
+    trained = [r for r in records if r.get("trained")]
+    scored = [r for r in trained if r.get("validation") is not None]
+    last = trained[-1]["round"]
+    if keep == "last":
+        return last, "the last round trained (self_training.keep: last)"
+    if not scored:
+        return last, "the last round trained: no round has a validation score to choose on"
+    metric = (scored[0].get("validation_metric") or "").removeprefix("eval_")
+    higher = tasks.higher_is_better(metric)
+    best = scored[0]
+    for r in scored[1:]:  # strictly better only: a tie keeps the earlier round
+        if (r["validation"] > best["validation"]) if higher else (r["validation"] < best["validation"]):
+            best = r
+    scores = ", ".join(f"round {r['round']} {r['validation']:.4f}" for r in scored)
+    return best["round"], f"the best validation {metric} (self_training.keep: best): {scores}"
 
 
 def _train_round(ctx: Context, number: int, pseudo: Path | None) -> dict:
@@ -207,15 +253,20 @@ def _link_tree(src: Path, dst: Path) -> None:
                 shutil.copy2(Path(here) / name, out / name)
 
 
-def _finish(ctx: Context, records: list[dict], summaries: list[dict], last: Path) -> dict:
-    """The run dir as one run: the last round's final/ and files, self_training.json, report.json."""
+def _finish(ctx: Context, records: list[dict], summaries: dict[int, dict], stopped: str | None) -> dict:
+    """The run dir as one run: the kept round's final/ and files, self_training.json, report.json."""
     run, cfg = ctx.run, ctx.recipe.self_training
     ctx.step = "writing the result"
-    rundir.save_dir_atomically(run / "final", lambda tmp: _link_tree(last / "final", tmp))
+    number, why = kept(records, cfg.keep)
+    chosen = run / f"round-{number}"
+    rundir.save_dir_atomically(run / "final", lambda tmp: _link_tree(chosen / "final", tmp))
     for name in COPIED:
-        if (last / name).is_file():
-            rundir.write_text(run / name, (last / name).read_text(encoding="utf-8"))
-    result = summaries[-1]
+        if (chosen / name).is_file():
+            rundir.write_text(run / name, (chosen / name).read_text(encoding="utf-8"))
+        else:  # no stale copy of another round's file
+            (run / name).unlink(missing_ok=True)
+    result = summaries[number]
+    summaries = list(summaries.values())
     label_seconds = sum(r.get("label_seconds") or 0 for r in records)
     seconds = sum(s["train_seconds"] for s in summaries)
     samples = sum((s["train_samples_per_second"] or 0) * s["train_seconds"] for s in summaries)
@@ -230,7 +281,12 @@ def _finish(ctx: Context, records: list[dict], summaries: list[dict], last: Path
         "max_per_round": cfg.max_per_round,
         "teacher": cfg.teacher,
         "label_seconds": round(label_seconds, 2),
-        "final_round": int(last.name.removeprefix("round-")),
+        "min_added": cfg.min_added,
+        "keep": cfg.keep,
+        "final_round": number,  # the kept round: final/ and the scores of report.json are its
+        "kept_because": why,
+        "last_round": max(r["round"] for r in records if r.get("trained")),
+        "stopped": stopped,
         "warnings": warnings,
     }
     rundir.write_json(run / SUMMARY, section)
