@@ -195,27 +195,27 @@ def test_keep_chooses_the_result_among_the_rounds(keep, expected, self_trained, 
 
 
 def test_min_added_stops_before_the_student_trains(self_trained, tmp_path):
-    """Round 2 labelled afresh by round 1 adds as many texts as in the uninterrupted run: one
-    fewer than min_added stops the rounds there, and the result is chosen among rounds 0 and 1."""
+    """Round 1 labelled afresh by round 0 adds as many texts as in the uninterrupted run: one fewer
+    than min_added stops the rounds there, before round 1 trains; round 0 is the result."""
     run, _, _ = self_trained
-    added = json.loads((run / "pseudo-labels" / "round-2.json").read_text())["added_total"]
-    assert added >= 1, "round 2 added nothing: the test would prove nothing"
+    added = json.loads((run / "pseudo-labels" / "round-1.json").read_text())["added_total"]
+    assert added >= 1, "round 1 added nothing: the test would prove nothing"
     copy = unfinished_copy(run, tmp_path / "copy", min_added=added + 1)
-    shutil.rmtree(copy / "round-2")
-    for suffix in (".json", ".jsonl"):
-        (copy / "pseudo-labels" / f"round-2{suffix}").unlink()
+    for name in ("round-1", "round-2", "pseudo-labels"):
+        shutil.rmtree(copy / name)
     summary = api.train(resume=copy)
-    assert not (copy / "round-2").exists()
-    assert pseudo_rows(copy, 2) == pseudo_rows(run, 2)  # labelled, not trained on
+    assert not (copy / "round-1").exists() and not (copy / "round-2").exists()
+    assert pseudo_rows(copy, 1) == pseudo_rows(run, 1)  # labelled, not trained on
+    assert not (copy / "pseudo-labels" / "round-2.jsonl").exists()
     section = summary["self_training"]
     stop = (
-        f"stopped after round 1: round 2 adds {added} texts, fewer than self_training.min_added ({added + 1})"
+        f"stopped after round 0: round 1 adds {added} texts, fewer than self_training.min_added ({added + 1})"
     )
     assert section["stopped"] == stop and stop in summary["warnings"]
-    assert section["rounds"][2]["trained"] is False and section["last_round"] == 1
-    rounds = section["rounds"][:2]
-    best = max(rounds, key=lambda r: (r["validation"], -r["round"]))["round"]
-    assert section["final_round"] == best and summary["test"] == rounds[best]["test"]
+    assert [r["round"] for r in section["rounds"]] == [0, 1] and section["rounds"][1]["trained"] is False
+    assert (section["final_round"], section["last_round"]) == (0, 0)
+    assert summary["test"] == section["rounds"][0]["test"]
+    assert_final_is(copy, 0)
 
 
 def test_round_0_is_the_recipe_without_self_training(self_trained, tiny_bert, sentiment_csv, tmp_path):
