@@ -1,4 +1,5 @@
-"""docs/strategies.md's key tables are the schema's (scripts/gen_strategy_tables.py writes them)."""
+"""The docs' key tables (docs/strategies.md, docs/few_shot.md) are the schema's
+(scripts/gen_strategy_tables.py writes them)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ def test_the_strategy_tables_match_the_schema():
     text = script.DOC.read_text(encoding="utf-8")
     assert "<!-- generated: keys lr -->" in text and "<!-- generated: parts -->" in text
     assert script.render(text) == text, "docs/strategies.md drifted: run scripts/gen_strategy_tables.py"
-    assert script.main(["--check"]) == 0
+    few_shot = (ROOT / "docs" / "few_shot.md").read_text(encoding="utf-8")
+    assert "<!-- generated: keys self_training -->" in few_shot and "| `keep` | `best` |" in few_shot
+    assert script.main(["--check"]) == 0  # every page in DOCS
 
 
 def test_a_hand_edited_table_is_drift():
