@@ -56,19 +56,26 @@ def to_confirm(distinct: list[tuple], k: int, light: float | None) -> list[tuple
     return [d for d in distinct if d[0].number in numbers]
 
 
+def fresh_run(raw: dict, seed: int, target: Path, tracked=None) -> tuple:
+    """A confirmation or verdict run's recipe: `raw` with `seed`, into `target` (an unfinished run
+    of ours there is removed: it starts over), and its MLflow callbacks (`tracked(recipe, run_dir)`,
+    when the recipe reports to mlflow)."""
+    shutil.rmtree(target, ignore_errors=True)
+    run = copy.deepcopy(raw)
+    run.setdefault("train", {})["seed"] = seed
+    run["output"] = {"dir": str(target.parent), "name": target.name}
+    recipe = validate_recipe(run, str(target))
+    return recipe, [tracked(recipe, target)] if tracked and "mlflow" in recipe.train.report_to else []
+
+
 def score(raw: dict, seed: int, target: Path, echo, tracked=None) -> dict:
     """One confirmation run (resumed: a finished or failed one is kept): {"value"} -- its best
     validation metric -- or {"value": None, "error"}. `tracked(recipe, run_dir)`: its MLflow callback."""
     report, failed = target / "report.json", target / rundir.FAILED
     error = None
     if not report.is_file() and not failed.is_file():
-        shutil.rmtree(target, ignore_errors=True)  # an unfinished run of ours: start it over
-        run = copy.deepcopy(raw)
-        run.setdefault("train", {})["seed"] = seed
-        run["output"] = {"dir": str(target.parent), "name": target.name}
+        recipe, tracking = fresh_run(raw, seed, target, tracked)
         echo(f"confirm: training {target.name}")
-        recipe = validate_recipe(run, str(target))
-        tracking = [tracked(recipe, target)] if tracked and "mlflow" in recipe.train.report_to else []
         try:
             one_run.train(recipe, callbacks=tracking, search_trial=True)
         except (UserError, TrainingStopped) as e:  # as a trial's: this recipe failed, the search goes on

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from hybridtune import run as one_run
 from hybridtune import rundir
-from hybridtune.recipe import load_recipe, recipe_to_yaml, validate_recipe
+from hybridtune.recipe import load_recipe, recipe_to_yaml
 from hybridtune.report.stats import higher_is_better, paired, sentence
-from hybridtune.search.confirm import light_enough, run_confirm
+from hybridtune.search.confirm import fresh_run, light_enough, run_confirm
 from hybridtune.search.setup import Context, finish
 
 __all__ = ["paired", "run_verdict"]
@@ -101,13 +101,8 @@ def _train(raw: dict, seed: int, target: Path, echo, tracked=None) -> dict:
     """One verdict run (resumed: a finished one is kept); its test metrics from its own eval.json.
     `tracked(recipe, run_dir)`: its MLflow callback, in the search's experiment."""
     if not (target / "report.json").is_file():
-        shutil.rmtree(target, ignore_errors=True)  # an unfinished run of ours: start it over
-        run = copy.deepcopy(raw)
-        run.setdefault("train", {})["seed"] = seed
-        run["output"] = {"dir": str(target.parent), "name": target.name}
+        recipe, tracking = fresh_run(raw, seed, target, tracked)
         echo(f"verdict: training {target.name}")
-        recipe = validate_recipe(run, str(target))
-        tracking = [tracked(recipe, target)] if tracked and "mlflow" in recipe.train.report_to else []
         one_run.train(recipe, callbacks=tracking)
         shutil.rmtree(target / "checkpoints", ignore_errors=True)  # the best model is in final/
     return rundir.read_json(target / "eval.json")
