@@ -61,13 +61,19 @@ def by_mean(distinct: list[tuple], means: dict[int, float | None], up: bool) -> 
 
 
 def candidates(
-    study, ctx: Context, top: int, light: float | None = None, means: dict[int, float | None] | None = None
+    study,
+    ctx: Context,
+    top: int,
+    light: float | None = None,
+    means: dict[int, float | None] | None = None,
+    distinct: list[tuple] | None = None,
 ) -> list[dict]:
     """The `top` best complete trials by validation metric, one per distinct recipe; with `light`,
     also the best one training at most `light` % of the parameters, when the top ones hold none.
     With `means` (trial number -> mean over seeds, from the confirmation), the confirmed trials are
-    ranked by it, ahead of the others (`by_mean`)."""
-    distinct = ranked(study, ctx)
+    ranked by it, ahead of the others (`by_mean`). `distinct`: `ranked(study, ctx)` when the caller
+    has it already."""
+    distinct = ranked(study, ctx) if distinct is None else distinct
     if means:
         distinct = by_mean(distinct, means, higher_is_better(ctx.metric))
     chosen = distinct[:top]
@@ -120,12 +126,13 @@ def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
     seeds = [ctx.seed + 1 + i for i in range(verdict_cfg.seeds)]
     metric = ctx.metric
     up = higher_is_better(metric)
+    distinct = ranked(study, ctx)  # every complete trial's recipe.yaml read once
     confirmed = None  # first, before anything of the verdict trains: stable over lucky
     if verdict_cfg.confirm:
-        confirmed = run_confirm(root, ctx, ranked(study, ctx), echo)
+        confirmed = run_confirm(root, ctx, distinct, echo)
     means = {c["trial"]: c["mean"] for c in confirmed["trials"]} if confirmed else None
     entries = [{"name": "reference", "trial": None, "family": "full (reference)", "raw": reference(ctx)}]
-    entries += candidates(study, ctx, verdict_cfg.top, verdict_cfg.light, means)
+    entries += candidates(study, ctx, verdict_cfg.top, verdict_cfg.light, means, distinct)
     if confirmed:
         picked = {e["trial"] for e in entries}
         for c in confirmed["trials"]:

@@ -200,11 +200,10 @@ def kept(records: list[dict], keep: str) -> tuple[int, str]:
     if not scored:
         return last, "the last round trained: no round has a validation score to choose on"
     metric = (scored[0].get("validation_metric") or "").removeprefix("eval_")
-    higher = tasks.higher_is_better(metric)
-    best = scored[0]
-    for r in scored[1:]:  # strictly better only: a tie keeps the earlier round
-        if (r["validation"] > best["validation"]) if higher else (r["validation"] < best["validation"]):
-            best = r
+    pick = (
+        max if tasks.higher_is_better(metric) else min
+    )  # both return the first of equals: the earlier round
+    best = pick(scored, key=lambda r: r["validation"])
     scores = ", ".join(f"round {r['round']} {r['validation']:.4f}" for r in scored)
     return best["round"], f"the best validation {metric} (self_training.keep: best): {scores}"
 
