@@ -200,9 +200,8 @@ def kept(records: list[dict], keep: str) -> tuple[int, str]:
     if not scored:
         return last, "the last round trained: no round has a validation score to choose on"
     metric = (scored[0].get("validation_metric") or "").removeprefix("eval_")
-    pick = (
-        max if tasks.higher_is_better(metric) else min
-    )  # both return the first of equals: the earlier round
+    # max / min return the first of equals: a tie keeps the earlier round
+    pick = max if tasks.higher_is_better(metric) else min
     best = pick(scored, key=lambda r: r["validation"])
     scores = ", ".join(f"round {r['round']} {r['validation']:.4f}" for r in scored)
     return best["round"], f"the best validation {metric} (self_training.keep: best): {scores}"
