@@ -3,6 +3,7 @@ by one through `hybridtune train`.
 
     .venv/bin/python benchmarks/bench_search.py [SPACE.yaml] [key=value ...] [--budget 60m | --trials N]
         [--seeds 3] [--one-by-one 5] [--out DIR]
+    .venv/bin/python benchmarks/bench_search.py --from SEARCH_DIR [--one-by-one 5]
 
 1. The search (default: the default space on Rotten Tomatoes) runs as one child process with the
    budget, then retrains the best recipes and full fine-tuning with `--seeds` seeds and tests them
@@ -14,6 +15,9 @@ by one through `hybridtune train`.
    the search (pruned early, one long-lived process, shared token and trunk caches, no checkpoints,
    no test pass) is the saving. The best validation score among them is printed for both sides.
    Run on a quiet machine; the CPU is named in the output.
+
+`--from SEARCH_DIR` skips step 1 and reads a finished search's trials and verdict (e.g. one run with
+`--one-by-one 0` first, so that the search and its one-by-one reruns can run in separate sittings).
 """
 
 from __future__ import annotations
@@ -37,13 +41,27 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--one-by-one", type=int, default=5, help="trials rerun through `hybridtune train`")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--from", dest="done", default=None, help="a finished search dir: no new search")
     opts = parser.parse_args()
     if opts.budget is None and opts.trials is None:
         opts.budget = "60m"
-    out = Path(opts.out or tempfile.mkdtemp(prefix="bench-search-")) / "search"
-    cmd = [PYTHON, "-m", "hybridtune", "search", *opts.args, "--out", str(out), "--seeds", str(opts.seeds)]
-    cmd += ["--budget", opts.budget] if opts.budget else ["--trials", str(opts.trials)]
-    searched = run_child(cmd)
+    if opts.done:
+        out, cmd, searched = Path(opts.done), None, None
+    else:
+        out = Path(opts.out or tempfile.mkdtemp(prefix="bench-search-")) / "search"
+        cmd = [
+            PYTHON,
+            "-m",
+            "hybridtune",
+            "search",
+            *opts.args,
+            "--out",
+            str(out),
+            "--seeds",
+            str(opts.seeds),
+        ]
+        cmd += ["--budget", opts.budget] if opts.budget else ["--trials", str(opts.trials)]
+        searched = run_child(cmd)
     trials = json.loads((out / "trials.json").read_text())["trials"]
     states = {s: sum(t["state"] == s for t in trials) for s in ("complete", "pruned", "fail")}
     verdict_path = out / "verdict.json"
@@ -81,11 +99,9 @@ def main() -> None:
         )
 
     print(f"machine: {machine()}")
-    print(f"search: {' '.join(cmd[2:])}")
-    print(
-        f"  wall {searched['wall_s']:.0f} s (trials + confirmation + verdict), peak RSS {searched['max_rss_mib']:.0f} MiB; "
-        f"{len(trials)} trials: {states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed"
-    )
+    print(f"search: {' '.join(cmd[2:])}" if cmd else f"search: {out} (run before)")
+    ran = f"wall {searched['wall_s']:.0f} s (trials + confirmation + verdict), peak RSS {searched['max_rss_mib']:.0f} MiB; " if searched else ""  # fmt: skip
+    print(f"  {ran}{len(trials)} trials: {states['complete']} complete, {states['pruned']} pruned, {states['fail']} failed")  # fmt: skip
     for c in verdict.get("confirm", {}).get("trials", []):  # search/confirm.py: validation, by seed
         shown = ", ".join("failed" if v is None else f"{v:.4f}" for v in c["values"])
         mean = "-" if c["mean"] is None else f"{c['mean']:.4f}"
