@@ -13,6 +13,7 @@ import yaml
 from sklearn.metrics import accuracy_score, f1_score
 
 from hybridtune.search import run_search
+from hybridtune.search.setup import eval_interval
 from hybridtune.search.trial import PruningCallback
 from hybridtune.tasks.baseline import constant_answer_score
 from tests.conftest import sentiment_rows, write_csv
@@ -42,13 +43,17 @@ class _Trial:
         return False  # the pruner's rungs never stop it: only the floor can
 
 
-def _evaluate(callback, values) -> list[bool]:
+class _Pruner(_Trial):
+    def should_prune(self):
+        return True  # the pruner's rungs would stop it at every evaluation
+
+
+def _evaluate(callback, values, max_steps: int = 100) -> list[bool]:
     stops = []
     for step, value in enumerate(values, 1):
         control = SimpleNamespace(should_training_stop=False)
-        callback.on_evaluate(
-            None, SimpleNamespace(global_step=step), control, metrics={"eval_accuracy": value}
-        )
+        state = SimpleNamespace(global_step=step, max_steps=max_steps)
+        callback.on_evaluate(None, state, control, metrics={"eval_accuracy": value})
         stops.append(control.should_training_stop)
     return stops
 
@@ -63,6 +68,19 @@ def test_the_floor_stops_from_the_second_evaluation_on():
     assert _evaluate(relapsed, [0.4, 0.6, 0.49]) == [False, False, True]
     unpruned = PruningCallback(_Trial(), "accuracy", prune=False, floor=0.5)  # pruner: none
     assert _evaluate(unpruned, [0.5, 0.5, 0.5]) == [False] * 3
+
+
+def test_the_runs_last_evaluation_never_stops_it():
+    """At the run's last step there is nothing left to save: neither the pruner nor the floor marks
+    the trial pruned there (it completes, with its value), though both stop it one step earlier."""
+    pruned = PruningCallback(_Pruner(), "accuracy", prune=True)
+    assert _evaluate(pruned, [0.7], max_steps=2) == [True] and pruned.pruned
+    ended = PruningCallback(_Pruner(), "accuracy", prune=True)
+    assert _evaluate(ended, [0.8], max_steps=1) == [False]
+    assert not ended.pruned and ended.trial.reported == [(1, 0.8)]
+    at_chance = PruningCallback(_Trial(), "accuracy", prune=True, floor=0.5)
+    assert _evaluate(at_chance, [0.5, 0.5], max_steps=2) == [False, False]
+    assert not at_chance.pruned and at_chance.why is None
 
 
 def test_a_search_stops_trials_at_the_constant_answers_score(tmp_path, tiny_bert):
@@ -92,3 +110,14 @@ def test_a_search_stops_trials_at_the_constant_answers_score(tmp_path, tiny_bert
     assert all(
         "no better than always answering the most frequent label (1.0000)" in t["error"] for t in trials
     )
+
+
+@pytest.mark.parametrize("steps", [1, 3, 5, 12, 13, 100, 642, 1283])
+def test_the_evaluation_interval_gives_the_asked_validations_the_last_at_the_end(steps):
+    """Trainer validates every `eval_steps` and once more at the end when the last step is off the
+    interval: `evaluations` validations (4), the last at the end; where no interval gives that many
+    (few steps), more, never fewer."""
+    every = eval_interval(steps, 4)
+    validated = sorted({s for s in range(1, steps + 1) if s % every == 0} | {steps})
+    assert len(validated) == 4 if steps >= 12 else len(validated) >= min(4, steps)
+    assert validated[-1] == steps

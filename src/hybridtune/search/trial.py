@@ -37,7 +37,8 @@ class PruningCallback(TrainerCallback):
     intermediate values for several objectives): there it only counts. `on_evaluation(value, n)`,
     when given, hears each evaluation too (the Ray backend reports it to Ray Tune's scheduler).
     `floor`: the constant answer's score (search/setup.py); from the second evaluation on, a trial no
-    better than it stops whatever the pruner says, and `why` says so."""
+    better than it stops whatever the pruner says, and `why` says so. The run's last evaluation never
+    stops it: the run has ended (a one-hour search lost 5 of 27 trials two steps before their end)."""
 
     def __init__(
         self, trial: optuna.Trial, metric: str, prune: bool, on_evaluation=None, floor: float | None = None
@@ -62,6 +63,8 @@ class PruningCallback(TrainerCallback):
         if not self.prune:
             return
         self.trial.report(value, self.evaluations)
+        if state.global_step >= state.max_steps:
+            return  # the run's last evaluation: stopping now saves nothing and would throw the run away
         if self.at_chance(value):
             self.why = (
                 f"stopped at evaluation {self.evaluations}: validation {self.metric} {value:.4f} is no "
