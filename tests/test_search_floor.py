@@ -13,8 +13,8 @@ import yaml
 from sklearn.metrics import accuracy_score, f1_score
 
 from hybridtune.search import run_search
-from hybridtune.search.setup import eval_interval
 from hybridtune.search.trial import PruningCallback
+from hybridtune.strategy.plan import eval_interval
 from hybridtune.tasks.baseline import constant_answer_score
 from tests.conftest import sentiment_rows, write_csv
 from tests.test_search import _space

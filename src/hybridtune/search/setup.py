@@ -11,7 +11,6 @@ written.
 from __future__ import annotations
 
 import copy
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from hybridtune.search.space import (
     recipe_dict,
     sample,
 )
-from hybridtune.strategy.plan import planned_steps
+from hybridtune.strategy.plan import eval_interval, planned_steps
 
 
 @dataclass
@@ -352,16 +351,6 @@ def finish(ctx: Context, raw: dict) -> dict:
             planned_steps(validate_recipe(raw, ctx.origin).train, ctx.n_train), ctx.space.evaluations
         )
     return raw
-
-
-def eval_interval(steps: int, evaluations: int) -> int:
-    """Steps between validations so that a run of `steps` validates `evaluations` times, the last at
-    its end (Trainer validates a last time at the end when the last step is not on the interval):
-    642 steps, 4 evaluations -> every 161 (161, 322, 483, 642), not every 160 (160 ... 640 and 642,
-    a fifth validation two steps after the fourth). Where no interval gives exactly that many
-    (few steps), more rather than fewer."""
-    every = math.ceil(steps / evaluations)
-    return every if math.ceil(steps / every) == evaluations else max(1, steps // evaluations)
 
 
 def parse_budget(text: str | None) -> float | None:

@@ -68,6 +68,16 @@ def planned_steps(train, n_train: int, world_size: int = 1) -> int:
     )
 
 
+def eval_interval(steps: int, evaluations: int) -> int:
+    """Steps between validations so that a run of `steps` validates `evaluations` times, the last at
+    its end (Trainer validates a last time at the end when the last step is not on the interval):
+    642 steps, 4 evaluations -> every 161 (161, 322, 483, 642), not every 160 (160 ... 640 and 642,
+    a fifth validation two steps after the fourth). Where no interval gives exactly that many
+    (few steps), more rather than fewer."""
+    every = math.ceil(steps / evaluations)
+    return every if math.ceil(steps / every) == evaluations else max(1, steps // evaluations)
+
+
 def make_plan(
     model: nn.Module, recipe, anatomy, base_ids: set[int], n_train: int, world_size: int = 1
 ) -> Plan:
