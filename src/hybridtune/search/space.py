@@ -29,7 +29,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from hybridtune.search.families import FAMILIES, Families, Family, strategy_keys
 from hybridtune.search.params import Param, param
-from hybridtune.search.parts import default_parts, parse_parts, sample_parts, to_yaml
+from hybridtune.search.parts import USE, default_parts, parse_parts, sample_parts, to_yaml
 from hybridtune.tasks import higher_is_better
 
 # ---- the space --------------------------------------------------------------------------------------
@@ -138,6 +138,12 @@ class Space(BaseModel):
     pruner: Literal["hyperband", "successive_halving", "median", "none"] = "successive_halving"
     seed: int = 42
     enqueue: list[dict[str, Any]] = Field(default_factory=list, description="trials to run first (params)")
+    start: Literal["families", "none"] = Field(
+        "families",
+        description="after `enqueue`, before the sampler's own draws: one trial per family at its "
+        "typical settings, the fewest epochs and no added part (`start_trials`); none: the sampler "
+        "from the first trial",
+    )
     lr_range_test: Annotated[LrRangeTest | None, BeforeValidator(_lr_range_test)] = Field(
         None, description="an lr range test per family before the first trial narrows its lr range"
     )
@@ -214,6 +220,26 @@ def sample(
 
     shared["parts"] = sample_parts(space.parts, trial, parts_fit)
     return family, values, shared
+
+
+def start_trials(space: Space) -> list[dict[str, Any]]:
+    """The Optuna parameters of the start trials (`start: families`): one per family, in the order of
+    FAMILIES (full fine-tuning, the reference, first), each setting at its typical value
+    (`Param.typical`; a family's lr in the middle of its range, after an lr range test its
+    narrowed one), the fewest epochs, every part off where the space lets it be off. A cheap first
+    look at every family: the sampler's first draws would otherwise often be the costliest kind
+    (3 epochs with two loss-adding parts) and leave families unseen on a small budget."""
+    if space.start == "none":
+        return []
+    shared = {k: p.typical() for k, p in dict(space.train).items()}
+    shared["epochs"] = min(space.train.epochs.corners())
+    off = {
+        f"parts.{key}.{USE}": False for key, params in space.parts.items() if False in params[USE].corners()
+    }
+    return [
+        {"family": family} | {f"{family}.{k}": p.typical() for k, p in dict(settings).items()} | shared | off
+        for family, settings in space.chosen().items()
+    ]
 
 
 def recipe_dict(

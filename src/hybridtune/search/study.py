@@ -115,7 +115,9 @@ def open_study(root: Path, ctx: Context, fresh: bool, storage=None):
         load_if_exists=True,
     )
     if fresh:
-        for params in ctx.space.enqueue:
+        from hybridtune.search.space import start_trials
+
+        for params in [*ctx.space.enqueue, *start_trials(ctx.space)]:
             study.enqueue_trial(params)
     return study
 
