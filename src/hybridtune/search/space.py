@@ -12,6 +12,7 @@
       full: {}
     train: {epochs: [1, 2], batch_size: [16, 32]}
     lr_range_test: true        # an lr range test per family narrows its lr range (search/lr_range.py)
+    start: families            # first one cheap trial per family (`start_trials`); none: TPE's draws
 
 A family's settings exist only in its own trials (Optuna parameters named `lora.r`, `lora.lr`): TPE
 models them conditionally (`group=True`). A space file restricts the default space (only the
