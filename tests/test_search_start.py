@@ -63,3 +63,10 @@ def test_start_none_leaves_the_first_trial_to_the_sampler(tmp_path, tiny_bert, s
     typical = {"full": math.sqrt(1e-3 * 1e-2), "lora": math.sqrt(3e-3 * 3e-2)}
     typical |= {"bitfit": typical["lora"], "freeze_top": typical["full"]}
     assert first[f"{first['family']}.lr"] != pytest.approx(typical[first["family"]])
+
+
+def test_identity_a_search_dir_from_before_the_start_resumes():
+    """`start` at its default is left out of the study's identity (search.json), so a search dir made
+    before the key existed still resumes; `start: none` is another study."""
+    assert "start" not in Space().identity()
+    assert Space(start="none").identity()["start"] == "none"

@@ -193,6 +193,8 @@ class Space(BaseModel):
         dump["parts"] = to_yaml(self.parts)
         if dump["lr_range_test"] is None:  # off: a search dir made before the key existed resumes
             del dump["lr_range_test"]
+        if dump["start"] == "families":  # the default: likewise
+            del dump["start"]
         return dump
 
 
