@@ -42,7 +42,7 @@ from transformers import TrainerCallback
 
 from hybridtune import rundir
 from hybridtune.search.params import Param
-from hybridtune.search.space import LrRangeTest, recipe_dict
+from hybridtune.search.space import LrRangeTest, recipe_dict, typical
 
 if TYPE_CHECKING:
     from hybridtune.search.setup import Context
@@ -73,8 +73,8 @@ def range_recipe(ctx: Context, family: str) -> dict:
     logged every step; a constant schedule (the test's growth multiplies it), no trunk cache (its
     pass over the whole train split would not pay back in a few steps), no tracker."""
     test = ctx.space.lr_range_test
-    values = {k: p.typical() for k, p in dict(ctx.space.chosen()[family]).items()}
-    shared = {k: p.typical() for k, p in dict(ctx.space.train).items()} | {"parts": {}}
+    values = typical(ctx.space.chosen()[family])
+    shared = typical(ctx.space.train) | {"parts": {}}
     raw = recipe_dict(ctx.base, family, values, shared, ctx.blocks, ctx.linear)
     raw["name"] = f"lr-range-{family}"
     raw["schedule"] = {"name": "constant"}

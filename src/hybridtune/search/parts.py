@@ -155,5 +155,11 @@ def sample_parts(
     return sections
 
 
+def parts_off(parts: dict[str, dict[str, Param]]) -> dict[str, bool]:
+    """The Optuna parameters that leave every part out of a trial (`parts.<key>.use` false), for the
+    parts the space lets be off (a `use: true` part stays in every trial)."""
+    return {f"parts.{key}.{USE}": False for key, params in parts.items() if False in params[USE].corners()}
+
+
 def to_yaml(parts: dict[str, dict[str, Param]]) -> dict:
     return {key: {path: p.to_yaml() for path, p in params.items()} for key, params in parts.items()}

@@ -30,7 +30,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_valida
 
 from hybridtune.search.families import FAMILIES, Families, Family, strategy_keys
 from hybridtune.search.params import Param, param
-from hybridtune.search.parts import USE, default_parts, parse_parts, sample_parts, to_yaml
+from hybridtune.search.parts import default_parts, parse_parts, parts_off, sample_parts, to_yaml
 from hybridtune.tasks import higher_is_better
 
 # ---- the space --------------------------------------------------------------------------------------
@@ -234,15 +234,18 @@ def start_trials(space: Space) -> list[dict[str, Any]]:
     (3 epochs with two loss-adding parts) and leave families unseen on a small budget."""
     if space.start == "none":
         return []
-    shared = {k: p.typical() for k, p in dict(space.train).items()}
-    shared["epochs"] = min(space.train.epochs.corners())
-    off = {
-        f"parts.{key}.{USE}": False for key, params in space.parts.items() if False in params[USE].corners()
-    }
+    shared = typical(space.train) | {"epochs": min(space.train.epochs.corners())}
+    off = parts_off(space.parts)
     return [
-        {"family": family} | {f"{family}.{k}": p.typical() for k, p in dict(settings).items()} | shared | off
+        {"family": family} | {f"{family}.{k}": v for k, v in typical(settings).items()} | shared | off
         for family, settings in space.chosen().items()
     ]
+
+
+def typical(settings: BaseModel) -> dict[str, Any]:
+    """Each setting of a family (or of the shared training settings) at its typical value
+    (`Param.typical`): what the start trials and the lr range test train with."""
+    return {k: p.typical() for k, p in dict(settings).items()}
 
 
 def recipe_dict(

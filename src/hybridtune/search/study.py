@@ -25,6 +25,7 @@ from hybridtune import rundir
 from hybridtune.errors import UserError
 from hybridtune.rundir import CACHE_DIR_ENV
 from hybridtune.search.setup import Context, cheapest_trial_seconds, load_space, parse_budget, resolve
+from hybridtune.search.space import start_trials
 
 JOURNAL = "study.journal"
 MANIFEST = "search.json"
@@ -115,8 +116,6 @@ def open_study(root: Path, ctx: Context, fresh: bool, storage=None):
         load_if_exists=True,
     )
     if fresh:
-        from hybridtune.search.space import start_trials
-
         for params in [*ctx.space.enqueue, *start_trials(ctx.space)]:
             study.enqueue_trial(params)
     return study
