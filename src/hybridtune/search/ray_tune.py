@@ -9,7 +9,8 @@ search's own sampler (TPE with the constant liar, so parallel asks spread out) a
 journal storage, so the study file, the trials table, the fronts, the verdict and resume are the
 local backend's. `ASHAScheduler` (asynchronous successive halving, Li et al. 2020) prunes on the
 validation metric each trial reports after each evaluation (`tune.report` from the Trainer callback
-of search/trial.py); rungs are evaluations, as with the local pruners. A multi-objective study is
+of search/trial.py); rungs are evaluations (after the same training in every trial), as with the
+local pruners. A multi-objective study is
 not pruned (one metric per scheduler), like the local one.
 
 Each trial gets one slot: `--cpus-per-trial` CPUs (its torch threads; default 1) and
@@ -260,7 +261,7 @@ def run_trials(
         # rungs at evaluations 1, 2, 4, ...: the local successive halving's (reduction factor 2);
         # a trial that reaches the last evaluation finishes (its final report carries its info)
         scheduler = ASHAScheduler(
-            time_attr="evaluation", metric="metric", mode=modes[0], max_t=ctx.space.evaluations,
+            time_attr="evaluation", metric="metric", mode=modes[0], max_t=ctx.max_evaluations,
             grace_period=1, reduction_factor=2, stop_last_trials=False,
         )  # fmt: skip
     else:

@@ -11,6 +11,7 @@ written.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,17 @@ class Context:
     @property
     def linear(self) -> list[str]:  # a block's linear layers: LoRA's "all-linear"
         return list(self.facts.linear)
+
+    @property
+    def fewest_epochs(self) -> float:
+        return min(self.space.train.epochs.corners())
+
+    @property
+    def max_evaluations(self) -> int:
+        """The most validations a trial makes (`finish`): `evaluations` per fewest epochs, over the
+        most epochs, + 1 for the rounding of the interval to whole steps (the pruners' last rung)."""
+        most = max(self.space.train.epochs.corners())
+        return math.ceil(self.space.evaluations * most / self.fewest_epochs) + 1
 
 
 def load_space(path: str | None, overrides: list[str] | None = None) -> Space:
@@ -342,14 +354,19 @@ def sample_trial(ctx: Context, trial: Any) -> tuple[str, dict, dict]:
 
 
 def finish(ctx: Context, raw: dict) -> dict:
-    """A trial's recipe dict completed: the metric, and evaluation steps so that the run validates
-    `evaluations` times (4 by default) unless the base names its own `train.eval_steps`."""
+    """A trial's recipe dict completed: the metric, and evaluation steps (unless the base names its
+    own `train.eval_steps`): a trial of the space's fewest epochs validates `evaluations` times (4 by
+    default), and every trial validates after as much training as that one does, at its own batch
+    size, so a 3-epoch trial validates 3 times as often as a 1-epoch one. Evaluation r, the pruners'
+    rung r, then comes after the same amount of training in every trial (ASHA's resource is
+    training, Li et al. 2020): a 1-epoch trial's rung is no longer met by a 3-epoch one three times
+    as far into its training."""
     train = raw.setdefault("train", {})
     train.setdefault("early_stopping", {})["metric"] = ctx.metric
     if not ctx.explicit_eval_steps:
-        train["eval_steps"] = eval_interval(
-            planned_steps(validate_recipe(raw, ctx.origin).train, ctx.n_train), ctx.space.evaluations
-        )
+        settings = validate_recipe(raw, ctx.origin).train
+        shortest = planned_steps(settings.model_copy(update={"epochs": ctx.fewest_epochs}), ctx.n_train)
+        train["eval_steps"] = eval_interval(shortest, ctx.space.evaluations)
     return raw
 
 

@@ -134,7 +134,12 @@ class Space(BaseModel):
     parts: Annotated[dict[str, dict[str, Param]], BeforeValidator(parse_parts)] = Field(
         default_factory=default_parts
     )
-    evaluations: int = Field(4, ge=1, description="validations per trial (the rungs the pruner compares)")
+    evaluations: int = Field(
+        4,
+        ge=1,
+        description="validations of a trial of the fewest epochs; every trial validates after as much "
+        "training, so a longer one more often (the rungs the pruner compares)",
+    )
     sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
     pruner: Literal["hyperband", "successive_halving", "median", "none"] = "successive_halving"
     seed: int = 42

@@ -56,12 +56,13 @@ def sampler_for(ctx: Context, parallel: bool = False):
 
 def pruner_for(ctx: Context):
     """Successive halving (ASHA, Li et al. 2020; the default) or Hyperband (Li et al. 2018) over the
-    trial's evaluations: rung r holds the trials that reached evaluation r; the weak ones stop there.
+    trial's evaluations, which come after the same amount of training in every trial (`finish`):
+    rung r holds the trials that reached evaluation r; the weak ones stop there.
     Hyperband splits the trials into log2(evaluations) + 1 brackets, and its last bracket never
     prunes: with the few trials a CPU budget allows, a trial learning nothing ran to its end there."""
     import optuna
 
-    n = ctx.space.evaluations
+    n = ctx.max_evaluations
     kind = ctx.space.pruner
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n, reduction_factor=2)
