@@ -1,7 +1,7 @@
 """Everything a search checks before it writes anything: the space file and its key=value overrides,
 the base recipe, the metric, the data (read once: its size sets each trial's evaluation steps), the
 model's facts from its config (its depth: a share of blocks -> a count; its dropout ...), which part
-each family can take, and, with --budget, whether one trial can fit. Per trial, `sample_trial` draws
+each family can take (whether one trial fits the --budget: search/budget.py). Per trial, `sample_trial` draws
 a part only where the trial's recipe passes the checks a run makes before it trains (`refusal`).
 
 Every problem is a `UserError` naming the key path (`space.yaml: families.lora.r`): exit 2, nothing
@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import math
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from pydantic import BaseModel, ValidationError
 from hybridtune import strategy, tasks
 from hybridtune.errors import UserError, did_you_mean
 from hybridtune.model.facts import ModelFacts, facts_of
-from hybridtune.model.loading import load_tokenizer
 from hybridtune.model.loading import resolve as resolve_model
 from hybridtune.recipe import apply_override, load_recipe, validate_recipe
 from hybridtune.search.parts import corners
@@ -368,47 +366,3 @@ def finish(ctx: Context, raw: dict) -> dict:
         shortest = planned_steps(settings.model_copy(update={"epochs": ctx.fewest_epochs}), ctx.n_train)
         train["eval_steps"] = eval_interval(shortest, ctx.space.evaluations)
     return raw
-
-
-def parse_budget(text: str | None) -> float | None:
-    """'90s', '60m', '1.5h' or plain seconds -> seconds."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
-    if not m or float(m[1]) <= 0:
-        raise UserError("--budget", repr(text), "a time such as 90s, 60m or 1.5h")
-    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
-
-
-def cheapest_trial_seconds(ctx: Context) -> float:
-    """A lower bound on one trial's time, measured here: the smallest planned number of steps times
-    one forward pass of the base model on a training batch (every trial's step does at least that),
-    without the evaluations. Nothing is written."""
-    import torch
-
-    train = ctx.space.train
-    epochs, batch = min(train.epochs.corners()), max(train.batch_size.corners())
-    raw = copy.deepcopy(ctx.base)
-    raw.setdefault("train", {}).update({"epochs": epochs, "batch_size": batch})
-    recipe = validate_recipe(raw)
-    steps = planned_steps(recipe.train, ctx.n_train)
-    task = tasks.for_recipe(recipe)
-    splits = task.load_splits(recipe.data)
-    labels = task.label_space(splits, recipe.data)
-    path = resolve_model(recipe.model.name)
-    tokenizer = load_tokenizer(path)
-    model, _ = task.load_model(path, tokenizer, labels)
-    model.eval()
-    texts = splits.train.iloc[:batch]
-    data = task.encode(texts, tokenizer, labels, recipe.data)
-    batch_inputs = task.collator(tokenizer)(
-        [
-            {k: data[i][k] for k in ("input_ids", "attention_mask") if k in data.column_names}
-            for i in range(len(data))
-        ]
-    )
-    with torch.no_grad():
-        model(**batch_inputs)  # warm-up
-        started = time.perf_counter()
-        model(**batch_inputs)
-    return steps * (time.perf_counter() - started)

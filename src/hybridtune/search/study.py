@@ -24,7 +24,8 @@ from typing import Any
 from hybridtune import rundir
 from hybridtune.errors import UserError
 from hybridtune.rundir import CACHE_DIR_ENV
-from hybridtune.search.setup import Context, cheapest_trial_seconds, load_space, parse_budget, resolve
+from hybridtune.search.budget import cheapest_trial_seconds, parse_budget
+from hybridtune.search.setup import Context, load_space, resolve
 from hybridtune.search.space import start_trials
 
 JOURNAL = "study.journal"
