@@ -35,3 +35,25 @@ def test_a_longer_trial_validates_as_often_per_epoch(tmp_path, tiny_bert, sentim
     assert (one["evaluations"], two["evaluations"]) == (4, 8)
     for t in (one, two):  # the trial's recipe says so: `hybridtune train` retrains it as searched
         assert load_recipe(Path(t["run_dir"]) / "recipe.yaml").train.eval_steps == 3
+
+
+def test_patience_spans_the_same_share_of_a_longer_run():
+    """A 3-epoch trial validates 3 times as often as a 1-epoch one; the recipe's patience (2 of 4
+    validations: half the run) grows to 6 of its 12, never below the recipe's own."""
+    from hybridtune.model.facts import ModelFacts
+    from hybridtune.search.setup import Context, finish
+    from hybridtune.search.space import Space
+
+    space = Space(train={"epochs": [1.0, 3.0], "batch_size": [16]})
+    ctx = Context(space, "space", {}, "classification", "accuracy", ModelFacts(blocks=6), 640, 42, False)
+    assert ctx.max_evaluations == 13  # 4 per epoch over 3 epochs, + 1 for the rounding to steps
+
+    def finished(epochs: float, patience: int | None = 2) -> dict:
+        raw = {"train": {"epochs": epochs, "batch_size": 16, "early_stopping": {"patience": patience}}}
+        return finish(ctx, raw)["train"]
+
+    one, three = finished(1.0), finished(3.0)
+    assert one["eval_steps"] == three["eval_steps"] == 10  # 40 steps an epoch, a quarter of one
+    assert (one["early_stopping"]["patience"], three["early_stopping"]["patience"]) == (2, 6)
+    assert finished(0.5)["early_stopping"]["patience"] == 2  # fewer validations: the recipe's own
+    assert finished(3.0, None)["early_stopping"]["patience"] is None  # off stays off

@@ -358,11 +358,19 @@ def finish(ctx: Context, raw: dict) -> dict:
     size, so a 3-epoch trial validates 3 times as often as a 1-epoch one. Evaluation r, the pruners'
     rung r, then comes after the same amount of training in every trial (ASHA's resource is
     training, Li et al. 2020): a 1-epoch trial's rung is no longer met by a 3-epoch one three times
-    as far into its training."""
+    as far into its training. Early stopping's patience counts validations, so it grows with them:
+    it spans the share of the run it would at `evaluations` validations (patience 2 of a 3-epoch
+    trial's 12 validations -> 6, still half the run), never less than the recipe's."""
     train = raw.setdefault("train", {})
-    train.setdefault("early_stopping", {})["metric"] = ctx.metric
+    stopping = train.setdefault("early_stopping", {})
+    stopping["metric"] = ctx.metric
     if not ctx.explicit_eval_steps:
         settings = validate_recipe(raw, ctx.origin).train
         shortest = planned_steps(settings.model_copy(update={"epochs": ctx.fewest_epochs}), ctx.n_train)
-        train["eval_steps"] = eval_interval(shortest, ctx.space.evaluations)
+        every = eval_interval(shortest, ctx.space.evaluations)
+        train["eval_steps"] = every
+        patience = settings.early_stopping.patience
+        if patience is not None:
+            validations = math.ceil(planned_steps(settings, ctx.n_train) / every)
+            stopping["patience"] = max(patience, math.ceil(patience * validations / ctx.space.evaluations))
     return raw
