@@ -76,7 +76,7 @@ class Context:
     @property
     def max_evaluations(self) -> int:
         """The most validations a trial makes (`finish`): `evaluations` per fewest epochs, over the
-        most epochs, + 1 for the rounding of the interval to whole steps (the pruners' last rung)."""
+        most epochs, + 1 for the rounding of the interval to whole steps (Hyperband's max_resource)."""
         most = max(self.space.train.epochs.corners())
         return math.ceil(self.space.evaluations * most / self.fewest_epochs) + 1
 
