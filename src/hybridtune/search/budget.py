@@ -34,7 +34,7 @@ def cheapest_trial_seconds(ctx: Context) -> float:
     import torch
 
     train = ctx.space.train
-    epochs, batch = ctx.fewest_epochs, max(train.batch_size.corners())
+    epochs, batch = train.fewest_epochs, max(train.batch_size.corners())
     raw = copy.deepcopy(ctx.base)
     raw.setdefault("train", {}).update({"epochs": epochs, "batch_size": batch})
     recipe = validate_recipe(raw)

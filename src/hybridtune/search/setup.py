@@ -70,15 +70,11 @@ class Context:
         return list(self.facts.linear)
 
     @property
-    def fewest_epochs(self) -> float:
-        return min(self.space.train.epochs.corners())
-
-    @property
     def max_evaluations(self) -> int:
         """The most validations a trial makes (`finish`): `evaluations` per fewest epochs, over the
         most epochs, + 1 for the rounding of the interval to whole steps (Hyperband's max_resource)."""
-        most = max(self.space.train.epochs.corners())
-        return math.ceil(self.space.evaluations * most / self.fewest_epochs) + 1
+        train = self.space.train
+        return math.ceil(self.space.evaluations * max(train.epochs.corners()) / train.fewest_epochs) + 1
 
 
 def load_space(path: str | None, overrides: list[str] | None = None) -> Space:
@@ -366,7 +362,9 @@ def finish(ctx: Context, raw: dict) -> dict:
     stopping["metric"] = ctx.metric
     if not ctx.explicit_eval_steps:
         settings = validate_recipe(raw, ctx.origin).train
-        shortest = planned_steps(settings.model_copy(update={"epochs": ctx.fewest_epochs}), ctx.n_train)
+        shortest = planned_steps(
+            settings.model_copy(update={"epochs": ctx.space.train.fewest_epochs}), ctx.n_train
+        )
         every = eval_interval(shortest, ctx.space.evaluations)
         train["eval_steps"] = every
         patience = settings.early_stopping.patience

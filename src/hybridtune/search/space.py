@@ -47,6 +47,12 @@ class TrainSpace(BaseModel):
     weight_decay: param(float, ge=0) = [0.0, 0.01, 0.1]
     schedule: param(str, allowed=("linear", "cosine", "constant_with_warmup", "stlr")) = ["linear", "cosine"]
 
+    @property
+    def fewest_epochs(self) -> float:
+        """The shortest trial's epochs: the start trials' length, and the training after which every
+        trial validates `evaluations` times over (search/setup.py `finish`)."""
+        return min(self.epochs.corners())
+
 
 class VerdictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -239,7 +245,7 @@ def start_trials(space: Space) -> list[dict[str, Any]]:
     (3 epochs with two loss-adding parts) and leave families unseen on a small budget."""
     if space.start == "none":
         return []
-    shared = typical(space.train) | {"epochs": min(space.train.epochs.corners())}
+    shared = typical(space.train) | {"epochs": space.train.fewest_epochs}
     off = parts_off(space.parts)
     return [
         {"family": family} | {f"{family}.{k}": v for k, v in typical(settings).items()} | shared | off
