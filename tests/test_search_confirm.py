@@ -104,12 +104,12 @@ def test_the_verdict_takes_the_best_mean_and_confirm_0_the_best_single_seed(
     values = {t.number: t.values[0] for t, _ in (first, second)}
     scored = []
 
-    def fake_score(raw, seed, run, echo, tracked=None):
+    def fake_score(raw, seed, run, tracked=None, echo=print):
         number = int(run.name.split("-")[1])
         scored.append((number, seed, run))
         return {"value": 2 * target[number] - values[number]}
 
-    def fake_train(raw, seed, run, echo, tracked=None):
+    def fake_train(raw, seed, run, tracked=None, echo=print):
         return {"accuracy": 0.5}
 
     monkeypatch.setattr(confirm, "score", fake_score)

@@ -30,17 +30,31 @@ def _table(root: Path) -> tuple[list[str], list[dict]]:
 
 @needs_ray
 def test_ray_backend_writes_the_local_backends_tables(tmp_path, tiny_bert, sentiment_csv):
-    space = _space(
-        tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0},
-        families={"bitfit": {"lr": [0.01, 0.02]}}, pruner="none",
-    )  # fmt: skip
+    """...and its confirmation and verdict run on the cluster too, side by side, with the numbers of
+    the runs they trained."""
+    families = {"bitfit": {"lr": [0.01, 0.02]}}
+    space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv, verdict={"top": 0}, families=families, pruner="none")  # fmt: skip
     local = run_search(str(space), [], str(tmp_path / "local"), trials=1, threads=1, echo=lambda *_: None)
+    verdict = {"top": 1, "seeds": 2, "confirm": 1, "confirm_seeds": 1, "reference": {"train": {"epochs": 1}}}
+    space = _space(tmp_path / "ray.yaml", tiny_bert, sentiment_csv, verdict=verdict, families=families, pruner="none")  # fmt: skip
     lines: list[str] = []
     root = run_search(
         str(space), [], str(tmp_path / "ray"), trials=2, threads=2, echo=lines.append,
         backend="ray", cpus_per_trial=1,
     )  # fmt: skip
     assert any("2 trial(s) at a time (1 CPU each)" in line for line in lines), lines
+    on_ray = [line for line in lines if line.startswith("ray: ") and "run(s)" in line]
+    assert [line.split(",")[0] for line in on_ray] == ["ray: 1 run(s)", "ray: 4 run(s)"], lines
+    assert "up to 2 at a time" in on_ray[1] and not any(
+        line.startswith("verdict: training") for line in lines
+    )
+    out = json.loads((root / "verdict.json").read_text())
+    for c in out["candidates"]:
+        assert c["values"] == [json.loads((Path(r) / "eval.json").read_text())["accuracy"] for r in c["runs"]]
+        assert [Path(r).parent for r in c["runs"]] == [root / "verdict"] * 2
+    (confirmed,) = out["confirm"]["trials"]
+    run = Path(confirmed["runs"][1])
+    assert confirmed["values"][1] == json.loads((run / "report.json").read_text())["best_validation"]
     header, rows = _table(root)
     assert header == _table(local)[0]
     assert len(rows) == 2 and all(r["state"] == "complete" for r in rows), rows
@@ -82,3 +96,33 @@ def test_ray_backend_without_ray_says_how_to_install(tmp_path, tiny_bert, sentim
     space = _space(tmp_path / "space.yaml", tiny_bert, sentiment_csv)
     args = ["search", str(space), "--backend", "ray", "--out", str(tmp_path / "o")]
     refused(args, tmp_path / "o", "pip install 'hybridtune[ray]'", absent=True)
+
+
+@needs_ray
+def test_runs_on_the_cluster_come_back_in_order_and_a_refusal_stays_a_refusal(tmp_path):
+    """`on_cluster(...)(fn, jobs)`: each job in a Ray worker (its own process), results in the
+    order of the jobs; a UserError raised in a worker is raised here as itself (exit 2, one line)."""
+    import os
+
+    from hybridtune.errors import UserError
+    from hybridtune.search import ray_tune
+
+    cluster = ray_tune.connect(None, 2, 1, 0)
+    try:
+        each = ray_tune.on_cluster(cluster, echo=lambda *_: None)
+        out = each(_square, [(3, tmp_path / "a"), (4, tmp_path / "b"), (5, tmp_path / "c")])
+        assert [o[0] for o in out] == [9, 16, 25] and all(o[1] != os.getpid() for o in out)
+        with pytest.raises(UserError, match="train.lr"):
+            each(_square, [(2, tmp_path / "d"), (-1, tmp_path / "e")])
+    finally:
+        cluster.close()
+
+
+def _square(x: int, target: Path, echo=print):
+    import os
+
+    from hybridtune.errors import UserError
+
+    if x < 0:
+        raise UserError("train.lr", str(x), "a number > 0")
+    return x * x, os.getpid()

@@ -28,6 +28,10 @@ class UserError(Exception):
         # one line, always: the CLI prints it as is (a library's message may span lines)
         super().__init__(re.sub(r"\s*\n\s*", " ", message))
 
+    def __reduce__(self):
+        """Picklable (a refusal in a Ray worker comes back to the search as itself)."""
+        return type(self), (self.where, self.found, self.expected, self.hint)
+
 
 class TrainingStopped(Exception):
     """Training met something it cannot go on from (a NaN / inf loss). Not bad input, so not

@@ -68,7 +68,7 @@ def fresh_run(raw: dict, seed: int, target: Path, tracked=None) -> tuple:
     return recipe, [tracked(recipe, target)] if tracked and "mlflow" in recipe.train.report_to else []
 
 
-def score(raw: dict, seed: int, target: Path, echo, tracked=None) -> dict:
+def score(raw: dict, seed: int, target: Path, tracked=None, echo=print) -> dict:
     """One confirmation run (resumed: a finished or failed one is kept): {"value"} -- its best
     validation metric -- or {"value": None, "error"}. `tracked(recipe, run_dir)`: its MLflow callback."""
     report, failed = target / "report.json", target / rundir.FAILED
@@ -96,21 +96,36 @@ def _tracked(root: Path, ctx: Context, name: str, family: str, seed: int):
     return lambda recipe, run: mlflow_callback(ctx, root, recipe, run, tags)
 
 
-def run_confirm(root: Path, ctx: Context, distinct: list[tuple], echo=print) -> dict:
+def one_by_one(echo):
+    """Run a list of jobs here, one after the other: `each(fn, jobs)` -> [fn(*job, echo=echo), ...]
+    (the local backend's; the Ray backend's runs them side by side on the cluster: search/ray_tune.py)."""
+    return lambda fn, jobs: [fn(*job, echo=echo) for job in jobs]
+
+
+def run_confirm(root: Path, ctx: Context, distinct: list[tuple], echo=print, each=None) -> dict:
     """Confirm the trials `to_confirm` picks from `distinct` (the complete trials, one per distinct
     recipe, best first on the search's seed); per trial its seeds (the search's first), values, runs
-    and mean (None when a run failed)."""
+    and mean (None when a run failed). `each(fn, jobs)` runs the confirmation runs (`one_by_one`
+    by default)."""
     cfg = ctx.space.verdict
     extra = seeds(ctx, cfg.confirm_seeds)
     out = {"seeds": extra, "trials": []}
+    picked = []  # (trial, raw recipe, name, family, its confirmation run dirs)
     for t, recipe in to_confirm(distinct, cfg.confirm, cfg.light):
         name, family = f"trial-{t.number:04d}", t.user_attrs["family"]
         raw = recipe.model_dump(mode="json", exclude_unset=False)
         raw.pop("output")
-        runs = [root / "confirm" / f"{name}-s{s}" for s in extra]
-        results = [score(raw, s, r, echo, _tracked(root, ctx, name, family, s)) for s, r in zip(extra, runs, strict=True)]  # fmt: skip
-        values = [t.values[0], *(r["value"] for r in results)]
-        errors = [r["error"] for r in results if "error" in r]
+        picked.append((t, raw, name, family, [root / "confirm" / f"{name}-s{s}" for s in extra]))
+    jobs = [
+        (raw, s, r, _tracked(root, ctx, name, family, s))
+        for _, raw, name, family, runs in picked
+        for s, r in zip(extra, runs, strict=True)
+    ]
+    results = iter((each or one_by_one(echo))(score, jobs))
+    for t, _, name, family, runs in picked:
+        mine = [next(results) for _ in runs]
+        values = [t.values[0], *(r["value"] for r in mine)]
+        errors = [r["error"] for r in mine if "error" in r]
         record = {
             "name": name,
             "trial": t.number,

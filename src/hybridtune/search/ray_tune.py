@@ -18,6 +18,9 @@ Each trial gets one slot: `--cpus-per-trial` CPUs (its torch threads; default 1)
 once as slots fit. Ray is started here (`ray.init(num_cpus=--threads or every CPU)`) and shut down
 at the end, or joined at `--address` (a cluster from `ray start --head`; the search dir and the
 data must then be on a file system every node sees, and hybridtune installed on every node).
+
+The confirmation's and the verdict's runs go out on the same cluster, one slot each, as Ray tasks
+(`on_cluster`: the same list of runs the local backend trains one after the other).
 """
 
 from __future__ import annotations
@@ -129,21 +132,29 @@ def _define(ctx: Context):
     return define
 
 
-def trainable(config: dict, ctx: Context, root: str, threads: int, cwd: str, cache_dir: str | None) -> None:
-    """One trial in a Ray worker: the local backend's `run_trial`, reporting each evaluation (and,
-    at the end, everything the trials table needs) to Ray Tune."""
-    import optuna
+def _in_worker(threads: int, cwd: str, cache_dir: str | None) -> None:
+    """A Ray worker set up as the search's process: its working dir (relative data paths in the
+    base mean what they meant to the caller), its token cache dir, `threads` torch threads."""
     import torch
-    from ray import tune
 
     from hybridtune.rundir import CACHE_DIR_ENV
-    from hybridtune.search.trial import objective_values, run_trial
 
-    if Path(cwd).is_dir():  # relative data paths in the base mean what they meant to the caller
+    if Path(cwd).is_dir():
         os.chdir(cwd)
     if cache_dir:
         os.environ.setdefault(CACHE_DIR_ENV, cache_dir)
     torch.set_num_threads(threads)
+
+
+def trainable(config: dict, ctx: Context, root: str, threads: int, cwd: str, cache_dir: str | None) -> None:
+    """One trial in a Ray worker: the local backend's `run_trial`, reporting each evaluation (and,
+    at the end, everything the trials table needs) to Ray Tune."""
+    import optuna
+    from ray import tune
+
+    from hybridtune.search.trial import objective_values, run_trial
+
+    _in_worker(threads, cwd, cache_dir)
     params = {k: v for k, v in config.items() if k != "trial_number"}
     trial = optuna.trial.FixedTrial(params, number=int(config["trial_number"]))
     others = {o: math.nan for o in ctx.space.objectives[1:]}
@@ -295,3 +306,39 @@ def run_trials(
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
+def _run_one(fn, job: tuple, threads: int, cwd: str, cache_dir: str | None):
+    """One confirmation or verdict run in a Ray worker; what it says goes to the worker's log."""
+    _in_worker(threads, cwd, cache_dir)
+    return fn(*job, echo=print)
+
+
+def on_cluster(cluster: Cluster, echo):
+    """The verdict's and the confirmation's runs side by side on the cluster, one slot each (the
+    trials' `--cpus-per-trial` / `--gpus-per-trial`): `each(fn, jobs)` -> [fn(*job), ...] in the
+    order of the jobs (search/confirm.py's `one_by_one` is the local backend's). The first run that
+    fails raises its own error here (a bad recipe stays exit 2, a NaN loss exit 3)."""
+
+    def each(fn, jobs: list[tuple]) -> list:
+        import ray
+
+        from hybridtune.rundir import CACHE_DIR_ENV
+
+        if not jobs:
+            return []
+        task = ray.remote(_run_one).options(num_cpus=cluster.cpus, num_gpus=cluster.gpus, max_retries=0)
+        names = ", ".join(Path(job[2]).name for job in jobs)
+        echo(f"ray: {len(jobs)} run(s), up to {min(cluster.slots, len(jobs))} at a time: {names}")
+        cache = os.environ.get(CACHE_DIR_ENV)
+        refs = [task.remote(fn, job, cluster.cpus, os.getcwd(), cache) for job in jobs]
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            for ref in refs:
+                ray.cancel(ref)
+            if isinstance(e.cause, Exception):
+                raise e.cause from None
+            raise
+
+    return each

@@ -293,7 +293,9 @@ def _loop(
         spent += time.perf_counter() - started  # this process's wall time, asking and telling included
     write_outputs(root, study, ctx)
     if ctx.space.verdict.top:
-        run_verdict(root, study, ctx, echo)
+        from hybridtune.search.ray_tune import on_cluster
+
+        run_verdict(root, study, ctx, echo, on_cluster(cluster, echo) if cluster is not None else None)
         write_outputs(root, study, ctx)
 
 

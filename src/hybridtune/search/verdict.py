@@ -26,7 +26,7 @@ from hybridtune import run as one_run
 from hybridtune import rundir
 from hybridtune.recipe import load_recipe, recipe_to_yaml
 from hybridtune.report.stats import higher_is_better, paired, sentence
-from hybridtune.search.confirm import fresh_run, light_enough, run_confirm
+from hybridtune.search.confirm import fresh_run, light_enough, one_by_one, run_confirm
 from hybridtune.search.setup import Context, finish
 
 __all__ = ["paired", "run_verdict"]
@@ -103,7 +103,7 @@ def reference(ctx: Context) -> dict:
     return finish(ctx, raw)
 
 
-def _train(raw: dict, seed: int, target: Path, echo, tracked=None) -> dict:
+def _train(raw: dict, seed: int, target: Path, tracked=None, echo=print) -> dict:
     """One verdict run (resumed: a finished one is kept); its test metrics from its own eval.json.
     `tracked(recipe, run_dir)`: its MLflow callback, in the search's experiment."""
     if not (target / "report.json").is_file():
@@ -121,7 +121,11 @@ def _tracked(root: Path, ctx: Context, entry: dict, seed: int):
     return lambda recipe, run: mlflow_callback(ctx, root, recipe, run, tags)
 
 
-def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
+def run_verdict(root: Path, study, ctx: Context, echo=print, each=None) -> dict:
+    """Confirm, pick, retrain and test; verdict.json. `each(fn, jobs)` runs the confirmation and
+    verdict runs: one after the other here (`confirm.one_by_one`), or side by side on the Ray
+    cluster of a `--backend ray` search (`ray_tune.on_cluster`)."""
+    each = each or one_by_one(echo)
     verdict_cfg = ctx.space.verdict
     seeds = [ctx.seed + 1 + i for i in range(verdict_cfg.seeds)]
     metric = ctx.metric
@@ -129,7 +133,7 @@ def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
     distinct = ranked(study, ctx)  # every complete trial's recipe.yaml read once
     confirmed = None  # first, before anything of the verdict trains: stable over lucky
     if verdict_cfg.confirm:
-        confirmed = run_confirm(root, ctx, distinct, echo)
+        confirmed = run_confirm(root, ctx, distinct, echo, each)
     means = {c["trial"]: c["mean"] for c in confirmed["trials"]} if confirmed else None
     entries = [{"name": "reference", "trial": None, "family": "full (reference)", "raw": reference(ctx)}]
     entries += candidates(study, ctx, verdict_cfg.top, verdict_cfg.light, means, distinct)
@@ -138,12 +142,15 @@ def run_verdict(root: Path, study, ctx: Context, echo=print) -> dict:
         for c in confirmed["trials"]:
             c["chosen"] = c["trial"] in picked
     for entry in entries:
-        runs = [root / "verdict" / f"{entry['name']}-s{seed}" for seed in seeds]
-        entry["runs"] = [str(r) for r in runs]
-        entry["values"] = [
-            _train(entry["raw"], s, r, echo, _tracked(root, ctx, entry, s))[metric]
-            for s, r in zip(seeds, runs, strict=True)
-        ]
+        entry["runs"] = [str(root / "verdict" / f"{entry['name']}-s{seed}") for seed in seeds]
+    jobs = [
+        (entry["raw"], s, Path(r), _tracked(root, ctx, entry, s))
+        for entry in entries
+        for s, r in zip(seeds, entry["runs"], strict=True)
+    ]
+    results = iter(each(_train, jobs))  # every run's eval.json, in the order of the jobs
+    for entry in entries:
+        entry["values"] = [next(results)[metric] for _ in seeds]
         entry["mean"] = statistics.fmean(entry["values"])
         entry["sd"] = statistics.stdev(entry["values"]) if len(seeds) > 1 else 0.0
     ref = entries[0]
