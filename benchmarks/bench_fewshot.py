@@ -40,6 +40,8 @@ CANDIDATES = {
     "hybridtune setfit": ("setfit.yaml", []),
     "hybridtune full": ("few_shot_full.yaml", []),
     "hybridtune setfit+eda": ("setfit.yaml", ["data.augment.n=4"]),
+    # SetFit computes in fp32 on CPU; hybridtune's `precision: auto` takes bf16 where the CPU has it
+    "hybridtune setfit fp32": ("setfit.yaml", ["train.precision=fp32"]),
     "hybridtune contrastive lora top": ("contrastive_lora_top.yaml", []),
 }
 BASELINES = ("setfit", "hybridtune setfit", "hybridtune full")
