@@ -110,15 +110,17 @@ def test_runs_on_the_cluster_come_back_in_order_and_a_refusal_stays_a_refusal(tm
     cluster = ray_tune.connect(None, 2, 1, 0)
     try:
         each = ray_tune.on_cluster(cluster, echo=lambda *_: None)
-        out = each(_square, [(3, tmp_path / "a"), (4, tmp_path / "b"), (5, tmp_path / "c")])
+        out = each(
+            _square, [({}, x, tmp_path / f"r{x}", None) for x in (3, 4, 5)]
+        )  # (raw, seed, run, tracked)
         assert [o[0] for o in out] == [9, 16, 25] and all(o[1] != os.getpid() for o in out)
         with pytest.raises(UserError, match="train.lr"):
-            each(_square, [(2, tmp_path / "d"), (-1, tmp_path / "e")])
+            each(_square, [({}, x, tmp_path / f"r{x}", None) for x in (2, -1)])
     finally:
         cluster.close()
 
 
-def _square(x: int, target: Path, echo=print):
+def _square(raw: dict, x: int, target: Path, tracked=None, echo=print):
     import os
 
     from hybridtune.errors import UserError
