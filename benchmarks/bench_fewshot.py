@@ -178,6 +178,8 @@ def main() -> None:
             summary = {side: summarise(rows) for side, rows in sides.items()}
             ours = [s for s in summary if s.startswith("hybridtune")]
             best = max(ours, key=lambda s: summary[s]["mean"])
+            vs_setfit = {s: versus(rows, sides.get("setfit")) for s, rows in sides.items()}
+            vs_full = {s: versus(rows, sides.get("hybridtune full")) for s, rows in sides.items()}
             results["tables"].append(
                 {
                     "dataset": name,
@@ -186,8 +188,8 @@ def main() -> None:
                     "sides": summary,
                     "best": best,
                     "runs": sides,
-                    "vs_setfit": {s: versus(rows, sides.get("setfit")) for s, rows in sides.items()},
-                    "vs_full": {s: versus(rows, sides.get("hybridtune full")) for s, rows in sides.items()},
+                    "vs_setfit": vs_setfit,
+                    "vs_full": vs_full,
                 }
             )
             lines += [f"## {name}, k = {k} per class ({n_classes} classes, {a.draws} draws)", ""]
@@ -198,12 +200,9 @@ def main() -> None:
             ]
             for side, s in summary.items():
                 mark = " (best hybridtune)" if side == best else ""
-                setfit, full = (
-                    versus(sides[side], sides.get("setfit")),
-                    versus(sides[side], sides.get("hybridtune full")),
-                )
                 lines.append(
-                    f"| {side}{mark} | {s['mean']:.1f} ± {s['sd']:.1f} | {setfit} | {full} | {s['wall_s']:.1f} |"
+                    f"| {side}{mark} | {s['mean']:.1f} ± {s['sd']:.1f} | {vs_setfit[side]} | {vs_full[side]} "
+                    f"| {s['wall_s']:.1f} |"
                 )
             lines.append("")
     Path(a.out).write_text(json.dumps(results, indent=1))
