@@ -298,6 +298,7 @@ def test_plot_labels_never_overlap():
         ({}, ["--budget", "soon"], ["--budget", "60m"]),
         ({"verdict": {"top": 1, "confirm": -1}}, [], ["verdict.confirm", "-1", "greater than or equal to 0"]),
         ({}, ["verdict.confirm_seeds=0"], ["verdict.confirm_seeds", "greater than or equal to 1"]),
+        ({"pruner": "hyperband", "prune_among": "same_length"}, [], ["prune_among", "hyperband"]),
     ],
 )
 def test_bad_input_exits_2_before_writing(tmp_path, tiny_bert, sentiment_csv, extra, args, words):

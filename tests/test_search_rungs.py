@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hybridtune.recipe import load_recipe
 from hybridtune.search import run_search
+from hybridtune.search.setup import LENGTH
 
 from .test_search import _space
 
@@ -33,6 +34,9 @@ def test_a_longer_trial_validates_as_often_per_epoch(tmp_path, tiny_bert, sentim
     }
     assert steps[0] == [3, 6, 9, 12] and steps[1] == [3, 6, 9, 12, 15, 18, 21, 24]
     assert (one["evaluations"], two["evaluations"]) == (4, 8)
+    # their lengths, by which `prune_among: same_length` groups the trials a rung compares
+    planned = [json.loads((Path(t["run_dir"]) / "trial.json").read_text())[LENGTH] for t in (one, two)]
+    assert planned == [4, 8]
     for t in (one, two):  # the trial's recipe says so: `hybridtune train` retrains it as searched
         assert load_recipe(Path(t["run_dir"]) / "recipe.yaml").train.eval_steps == 3
 

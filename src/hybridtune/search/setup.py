@@ -372,3 +372,14 @@ def finish(ctx: Context, raw: dict) -> dict:
             validations = math.ceil(planned_steps(settings, ctx.n_train) / every)
             stopping["patience"] = max(patience, math.ceil(patience * validations / ctx.space.evaluations))
     return raw
+
+
+LENGTH = "validations_planned"  # the trial user attribute study.py's SameLength groups by
+
+
+def planned_validations(recipe, n_train: int) -> int:
+    """How many times a trial's recipe validates (every `eval_steps`, else once an epoch): its length,
+    by which study.py's `SameLength` groups the trials a pruner compares."""
+    steps = planned_steps(recipe.train, n_train)
+    every = recipe.train.eval_steps
+    return math.ceil(steps / every) if every else max(1, math.ceil(recipe.train.epochs))

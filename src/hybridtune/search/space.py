@@ -148,6 +148,12 @@ class Space(BaseModel):
     )
     sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
     pruner: Literal["hyperband", "successive_halving", "median", "none"] = "successive_halving"
+    prune_among: Literal["same_length", "all"] | None = Field(
+        None,
+        description="which trials a trial's rung is compared with: those planned to validate as often "
+        "(the same length: a 1-epoch trial has annealed its lr by the rung a 3-epoch one meets at full "
+        "lr) or all; default same_length for successive_halving and median, all for hyperband",
+    )
     seed: int = 42
     enqueue: list[dict[str, Any]] = Field(default_factory=list, description="trials to run first (params)")
     start: Literal["families", "none"] = Field(
@@ -180,6 +186,11 @@ class Space(BaseModel):
             raise ValueError("objectives: found no 'metric'; expected the validation metric among them")
         if len(set(self.objectives)) < len(self.objectives):
             raise ValueError(f"objectives: found {self.objectives}, one twice; expected distinct objectives")
+        if self.prune_among == "same_length" and self.pruner in ("hyperband", "none"):
+            raise ValueError(
+                f"prune_among: found same_length with pruner {self.pruner}; expected pruner "
+                "successive_halving or median (Hyperband's brackets are Optuna's own), or prune_among: all"
+            )
         if self.objectives[0] != "metric":
             self.objectives = ["metric", *[o for o in self.objectives if o != "metric"]]
         return self
@@ -191,6 +202,12 @@ class Space(BaseModel):
             for name in FAMILIES
             if getattr(self.families, name) is not None
         }
+
+    def pruned_among(self) -> str:
+        """`prune_among` resolved: same_length where the pruner can compare so, else all."""
+        if self.prune_among is not None:
+            return self.prune_among
+        return "same_length" if self.pruner in ("successive_halving", "median") else "all"
 
     def directions(self, metric: str) -> list[str]:
         first = "maximize" if higher_is_better(metric) else "minimize"
@@ -206,6 +223,8 @@ class Space(BaseModel):
             del dump["lr_range_test"]
         if dump["start"] == "families":  # the default: likewise
             del dump["start"]
+        if dump["prune_among"] is None:  # the default: likewise
+            del dump["prune_among"]
         return dump
 
 

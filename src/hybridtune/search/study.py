@@ -21,11 +21,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import optuna
+
 from hybridtune import rundir
 from hybridtune.errors import UserError
 from hybridtune.rundir import CACHE_DIR_ENV
 from hybridtune.search.budget import cheapest_trial_seconds, parse_budget
-from hybridtune.search.setup import Context, load_space, resolve
+from hybridtune.search.setup import LENGTH, Context, load_space, resolve
 from hybridtune.search.space import start_trials
 
 JOURNAL = "study.journal"
@@ -38,8 +40,6 @@ def sampler_for(ctx: Context, parallel: bool = False):
     `parallel` (trials running side by side, the Ray backend): TPE's constant liar, which counts a
     running trial as a bad one so that parallel asks do not all pick the same point (Optuna's
     advice for distributed TPE)."""
-    import optuna
-
     space = ctx.space
     kind = space.sampler
     if kind == "auto":
@@ -60,18 +60,48 @@ def pruner_for(ctx: Context):
     trial's evaluations, which come after the same amount of training in every trial (`finish`):
     rung r holds the trials that reached evaluation r; the weak ones stop there.
     Hyperband splits the trials into log2(evaluations) + 1 brackets, and its last bracket never
-    prunes: with the few trials a CPU budget allows, a trial learning nothing ran to its end there."""
-    import optuna
-
+    prunes: with the few trials a CPU budget allows, a trial learning nothing ran to its end there.
+    `prune_among: same_length` (the default of successive halving and median): a trial is compared
+    only with trials planned to validate as often as it (`SameLength`)."""
     n = ctx.max_evaluations
     kind = ctx.space.pruner
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n, reduction_factor=2)
     if kind == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
-    if kind == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
-    return optuna.pruners.NopPruner()
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    elif kind == "median":
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    else:
+        return optuna.pruners.NopPruner()
+    return SameLength(pruner) if ctx.space.pruned_among() == "same_length" else pruner
+
+
+class SameLength(optuna.pruners.BasePruner):
+    """A pruner that compares a trial only with the trials of its length: those planned to validate
+    as many times (`LENGTH`), i.e. of the same epochs. With a decaying lr schedule, a 1-epoch trial
+    has annealed by its second validation, where a 3-epoch trial, after as much training, is still at
+    full lr and scores lower: compared together, every longer trial was pruned at its first rungs
+    (docs/search.md, "the pruner's short-horizon bias"). The wrapped Optuna pruner sees the study
+    through `_OfLength`, whose `get_trials` keeps the trials of that length only."""
+
+    def __init__(self, pruner):
+        self.pruner = pruner
+
+    def prune(self, study, trial) -> bool:
+        length = trial.user_attrs.get(LENGTH)
+        return self.pruner.prune(study if length is None else _OfLength(study, length), trial)
+
+
+class _OfLength:
+    def __init__(self, study, length: int):
+        self._study, self._length = study, length
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
+        return [t for t in trials if t.user_attrs.get(LENGTH) == self._length]
+
+    def __getattr__(self, name: str):
+        return getattr(self._study, name)
 
 
 def check_out_dir(root: Path, ctx: Context) -> bool:
@@ -106,8 +136,6 @@ def journal(root: Path):
 
 
 def open_study(root: Path, ctx: Context, fresh: bool, storage=None):
-    import optuna
-
     storage = storage or journal(root)
     study = optuna.create_study(
         study_name=ctx.space.name,
@@ -195,7 +223,6 @@ def run_search(
     """Run (or resume) a search, then the verdict; returns the search dir. `backend="ray"` runs the
     trials on Ray Tune (search/ray_tune.py): a local Ray this call starts, or the cluster at
     `address`, `cpus_per_trial` / `gpus_per_trial` each."""
-    import optuna
     import torch
 
     from hybridtune.search import ray_tune

@@ -24,7 +24,7 @@ from transformers import TrainerCallback
 
 from hybridtune import rundir
 from hybridtune.errors import TrainingStopped, UserError
-from hybridtune.search.setup import Context, finish, sample_trial
+from hybridtune.search.setup import LENGTH, Context, finish, planned_validations, sample_trial
 from hybridtune.search.space import recipe_dict
 from hybridtune.train.checkpoints import maybe_kill
 
@@ -173,6 +173,8 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
         return "failed", info | {"state": "failed", "evaluations": 0, "curve": [], "seconds": 0.0}
     run = Path(recipe.output.dir) / recipe.output.name
     info: dict[str, Any] = {"number": trial.number, "family": family, "run_dir": str(run)}
+    info[LENGTH] = planned_validations(recipe, ctx.n_train)
+    trial.set_user_attr(LENGTH, info[LENGTH])  # before the first rung: study.py's SameLength reads it
     multi = len(ctx.space.objectives) > 1
     hook = None
     if on_evaluation is not None:
