@@ -88,6 +88,15 @@ def test_backend_flags_refused_before_writing(tmp_path, tiny_bert, sentiment_csv
     refused_before_writing(tmp_path, tiny_bert, sentiment_csv, args, words)
 
 
+def test_same_length_pruning_is_refused_on_ray(tmp_path, tiny_bert, sentiment_csv):
+    """Ray's ASHA compares every trial at a rung: `prune_among: same_length` said outright is refused,
+    not ignored (the default, unset, is all there)."""
+    args = ["--backend", "ray"]
+    refused_before_writing(
+        tmp_path, tiny_bert, sentiment_csv, args, ["prune_among", "--backend ray"], prune_among="same_length"
+    )
+
+
 def test_ray_backend_without_ray_says_how_to_install(tmp_path, tiny_bert, sentiment_csv, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -229,6 +229,12 @@ def run_search(
 
     ray_tune.check_options(backend, address, cpus_per_trial, gpus_per_trial)
     ctx, root, seconds, n_trials, resuming = prepare(space_path, overrides or [], out, budget, trials)
+    if backend == "ray" and ctx.space.prune_among == "same_length":
+        raise UserError(
+            f"{ctx.origin}: prune_among",
+            "same_length with --backend ray",
+            "prune_among: all (Ray's ASHA compares every trial at a rung) or --backend local",
+        )
     if seeds is not None:
         if seeds < 1:
             raise UserError("--seeds", str(seeds), "a number of seeds >= 1")
