@@ -118,6 +118,8 @@ def _lr_range_test(value: Any) -> Any:
 
 OBJECTIVES = ("metric", "params", "time", "memory")
 PRUNERS = ("hyperband", "successive_halving", "median", "none")
+# the pruners study.py's SameLength can wrap (Hyperband's brackets are Optuna's own)
+BY_LENGTH = ("successive_halving", "median")
 # the keys a trial sets: a base that sets them contradicts the space
 SEARCHED = {"freeze", "peft", "adapters", "soft_prompt", "stages", "lr", "prompt", "fusion", "ensemble"}
 SEARCHED_TRAIN = {"lr", "epochs", "batch_size", "weight_decay", "max_steps"}
@@ -186,7 +188,7 @@ class Space(BaseModel):
             raise ValueError("objectives: found no 'metric'; expected the validation metric among them")
         if len(set(self.objectives)) < len(self.objectives):
             raise ValueError(f"objectives: found {self.objectives}, one twice; expected distinct objectives")
-        if self.prune_among == "same_length" and self.pruner in ("hyperband", "none"):
+        if self.prune_among == "same_length" and self.pruner not in BY_LENGTH:
             raise ValueError(
                 f"prune_among: found same_length with pruner {self.pruner}; expected pruner "
                 "successive_halving or median (Hyperband's brackets are Optuna's own), or prune_among: all"
@@ -207,7 +209,7 @@ class Space(BaseModel):
         """`prune_among` resolved: same_length where the pruner can compare so, else all."""
         if self.prune_among is not None:
             return self.prune_among
-        return "same_length" if self.pruner in ("successive_halving", "median") else "all"
+        return "same_length" if self.pruner in BY_LENGTH else "all"
 
     def directions(self, metric: str) -> list[str]:
         first = "maximize" if higher_is_better(metric) else "minimize"
