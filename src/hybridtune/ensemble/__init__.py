@@ -16,7 +16,8 @@
 - **Adapter merging** combines LoRA members with peft's `add_weighted_adapter` (linear, cat, svd,
   ties, dare_ties, ...) into one adapter, saved as a normal peft run dir.
 
-The package: `config` (the recipe section, members' recipes), `outputs` (output ensembles),
+The package: `config` (the recipe section), `members` (members' recipes, a finished run loaded as
+a member), `outputs` (output ensembles),
 `shared` (a shared trunk at inference), `soups`, `merging` (peft adapter merging), `runs`
 (`ensemble:` recipes) and `joint` (shared-trunk training). Everything public is importable from here, loaded on first use (PEP 562), so that
 importing the package (the recipe schema imports `ensemble.config`) imports none of the modules
@@ -35,7 +36,7 @@ _WHERE = {
     "JointMembers": "joint",
     "MANIFEST": "config",
     "MERGE_METHODS": "config",
-    "Member": "outputs",
+    "Member": "members",
     "Replay": "shared",
     "SharedTrunk": "shared",
     "build": "outputs",
@@ -46,7 +47,7 @@ _WHERE = {
     "headline_metrics": "outputs",
     "is_ensemble": "config",
     "load": "outputs",
-    "load_member": "outputs",
+    "load_member": "members",
     "member_logits": "outputs",
     "member_recipes": "members",
     "merge_adapters": "merging",

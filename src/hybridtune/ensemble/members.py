@@ -1,13 +1,22 @@
-"""The members of an `ensemble:` recipe: its recipe without `ensemble`, once per seed or override
-list, validated before anything trains (above the recipe schema, which config.py is part of)."""
+"""The members of an ensemble: before training, an `ensemble:` recipe's members (its recipe without
+`ensemble`, once per seed or override list, validated before anything trains; above the recipe
+schema, which config.py is part of); after, a finished run loaded as a member (`Member`)."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from hybridtune.ensemble.config import check_weights
+import numpy as np
+import torch
+
+from hybridtune.ensemble.config import check_weights, is_ensemble
 from hybridtune.errors import UserError
+from hybridtune.inference import load_run
 from hybridtune.recipe import apply_override, validate_recipe
+from hybridtune.tasks.classification import encode, logits_of
 
 
 def member_recipes(recipe) -> list:
@@ -48,3 +57,34 @@ def member_recipes(recipe) -> list:
                 )
     check_weights(cfg.weights, cfg.count, "ensemble.weights")
     return out
+
+
+@dataclass
+class Member:
+    """A finished classification run, loaded."""
+
+    path: Path
+    loaded: Any  # inference.LoadedRun
+
+    @property
+    def labels(self):
+        return self.loaded.labels
+
+    def logits(self, frame, model: torch.nn.Module | None = None) -> np.ndarray:
+        """Logits of the member (or of `model`, another set of weights read with the member's
+        tokenizer and data settings) on the rows of `frame`."""
+        dataset = encode(frame, self.loaded.tokenizer, None, self.loaded.recipe.data)
+        # a chunks member: one row per document, its windows pooled as the member was evaluated
+        return logits_of(model or self.loaded.model, self.loaded.tokenizer, dataset, pool_by=self.labels.pool)
+
+
+def load_member(path: str | Path) -> Member:
+
+    if is_ensemble(path):
+        raise UserError(str(path), "an ensemble dir", "a run dir (ensembles of ensembles are not supported)")
+    loaded = load_run(str(path))
+    if loaded.recipe.task != "classification":
+        raise UserError(
+            str(path), f"a {loaded.recipe.task} run", "classification runs (ensembles combine class scores)"
+        )
+    return Member(Path(path), loaded)

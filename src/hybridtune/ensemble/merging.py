@@ -8,7 +8,8 @@ import torch
 
 from hybridtune import rundir
 from hybridtune.ensemble.config import MERGE_METHODS, check_weights
-from hybridtune.ensemble.outputs import headline_metrics, load_member, split_frames, y_true
+from hybridtune.ensemble.members import load_member
+from hybridtune.ensemble.outputs import headline_metrics, split_frames, y_true
 from hybridtune.errors import UserError
 from hybridtune.model.loading import resolve
 from hybridtune.recipe import recipe_to_yaml

@@ -4,21 +4,19 @@ mean of probabilities, vote, weighted mean). `build` evaluates and saves one; `E
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
 from hybridtune import rundir
-from hybridtune.ensemble.config import COMBINES, MANIFEST, check_weights, is_ensemble
+from hybridtune.ensemble.config import COMBINES, MANIFEST, check_weights
+from hybridtune.ensemble.members import Member, load_member
 from hybridtune.ensemble.shared import SharedTrunk
 from hybridtune.errors import UserError
-from hybridtune.inference import Loaded, load_run
+from hybridtune.inference import Loaded
 from hybridtune.paths import inside
 from hybridtune.tasks import classification, spec
-from hybridtune.tasks.classification import encode, full_report, logits_of, prediction_frame, prediction_rows
+from hybridtune.tasks.classification import full_report, prediction_frame, prediction_rows
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -48,37 +46,6 @@ def combine(logits: list[np.ndarray], how: str, weights: list[float] | None = No
         w = np.asarray(weights, dtype=np.float64)
         return np.tensordot(w / w.sum(), probs, axes=1)
     raise ValueError(how)
-
-
-@dataclass
-class Member:
-    """A finished classification run, loaded."""
-
-    path: Path
-    loaded: Any  # inference.LoadedRun
-
-    @property
-    def labels(self):
-        return self.loaded.labels
-
-    def logits(self, frame, model: torch.nn.Module | None = None) -> np.ndarray:
-        """Logits of the member (or of `model`, another set of weights read with the member's
-        tokenizer and data settings) on the rows of `frame`."""
-        dataset = encode(frame, self.loaded.tokenizer, None, self.loaded.recipe.data)
-        # a chunks member: one row per document, its windows pooled as the member was evaluated
-        return logits_of(model or self.loaded.model, self.loaded.tokenizer, dataset, pool_by=self.labels.pool)
-
-
-def load_member(path: str | Path) -> Member:
-
-    if is_ensemble(path):
-        raise UserError(str(path), "an ensemble dir", "a run dir (ensembles of ensembles are not supported)")
-    loaded = load_run(str(path))
-    if loaded.recipe.task != "classification":
-        raise UserError(
-            str(path), f"a {loaded.recipe.task} run", "classification runs (ensembles combine class scores)"
-        )
-    return Member(Path(path), loaded)
 
 
 def _inputs(member: Member) -> tuple:

@@ -13,7 +13,7 @@ from hybridtune.model.anatomy import Anatomy, canonical, unwrap
 from hybridtune.tasks.classification import collator, encode
 
 if TYPE_CHECKING:
-    from hybridtune.ensemble.outputs import Member
+    from hybridtune.ensemble.members import Member
 
 
 class Replay(torch.nn.Module):

@@ -7,14 +7,8 @@ from pathlib import Path
 import torch
 
 from hybridtune import rundir
-from hybridtune.ensemble.outputs import (
-    Member,
-    check_same_labels,
-    headline_metrics,
-    load_member,
-    split_frames,
-    y_true,
-)
+from hybridtune.ensemble.members import Member, load_member
+from hybridtune.ensemble.outputs import check_same_labels, headline_metrics, split_frames, y_true
 from hybridtune.errors import UserError
 from hybridtune.recipe import recipe_to_yaml
 from hybridtune.tasks.classification import full_report

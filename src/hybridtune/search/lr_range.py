@@ -68,6 +68,16 @@ def tested(space) -> dict[str, Any]:
     }
 
 
+def check(ctx: Context) -> None:
+    """The recipe each family's test trains, validated before anything is written (exit 2 by key)."""
+    if ctx.space.lr_range_test is None:
+        return
+    from hybridtune.recipe import validate_recipe
+
+    for family in tested(ctx.space):
+        validate_recipe(range_recipe(ctx, family), f"{ctx.origin}: lr_range_test ({family})")
+
+
 def range_recipe(ctx: Context, family: str) -> dict:
     """The recipe dict the test trains: the family at its typical settings, `steps` steps from `low`,
     logged every step; a constant schedule (the test's growth multiplies it), no trunk cache (its

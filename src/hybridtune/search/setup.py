@@ -245,11 +245,6 @@ def resolve(space: Space, origin: str) -> Context:
         floor=_floor(recipe, metric, splits.validation),
     )
     _check_corners(ctx)
-    if space.lr_range_test is not None:  # the recipe each family's lr range test trains (search/lr_range.py)
-        from hybridtune.search.lr_range import range_recipe, tested
-
-        for family in tested(space):
-            validate_recipe(range_recipe(ctx, family), f"{origin}: lr_range_test ({family})")
     return ctx
 
 

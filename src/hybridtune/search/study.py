@@ -26,6 +26,7 @@ import optuna
 from hybridtune import rundir
 from hybridtune.errors import UserError
 from hybridtune.rundir import CACHE_DIR_ENV
+from hybridtune.search import lr_range
 from hybridtune.search.budget import cheapest_trial_seconds, parse_budget
 from hybridtune.search.setup import LENGTH, Context, load_space, resolve
 from hybridtune.search.space import start_trials
@@ -190,6 +191,7 @@ def prepare(
     seconds = parse_budget(budget)
     space = load_space(space_path, overrides)
     ctx = resolve(space, space_path or "default space")
+    lr_range.check(ctx)
     root = Path(out or Path("runs") / f"search-{space.name}")
     resuming = check_out_dir(root, ctx)
     if seconds is not None and not resuming:
@@ -284,7 +286,6 @@ def _loop(
     ctx: Context, root: Path, seconds: float | None, n_trials: int | None, resuming: bool, echo, cluster=None
 ) -> None:
     """The trials (until N are finished or the budget is spent), the outputs, the verdict."""
-    from hybridtune.search import lr_range
     from hybridtune.search.report import write_outputs
     from hybridtune.search.trial import run_trial
     from hybridtune.search.verdict import run_verdict
