@@ -79,7 +79,7 @@ class Member:
 
 
 def load_member(path: str | Path) -> Member:
-
+    """A finished run dir as a member; an ensemble dir or a run of another task is refused (exit 2)."""
     if is_ensemble(path):
         raise UserError(str(path), "an ensemble dir", "a run dir (ensembles of ensembles are not supported)")
     loaded = load_run(str(path))
