@@ -44,6 +44,8 @@ CANDIDATES = {
     "hybridtune setfit+eda same pairs": ("setfit.yaml", ["data.augment.n=4", "contrastive.pairs=4"]),
     # SetFit computes in fp32 on CPU; hybridtune's `precision: auto` takes bf16 where the CPU has it
     "hybridtune setfit fp32": ("setfit.yaml", ["train.precision=fp32"]),
+    # the pairs drawn at random with replacement: setfit.yaml's sampling until 2026-12-04
+    "hybridtune setfit random pairs": ("setfit.yaml", ["contrastive.sampling=random"]),
     "hybridtune contrastive lora top": ("contrastive_lora_top.yaml", []),
     # the regularisers of docs/strategies.md on plain full fine-tuning, at few labels (issue: do they
     # help where overfitting is the whole problem?), each at its example recipe's setting

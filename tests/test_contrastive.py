@@ -5,6 +5,7 @@ any architecture, pairs are what the sampling says, the stage tunes what the par
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_pooling_freezes_what_it_bypasses(quick, tiny_bert):
     assert trainable == {"classifier.weight", "classifier.bias"}  # BERT's pooler gets no gradient
 
 
-def test_random_pairs_are_setfits_num_iterations():
+def test_random_pairs_draw_r_partners_of_each_kind_per_text():
     labels = [0, 0, 0, 1, 1, 2]
     pairs = make_pairs(labels, ContrastiveConfig(pairs=3), np.random.default_rng(0))
     assert len(pairs) == 2 * 3 * len(labels)
@@ -55,14 +56,41 @@ def test_random_pairs_are_setfits_num_iterations():
     assert sum(t for *_, t in pairs) == 3 * len(labels)
 
 
+def test_cycle_pairs_are_setfits_num_iterations():
+    """SetFit's ContrastiveDataset with num_iterations R: R·n pairs of each kind, taken in turn from
+    the distinct pairs (self-pairs included), so each is used as often as any other, ±1."""
+    labels = [0, 0, 0, 1, 1, 2]  # same-label: 3 + 1 distinct + 6 self = 10; other-label: 11
+    pairs = make_pairs(labels, ContrastiveConfig(pairs=3, sampling="cycle"), np.random.default_rng(0))
+    pos = Counter((i, j) for i, j, t in pairs if t == 1.0)
+    neg = Counter((i, j) for i, j, t in pairs if t == 0.0)
+    assert sum(pos.values()) == sum(neg.values()) == 3 * len(labels)
+    assert len(pos) == 10 and set(pos.values()) == {1, 2}  # 18 pairs over 10: each once or twice
+    assert len(neg) == 11 and set(neg.values()) == {1, 2}
+    assert {(i, i) for i in range(6)} <= set(pos)
+    assert all((labels[i] == labels[j]) == (t == 1.0) and i <= j for i, j, t in pairs)
+    alone = make_pairs(
+        labels, ContrastiveConfig(pairs=3, sampling="cycle", self_pairs=False), np.random.default_rng(0)
+    )
+    assert all(i < j for i, j, _ in alone) and len({(i, j) for i, j, t in alone if t == 1.0}) == 4
+
+
 @pytest.mark.parametrize(
-    ("sampling", "pos", "neg"), [("unique", 4, 11), ("oversampling", 11, 11), ("undersampling", 4, 4)]
+    ("sampling", "self_pairs", "pos", "neg"),
+    [
+        ("unique", True, 10, 11),
+        ("oversampling", True, 11, 11),
+        ("undersampling", True, 10, 10),
+        ("unique", False, 4, 11),
+        ("oversampling", False, 11, 11),
+        ("undersampling", False, 4, 4),
+    ],
 )
-def test_unique_over_and_undersampling(sampling, pos, neg):
-    labels = [0, 0, 0, 1, 1, 2]  # 3 + 1 same-label pairs, 15 - 4 = 11 different-label pairs
-    pairs = make_pairs(labels, ContrastiveConfig(sampling=sampling), np.random.default_rng(0))
+def test_unique_over_and_undersampling(sampling, self_pairs, pos, neg):
+    labels = [0, 0, 0, 1, 1, 2]  # 3 + 1 same-label pairs (+ 6 self-pairs), 15 - 4 = 11 different-label
+    config = ContrastiveConfig(sampling=sampling, self_pairs=self_pairs)
+    pairs = make_pairs(labels, config, np.random.default_rng(0))
     assert sum(t == 1.0 for *_, t in pairs) == pos and sum(t == 0.0 for *_, t in pairs) == neg
-    capped = make_pairs(labels, ContrastiveConfig(sampling=sampling, max_pairs=5), np.random.default_rng(0))
+    capped = make_pairs(labels, config.model_copy(update={"max_pairs": 5}), np.random.default_rng(0))
     assert len(capped) == 5
 
 

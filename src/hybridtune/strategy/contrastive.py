@@ -4,7 +4,7 @@ al. 2022, "Efficient Few-Shot Learning Without Prompts", §3).
     pooling: mean                 # the head reads the mean-pooled embedding (strategy/pooling.py)
     contrastive:
       pairs: 20                   # R: per training text, R same-label and R different-label pairs
-      sampling: random            # random | oversampling | undersampling | unique
+      sampling: cycle             # cycle | random | oversampling | undersampling | unique
       epochs: 1
       lr: 2.0e-5
       head: logistic              # logistic: fit the head in closed form on the tuned embeddings
@@ -24,11 +24,17 @@ with `pooling`: the head is then exactly that regression); `head: train` leaves 
 Trainer. Then the recipe's normal training runs on the model as tuned, training `then`: `head`
 (the body frozen), `all` (what the parts made trainable), or `none` (no Trainer steps: SetFit).
 
-Pairs (`sampling`), all seeded by train.seed:
-- random: SetFit's `num_iterations` = R: for each text, R partners of its label and R of another,
-  drawn at random (a class with one text pairs it with itself);
+Pairs (`sampling`), all seeded by train.seed, made of the distinct pairs of training texts — a
+text with itself included, a same-label pair, as SetFit's combinations with replacement
+(`self_pairs: false` leaves them out):
+- cycle: SetFit's `num_iterations` = R (sampler.py, ContrastiveDataset): R·n same-label and R·n
+  other-label pairs, taken in turn from the shuffled distinct pairs of each kind and starting over
+  when they run out, so every pair is used about equally often;
+- random: for each text, R partners of its label and R of another, each drawn at random with
+  replacement (a class with one text pairs it with itself): some pairs twice, some never;
 - unique: every distinct pair once; oversampling: the smaller kind (usually same-label) repeated up
-  to the size of the larger (SetFit ≥ 1.0's default); undersampling: the larger cut to the smaller.
+  to the size of the larger (SetFit ≥ 1.0's default without `num_iterations`); undersampling: the
+  larger cut to the smaller.
 `max_pairs` caps the total (a seeded subset).
 """
 
@@ -53,9 +59,12 @@ class ContrastiveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pairs: int = Field(
-        20, ge=1, description="R: same-label and different-label pairs per text (sampling: random)"
+        20, ge=1, description="R: same-label and different-label pairs per text (random, cycle)"
     )
-    sampling: Literal["random", "oversampling", "undersampling", "unique"] = "random"
+    sampling: Literal["cycle", "random", "oversampling", "undersampling", "unique"] = "random"
+    self_pairs: bool = Field(
+        True, description="a text paired with itself counts as a same-label pair (SetFit's); not with random"
+    )
     max_pairs: int | None = Field(None, ge=1, description="at most this many pairs (a seeded subset)")
     epochs: float = Field(1, gt=0, description="passes over the pairs")
     batch_size: int = Field(16, ge=1, description="pairs per step")
@@ -79,31 +88,34 @@ def make_pairs(
 ) -> list[tuple[int, int, float]]:
     """(i, j, target) index pairs over the training rows; see the module docstring."""
     labels_arr = np.asarray(labels)
-    by_label = {v: np.flatnonzero(labels_arr == v) for v in sorted(set(labels))}
-    not_label = {v: np.flatnonzero(labels_arr != v) for v in by_label}
     n = len(labels)
-    out: list[tuple[int, int, float]] = []
+    out: list[tuple[int, int, float]]
     if config.sampling == "random":
+        by_label = {v: np.flatnonzero(labels_arr == v) for v in sorted(set(labels))}
+        not_label = {v: np.flatnonzero(labels_arr != v) for v in by_label}
+        out = []
         for _ in range(config.pairs):
             for i in range(n):
                 same = by_label[labels[i]]
                 others = same[same != i] if len(same) > 1 else same
                 out.append((i, int(rng.choice(others)), 1.0))
                 out.append((i, int(rng.choice(not_label[labels[i]])), 0.0))
-    else:
-        pos = [
-            (int(a), int(b), 1.0)
-            for idx in by_label.values()
-            for x, a in enumerate(idx)
-            for b in idx[x + 1 :]
-        ]
-        neg = [(i, j, 0.0) for i in range(n) for j in range(i + 1, n) if labels[i] != labels[j]]
-        small, large = sorted([pos, neg], key=len)
-        if config.sampling == "oversampling" and small:
-            small = [small[k % len(small)] for k in range(len(large))]
-        elif config.sampling == "undersampling":
-            large = [large[k] for k in sorted(rng.choice(len(large), size=len(small), replace=False))]
-        out = small + large
+    else:  # index arrays into the distinct pairs: tuples only for the pairs kept
+        first, second = np.triu_indices(n, 0 if config.self_pairs else 1)
+        same = labels_arr[first] == labels_arr[second]
+        pos, neg = np.flatnonzero(same), np.flatnonzero(~same)
+        if config.sampling == "cycle":
+            want = config.pairs * n
+            kinds = [np.resize(rng.permutation(kind), want) for kind in (pos, neg) if len(kind)]
+            chosen = np.stack(kinds, axis=1).ravel() if kinds else pos  # same, other, same, ... as SetFit
+        else:
+            small, large = sorted([pos, neg], key=len)
+            if config.sampling == "oversampling" and len(small):
+                small = np.resize(small, len(large))
+            elif config.sampling == "undersampling":
+                large = np.sort(rng.choice(large, size=len(small), replace=False))
+            chosen = np.concatenate([small, large])
+        out = [(int(first[k]), int(second[k]), float(same[k])) for k in chosen]
     order = rng.permutation(len(out))
     if config.max_pairs is not None:
         order = order[: config.max_pairs]
