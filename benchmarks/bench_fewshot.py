@@ -47,6 +47,8 @@ CANDIDATES = {
     # the pairs drawn at random with replacement: setfit.yaml's sampling until 2026-12-04
     "hybridtune setfit random pairs": ("setfit.yaml", ["contrastive.sampling=random"]),
     "hybridtune contrastive lora top": ("contrastive_lora_top.yaml", []),
+    # no body tuning: the closed-form logistic head on the pretrained embedding
+    "hybridtune linear probe": ("linear_probe.yaml", []),
     # the regularisers of docs/strategies.md on plain full fine-tuning, at few labels (issue: do they
     # help where overfitting is the whole problem?), each at its example recipe's setting
     "hybridtune full+rdrop": ("few_shot_full.yaml", ["rdrop.alpha=1.0"]),
@@ -140,13 +142,16 @@ def main() -> None:
     ap.add_argument("--max-test", type=int, help="score on the first N test rows only")
     ap.add_argument("--out", default="fewshot-results.json")
     ap.add_argument("--smoke", action="store_true", help="hybridtune only, k=4, 1 draw, tiny settings")
+    ap.add_argument(
+        "--without-setfit", action="store_true", help="hybridtune's candidates only (no SetFit side, no Δ)"
+    )
     a = ap.parse_args()
     extra: list[str] = []
     if a.smoke:
         a.datasets, a.shots, a.draws, a.setfit_python, a.max_test = ["rotten_tomatoes"], [4], 1, None, 64
         a.candidates = ["hybridtune setfit", "hybridtune full"]
         extra = ["contrastive.pairs=2", "train.epochs=1", "train.precision=fp32"]
-    if not a.setfit_python and not a.smoke:
+    if not a.setfit_python and not (a.smoke or a.without_setfit):
         ap.error("--setfit-python is required (the SetFit side needs its own environment; see the docstring)")
     from hybridtune.bundled import model_path
 

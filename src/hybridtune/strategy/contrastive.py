@@ -18,6 +18,8 @@ each parameter at `contrastive.lr` times its layer-wise factor from `lr` (LLRD, 
 so "contrastive LoRA on the top half, then a head" is `freeze` + `peft` + `contrastive`. AdamW
 (weight decay 0.01), linear warmup over `warmup` of the steps, then linear decay (ST's defaults).
 
+`epochs: 0` skips stage 1 (with `head: logistic`: a linear probe on the pretrained embedding).
+
 Stage 2: `head: logistic` fits scikit-learn's LogisticRegression (lbfgs, C = `logistic_c`) on the
 pooled embeddings of the train split and writes it into the head's linear layer (BERT-like heads
 with `pooling`: the head is then exactly that regression); `head: train` leaves the head to the
@@ -66,7 +68,9 @@ class ContrastiveConfig(BaseModel):
         True, description="a text paired with itself counts as a same-label pair (SetFit's); not with random"
     )
     max_pairs: int | None = Field(None, ge=1, description="at most this many pairs (a seeded subset)")
-    epochs: float = Field(1, gt=0, description="passes over the pairs")
+    epochs: float = Field(
+        1, ge=0, description="passes over the pairs; 0: no body tuning, the head alone (a linear probe)"
+    )
     batch_size: int = Field(16, ge=1, description="pairs per step")
     lr: float = Field(
         2e-5, gt=0, lt=1, description="body lr of this stage (times the `lr` section's factors)"
@@ -170,6 +174,11 @@ def check(config: ContrastiveConfig, recipe) -> None:
             f"contrastive: found data.text_pair_column {recipe.data.text_pair_column!r}; expected "
             "single texts (pairs are made of two training texts)"
         )
+    if config.epochs == 0 and config.head != "logistic":
+        raise ValueError(
+            "contrastive.epochs: found 0 with head: train, a stage that does nothing; expected head: "
+            "logistic (the closed-form head on the pretrained embedding) or epochs > 0"
+        )
     if config.head == "logistic" and recipe.pooling is None:
         raise ValueError(
             "contrastive.head: found logistic without `pooling`; expected pooling: mean (the "
@@ -211,6 +220,8 @@ def tune(
     """Stage 1: the body on pairs (cosine-similarity loss); returns what contrastive.json records."""
     from transformers import get_linear_schedule_with_warmup
 
+    if config.epochs == 0:  # a linear probe: the head alone, on the embedding as pretrained
+        return {"pairs": 0, "positive_pairs": 0, "steps": 0, "seconds": 0.0, "losses": []}
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     pairs = make_pairs(labels, config, rng)
