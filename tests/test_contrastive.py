@@ -141,6 +141,28 @@ def test_then_head_leaves_only_the_head_trainable_and_logistic_fits_it(quick, ti
     assert 0.5 <= record["head"]["train_accuracy"] <= 1.0
 
 
+def test_epochs_zero_is_a_linear_probe_on_the_pretrained_embedding(quick, tiny_bert):
+    from sklearn.linear_model import LogisticRegression
+
+    prep, record, changed = _stage(quick, tiny_bert, "contrastive.epochs=0", "contrastive.head=logistic")
+    assert record["steps"] == record["pairs"] == 0
+    assert changed == {"classifier.weight", "classifier.bias"}  # the body as pretrained
+    # the head is scikit-learn's fit on the pretrained pooled embeddings, as a binary softmax
+    texts = prep.splits.train["text"].tolist()
+    labels = [prep.labels.values.index(v) for v in prep.splits.train["label"]]
+    with torch.no_grad():
+        batch = prep.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        x = pooling.embedding(prep.model, dict(batch), True).numpy()
+    coef = LogisticRegression(max_iter=1000).fit(x, labels).coef_[0]
+    weight = prep.model.classifier.weight.detach()
+    assert torch.allclose(weight[1] - weight[0], torch.as_tensor(coef, dtype=weight.dtype), atol=1e-3)
+
+
+def test_epochs_zero_without_the_logistic_head_is_refused():
+    with pytest.raises(UserError, match="contrastive.epochs: found 0 with head: train"):
+        load_recipe(None, ["pooling=mean", "contrastive.epochs=0"])
+
+
 def test_stage_with_lora_tunes_lora_only(quick, tiny_bert):
     _, _, changed = _stage(quick, tiny_bert, "peft.method=lora", "peft.r=4", "contrastive.head=logistic")
     assert changed and all("lora_" in n or "classifier" in n for n in changed)
