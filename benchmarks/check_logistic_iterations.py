@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from transformers import AutoModel, AutoTokenizer
 
@@ -29,6 +28,7 @@ from bench_fewshot import DATASETS, export_draw  # noqa: E402
 
 def main() -> None:
     from hybridtune.bundled import model_path
+    from hybridtune.strategy.pooling import mean_pool  # the pooling the recipes' head reads
 
     path = model_path("bundled:minilm")
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
@@ -38,8 +38,7 @@ def main() -> None:
         with torch.no_grad():
             for i in range(0, len(texts), 64):
                 b = tok(texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
-                h, m = model(**b).last_hidden_state, b["attention_mask"].unsqueeze(-1).float()
-                out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+                out.append(mean_pool(model(**b).last_hidden_state, b["attention_mask"], True))
         return torch.cat(out).numpy()
 
     root = Path(tempfile.mkdtemp(prefix="logistic-iterations-"))
