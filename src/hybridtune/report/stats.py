@@ -57,11 +57,12 @@ def interval_text(p: dict, metric: str) -> str:
     return f"95 % CI {k * p['low']:+.2f} to {k * p['high']:+.2f}"
 
 
-def sentence(name: str, p: dict, reference: str, metric: str, seeds: int) -> str:
+def sentence(name: str, p: dict, reference: str, metric: str, seeds: int, draws: int = 1) -> str:
     """e.g. "lora is better than full on the test split: +1.20 pt test accuracy (95 % CI +0.40 to
-    +2.00, 3 seeds)." """
+    +2.00, 3 seeds)." (with few-shot draws: "3 seeds × 5 draws")"""
     k, unit = scale(metric)
+    runs = f"{seeds} seeds" + (f" × {draws} draws" if draws > 1 else "")
     return (
         f"{name} is {WORDS[p['verdict']]} {reference} on the test split: "
-        f"{k * p['mean']:+.2f}{unit} test {metric} ({interval_text(p, metric)}, {seeds} seeds)."
+        f"{k * p['mean']:+.2f}{unit} test {metric} ({interval_text(p, metric)}, {runs})."
     )

@@ -6,6 +6,7 @@
     lr_range.py the optional lr range test per family before the first trial (its lr range)
     study.py    Optuna storage (a journal file in the search dir), sampler, pruner, the loop, resume
     trial.py    one trial in this process through run.train, with the pruning callback
+    draws.py    few-shot bases (data.shots, data.draws): every recipe scored on every draw
     report.py   trials table, Pareto fronts and their recipes, plots, report.html
     verdict.py  the best recipes and the reference retrained with fresh seeds, tested once
 

@@ -33,6 +33,7 @@ from hybridtune import run as one_run
 from hybridtune import rundir
 from hybridtune.errors import TrainingStopped, UserError
 from hybridtune.recipe import validate_recipe
+from hybridtune.search import draws
 from hybridtune.search.setup import Context
 
 SEED_OFFSET = 1000  # above any verdict seed (the search's seed + 1 ... + N)
@@ -70,7 +71,20 @@ def fresh_run(raw: dict, seed: int, target: Path, tracked=None) -> tuple:
 
 def score(raw: dict, seed: int, target: Path, tracked=None, echo=print) -> dict:
     """One confirmation run (resumed: a finished or failed one is kept): {"value"} -- its best
-    validation metric -- or {"value": None, "error"}. `tracked(recipe, run_dir)`: its MLflow callback."""
+    validation metric -- or {"value": None, "error"}. `tracked(recipe, run_dir)`: its MLflow callback.
+    A few-shot recipe is scored on each of its draws, draw d > 0 beneath `target` (search/draws.py):
+    the value is their mean, and a failed draw fails the run."""
+    results = [
+        _score_one(draws.on_draw(raw, d), seed, draws.run_dir(target, d), tracked, echo)
+        for d in range(draws.count(raw))
+    ]
+    failed = [r for r in results if r["value"] is None]
+    if failed:
+        return failed[0]
+    return {"value": statistics.fmean(r["value"] for r in results)}
+
+
+def _score_one(raw: dict, seed: int, target: Path, tracked=None, echo=print) -> dict:
     report, failed = target / "report.json", target / rundir.FAILED
     error = None
     if not report.is_file() and not failed.is_file():

@@ -37,6 +37,8 @@ def trial_rows(study) -> list[dict]:
         row |= {k: attrs.get(k) for k in FIELDS if k not in row}
         row["values"] = list(t.values) if t.values else None
         row["curve"] = attrs.get("curve", [])
+        if attrs.get("draw_values") is not None:  # a few-shot search: the value is their mean
+            row["draw_values"] = attrs["draw_values"]
         rows.append(row)
     return rows
 
@@ -145,7 +147,8 @@ def trials_table(rows: list[dict], metric: str, front: set[int]) -> tuple[list[s
 
 def verdict_table(verdict: dict) -> tuple[list[str], list[list[str]]]:
     metric = verdict["metric"]
-    header = ["recipe", "seeds", f"test {metric} mean ± sd", "Δ vs reference", "95 % CI of Δ", "verdict"]
+    runs = "seeds × draws" if verdict.get("draws", 1) > 1 else "seeds"  # a few-shot search: each pair
+    header = ["recipe", runs, f"test {metric} mean ± sd", "Δ vs reference", "95 % CI of Δ", "verdict"]
     scale = 100 if higher_is_better(metric) else 1
     body = []
     for c in verdict["candidates"]:

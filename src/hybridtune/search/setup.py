@@ -60,6 +60,7 @@ class Context:
     # the validation metric of always answering the most frequent label (tasks/baseline.py); a trial
     # no better than it at its second evaluation or later stops (search/trial.py); None: no floor
     floor: float | None = None
+    draws: int = 1  # a few-shot base (data.shots, data.draws n): each recipe on n draws (search/draws.py)
 
     @property
     def blocks(self) -> int:
@@ -229,6 +230,12 @@ def resolve(space: Space, origin: str) -> Context:
             "one of " + ", ".join(metrics),
             did_you_mean(metric, metrics),
         )
+    if recipe.data.shots and recipe.data.validation_shots == 0:
+        raise UserError(
+            f"{origin}: base.data.validation_shots",
+            "0 (no validation split)",
+            "at least 1 per class: a search ranks its trials on the validation split",
+        )
     task = tasks.for_recipe(recipe)
     splits = task.load_splits(recipe.data)  # a bad data file stops here, by file:row
     ctx = Context(
@@ -243,6 +250,7 @@ def resolve(space: Space, origin: str) -> Context:
         explicit_eval_steps=bool((raw.get("train") or {}).get("eval_steps")),
         report_to=list(recipe.train.report_to),
         floor=_floor(recipe, metric, splits.validation),
+        draws=recipe.data.draws if recipe.data.shots else 1,
     )
     _check_corners(ctx)
     return ctx

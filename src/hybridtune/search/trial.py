@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from hybridtune import rundir
 from hybridtune.errors import TrainingStopped, UserError
+from hybridtune.search import draws
 from hybridtune.search.setup import LENGTH, Context, finish, planned_validations, sample_trial
 from hybridtune.search.space import recipe_dict
 from hybridtune.train.checkpoints import maybe_kill
@@ -206,6 +207,8 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
             "steps": summary["steps"],
             "epochs": summary["epochs"],
         }
+        if state == "complete" and ctx.draws > 1:
+            state = other_draws(ctx, recipe, run, info, out, trial.number, family)
     info |= {
         "state": state,
         "evaluations": callback.evaluations,
@@ -217,6 +220,38 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
         shutil.rmtree(run / "checkpoints", ignore_errors=True)  # Trainer's output dir: nothing saved there
         rundir.write_json(run / "trial.json", {**info, "params": trial.params})
     return state, info
+
+
+def other_draws(ctx: Context, recipe, run: Path, info: dict, out: Path, number: int, family: str) -> str:
+    """A few-shot trial that completed draw 0 trains draws 1 .. n-1 (search/draws.py), unpruned;
+    `info` gets their best validation scores (`draw_values`) and their mean as the trial's value.
+    Returns the trial's state: failed when a draw failed (its error in `info`)."""
+    from hybridtune import run as one_run
+    from hybridtune.recipe import validate_recipe
+
+    values, seconds = [info["value"]], info["train_seconds"]
+    raw = recipe.model_dump(mode="json", exclude_unset=False)
+    for d in range(1, ctx.draws):
+        target = draws.run_dir(run, d)
+        one = draws.on_draw(raw, d)
+        one["output"] = {"dir": str(target.parent), "name": target.name}
+        drawn = validate_recipe(one, f"trial {number}, draw {d}")
+        callbacks = []
+        if "mlflow" in drawn.train.report_to:
+            callbacks.append(
+                mlflow_callback(ctx, out, drawn, target, {"trial": number, "family": family, "draw": d})
+            )
+        try:
+            summary = one_run.train(drawn, callbacks=callbacks, search_trial=True)
+        except (UserError, TrainingStopped) as e:
+            info["error"] = f"draw {d}: {e}"
+            return "failed"
+        finally:
+            shutil.rmtree(target / "checkpoints", ignore_errors=True)
+        values.append(summary["best_validation"])
+        seconds += summary["train_seconds"]
+    info |= {"draw_values": values, "value": sum(values) / len(values), "train_seconds": round(seconds, 2)}
+    return "complete"
 
 
 def record(study, trial, ctx: Context, state: str, info: dict, count: str, echo, root: Path) -> None:
@@ -234,8 +269,9 @@ def record(study, trial, ctx: Context, state: str, info: dict, count: str, echo,
     head = f"trial {trial.number} {count} {info['family']}"
     if state == "complete" and not any(math.isnan(v) for v in values):
         study.tell(trial, values)
+        over = f" (mean of {len(info['draw_values'])} draws)" if "draw_values" in info else ""
         echo(
-            f"{head}: validation {ctx.metric} {info['value']:.4f} after {info['evaluations']} evaluations, {info['seconds']:.1f} s"
+            f"{head}: validation {ctx.metric} {info['value']:.4f}{over} after {info['evaluations']} evaluations, {info['seconds']:.1f} s"
         )
     elif state == "pruned":
         study.tell(trial, state=TrialState.PRUNED)

@@ -1,6 +1,7 @@
 """The verdict: the best few recipes of the search and the reference (full fine-tuning, the default
 recipe on the search's data) retrained with N fresh seeds and tested once, on the test split the
-search never saw.
+search never saw. A few-shot search (search/draws.py): every recipe on every (seed, draw), paired
+by (seed, draw).
 
 Seeds: the search's own seed + 1, + 2, ... : the trials all ran with the search's seed, and the best
 of them were picked on that seed's validation score, so retraining with it would carry the
@@ -26,6 +27,7 @@ from hybridtune import run as one_run
 from hybridtune import rundir
 from hybridtune.recipe import load_recipe, recipe_to_yaml
 from hybridtune.report.stats import higher_is_better, paired, sentence
+from hybridtune.search import draws
 from hybridtune.search.confirm import fresh_run, light_enough, one_by_one, run_confirm
 from hybridtune.search.setup import Context, finish
 
@@ -141,28 +143,35 @@ def run_verdict(root: Path, study, ctx: Context, echo=print, each=None) -> dict:
         picked = {e["trial"] for e in entries}
         for c in confirmed["trials"]:
             c["chosen"] = c["trial"] in picked
+    runs = {e["name"]: draws.verdict_runs(e["name"], seeds, ctx.draws) for e in entries}
     for entry in entries:
-        entry["runs"] = [str(root / "verdict" / f"{entry['name']}-s{seed}") for seed in seeds]
+        entry["runs"] = [str(root / "verdict" / name) for _, _, name in runs[entry["name"]]]
     jobs = [
-        (entry["raw"], s, Path(r), _tracked(root, ctx, entry, s))
+        (
+            draws.on_draw(entry["raw"], d) if ctx.draws > 1 else entry["raw"],
+            s,
+            root / "verdict" / name,
+            _tracked(root, ctx, entry, s),
+        )  # fmt: skip
         for entry in entries
-        for s, r in zip(seeds, entry["runs"], strict=True)
+        for s, d, name in runs[entry["name"]]
     ]
     results = iter(each(_train, jobs))  # every run's eval.json, in the order of the jobs
-    for entry in entries:
-        entry["values"] = [next(results)[metric] for _ in seeds]
+    for entry in entries:  # one value per (seed, draw), in the same order for every entry: paired
+        entry["values"] = [next(results)[metric] for _ in runs[entry["name"]]]
         entry["mean"] = statistics.fmean(entry["values"])
-        entry["sd"] = statistics.stdev(entry["values"]) if len(seeds) > 1 else 0.0
+        entry["sd"] = statistics.stdev(entry["values"]) if len(entry["values"]) > 1 else 0.0
     ref = entries[0]
     sentences = []
     for entry in entries[1:]:
         entry["paired"] = p = paired(entry["values"], ref["values"], up)
         entry["verdict"] = p["verdict"]
         name = f"{entry['name']} ({entry['family']})"
-        sentences.append(sentence(name, p, "full fine-tuning", metric, len(seeds)))
+        sentences.append(sentence(name, p, "full fine-tuning", metric, len(seeds), ctx.draws))
     out = {
         "metric": metric,
         "seeds": seeds,
+        **({"draws": ctx.draws} if ctx.draws > 1 else {}),
         "candidates": [{k: v for k, v in e.items() if k != "raw"} for e in entries],
         "sentences": sentences,
         **({"confirm": confirmed} if confirmed else {}),

@@ -1,0 +1,138 @@
+"""A few-shot search (search/draws.py): a base with `data.shots` and `data.draws` scores each trial on
+every draw (its value the mean), confirms on every draw, and the verdict pairs candidate and
+reference by (seed, draw); a pruned trial stops within draw 0; no validation split is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hybridtune.recipe import load_recipe
+from hybridtune.search import run_search
+
+from .test_search import _space, _trials, refused_before_writing
+
+SHOTS = {"shots": 6, "draws": 3}
+
+
+def _few_shot_space(path: Path, tiny_bert: str, data: str, **extra) -> Path:
+    space = _space(path, tiny_bert, data, **extra)
+    raw = yaml.safe_load(space.read_text())
+    raw["base"]["data"] |= SHOTS
+    raw["train"]["batch_size"] = 4  # 12 rows a draw: 3 steps an epoch
+    space.write_text(yaml.safe_dump(raw))
+    return space
+
+
+def _best(run: Path) -> float:
+    return json.loads((run / "report.json").read_text())["best_validation"]
+
+
+def _draw(run: Path) -> int:
+    return json.loads((run / "report.json").read_text())["few_shot"]["draw"]
+
+
+@pytest.fixture(scope="module")
+def few_shot_search(tmp_path_factory, tiny_bert, sentiment_csv) -> Path:
+    tmp = tmp_path_factory.mktemp("few-shot-search")
+    space = _few_shot_space(
+        tmp / "space.yaml", tiny_bert, sentiment_csv, pruner="none",
+        families={"full": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}, "bitfit": {"lr": 1e-2}},
+        verdict={"top": 1, "seeds": 2, "confirm": 1, "confirm_seeds": 1,
+                 "reference": {"train": {"epochs": 1, "lr": 0.005, "batch_size": 4}}},
+    )  # fmt: skip
+    return run_search(str(space), [], str(tmp / "out"), trials=2, threads=1, echo=lambda *_: None)
+
+
+def test_a_trial_is_the_mean_of_its_draws(few_shot_search):
+    trials = _trials(few_shot_search)
+    assert len(trials) == 2 and all(t["state"] == "complete" for t in trials)
+    for t in trials:
+        run = Path(t["run_dir"])
+        runs = [run, run / "draws" / "d1", run / "draws" / "d2"]
+        assert [_draw(r) for r in runs] == [0, 1, 2]  # each on its own draw of 6 per class
+        rows = [json.loads((r / "report.json").read_text())["few_shot"]["train_rows"] for r in runs]
+        assert rows == [12, 12, 12]
+        values = [_best(r) for r in runs]
+        assert t["draw_values"] == values
+        assert t["value"] == pytest.approx(sum(values) / 3)
+        # the trial's recipe.yaml, as `hybridtune train` / `compare` run it: draw 0 of the 3 draws
+        recipe = load_recipe(run / "recipe.yaml")
+        assert (recipe.data.shots, recipe.data.draws, recipe.data.draw) == (6, 3, 0)
+
+
+def test_confirmation_is_the_mean_over_draws(few_shot_search):
+    verdict = json.loads((few_shot_search / "verdict.json").read_text())
+    (confirmed,) = verdict["confirm"]["trials"]
+    (seed,) = verdict["confirm"]["seeds"]
+    run = few_shot_search / "confirm" / f"{confirmed['name']}-s{seed}"
+    values = [_best(r) for r in (run, run / "draws" / "d1", run / "draws" / "d2")]
+    assert confirmed["values"][1] == pytest.approx(sum(values) / 3)
+
+
+def test_verdict_pairs_by_seed_and_draw(few_shot_search):
+    verdict = json.loads((few_shot_search / "verdict.json").read_text())
+    assert verdict["seeds"] == [43, 44] and verdict["draws"] == 3
+    ref, cand = verdict["candidates"]
+    for c in (ref, cand):
+        names = [Path(r).name for r in c["runs"]]
+        assert names == [f"{c['name']}-s{s}-d{d}" for s in (43, 44) for d in range(3)]
+        values = [json.loads((Path(r) / "eval.json").read_text())["accuracy"] for r in c["runs"]]
+        assert c["values"] == values
+        recipes = [load_recipe(Path(r) / "recipe.yaml") for r in c["runs"]]
+        assert [(x.train.seed, x.data.draw) for x in recipes] == [(s, d) for s in (43, 44) for d in range(3)]
+    p = cand["paired"]
+    assert p["diffs"] == [a - b for a, b in zip(cand["values"], ref["values"], strict=True)]
+    assert "2 seeds × 3 draws" in verdict["sentences"][0]
+
+
+def test_a_pruned_trial_trains_no_other_draw(tmp_path, tiny_bert, sentiment_csv):
+    """Trial 1 (lr 1e-7: learns nothing) is stopped at a rung of draw 0 and never trains draws 1-2."""
+    space = _few_shot_space(
+        tmp_path / "space.yaml", tiny_bert, sentiment_csv,
+        families={"full": {"lr": [0.005, 1e-7]}}, metric="loss", pruner="successive_halving",
+        enqueue=[{"full.lr": 0.005}, {"full.lr": 1e-7}], verdict={"top": 0},
+        train={"epochs": 4.0, "batch_size": 4, "warmup": 0.0, "weight_decay": 0.0, "schedule": "linear"},
+    )  # fmt: skip
+    lines: list[str] = []
+    root = run_search(str(space), [], str(tmp_path / "out"), trials=2, threads=1, echo=lines.append)
+    good, weak = _trials(root)
+    assert good["state"] == "complete" and len(good["draw_values"]) == 3
+    assert weak["state"] == "pruned", lines
+    assert not (Path(weak["run_dir"]) / "draws").exists() and "draw_values" not in weak
+
+
+def test_a_few_shot_base_without_validation_is_refused(tmp_path, tiny_bert, sentiment_csv):
+    refused_before_writing(
+        tmp_path, tiny_bert, sentiment_csv,
+        ["base.data.shots=6", "base.data.draws=3", "base.data.validation_shots=0"],
+        ["base.data.validation_shots", "ranks its trials on the validation split"],
+    )  # fmt: skip
+
+
+def test_a_setfit_like_trial_is_scored_on_validation(tmp_path, tiny_bert, sentiment_csv):
+    """`contrastive.then: none` takes no Trainer step; the run is validated once after the stage
+    (run.py), so a trial of it has a value: each draw's best_validation is that one evaluation."""
+    space = _few_shot_space(
+        tmp_path / "space.yaml", tiny_bert, sentiment_csv, pruner="none", verdict={"top": 0},
+        families={"full": {"lr": 1e-3}},
+        parts={"contrastive": {"use": True, "head": "logistic", "then": "none", "pairs": 2, "sampling": "cycle"}},
+    )  # fmt: skip
+    raw = yaml.safe_load(space.read_text())
+    raw["base"]["pooling"] = "mean"
+    space.write_text(yaml.safe_dump(raw))
+    (trial,) = _trials(
+        run_search(str(space), [], str(tmp_path / "out"), trials=1, threads=1, echo=lambda *_: None)
+    )
+    assert trial["state"] == "complete" and trial["evaluations"] == 1
+    run = Path(trial["run_dir"])
+    for r in (run, run / "draws" / "d1", run / "draws" / "d2"):
+        assert (r / "contrastive.json").is_file()
+        evals = [
+            json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines() if "eval_accuracy" in x
+        ]
+        assert len(evals) == 1 and _best(r) == evals[0]["eval_accuracy"]
+    assert trial["value"] == pytest.approx(sum(trial["draw_values"]) / 3)
