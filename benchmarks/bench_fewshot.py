@@ -49,6 +49,9 @@ CANDIDATES = {
     "hybridtune contrastive lora top": ("contrastive_lora_top.yaml", []),
     # no body tuning: the closed-form logistic head on the pretrained embedding
     "hybridtune linear probe": ("linear_probe.yaml", []),
+    # WiSE-FT: the body halfway (or three quarters of the way) between pretrained and tuned
+    "hybridtune setfit blend 0.5": ("setfit.yaml", ["contrastive.blend=0.5"]),
+    "hybridtune setfit blend 0.75": ("setfit.yaml", ["contrastive.blend=0.75"]),
     # the regularisers of docs/strategies.md on plain full fine-tuning, at few labels (issue: do they
     # help where overfitting is the whole problem?), each at its example recipe's setting
     "hybridtune full+rdrop": ("few_shot_full.yaml", ["rdrop.alpha=1.0"]),

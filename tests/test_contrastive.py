@@ -158,6 +158,23 @@ def test_epochs_zero_is_a_linear_probe_on_the_pretrained_embedding(quick, tiny_b
     assert torch.allclose(weight[1] - weight[0], torch.as_tensor(coef, dtype=weight.dtype), atol=1e-3)
 
 
+def test_blend_is_wise_ft_between_the_weights_before_and_after(quick, tiny_bert):
+    """`blend: b`: each tuned weight ends at b·tuned + (1 − b)·before (the same seed tunes alike);
+    b = 0 leaves the body as it was, as a linear probe does."""
+    args = ("contrastive.head=logistic", "contrastive.then=head")
+    tuned, _, changed = _stage(quick, tiny_bert, *args)
+    blended, record, _ = _stage(quick, tiny_bert, *args, "contrastive.blend=0.25")
+    assert record["blend"] == 0.25
+    body = [n for n in changed if not n.startswith("classifier.")]
+    assert body
+    after, mixed = dict(tuned.model.named_parameters()), dict(blended.model.named_parameters())
+    for n in body:
+        want = 0.25 * after[n].detach() + 0.75 * tuned.before[n]
+        assert torch.allclose(mixed[n].detach(), want, atol=1e-6), n
+    _, _, none_changed = _stage(quick, tiny_bert, *args, "contrastive.blend=0")
+    assert none_changed == {"classifier.weight", "classifier.bias"}
+
+
 def test_epochs_zero_without_the_logistic_head_is_refused():
     with pytest.raises(UserError, match="contrastive.epochs: found 0 with head: train"):
         load_recipe(None, ["pooling=mean", "contrastive.epochs=0"])

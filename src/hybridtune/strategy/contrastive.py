@@ -19,6 +19,9 @@ so "contrastive LoRA on the top half, then a head" is `freeze` + `peft` + `contr
 (weight decay 0.01), linear warmup over `warmup` of the steps, then linear decay (ST's defaults).
 
 `epochs: 0` skips stage 1 (with `head: logistic`: a linear probe on the pretrained embedding).
+`blend: b` < 1 ends stage 1 with every tuned weight at b·tuned + (1 − b)·its value before the stage
+(WiSE-FT, Wortsman et al. 2022: weight-space ensembling of the tuned and the pretrained model; on LoRA
+it scales the learned update); the head is then fitted on that body.
 
 Stage 2: `head: logistic` fits scikit-learn's LogisticRegression (lbfgs, C = `logistic_c`) on the
 pooled embeddings of the train split and writes it into the head's linear layer (BERT-like heads
@@ -81,6 +84,13 @@ class ContrastiveConfig(BaseModel):
         description="logistic: fit the linear head in closed form (needs `pooling`); train: by the Trainer",
     )
     logistic_c: float = Field(1.0, gt=0, description="inverse L2 strength of the logistic head (sklearn's C)")
+    blend: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="after the stage, each tuned weight becomes blend·tuned + (1 - blend)·before (WiSE-FT); "
+        "1: the tuned body as is, 0: the body as before (a linear probe)",
+    )
     then: Literal["head", "all", "none"] = Field(
         "head",
         description="what the classification training then trains: head, all (the parts' choice), none",
@@ -226,6 +236,7 @@ def tune(
     torch.manual_seed(seed)
     pairs = make_pairs(labels, config, rng)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    before = [p.detach().clone() for _, p in named] if config.blend < 1 else None  # for `blend`
     groups: dict[tuple[float, float], list] = {}
     for name, p in named:
         decay = 0.0 if p.ndim < 2 else 0.01  # no decay on biases and norms, as Trainer does
@@ -260,6 +271,10 @@ def tune(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 5))
+    if before is not None:  # WiSE-FT (Wortsman et al. 2022): between the weights before and after
+        with torch.no_grad():
+            for (_, p), p0 in zip(named, before, strict=True):
+                p.mul_(config.blend).add_(p0.to(p.dtype), alpha=1 - config.blend)
     return {
         "pairs": len(pairs),
         "positive_pairs": int(sum(t for _, _, t in pairs)),
@@ -268,6 +283,7 @@ def tune(
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "losses": losses,
+        "blend": config.blend,
     }
 
 
