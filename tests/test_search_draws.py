@@ -136,3 +136,15 @@ def test_a_setfit_like_trial_is_scored_on_validation(tmp_path, tiny_bert, sentim
         ]
         assert len(evals) == 1 and _best(r) == evals[0]["eval_accuracy"]
     assert trial["value"] == pytest.approx(sum(trial["draw_values"]) / 3)
+
+
+def test_the_shipped_spaces_are_valid():
+    """spaces/*.yaml load as they ship; few_shot.yaml's base is a 5-draw one, with SetFit's recipe enqueued."""
+    from hybridtune.search.setup import load_space, resolve
+
+    root = Path(__file__).parent.parent / "spaces"
+    spaces = {p.name: load_space(str(p)) for p in sorted(root.glob("*.yaml"))}
+    assert {"light.yaml", "few_shot.yaml"} <= set(spaces)
+    ctx = resolve(spaces["few_shot.yaml"], "spaces/few_shot.yaml")
+    assert ctx.draws == 5 and ctx.n_train == 16  # 8 per class, 2 classes
+    assert spaces["few_shot.yaml"].enqueue[0]["parts.contrastive.then"] == "none"

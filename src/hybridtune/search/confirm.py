@@ -75,7 +75,7 @@ def score(raw: dict, seed: int, target: Path, tracked=None, echo=print) -> dict:
     A few-shot recipe is scored on each of its draws, draw d > 0 beneath `target` (search/draws.py):
     the value is their mean, and a failed draw fails the run."""
     results = [
-        _score_one(draws.on_draw(raw, d), seed, draws.run_dir(target, d), tracked, echo)
+        _score_one(draws.on_draw(raw, d), seed, draws.run_dir(target, d), tracked, echo, draw=d)
         for d in range(draws.count(raw))
     ]
     failed = [r for r in results if r["value"] is None]
@@ -84,12 +84,13 @@ def score(raw: dict, seed: int, target: Path, tracked=None, echo=print) -> dict:
     return {"value": statistics.fmean(r["value"] for r in results)}
 
 
-def _score_one(raw: dict, seed: int, target: Path, tracked=None, echo=print) -> dict:
+def _score_one(raw: dict, seed: int, target: Path, tracked=None, echo=print, draw: int = 0) -> dict:
     report, failed = target / "report.json", target / rundir.FAILED
     error = None
     if not report.is_file() and not failed.is_file():
         recipe, tracking = fresh_run(raw, seed, target, tracked)
-        echo(f"confirm: training {target.name}")
+        name = target.name if draw == 0 else f"{target.parent.parent.name}, draw {draw}"  # <run>/draws/d<i>
+        echo(f"confirm: training {name}")
         try:
             one_run.train(recipe, callbacks=tracking, search_trial=True)
         except (UserError, TrainingStopped) as e:  # as a trial's: this recipe failed, the search goes on
