@@ -115,7 +115,7 @@ def test_a_few_shot_base_without_validation_is_refused(tmp_path, tiny_bert, sent
 
 def test_a_setfit_like_trial_is_scored_on_validation(tmp_path, tiny_bert, sentiment_csv):
     """`contrastive.then: none` takes no Trainer step; the run is validated once after the stage
-    (run.py), so a trial of it has a value: each draw's best_validation is that one evaluation."""
+    (contrastive.validate_untrained), so a trial of it has a value: each draw's best_validation is that one evaluation."""
     space = _few_shot_space(
         tmp_path / "space.yaml", tiny_bert, sentiment_csv, pruner="none", verdict={"top": 0},
         families={"full": {"lr": 1e-3}},

@@ -177,27 +177,6 @@ def train(
                 lock.release()
 
 
-def _validate_once(recipe, trainer) -> bool:
-    """A run whose Trainer takes no step (`contrastive.then: none`) but has a validation split: it is
-    validated once, after the contrastive stage, so that it has a validation score as every other run
-    (report.json's best_validation: a search ranks its trials on it, compare reports it)."""
-    return (
-        recipe.contrastive is not None
-        and recipe.contrastive.then == "none"
-        and recipe.data.validation_shots != 0
-        and trainer.eval_dataset is not None
-        and len(trainer.eval_dataset) > 0
-    )
-
-
-def _validate_final(trainer) -> None:
-    """Validate the model as it is (Trainer's evaluate: the callbacks hear it, metrics.jsonl has it) and
-    take the result as the run's best validation score."""
-    metric = trainer.args.metric_for_best_model
-    metrics = trainer.evaluate()
-    trainer.state.best_metric = metrics.get(metric if metric.startswith("eval_") else f"eval_{metric}")
-
-
 def _train_held(
     recipe: Recipe | None,
     resume,
@@ -356,8 +335,10 @@ def _train(
     phase.update(step="training", trainer=trainer)
     out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
-    if _validate_once(recipe, trainer):  # contrastive.then: none took no Trainer step, so no validation
-        _validate_final(trainer)
+    if recipe.contrastive is not None:  # then: none takes no Trainer step: validated once here
+        from hybridtune.strategy import contrastive
+
+        contrastive.validate_untrained(recipe, trainer)
     model = trainer.model
 
     if not main:  # rank 0 saves and evaluates; the others are done

@@ -211,6 +211,19 @@ def training_args(config: ContrastiveConfig) -> dict:
     }
 
 
+def validate_untrained(recipe, trainer) -> None:
+    """`then: none` with a validation split: the Trainer took no step and so never validated; the
+    model as the stages left it is validated once (Trainer's evaluate: the callbacks hear it,
+    metrics.jsonl has it) and that is the run's best validation score, as every other run has one
+    (report.json's best_validation: a search ranks its trials on it, compare reports it)."""
+    dataset = trainer.eval_dataset
+    if recipe.contrastive.then != "none" or recipe.data.validation_shots == 0 or not dataset:
+        return
+    metric = trainer.args.metric_for_best_model
+    metrics = trainer.evaluate()
+    trainer.state.best_metric = metrics.get(metric if metric.startswith("eval_") else f"eval_{metric}")
+
+
 def _batches(tokenizer, texts: list[str], max_length: int, device) -> dict:
     enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
