@@ -25,6 +25,7 @@ from hybridtune.errors import UserError, did_you_mean
 from hybridtune.model.facts import ModelFacts, facts_of
 from hybridtune.model.loading import resolve as resolve_model
 from hybridtune.recipe import apply_override, load_recipe, validate_recipe
+from hybridtune.search import draws
 from hybridtune.search.parts import corners
 from hybridtune.search.space import (
     FAMILIES,
@@ -250,7 +251,7 @@ def resolve(space: Space, origin: str) -> Context:
         explicit_eval_steps=bool((raw.get("train") or {}).get("eval_steps")),
         report_to=list(recipe.train.report_to),
         floor=_floor(recipe, metric, splits.validation),
-        draws=recipe.data.draws if recipe.data.shots else 1,
+        draws=draws.count(raw),
     )
     _check_corners(ctx)
     return ctx
