@@ -52,6 +52,9 @@ CANDIDATES = {
     # WiSE-FT: the body halfway (or three quarters of the way) between pretrained and tuned
     "hybridtune setfit blend 0.5": ("setfit.yaml", ["contrastive.blend=0.5"]),
     "hybridtune setfit blend 0.75": ("setfit.yaml", ["contrastive.blend=0.75"]),
+    # the recipe the few-shot search picked with 32 validation labels per class (docs/search.md,
+    # "Few-shot data"): setfit.yaml with the contrastive lr at 4.5e-5 (SetFit's 2e-5)
+    "hybridtune setfit lr 4.5e-5": ("setfit.yaml", ["contrastive.lr=4.5e-5"]),
     # the regularisers of docs/strategies.md on plain full fine-tuning, at few labels (issue: do they
     # help where overfitting is the whole problem?), each at its example recipe's setting
     "hybridtune full+rdrop": ("few_shot_full.yaml", ["rdrop.alpha=1.0"]),

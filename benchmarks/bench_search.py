@@ -17,7 +17,9 @@ by one through `hybridtune train`.
    trial rerun (`--one-by-one` at least the number of trials) after a search without a verdict
    (`verdict.top=0`), the whole search's wall time -- its start-up, the bookkeeping between trials,
    the failed trials -- is set against them too. The best validation score among them is printed
-   for both sides.
+   for both sides. A few-shot trial (`data.shots` with `data.draws` n in its recipe) is n runs alone,
+   one per draw (`data.draw=d`), pruned or not: a user without the search scores a recipe on every
+   draw (its value is their mean, as the search's).
    Run on a quiet machine; the CPU is named in the output.
 
 `--from SEARCH_DIR` skips step 1 and reads a finished search's trials and verdict (e.g. one run with
@@ -32,7 +34,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import yaml
 from common import PYTHON, machine, run_child
+
+from hybridtune.search import draws
 
 
 def main() -> None:
@@ -76,29 +81,39 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bench-search-train-"))
     for t in chosen:
         recipe = Path(t["run_dir"]) / "recipe.yaml"
-        alone = run_child(
-            [
-                PYTHON,
-                "-m",
-                "hybridtune",
-                "train",
-                str(recipe),
-                f"output.dir={scratch}",
-                f"output.name=t{t['number']}",
-            ]
-        )
-        report = json.loads((scratch / f"t{t['number']}" / "report.json").read_text())
+        walls, trains, values = [], [], []
+        # a few-shot trial is n runs, one per draw (search/draws.py), the search's pruned ones too:
+        # without the search, a user scores a recipe on every draw, each to its end
+        for d in draws.scored(yaml.safe_load(recipe.read_text())):
+            name = f"t{t['number']}" + (f"-d{d}" if d is not None else "")
+            alone = run_child(
+                [
+                    PYTHON,
+                    "-m",
+                    "hybridtune",
+                    "train",
+                    str(recipe),
+                    f"output.dir={scratch}",
+                    f"output.name={name}",
+                    *([f"data.draw={d}"] if d is not None else []),
+                ]
+            )
+            report = json.loads((scratch / name / "report.json").read_text())
+            walls.append(alone["wall_s"])
+            trains.append(report["train_seconds"])
+            values.append(report["best_validation"])
         one_by_one.append(
             {
                 "trial": t["number"],
                 "family": t["family"],
                 "state": t["state"],
                 "search_val": t["value"],
-                "alone_val": report["best_validation"],
+                "alone_val": statistics.fmean(values),
+                "alone_runs": len(values),
                 "search_wall": t["seconds"],
                 "search_train": t["train_seconds"],
-                "alone_wall": alone["wall_s"],
-                "alone_train": report["train_seconds"],
+                "alone_wall": sum(walls),
+                "alone_train": sum(trains),
             }
         )
 
@@ -119,6 +134,10 @@ def main() -> None:
     print(
         "trial  family            state     search wall s (train s)  train-cmd wall s (train s)  wall ratio"
     )
+    if any(r["alone_runs"] > 1 for r in one_by_one):
+        print(
+            "(few-shot: a trial's train-cmd side is the sum of its runs, one per draw; its value their mean)"
+        )
     for r in one_by_one:
         print(
             f"{r['trial']:>5}  {r['family']:<16}  {r['state']:<8}  {r['search_wall']:>13.1f} ({r['search_train']:>6.1f})"

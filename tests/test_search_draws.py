@@ -148,3 +148,29 @@ def test_the_shipped_spaces_are_valid():
     ctx = resolve(spaces["few_shot.yaml"], "spaces/few_shot.yaml")
     assert ctx.draws == 5 and ctx.n_train == 16  # 8 per class, 2 classes
     assert spaces["few_shot.yaml"].enqueue[0]["parts.contrastive.then"] == "none"
+
+
+def test_search_and_compare_score_the_same_draws(tmp_path):
+    """One rule (data/shots.py `scored`) for compare and search: a few-shot recipe of n > 1 draws is
+    scored on draws 0 .. n-1, one of a single draw on its own `data.draw` (a confirmation once
+    retrained such a base on draw 0); runs are named alike on both sides."""
+    from hybridtune.compare import load_suite, plan_runs
+    from hybridtune.search import draws
+
+    one = {"data": {"shots": 8, "draw": 3}}
+    assert draws.scored(one) == [None] and draws.count(one) == 1
+    assert [draws.on_draw(one, d)["data"]["draw"] for d in draws.scored(one)] == [3]
+    assert draws.run_dir(tmp_path, None) == tmp_path
+    five = {"data": {"shots": 8, "draws": 5}}
+    assert [draws.on_draw(five, d)["data"]["draw"] for d in draws.scored(five)] == [0, 1, 2, 3, 4]
+    assert draws.run_dir(tmp_path, 2) == tmp_path / "draws" / "d2"
+    assert draws.scored({"data": {"draws": 5}}) == [None]  # no shots: the whole split, once
+    names = [name for _, _, name in draws.verdict_runs("reference", [43, 44], five)]
+    assert names[:2] == ["reference-s43-d0", "reference-s43-d1"] and len(names) == 10
+    assert [name for _, _, name in draws.verdict_runs("reference", [43], one)] == ["reference-s43"]
+    for n in (1, 3):  # compare's plan of the default suite, few-shot: the same (seed, draw, name)
+        suite, base = load_suite(None, seeds=2, overrides=["data.shots=8", f"data.draws={n}"])
+        planned = plan_runs(suite, base)
+        name = planned[0]["strategy"]
+        mine = [(e["seed"], e["draw"], e["run"]) for e in planned if e["strategy"] == name]
+        assert mine == draws.verdict_runs(name, suite.seeds, {"data": {"shots": 8, "draws": n}})

@@ -19,9 +19,9 @@ import yaml
 
 from hybridtune import strategy
 from hybridtune.recipe import recipe_to_yaml
-from hybridtune.search.confirm import fresh_run
 from hybridtune.search.families import FAMILIES
 from hybridtune.search.study import prepare
+from hybridtune.search.tracked import fresh_run
 from hybridtune.search.trial import record, trial_recipe
 from hybridtune.search.verdict import candidates, ranked
 from hybridtune.train import run_files

@@ -48,6 +48,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hybridtune import children, durable, rundir, safe_yaml
+from hybridtune.data import shots
 from hybridtune.errors import UserError, did_you_mean
 from hybridtune.paths import NAME_RULE, claim, inside, is_safe_name
 from hybridtune.recipe import SEED_MAX, load_recipe, recipe_to_yaml
@@ -187,16 +188,15 @@ def plan_runs(suite: Suite, base: Path) -> list[dict]:
             )
         names.add(name)
         # few-shot (data.shots with data.draws n): every seed on every draw, mean ± sd over them all
-        draws = range(recipe.data.draws) if recipe.data.shots and recipe.data.draws > 1 else [None]
         for seed in suite.seeds:
-            for draw in draws:
+            for draw in shots.scored(recipe.data.shots, recipe.data.draws):
                 runs.append(
                     {
                         "strategy": name,
                         "seed": seed,
                         "draw": draw,
                         "recipe": str(path),
-                        "run": f"{name}-s{seed}" + (f"-d{draw}" if draw is not None else ""),
+                        "run": shots.run_name(name, seed, draw),
                         "overrides": [*overrides, f"train.seed={seed}"]
                         + ([f"data.draw={draw}"] if draw is not None else []),
                     }

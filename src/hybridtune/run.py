@@ -27,6 +27,7 @@ from hybridtune.model.facts import facts_of
 from hybridtune.model.loading import check_vocabulary, load_tokenizer, resolve, tokenizer_path, training_texts
 from hybridtune.recipe import Recipe, load_recipe
 from hybridtune.report.params import param_table
+from hybridtune.strategy import contrastive
 from hybridtune.strategy.plan import Plan, make_plan, planned_steps
 from hybridtune.train import run_files, trunk_cache
 from hybridtune.train.precision import autocast
@@ -326,8 +327,6 @@ def _train(
             rundir.write_json(run / "zero_shot.json", zero_shot)
     started, record = time.perf_counter(), None
     if recipe.contrastive is not None and checkpoint is None:  # a resumed run is past this stage
-        from hybridtune.strategy import contrastive
-
         phase["step"] = "contrastive tuning"
         record = contrastive.run(prep, resolve_precision(recipe.train.precision))
         if main:
@@ -336,8 +335,6 @@ def _train(
     out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
     if recipe.contrastive is not None:  # then: none takes no Trainer step: validated once here
-        from hybridtune.strategy import contrastive
-
         contrastive.validate_untrained(recipe, trainer)
     model = trainer.model
 

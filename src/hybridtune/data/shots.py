@@ -26,6 +26,19 @@ import pandas as pd
 from hybridtune.errors import UserError
 
 
+def scored(shots: int | None, draws: int) -> list[int | None]:
+    """The draws a recipe is trained and scored on, by `hybridtune compare` and `search` alike: every
+    draw 0 .. n-1 of a few-shot recipe with `data.draws` n > 1, else [None]: the recipe as it is
+    (its own `data.draw`)."""
+    return list(range(draws)) if shots and draws > 1 else [None]
+
+
+def run_name(name: str, seed: int, draw: int | None) -> str:
+    """A seeded run's name in compare and in a search's verdict: `<name>-s<seed>`, with `-d<draw>`
+    when it is one of a recipe's draws (`scored`)."""
+    return f"{name}-s{seed}" + (f"-d{draw}" if draw is not None else "")
+
+
 def draw(
     frame: pd.DataFrame, label_column: str, k: int, seed: int, draw: int, stream: int, key: str, split: str
 ) -> pd.DataFrame:

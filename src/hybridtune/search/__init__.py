@@ -7,6 +7,7 @@
     study.py    Optuna storage (a journal file in the search dir), sampler, pruner, the loop, resume
     trial.py    one trial in this process through run.train, with the pruning callback
     draws.py    few-shot bases (data.shots, data.draws): every recipe scored on every draw
+    tracked.py  a search run's recipe (seed, draw, run dir) and its MLflow tracking
     report.py   trials table, Pareto fronts and their recipes, plots, report.html
     verdict.py  the best recipes and the reference retrained with fresh seeds, tested once
 

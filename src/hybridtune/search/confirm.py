@@ -24,7 +24,6 @@ killed search left without either starts over. Runs: `<search>/confirm/trial-NNN
 
 from __future__ import annotations
 
-import copy
 import shutil
 import statistics
 from pathlib import Path
@@ -32,9 +31,9 @@ from pathlib import Path
 from hybridtune import run as one_run
 from hybridtune import rundir
 from hybridtune.errors import TrainingStopped, UserError
-from hybridtune.recipe import validate_recipe
 from hybridtune.search import draws
 from hybridtune.search.setup import Context
+from hybridtune.search.tracked import fresh_run, tracker
 
 SEED_OFFSET = 1000  # above any verdict seed (the search's seed + 1 ... + N)
 
@@ -57,18 +56,6 @@ def to_confirm(distinct: list[tuple], k: int, light: float | None) -> list[tuple
     return [d for d in distinct if d[0].number in numbers]
 
 
-def fresh_run(raw: dict, seed: int, target: Path, tracked=None) -> tuple:
-    """A confirmation or verdict run's recipe: `raw` with `seed`, into `target` (an unfinished run
-    of ours there is removed: it starts over), and its MLflow callbacks (`tracked(recipe, run_dir)`,
-    when the recipe reports to mlflow)."""
-    shutil.rmtree(target, ignore_errors=True)
-    run = copy.deepcopy(raw)
-    run.setdefault("train", {})["seed"] = seed
-    run["output"] = {"dir": str(target.parent), "name": target.name}
-    recipe = validate_recipe(run, str(target))
-    return recipe, [tracked(recipe, target)] if tracked and "mlflow" in recipe.train.report_to else []
-
-
 def score(raw: dict, seed: int, target: Path, tracked=None, echo=print) -> dict:
     """One confirmation run (resumed: a finished or failed one is kept): {"value"} -- its best
     validation metric -- or {"value": None, "error"}. `tracked(recipe, run_dir)`: its MLflow callback.
@@ -76,7 +63,7 @@ def score(raw: dict, seed: int, target: Path, tracked=None, echo=print) -> dict:
     the value is their mean, and a failed draw fails the run."""
     results = [
         _score_one(draws.on_draw(raw, d), seed, draws.run_dir(target, d), tracked, echo, draw=d)
-        for d in range(draws.count(raw))
+        for d in draws.scored(raw)
     ]
     failed = [r for r in results if r["value"] is None]
     if failed:
@@ -84,12 +71,12 @@ def score(raw: dict, seed: int, target: Path, tracked=None, echo=print) -> dict:
     return {"value": statistics.fmean(r["value"] for r in results)}
 
 
-def _score_one(raw: dict, seed: int, target: Path, tracked=None, echo=print, draw: int = 0) -> dict:
+def _score_one(raw: dict, seed: int, target: Path, tracked=None, echo=print, draw: int | None = None) -> dict:
     report, failed = target / "report.json", target / rundir.FAILED
     error = None
     if not report.is_file() and not failed.is_file():
         recipe, tracking = fresh_run(raw, seed, target, tracked)
-        name = target.name if draw == 0 else f"{target.parent.parent.name}, draw {draw}"  # <run>/draws/d<i>
+        name = target.name if not draw else f"{target.parent.parent.name}, draw {draw}"  # <run>/draws/d<i>
         echo(f"confirm: training {name}")
         try:
             one_run.train(recipe, callbacks=tracking, search_trial=True)
@@ -102,13 +89,6 @@ def _score_one(raw: dict, seed: int, target: Path, tracked=None, echo=print, dra
     if failed.is_file():
         error = rundir.read_json(failed).get("error", error)
     return {"value": None, "error": error or "failed"}
-
-
-def _tracked(root: Path, ctx: Context, name: str, family: str, seed: int):
-    from hybridtune.search.trial import mlflow_callback
-
-    tags = {"confirm": name, "family": family, "seed": seed}
-    return lambda recipe, run: mlflow_callback(ctx, root, recipe, run, tags)
 
 
 def one_by_one(echo):
@@ -132,7 +112,7 @@ def run_confirm(root: Path, ctx: Context, distinct: list[tuple], echo=print, eac
         raw.pop("output")
         picked.append((t, raw, name, family, [root / "confirm" / f"{name}-s{s}" for s in extra]))
     jobs = [
-        (raw, s, r, _tracked(root, ctx, name, family, s))
+        (raw, s, r, tracker(ctx, root, {"confirm": name, "family": family, "seed": s}))
         for _, raw, name, family, runs in picked
         for s, r in zip(extra, runs, strict=True)
     ]

@@ -20,27 +20,36 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from hybridtune.data import shots
+
+
+def scored(raw: dict) -> list[int | None]:
+    """The draws a recipe (a dict, as validated) is scored on: data/shots.py's `scored`, the rule
+    `hybridtune compare` follows -- 0 .. n-1, or [None] for the recipe as it is."""
+    data = raw.get("data") or {}
+    return shots.scored(data.get("shots"), int(data.get("draws") or 1))
+
 
 def count(raw: dict) -> int:
-    """How many draws a recipe (a dict, as validated: `data.shots` / `data.draws`) is scored on."""
-    data = raw.get("data") or {}
-    return int(data.get("draws") or 1) if data.get("shots") else 1
+    """How many draws a recipe is scored on."""
+    return len(scored(raw))
 
 
-def on_draw(raw: dict, draw: int) -> dict:
-    """`raw` training draw `draw` (`data.draw`)."""
+def on_draw(raw: dict, draw: int | None) -> dict:
+    """`raw` training draw `draw` (`data.draw`); None: `raw` as it is."""
     out = copy.deepcopy(raw)
-    out.setdefault("data", {})["draw"] = draw
+    if draw is not None:
+        out.setdefault("data", {})["draw"] = draw
     return out
 
 
-def run_dir(run: Path, draw: int) -> Path:
-    """Where draw `draw` of the run `run` goes: draw 0 is the run itself, the others beneath it (so a
-    run's removal removes its draws)."""
-    return run if draw == 0 else run / "draws" / f"d{draw}"
+def run_dir(run: Path, draw: int | None) -> Path:
+    """Where draw `draw` of the run `run` goes: draw 0 (or None) is the run itself, the others
+    beneath it (so a run's removal removes its draws)."""
+    return run if not draw else run / "draws" / f"d{draw}"
 
 
-def verdict_runs(name: str, seeds: list[int], draws: int) -> list[tuple[int, int, str]]:
-    """(seed, draw, run name) of every verdict run of one recipe, seed-major: `<name>-s<seed>` (one
-    draw) or `<name>-s<seed>-d<draw>`, as `hybridtune compare` names them."""
-    return [(s, d, f"{name}-s{s}" + (f"-d{d}" if draws > 1 else "")) for s in seeds for d in range(draws)]
+def verdict_runs(name: str, seeds: list[int], raw: dict) -> list[tuple[int, int | None, str]]:
+    """(seed, draw, run name) of every verdict run of the recipe `raw` named `name`, seed-major,
+    named as `hybridtune compare` names them (`<name>-s<seed>[-d<draw>]`)."""
+    return [(s, d, shots.run_name(name, s, d)) for s in seeds for d in scored(raw)]

@@ -160,7 +160,7 @@ def recover(study, root: Path, echo, ctx: Context | None = None) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(t.number, state=TrialState.FAIL)
         if ctx is not None and "mlflow" in ctx.report_to:
-            from hybridtune.search.trial import end_tracked
+            from hybridtune.search.tracked import end_tracked
 
             end_tracked(ctx, root, t.number, "interrupted")
         study.set_user_attr(f"interrupted_{t.number}", True)
@@ -295,7 +295,7 @@ def _loop(
     storage = journal(root)
     study = open_study(root, ctx, fresh=not resuming, storage=storage)
     if "mlflow" in ctx.report_to:  # the store and the experiment, made here before any trial (or Ray worker)
-        from hybridtune.search.trial import tracking_target
+        from hybridtune.search.tracked import tracking_target
         from hybridtune.train.tracking import experiment_id
 
         experiment_id(tracking_target(ctx, root))

@@ -27,6 +27,7 @@ from hybridtune.errors import TrainingStopped, UserError
 from hybridtune.search import draws
 from hybridtune.search.setup import LENGTH, Context, finish, planned_validations, sample_trial
 from hybridtune.search.space import recipe_dict
+from hybridtune.search.tracked import end_tracked, fresh_run, mlflow_callback, tracker
 from hybridtune.train.checkpoints import maybe_kill
 
 
@@ -90,33 +91,6 @@ def trial_recipe(ctx: Context, trial: Any, out: Path):
     raw["name"] = f"{family}"
     raw.setdefault("output", {}).update({"dir": str(out / "trials"), "name": f"trial-{trial.number:04d}"})
     return validate_recipe(raw, f"trial {trial.number}"), family
-
-
-def tracking_target(ctx: Context, root: Path):
-    """The search's MLflow store and experiment (named after the search): MLFLOW_TRACKING_URI, else
-    `<search dir>/mlruns/mlflow.db` (train/tracking.py)."""
-    from hybridtune.train.tracking import target
-
-    return target(root, ctx.space.name)
-
-
-def mlflow_callback(ctx: Context, root: Path, recipe, run: Path, tags: dict):
-    """The MLflow run of one trial (or verdict run) of a search with `train.report_to: [mlflow]`:
-    in the search's experiment, named as its run dir, the recipe as its params, `tags` (+ the search
-    and its dir, which `record` finds it by)."""
-    from hybridtune.train.tracking import MLflowTracking, recipe_params
-
-    tags = {**tags, "search": ctx.space.name, "search_dir": str(Path(root).resolve())}
-    return MLflowTracking(tracking_target(ctx, root), run.name, recipe_params(recipe), tags, run)
-
-
-def end_tracked(ctx: Context, root: Path, number: int, state: str) -> None:
-    """Tag a trial's MLflow run with how it ended (complete | pruned | failed | interrupted); a run
-    left RUNNING (a Ray worker stopped by ASHA, a killed search) is ended too."""
-    from hybridtune.train.tracking import tag_runs
-
-    where = {"trial": number, "search_dir": str(Path(root).resolve())}
-    tag_runs(tracking_target(ctx, root), where, state)
 
 
 def peak_memory_start() -> None:
@@ -227,20 +201,15 @@ def other_draws(ctx: Context, recipe, run: Path, info: dict, out: Path, number: 
     `info` gets their best validation scores (`draw_values`) and their mean as the trial's value.
     Returns the trial's state: failed when a draw failed (its error in `info`)."""
     from hybridtune import run as one_run
-    from hybridtune.recipe import validate_recipe
 
     values, seconds = [info["value"]], info["train_seconds"]
     raw = recipe.model_dump(mode="json", exclude_unset=False)
     for d in range(1, ctx.draws):
         target = draws.run_dir(run, d)
-        one = draws.on_draw(raw, d)
-        one["output"] = {"dir": str(target.parent), "name": target.name}
-        drawn = validate_recipe(one, f"trial {number}, draw {d}")
-        callbacks = []
-        if "mlflow" in drawn.train.report_to:
-            callbacks.append(
-                mlflow_callback(ctx, out, drawn, target, {"trial": number, "family": family, "draw": d})
-            )
+        tags = {"trial": number, "family": family, "draw": d}
+        drawn, callbacks = fresh_run(
+            draws.on_draw(raw, d), recipe.train.seed, target, tracker(ctx, out, tags)
+        )
         try:
             summary = one_run.train(drawn, callbacks=callbacks, search_trial=True)
         except (UserError, TrainingStopped) as e:

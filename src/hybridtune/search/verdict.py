@@ -28,8 +28,9 @@ from hybridtune import rundir
 from hybridtune.recipe import load_recipe, recipe_to_yaml
 from hybridtune.report.stats import higher_is_better, paired, sentence
 from hybridtune.search import draws
-from hybridtune.search.confirm import fresh_run, light_enough, one_by_one, run_confirm
+from hybridtune.search.confirm import light_enough, one_by_one, run_confirm
 from hybridtune.search.setup import Context, finish
+from hybridtune.search.tracked import fresh_run, tracker
 
 __all__ = ["paired", "run_verdict"]
 
@@ -116,13 +117,6 @@ def _train(raw: dict, seed: int, target: Path, tracked=None, echo=print) -> dict
     return rundir.read_json(target / "eval.json")
 
 
-def _tracked(root: Path, ctx: Context, entry: dict, seed: int):
-    from hybridtune.search.trial import mlflow_callback
-
-    tags = {"verdict": entry["name"], "family": entry["family"], "seed": seed}
-    return lambda recipe, run: mlflow_callback(ctx, root, recipe, run, tags)
-
-
 def run_verdict(root: Path, study, ctx: Context, echo=print, each=None) -> dict:
     """Confirm, pick, retrain and test; verdict.json. `each(fn, jobs)` runs the confirmation and
     verdict runs: one after the other here (`confirm.one_by_one`), or side by side on the Ray
@@ -143,15 +137,15 @@ def run_verdict(root: Path, study, ctx: Context, echo=print, each=None) -> dict:
         picked = {e["trial"] for e in entries}
         for c in confirmed["trials"]:
             c["chosen"] = c["trial"] in picked
-    runs = {e["name"]: draws.verdict_runs(e["name"], seeds, ctx.draws) for e in entries}
+    runs = {e["name"]: draws.verdict_runs(e["name"], seeds, e["raw"]) for e in entries}
     for entry in entries:
         entry["runs"] = [str(root / "verdict" / name) for _, _, name in runs[entry["name"]]]
     jobs = [
         (
-            draws.on_draw(entry["raw"], d) if ctx.draws > 1 else entry["raw"],
+            draws.on_draw(entry["raw"], d),
             s,
             root / "verdict" / name,
-            _tracked(root, ctx, entry, s),
+            tracker(ctx, root, {"verdict": entry["name"], "family": entry["family"], "seed": s}),
         )  # fmt: skip
         for entry in entries
         for s, d, name in runs[entry["name"]]
