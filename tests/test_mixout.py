@@ -24,6 +24,7 @@ from .refusal import refused
 from .test_l2sp import _overrides  # the same tiny runs
 from .test_resume import _killed, _steps
 from .test_resume import _train as _cli_train
+from .test_token_classification import tagged_sentences, write_conll
 
 P = 0.6
 BERT_LINEARS = (
@@ -207,6 +208,27 @@ def test_lora_with_a_kept_block_trains_exactly_what_it_did_and_mixes_toward_the_
 def test_nothing_pretrained_training_is_refused_before_the_run_dir(tiny_bert, sentiment_csv, tmp_path, extra):
     args = ["train", *_overrides(tiny_bert, sentiment_csv, tmp_path, f"mixout.p={P}", *extra)]
     refused(args, tmp_path / "runs", "mixout: found no Linear layer whose pretrained weight trains")
+
+
+def test_bitfit_mixes_bert_s_pooler_and_a_token_classifier_with_no_pretrained_head_is_refused(
+    tiny_bert, sentiment_csv, tmp_path
+):
+    """BitFit keeps [bias, head]: under a sequence classifier the head holds BERT's pooler, a
+    pretrained Linear layer, which is mixed; a token classifier's head is its new classifier alone,
+    so nothing would be mixed: refused on the model's facts before the run dir (a search reads the
+    same facts from the config and never draws mixout there)."""
+    assert (
+        _mixed(tiny_bert, sentiment_csv, tmp_path, f"mixout.p={P}", "freeze.trainable=[bias, head]") == POOLER
+    )
+    conll = write_conll(tmp_path / "ner.conll", tagged_sentences(40))
+    extra = ["task=token_classification", f"mixout.p={P}", "freeze.trainable=[bias, head]"]
+    args = ["train", *_overrides(tiny_bert, str(conll), tmp_path, *extra)]
+    refused(
+        args,
+        tmp_path / "runs",
+        "mixout: found freeze.trainable ['bias', 'head'] on model",
+        "no pretrained Linear",
+    )
 
 
 def test_the_state_dict_keys_are_plain_transformers(tiny_bert, sentiment_csv, tmp_path):

@@ -23,6 +23,7 @@ from hybridtune.search.space import Space, recipe_dict
 
 from . import head_l2
 from .test_l2sp import _overrides  # the same tiny runs
+from .test_token_classification import tagged_sentences, write_conll
 
 SEARCH = {"alpha": {"low": 0.01, "high": 1.0, "log": True}}
 
@@ -239,5 +240,39 @@ def test_the_search_judges_the_model_on_the_facts_the_run_sees(request, model, s
     (run.prepare), so a part's `model_check` answers a trial as it answers the run."""
     path = request.getfixturevalue(model)
     prepared = api.prepare(load_recipe(None, _overrides(path, sentiment_csv, tmp_path)))
-    assert model_facts(path) == facts_of(prepared.model)
+    assert model_facts(path) == facts_of(prepared.model, prepared.build.new_params)
     assert (model_facts(path).dropout > 0) == (model != "still_bert")
+    # the head's pretrained Linear layers: BERT's pooler (the checkpoint has it); GPT-2's score is new
+    assert model_facts(path).head_linear == (() if model == "tiny_gpt2" else ("bert.pooler.dense",))
+
+
+def test_the_facts_are_the_task_s_model_s(tiny_bert, tiny_bert_mlm, tiny_gpt2, tmp_path):
+    """Built as the task builds it: a token classifier has no pooler, a masked LM's prediction head
+    has a pretrained transform and a decoder tied to the embeddings, a causal LM's lm_head is tied."""
+    assert model_facts(tiny_bert, "token_classification").head_linear == ()
+    assert model_facts(tiny_bert_mlm, "prompt_classification").head_linear == (
+        "cls.predictions.transform.dense",
+    )
+    assert model_facts(tiny_gpt2, "causal_lm").head_linear == ()
+    assert model_facts(tiny_bert, "token_classification").blocks == model_facts(tiny_bert).blocks == 2
+
+
+def test_bitfit_and_mixout_are_drawn_together_only_where_the_head_has_a_pretrained_linear(
+    tiny_bert6, sentiment_csv, tmp_path
+):
+    """BitFit trains [bias, head]: with mixout, a sequence classifier mixes BERT's pooler; a token
+    classifier's head is its new classifier, nothing to mix, so its BitFit trials never draw mixout
+    (they once did, and failed as trials)."""
+    conll = write_conll(tmp_path / "ner.conll", tagged_sentences(40))
+    families, parts = {"bitfit": {}, "full": {}}, {"mixout": {"p": [0.1, 0.7]}}
+    for data, task, bitfit_mixes in (
+        (sentiment_csv, "classification", True),
+        (str(conll), "token_classification", False),
+    ):
+        ctx = _context(tmp_path, tiny_bert6, data, families, parts, task=task)
+        drawn = {(family, shared["parts"].get("mixout") is not None) for family, _, shared, _ in _draw(ctx)}
+        assert (
+            (("bitfit", True) in drawn) == bitfit_mixes
+            and ("full", True) in drawn
+            and ("bitfit", False) in drawn
+        )

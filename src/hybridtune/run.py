@@ -81,7 +81,7 @@ def prepare(recipe: Recipe) -> Prepared:
     model, new_params = task.load_model(path, tokenizer, labels)
     model = strategy.reshape(model, recipe)  # e.g. distill's bottom k blocks, before the anatomy maps it
     # what the parts refuse of this model (R-Drop without dropout), judged on the facts a search has too
-    strategy.model_check(recipe, facts_of(model))
+    strategy.model_check(recipe, facts_of(model, new_params))
     if recipe.train.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise UserError(
             "train.gradient_checkpointing",

@@ -1,5 +1,5 @@
 """What can be known of a model before any strategy part applies: its depth, a block's linear layers,
-its dropout. `hybridtune search` reads them from the model's config alone (the model built on the
+its dropout, its head's pretrained linear layers. `hybridtune search` reads them from the model's config alone (the model built on the
 meta device, no weights loaded: search/setup.py); run.prepare from the loaded model. Both with
 `facts_of`, so a part's `model_check` (strategy/base.py) judges a trial's recipe at search time as
 the run would judge it.
@@ -7,9 +7,11 @@ the run would judge it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from hybridtune.model.anatomy import Anatomy, unwrap
 
@@ -21,6 +23,9 @@ class ModelFacts:
     blocks: int  # the number of transformer blocks (Anatomy.num_blocks)
     linear: tuple[str, ...] = ()  # a block's nn.Linear layers, named relative to the block
     dropout: float = 0.0  # the largest dropout probability (dropout_rates); 0: none anywhere
+    # the head slot's Linear layers with a pretrained weight of their own: BERT's pooler, an untied
+    # lm_head; not a new classifier, not an lm_head tied to the embeddings (model/anatomy.py's slots)
+    head_linear: tuple[str, ...] = ()
 
 
 def dropout_rates(model: nn.Module) -> dict[str, float]:
@@ -35,9 +40,20 @@ def dropout_rates(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def facts_of(model: nn.Module) -> ModelFacts:
-    """The facts of a model (a plain transformers one, on any device, the meta device included)."""
+def facts_of(model: nn.Module, new: Collection[str] = ()) -> ModelFacts:
+    """The facts of a model (a plain transformers one, on any device, the meta device included);
+    `new`: the names of its parameters the checkpoint did not have (a new classifier)."""
     anatomy = Anatomy.of(model)
-    block = unwrap(model).get_submodule(f"{anatomy.blocks_path}.0")
+    plain = unwrap(model)
+    block = plain.get_submodule(f"{anatomy.blocks_path}.0")
     linear = tuple(name for name, m in block.named_modules() if isinstance(m, nn.Linear))
-    return ModelFacts(anatomy.num_blocks, linear, max(dropout_rates(model).values(), default=0.0))
+    tied = {id(m.weight) for m in plain.modules() if isinstance(m, nn.Embedding)}
+    head = tuple(
+        name
+        for name, m in plain.named_modules()
+        if isinstance(m, (nn.Linear, Conv1D))
+        and anatomy.slot_of(f"{name}.weight") == "head"
+        and f"{name}.weight" not in new
+        and id(m.weight) not in tied
+    )
+    return ModelFacts(anatomy.num_blocks, linear, max(dropout_rates(model).values(), default=0.0), head)

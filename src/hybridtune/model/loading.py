@@ -170,3 +170,48 @@ def load_model(auto_class: Any, path: str, tokenizer, where: str = WHERE, **kwar
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def lm_class(model_type: str | None):
+    """The LM class of an architecture with its pretrained head: masked LM if it has one, else causal."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return AutoModelForMaskedLM if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else AutoModelForCausalLM
+
+
+def checkpoint_keys(path: str) -> set[str] | None:
+    """The tensor names a model dir's checkpoint holds, read from its headers alone (safetensors, its
+    shard index, or a torch pickle mapped onto the meta device); None when there is no such file."""
+    folder = Path(path)
+    index = next((folder / f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                  if (folder / f).is_file()), None)  # fmt: skip
+    if index is not None:
+        import json
+
+        return set(json.loads(index.read_text())["weight_map"])
+    if (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return set(f.keys())
+    if (folder / "pytorch_model.bin").is_file():
+        import torch
+
+        return set(
+            torch.load(folder / "pytorch_model.bin", map_location="meta", weights_only=True, mmap=True)
+        )
+    return None
+
+
+def new_parameters(model: Any, keys: set[str] | None) -> set[str]:
+    """The names of `model`'s parameters a checkpoint holding `keys` does not have, found as
+    transformers finds them (with or without the base model's prefix); none when `keys` is None."""
+    if keys is None:
+        return set()
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    return {
+        n
+        for n, _ in model.named_parameters()
+        if n not in keys and n.removeprefix(prefix) not in keys and prefix + n not in keys
+    }

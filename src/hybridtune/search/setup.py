@@ -202,16 +202,23 @@ def base_recipe(space: Space, origin: str) -> dict:
     return raw
 
 
-def model_facts(model_name: str) -> ModelFacts:
-    """The model's facts (its number of blocks, a block's linear layers, its dropout: model/facts.py)
-    from its config alone: the model is built on the meta device, no weights loaded."""
+def model_facts(model_name: str, task: str = "classification") -> ModelFacts:
+    """The facts of the task's model (model/facts.py: its number of blocks, a block's linear layers,
+    its dropout, its head's pretrained linear layers) from its config and its checkpoint's tensor
+    names alone: the task's model class (its spec's `auto_model`; the LM for one without) is built on
+    the meta device, no weights loaded."""
     import torch
-    from transformers import AutoConfig, AutoModel
+    import transformers
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(resolve_model(model_name))
+    from hybridtune.model.loading import checkpoint_keys, lm_class, new_parameters
+
+    path = resolve_model(model_name)
+    config = AutoConfig.from_pretrained(path)
+    auto = tasks.spec(task).auto_model
     with torch.device("meta"):
-        model = AutoModel.from_config(config)
-    return facts_of(model)
+        model = (getattr(transformers, auto) if auto else lm_class(config.model_type)).from_config(config)
+    return facts_of(model, new_parameters(model, checkpoint_keys(path)))
 
 
 def resolve(space: Space, origin: str) -> Context:
@@ -245,7 +252,7 @@ def resolve(space: Space, origin: str) -> Context:
         base=raw,
         task=recipe.task,
         metric=metric,
-        facts=model_facts(recipe.model.name),
+        facts=model_facts(recipe.model.name, recipe.task),
         n_train=len(splits.train),
         seed=recipe.train.seed,
         explicit_eval_steps=bool((raw.get("train") or {}).get("eval_steps")),

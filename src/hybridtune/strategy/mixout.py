@@ -43,6 +43,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hybridtune.errors import UserError
+from hybridtune.model.facts import ModelFacts
 from hybridtune.strategy.base import Part
 from hybridtune.strategy.l2sp import trained_pretrained
 
@@ -144,11 +145,39 @@ def check(config: MixoutConfig, recipe) -> None:
         raise ValueError(f"mixout: found {NOTHING}; expected {EXPECTED}")
 
 
+# selectors that hold no Linear weight outside the head on any model (model/anatomy.py's slots);
+# embeddings may (ALBERT's projection), and a block selector does
+NO_LINEAR = ("none", "bias", "norms", "final_norm", "head")
+
+
+def model_check(config: MixoutConfig, recipe, facts: ModelFacts) -> None:
+    """Refused on the model's facts: a `freeze.trainable` of only selectors without Linear weights
+    (BitFit's [bias, head]) on a model whose head has no pretrained Linear layer (a token
+    classifier's new classifier; a sequence classifier has BERT's pooler) mixes nothing."""
+    freeze = recipe.freeze
+    if freeze is None or freeze.trainable is None or freeze.spectrum is not None or recipe.stages is not None:
+        return
+    if recipe.peft is not None and recipe.peft.kwargs().get("modules_to_save"):
+        return
+    atoms = freeze.trainable
+    if any(not isinstance(a, str) or a not in NO_LINEAR for a in atoms) or (
+        "head" in atoms and facts.head_linear
+    ):
+        return
+    raise UserError(
+        "mixout",
+        f"freeze.trainable {atoms} on model {recipe.model.name!r}, whose head has no pretrained Linear "
+        "layer: no Linear weight that trains was pretrained",
+        EXPECTED,
+    )
+
+
 PART = Part(
     key="mixout",
     config=MixoutConfig,
     apply=apply,
     check=check,
+    model_check=model_check,
     # the paper's grid (0.1 ... 0.9; 0.7-0.9 best on small GLUE tasks)
     search={"p": [0.1, 0.3, 0.5, 0.7, 0.9]},
     summary="Mixout: in training, trained pretrained Linear weights take their pretrained value with "

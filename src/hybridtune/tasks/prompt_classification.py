@@ -58,19 +58,16 @@ class PromptTask:
 
     def load_model(self, path: str, tokenizer, labels):
         """The LM with its pretrained head: masked LM if the architecture has one, else causal LM."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
-        from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        from transformers import AutoConfig
 
+        from hybridtune.model.loading import lm_class
         from hybridtune.model.loading import load_model as load
 
         try:
             model_type = AutoConfig.from_pretrained(path).model_type
         except Exception:  # the loader below reports it with the recipe key
             model_type = None
-        auto = (
-            AutoModelForMaskedLM if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else AutoModelForCausalLM
-        )
-        model, new = load(auto, path, tokenizer)
+        model, new = load(lm_class(model_type), path, tokenizer)
         kind = prompt.kind_of(model)
         tokenizer.padding_side = "left" if kind == "causal" else "right"  # the answer follows the last token
         self.prompt_format = prompt.resolve(
