@@ -231,7 +231,9 @@ def test_every_family_samples_a_valid_conditional_recipe():
 
     space = Space()  # the default space: every family and every part declaring `search`
     linear = ("attention.self.query", "attention.self.value", "intermediate.dense", "output.dense")
-    facts = ModelFacts(blocks=6, linear=linear, dropout=0.1)  # a MiniLM-like model
+    facts = ModelFacts(
+        blocks=6, linear=linear, dropout=0.1, head_linear=("bert.pooler.dense",)
+    )  # MiniLM-like
     ctx = Context(space, "default space", {}, "classification", "accuracy", facts, 1000, 42, False)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen, parts = set(), set()
