@@ -1,8 +1,8 @@
 """What can be known of a model before any strategy part applies: its depth, a block's linear layers,
-its dropout, its head's pretrained linear layers. `hybridtune search` reads them from the model's config alone (the model built on the
-meta device, no weights loaded: search/setup.py); run.prepare from the loaded model. Both with
-`facts_of`, so a part's `model_check` (strategy/base.py) judges a trial's recipe at search time as
-the run would judge it.
+its dropout, its head's pretrained linear layers. `hybridtune search` reads them from the model's
+config and its checkpoint's tensor names (the task's model built on the meta device, no weights
+loaded: search/setup.py); run.prepare from the loaded model. Both with `facts_of`, so a part's
+`model_check` (strategy/base.py) judges a trial's recipe at search time as the run would judge it.
 """
 
 from __future__ import annotations

@@ -182,8 +182,15 @@ def lm_class(model_type: str | None):
 
 def checkpoint_keys(path: str) -> set[str] | None:
     """The tensor names a model dir's checkpoint holds, read from its headers alone (safetensors, its
-    shard index, or a torch pickle mapped onto the meta device); None when there is no such file."""
-    folder = Path(path)
+    shard index, or a torch pickle mapped onto the meta device); None when there is no such file or it
+    cannot be read (loading the model reports that, by the recipe key)."""
+    try:
+        return _checkpoint_keys(Path(path))
+    except Exception:  # a damaged or foreign file: unknown here
+        return None
+
+
+def _checkpoint_keys(folder: Path) -> set[str] | None:
     index = next((folder / f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
                   if (folder / f).is_file()), None)  # fmt: skip
     if index is not None:
