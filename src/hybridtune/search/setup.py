@@ -208,16 +208,16 @@ def model_facts(model_name: str, task: str = "classification") -> ModelFacts:
     names alone: the task's model class (its spec's `auto_model`; the LM for one without) is built on
     the meta device, no weights loaded."""
     import torch
-    import transformers
     from transformers import AutoConfig
 
+    from hybridtune.inference import auto_class
     from hybridtune.model.loading import checkpoint_keys, lm_class, new_parameters
 
     path = resolve_model(model_name)
     config = AutoConfig.from_pretrained(path)
-    auto = tasks.spec(task).auto_model
+    auto = auto_class(task, "task") if tasks.spec(task).auto_model else lm_class(config.model_type)
     with torch.device("meta"):
-        model = (getattr(transformers, auto) if auto else lm_class(config.model_type)).from_config(config)
+        model = auto.from_config(config)
     return facts_of(model, new_parameters(model, checkpoint_keys(path)))
 
 
