@@ -237,7 +237,12 @@ def test_every_family_samples_a_valid_conditional_recipe():
     ctx = Context(space, "default space", {}, "classification", "accuracy", facts, 1000, 42, False)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen, parts = set(), set()
-    for _ in range(60):
+    wanted = {("full", "layer_sampling"), ("full", "mixout")}
+    # at least 60 random draws, then on until every family and the wanted parts have come up (the cap
+    # only bounds the loop): the test does not depend on one seed's exact draw order
+    for i in range(400):
+        if i >= 60 and seen == set(FAMILIES) and wanted <= parts:
+            break
         trial = study.ask()
         family, values, shared = sample_trial(ctx, trial)
         seen.add(family)
@@ -250,8 +255,8 @@ def test_every_family_samples_a_valid_conditional_recipe():
         strategy.model_check(recipe, facts)
         study.tell(trial, 0.5)
     assert seen == set(FAMILIES)
-    assert ("full", "layer_sampling") in parts and ("staged", "layer_sampling") not in parts
-    assert ("full", "mixout") in parts and not {("lora", "mixout"), ("adapters", "mixout")} & parts
+    assert wanted <= parts and ("staged", "layer_sampling") not in parts
+    assert not {("lora", "mixout"), ("adapters", "mixout")} & parts
 
 
 def test_plot_labels_never_overlap():

@@ -257,6 +257,24 @@ def test_the_facts_are_the_task_s_model_s(tiny_bert, tiny_bert_mlm, tiny_gpt2, t
     assert model_facts(tiny_bert, "token_classification").blocks == model_facts(tiny_bert).blocks == 2
 
 
+def test_the_facts_of_a_damaged_checkpoint_come_from_its_config(tiny_bert, sentiment_csv, tmp_path):
+    """A checkpoint transformers cannot read: the facts still come (from the config; no parameter known
+    to be new, so no part is refused for it), and loading the model for the run is what reports it,
+    by the recipe key."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    facts = model_facts(str(broken))
+    good = model_facts(tiny_bert)
+    assert (facts.blocks, facts.linear, facts.dropout) == (good.blocks, good.linear, good.dropout)
+    assert facts.head_linear == ("bert.pooler.dense", "classifier")  # the classifier not known as new
+    assert good.head_linear == ("bert.pooler.dense",)
+    with pytest.raises(UserError, match="could not be loaded"):
+        api.prepare(load_recipe(None, _overrides(str(broken), sentiment_csv, tmp_path)))
+
+
 def test_bitfit_and_mixout_are_drawn_together_only_where_the_head_has_a_pretrained_linear(
     tiny_bert6, sentiment_csv, tmp_path
 ):

@@ -180,45 +180,19 @@ def lm_class(model_type: str | None):
     return AutoModelForMaskedLM if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES else AutoModelForCausalLM
 
 
-def checkpoint_keys(path: str) -> set[str] | None:
-    """The tensor names a model dir's checkpoint holds, read from its headers alone (safetensors, its
-    shard index, or a torch pickle mapped onto the meta device); None when there is no such file or it
-    cannot be read (loading the model reports that, by the recipe key)."""
+def meta_model(auto_class: Any, path: str) -> tuple[Any, set[str]]:
+    """(`auto_class`'s model of the checkpoint at `path` on the meta device, the names of its
+    parameters the checkpoint does not have): transformers' own loading report (`missing_keys`, with
+    its key renamings, base-model prefix and tied weights), no tensor read. A checkpoint that cannot be
+    loaded gives the model from its config and no names: loading it for the run reports that, by the
+    recipe key."""
+    import torch
+    from transformers import AutoConfig
+
+    _quiet_transformers()
     try:
-        return _checkpoint_keys(Path(path))
+        model, info = auto_class.from_pretrained(path, device_map="meta", output_loading_info=True)
+        return model, set(info.get("missing_keys", ()))
     except Exception:  # a damaged or foreign file: unknown here
-        return None
-
-
-def _checkpoint_keys(folder: Path) -> set[str] | None:
-    index = next((folder / f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-                  if (folder / f).is_file()), None)  # fmt: skip
-    if index is not None:
-        import json
-
-        return set(json.loads(index.read_text())["weight_map"])
-    if (folder / "model.safetensors").is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(folder / "model.safetensors"), "pt") as f:
-            return set(f.keys())
-    if (folder / "pytorch_model.bin").is_file():
-        import torch
-
-        return set(
-            torch.load(folder / "pytorch_model.bin", map_location="meta", weights_only=True, mmap=True)
-        )
-    return None
-
-
-def new_parameters(model: Any, keys: set[str] | None) -> set[str]:
-    """The names of `model`'s parameters a checkpoint holding `keys` does not have, found as
-    transformers finds them (with or without the base model's prefix); none when `keys` is None."""
-    if keys is None:
-        return set()
-    prefix = getattr(model, "base_model_prefix", "") + "."
-    return {
-        n
-        for n, _ in model.named_parameters()
-        if n not in keys and n.removeprefix(prefix) not in keys and prefix + n not in keys
-    }
+        with torch.device("meta"):
+            return auto_class.from_config(AutoConfig.from_pretrained(path)), set()

@@ -204,21 +204,20 @@ def base_recipe(space: Space, origin: str) -> dict:
 
 def model_facts(model_name: str, task: str = "classification") -> ModelFacts:
     """The facts of the task's model (model/facts.py: its number of blocks, a block's linear layers,
-    its dropout, its head's pretrained linear layers) from its config and its checkpoint's tensor
-    names alone: the task's model class (its spec's `auto_model`; the LM for one without) is built on
-    the meta device, no weights loaded."""
-    import torch
+    its dropout, its head's pretrained linear layers): the task's model class (its spec's
+    `auto_model`; the LM for one without) loaded on the meta device, its new parameters from
+    transformers' loading report, no weights read."""
     from transformers import AutoConfig
 
     from hybridtune.inference import auto_class
-    from hybridtune.model.loading import checkpoint_keys, lm_class, new_parameters
+    from hybridtune.model.loading import lm_class, meta_model
 
     path = resolve_model(model_name)
-    config = AutoConfig.from_pretrained(path)
-    auto = auto_class(task, "task") if tasks.spec(task).auto_model else lm_class(config.model_type)
-    with torch.device("meta"):
-        model = auto.from_config(config)
-    return facts_of(model, new_parameters(model, checkpoint_keys(path)))
+    if tasks.spec(task).auto_model:
+        auto = auto_class(task, "task")
+    else:
+        auto = lm_class(AutoConfig.from_pretrained(path).model_type)
+    return facts_of(*meta_model(auto, path))
 
 
 def resolve(space: Space, origin: str) -> Context:

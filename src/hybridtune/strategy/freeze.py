@@ -210,6 +210,20 @@ def blocks_at_most(config: FreezeConfig, num_blocks: int) -> set[int]:
     return picked
 
 
+# the named selectors that pick no Linear weight outside the head slot, on any model (model/anatomy.py's
+# slots); `embeddings` may (ALBERT's projection), `all`, a block selector and a pattern do
+NO_BODY_LINEAR = ("none", "bias", "norms", "final_norm", "head")
+
+
+def may_pick_linear(selector: list[str | dict], head_linear: bool) -> bool:
+    """Whether `selector` can pick a Linear layer's weight on a model, known from the selector alone
+    and whether the model's head slot holds a pretrained Linear layer (`ModelFacts.head_linear`:
+    BERT's pooler, an untied lm_head). BitFit's [bias, head] on a token classifier picks none."""
+    if any(not isinstance(atom, str) or atom not in NO_BODY_LINEAR for atom in selector):
+        return True
+    return "head" in selector and head_linear
+
+
 def select(model: nn.Module, anatomy, selector: list[str | dict], where: str) -> set[str]:
     """Names of the parameters of `model` picked by `selector` (a union of its atoms)."""
     names = [n for n, _ in model.named_parameters()]

@@ -45,6 +45,7 @@ from transformers.pytorch_utils import Conv1D
 from hybridtune.errors import UserError
 from hybridtune.model.facts import ModelFacts
 from hybridtune.strategy.base import Part
+from hybridtune.strategy.freeze import may_pick_linear
 from hybridtune.strategy.l2sp import trained_pretrained
 
 ATTR = "hybridtune_mixout"  # the Mixing on each mixed module (a plain attribute: no state-dict entry)
@@ -145,11 +146,6 @@ def check(config: MixoutConfig, recipe) -> None:
         raise ValueError(f"mixout: found {NOTHING}; expected {EXPECTED}")
 
 
-# selectors that hold no Linear weight outside the head on any model (model/anatomy.py's slots);
-# embeddings may (ALBERT's projection), and a block selector does
-NO_LINEAR = ("none", "bias", "norms", "final_norm", "head")
-
-
 def model_check(config: MixoutConfig, recipe, facts: ModelFacts) -> None:
     """Refused on the model's facts: a `freeze.trainable` of only selectors without Linear weights
     (BitFit's [bias, head]) on a model whose head has no pretrained Linear layer (a token
@@ -160,9 +156,7 @@ def model_check(config: MixoutConfig, recipe, facts: ModelFacts) -> None:
     if recipe.peft is not None and recipe.peft.kwargs().get("modules_to_save"):
         return
     atoms = freeze.trainable
-    if any(not isinstance(a, str) or a not in NO_LINEAR for a in atoms) or (
-        "head" in atoms and facts.head_linear
-    ):
+    if may_pick_linear(atoms, bool(facts.head_linear)):
         return
     raise UserError(
         "mixout",
