@@ -138,6 +138,24 @@ def test_members_with_other_labels_are_refused(members, tmp_path, tiny_bert):
     assert not (tmp_path / "e").exists()
 
 
+def test_runs_without_a_validation_split_are_refused_by_name(tmp_path, tiny_bert):
+    """Few-shot runs with `data.validation_shots: 0` (setfit.yaml's default): an ensemble, a soup and a
+    merge are weighed and reported on validation, so each says which run lacks it (exit 2, one line,
+    nothing written) instead of failing inside numpy."""
+    data = write_csv(tmp_path / "sentiment.csv", sentiment_rows(120))
+    few = ["data.shots=8", "data.validation_shots=0", "train.epochs=1"]
+    runs = [
+        api.train(load_recipe(None, _quick(tiny_bert, data, tmp_path / "runs", *few, f"train.seed={s}")))
+        for s in (1, 2)
+    ]
+    paths = [r["run_dir"] for r in runs]
+    for command in (["ensemble", *paths], ["soup", *paths]):
+        res = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "e")])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert paths[0] in res.output.replace("\n", "") and "no validation split" in res.output
+        assert not (tmp_path / "e").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # soups and merging
 

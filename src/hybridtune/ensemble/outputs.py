@@ -72,12 +72,22 @@ def check_same_labels(members: list[Member]) -> None:
             )
 
 
-def split_frames(member: Member, data: str | None = None) -> dict:
-    """The rows ensembles are scored on: the first member's validation and test splits, or `data`."""
+def split_frames(member: Member, data: str | None = None, validation: bool = True) -> dict:
+    """The rows ensembles are scored on: the first member's validation and test splits, or `data`.
+    Ensembles, soups and merges are weighed and reported on validation: a member trained without a
+    validation split (a few-shot run with `data.validation_shots: 0`, as setfit.yaml) is refused."""
     cfg, labels = member.loaded.recipe.data, member.labels
     if data is not None:
         return {"test": classification.eval_frame(data, cfg, labels)}
     splits = classification.load_splits(cfg)
+    if not validation:
+        return {"test": splits.test}
+    if len(splits.validation) == 0:
+        raise UserError(
+            str(member.path),
+            "a run with no validation split (data.validation_shots: 0)",
+            "runs with a validation split (ensembles, soups and merges are weighed and reported on it)",
+        )
     return {"validation": splits.validation, "test": splits.test}
 
 
@@ -242,7 +252,7 @@ class Ensemble:
 
     def evaluate(self, data: str | None = None) -> dict:
 
-        frame = split_frames(self.members[0], data)["test"]
+        frame = split_frames(self.members[0], data, validation=False)["test"]
         return full_report(y_true(frame, self.members[0]), np.log(self.probs(frame) + 1e-12), self.labels)
 
     def predict(self, texts: list[str], text_pairs: list[str] | None = None) -> list[dict]:
