@@ -19,7 +19,9 @@ the bundled all-MiniLM-L6-v2, no validation split (only the k labels per class a
 Each run is its own process (wall time measured from outside, model load included). Results: mean
 ± sd of test accuracy over the draws, wall seconds, per data set and k, to stdout (markdown) and
 to --out (JSON). "best" is picked on the test split, so it is optimistic by construction; the
-table shows every candidate so that nothing is hidden behind it.
+table shows every candidate so that nothing is hidden behind it. To confirm a pick without that
+bias, run it again on draws it was not picked on: `--first-draw 5 --draws 10` trains draws 5 .. 9
+(each draw's rows depend on its number only, not on how many draws there are: data/shots.py).
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ CANDIDATES = {
     # the recipe the few-shot search picked with 32 validation labels per class (docs/search.md,
     # "Few-shot data"): setfit.yaml with the contrastive lr at 4.5e-5 (SetFit's 2e-5)
     "hybridtune setfit lr 4.5e-5": ("setfit.yaml", ["contrastive.lr=4.5e-5"]),
+    # after SetFit's two stages, 10 epochs of the Trainer (lr 5e-5): the head alone on the tuned body,
+    # or end to end (the k = 8 search's second pick, docs/search.md "Few-shot data", was the former)
+    "hybridtune setfit then head": ("setfit.yaml", ["contrastive.then=head", "train.epochs=10"]),
+    "hybridtune setfit then all": ("setfit.yaml", ["contrastive.then=all", "train.epochs=10"]),
     # the regularisers of docs/strategies.md on plain full fine-tuning, at few labels (issue: do they
     # help where overfitting is the whole problem?), each at its example recipe's setting
     "hybridtune full+rdrop": ("few_shot_full.yaml", ["rdrop.alpha=1.0"]),
@@ -143,6 +149,7 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--shots", nargs="+", type=int, default=[8, 16, 64])
     ap.add_argument("--draws", type=int, default=5)
+    ap.add_argument("--first-draw", type=int, default=0, help="run draws FIRST .. draws-1 (fresh draws)")
     ap.add_argument("--setfit-python", help="python of an environment with setfit installed")
     ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     ap.add_argument("--max-test", type=int, help="score on the first N test rows only")
@@ -162,7 +169,7 @@ def main() -> None:
     from hybridtune.bundled import model_path
 
     model = model_path("bundled:minilm")
-    results: dict = {"machine": machine(), "draws": a.draws, "tables": []}
+    results: dict = {"machine": machine(), "draws": list(range(a.first_draw, a.draws)), "tables": []}
     lines = [f"machine: {results['machine']}", ""]
     root = Path(tempfile.mkdtemp(prefix="bench-fewshot-"))
     for name in a.datasets:
@@ -173,7 +180,7 @@ def main() -> None:
                 lines.append(f"{name} k={k}: skipped, the smallest class has {smallest} training rows")
                 continue
             sides: dict[str, list[dict]] = {}
-            for draw in range(a.draws):
+            for draw in range(a.first_draw, a.draws):
                 data = root / name / f"k{k}" / f"d{draw}"
                 n_classes = export_draw(source, k, a.draws, draw, data, a.max_test)
                 if a.setfit_python:
@@ -205,7 +212,8 @@ def main() -> None:
                     "vs_full": vs_full,
                 }
             )
-            lines += [f"## {name}, k = {k} per class ({n_classes} classes, {a.draws} draws)", ""]
+            numbers = f"draws {a.first_draw}-{a.draws - 1}" if a.first_draw else f"{a.draws} draws"
+            lines += [f"## {name}, k = {k} per class ({n_classes} classes, {numbers})", ""]
             lines += [
                 "| side | test accuracy % (mean ± sd) | paired Δ vs SetFit, pt (95 % CI) "
                 "| paired Δ vs hybridtune full | wall s per run |",

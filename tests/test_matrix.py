@@ -47,7 +47,7 @@ REFUSED = {
     # put a hidden layer in theirs)
     **{
         (n, e): "contrastive.head"
-        for n in ("setfit", "contrastive_lora_top", "linear_probe")
+        for n in ("setfit", "setfit_then_all", "contrastive_lora_top", "linear_probe")
         for e in ("roberta", "distilbert", "mpnet")
     },
     # R-Drop's two passes differ only by their dropout masks; Llama's config sets every dropout to 0
