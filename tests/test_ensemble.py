@@ -145,7 +145,11 @@ def test_runs_without_a_validation_split_are_refused_by_name(tmp_path, tiny_bert
     data = write_csv(tmp_path / "sentiment.csv", sentiment_rows(120))
     few = ["data.shots=8", "data.validation_shots=0", "train.epochs=1"]
     runs = [
-        api.train(load_recipe(None, _quick(tiny_bert, data, tmp_path / "runs", *few, f"train.seed={s}")))
+        api.train(
+            load_recipe(
+                None, _quick(tiny_bert, data, tmp_path / "runs", *few, f"train.seed={s}", f"output.name=s{s}")
+            )
+        )
         for s in (1, 2)
     ]
     paths = [r["run_dir"] for r in runs]
