@@ -60,6 +60,20 @@ def test_the_distill_command_trains_and_compares(teacher_run, tmp_path):
     )
 
 
+def test_a_student_recipe_needs_no_teacher_of_its_own(teacher_run, tmp_path):
+    """RECIPE's distill section gives the temperature and alpha; the teacher is the command's."""
+    recipe = tmp_path / "student.yaml"
+    recipe.write_text("distill:\n  temperature: 3.0\n  alpha: 0.7\ntrain:\n  max_steps: 2\n")
+    out = tmp_path / "runs"
+    args = ["distill", str(teacher_run), "--blocks", "1", str(recipe), f"output.dir={out}", "--repeats", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output[-2000:], result.exception)
+    (run,) = out.iterdir()
+    section = load_recipe(run / "recipe.yaml").distill
+    assert (section.teacher, section.temperature, section.alpha) == (str(teacher_run), 3.0, 0.7)
+    assert json.loads((run / "report.json").read_text())["steps"] == 2
+
+
 # --------------------------------------------------------------------------------------------------
 # bad input: exit 2, one line, nothing written
 

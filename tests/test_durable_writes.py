@@ -177,3 +177,17 @@ def test_a_new_run_over_an_interrupted_one_says_what_to_do(tmp_path):
     with pytest.raises(UserError) as e:
         rundir.new_run_dir(run)
     assert "interrupted" in str(e.value) and "--clean interrupted" in str(e.value)
+
+
+def test_default_run_names_of_one_second_get_a_number(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir.time, "strftime", lambda _: "20261205-093000")  # one second, three runs
+    made = []
+    for _ in range(3):
+        run = rundir.run_dir_path(str(tmp_path), None, "full")
+        rundir.new_run_dir(run).release()
+        made.append(run.name)
+    assert made == ["full-20261205-093000", "full-20261205-093000-2", "full-20261205-093000-3"]
+    assert rundir.run_dir_path(str(tmp_path), "mine", "full") == tmp_path / "mine"  # a given name as is
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError, match="already exists"):  # and never renumbered
+        rundir.new_run_dir(rundir.run_dir_path(str(tmp_path), "mine", "full"))

@@ -306,6 +306,8 @@ def test_plot_labels_never_overlap():
         ({"verdict": {"top": 1, "confirm": -1}}, [], ["verdict.confirm", "-1", "greater than or equal to 0"]),
         ({}, ["verdict.confirm_seeds=0"], ["verdict.confirm_seeds", "greater than or equal to 1"]),
         ({"pruner": "hyperband", "prune_among": "same_length"}, [], ["prune_among", "hyperband"]),
+        ({"pruner": "median", "reduction_factor": 4}, [], ["reduction_factor", "median"]),
+        ({"reduction_factor": 1}, [], ["reduction_factor", "greater than or equal to 2"]),
     ],
 )
 def test_bad_input_exits_2_before_writing(tmp_path, tiny_bert, sentiment_csv, extra, args, words):

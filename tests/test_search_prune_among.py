@@ -77,3 +77,22 @@ def test_the_default_and_its_refusal():
     for pruner in ("hyperband", "none"):
         with pytest.raises(ValidationError, match="prune_among: found same_length with pruner " + pruner):
             Space(pruner=pruner, prune_among="same_length")
+
+
+def test_the_reduction_factor_sets_the_rungs_and_stays_out_of_old_identities():
+    """`reduction_factor: f`: a rung keeps the best 1/f. Four trials of one length at the first rung:
+    with f = 2 the second best passes, with f = 4 only the best does."""
+    from types import SimpleNamespace
+
+    from hybridtune.search.study import pruner_for
+
+    for f, second_passes in ((2, True), (4, False)):
+        ctx = SimpleNamespace(space=Space(reduction_factor=f), max_evaluations=4)
+        study = optuna.create_study(direction="maximize", pruner=pruner_for(ctx))
+        for value in (0.60, 0.70, 0.80):  # each the best so far: each passes
+            study.tell(_reported(study, 4, [value, 0.8, 0.8, 0.8]), 0.8)
+        assert _reported(study, 4, [0.75]).should_prune() is not second_passes
+    assert "reduction_factor" not in Space().identity()  # a search dir made before the key resumes
+    assert Space(reduction_factor=3).identity()["reduction_factor"] == 3
+    with pytest.raises(ValidationError, match="reduction_factor: found 3 with pruner median"):
+        Space(pruner="median", reduction_factor=3)

@@ -29,7 +29,7 @@ from hybridtune import inference, rundir
 from hybridtune.errors import UserError
 from hybridtune.export import merged_for_inference
 from hybridtune.model.loading import resolve
-from hybridtune.recipe import Recipe, apply_override, load_recipe, validate_recipe
+from hybridtune.recipe import Recipe, apply_override, load_recipe, read_recipe, validate_recipe
 
 RESULT = "distill.json"  # in the student's run dir; report.json gets it too, as "distillation"
 WEIGHTS = (".safetensors", ".bin", ".pt")
@@ -63,7 +63,7 @@ def student_recipe(
     if recipe is None:
         raw = {**theirs, "name": f"distill-{theirs['name']}", "ensemble": None}
     else:
-        raw = load_recipe(recipe).model_dump(mode="json")
+        raw = read_recipe(recipe)  # validated once completed: its distill section needs no teacher
     raw["task"], raw["data"] = theirs["task"], theirs["data"]
     if student is not None:
         raw["model"] = {"name": student}
@@ -78,7 +78,7 @@ def student_recipe(
     raw["distill"] = section
     for item in overrides:
         apply_override(raw, item)
-    out = validate_recipe(raw, "distill")
+    out = validate_recipe(raw, recipe or "distill")
     if out.ensemble is not None:
         raise UserError("ensemble", "an ensemble recipe", "one student (distil each member on its own)")
     return out

@@ -46,7 +46,16 @@ def shared_dir() -> Path | None:
 
 
 def run_dir_path(out_dir: str, name: str | None, recipe_name: str) -> Path:
-    return Path(out_dir) / (name or f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """`output.name`, or by default `<recipe name>-<date>-<time>`: with `-2`, `-3`, ... after it when a
+    run of that second is already there (runs started one after the other within a second)."""
+    if name:
+        return Path(out_dir) / name
+    stem = Path(out_dir) / f"{recipe_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run, n = stem, 1
+    while run.exists():
+        n += 1
+        run = stem.with_name(f"{stem.name}-{n}")
+    return run
 
 
 def new_run_dir(run: Path) -> durable.DirLock:

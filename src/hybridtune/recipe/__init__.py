@@ -7,7 +7,7 @@ load.py      YAML file -> Recipe: overrides, validation, no inf / nan; recipe_to
 errors.py    the messages, derived from pydantic's errors (key path, found, expected)
 """
 
-from hybridtune.recipe.load import apply_override, load_recipe, recipe_to_yaml, validate_recipe
+from hybridtune.recipe.load import apply_override, load_recipe, read_recipe, recipe_to_yaml, validate_recipe
 from hybridtune.recipe.schema import Recipe, recipe_model
 from hybridtune.recipe.sections import (
     SEED_MAX,
@@ -32,6 +32,7 @@ __all__ = [
     "TrainConfig",
     "apply_override",
     "load_recipe",
+    "read_recipe",
     "recipe_model",
     "recipe_to_yaml",
     "validate_recipe",

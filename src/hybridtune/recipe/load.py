@@ -18,30 +18,32 @@ from hybridtune.recipe.schema import Recipe, recipe_model
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe (or the default when `path` is None), apply `key.path=value` overrides, validate."""
-    origin = str(path) if path else "default recipe"
-    raw: Any = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(str(path), "no such file", "a recipe YAML file")
-        try:
-            text = p.read_text(encoding="utf-8-sig")
-            raw = safe_yaml.load(text) or {}
-        except UnicodeDecodeError as e:
-            raise UserError(
-                str(path), f"bytes that are not UTF-8 ({e.reason})", "a UTF-8 text file"
-            ) from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
-                where = f"{path}:{text.count(chr(10), 0, e.position) + 1}"
-            raise UserError(where, f"invalid YAML ({getattr(e, 'problem', e)})", "a YAML mapping") from None
-        if not isinstance(raw, dict):
-            raise UserError(str(path), f"a YAML {type(raw).__name__}", "a mapping of recipe keys")
+    raw = read_recipe(path) if path is not None else {}
     for item in overrides or []:
         apply_override(raw, item)
-    return validate_recipe(raw, origin)
+    return validate_recipe(raw, str(path) if path else "default recipe")
+
+
+def read_recipe(path: str | Path) -> dict:
+    """A recipe file's mapping as written, not yet validated (for a caller that completes it first, as
+    `hybridtune distill` names the teacher); a UserError naming the file (and line) if it is none."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(str(path), "no such file", "a recipe YAML file")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+        raw: Any = safe_yaml.load(text) or {}
+    except UnicodeDecodeError as e:
+        raise UserError(str(path), f"bytes that are not UTF-8 ({e.reason})", "a UTF-8 text file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow
+            where = f"{path}:{text.count(chr(10), 0, e.position) + 1}"
+        raise UserError(where, f"invalid YAML ({getattr(e, 'problem', e)})", "a YAML mapping") from None
+    if not isinstance(raw, dict):
+        raise UserError(str(path), f"a YAML {type(raw).__name__}", "a mapping of recipe keys")
+    return raw
 
 
 def apply_override(raw: dict, item: str) -> None:

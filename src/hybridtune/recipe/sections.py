@@ -304,7 +304,9 @@ class TrainConfig(Section):
 class OutputConfig(Section):
     dir: str = "runs"
     name: str | None = Field(
-        None, description="run dir name, inside `dir` (default: <recipe name>-<timestamp>)"
+        None,
+        description="run dir name, inside `dir` (default: <recipe name>-<timestamp>, then -2, -3, ... "
+        "for later runs of the same second)",
     )
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (the best is always kept)")
 

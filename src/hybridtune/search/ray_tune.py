@@ -269,14 +269,14 @@ def run_trials(
         mode=modes[0] if single else modes, sampler=sampler, study_name=ctx.space.name, storage=storage,
     )  # fmt: skip
     if single and ctx.space.pruner != "none":
-        # rungs at evaluations 1, 2, 4, ... below `evaluations` (reduction factor 2, as the local
+        # rungs at evaluations 1, f, f², ... below `evaluations` (f = reduction_factor, as the local
         # successive halving); a trial that reaches evaluation `evaluations` is not stopped by ASHA
         # (`stop_last_trials`): a trial of the fewest epochs ends there, and ASHA stopping a run at
         # its last validation would lose its final report (the local pruning callback never prunes
         # there); a longer trial runs on unpruned past it
         scheduler = ASHAScheduler(
             time_attr="evaluation", metric="metric", mode=modes[0], max_t=ctx.space.evaluations,
-            grace_period=1, reduction_factor=2, stop_last_trials=False,
+            grace_period=1, reduction_factor=ctx.space.reduction_factor, stop_last_trials=False,
         )  # fmt: skip
     else:
         scheduler = FIFOScheduler()

@@ -120,6 +120,7 @@ OBJECTIVES = ("metric", "params", "time", "memory")
 PRUNERS = ("hyperband", "successive_halving", "median", "none")
 # the pruners study.py's SameLength can wrap (Hyperband's brackets are Optuna's own)
 BY_LENGTH = ("successive_halving", "median")
+WITH_RUNGS = ("successive_halving", "hyperband")  # the pruners whose rungs reduction_factor spaces
 # the keys a trial sets: a base that sets them contradicts the space
 SEARCHED = {"freeze", "peft", "adapters", "soft_prompt", "stages", "lr", "prompt", "fusion", "ensemble"}
 SEARCHED_TRAIN = {"lr", "epochs", "batch_size", "weight_decay", "max_steps"}
@@ -150,6 +151,13 @@ class Space(BaseModel):
     )
     sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
     pruner: Literal["hyperband", "successive_halving", "median", "none"] = "successive_halving"
+    reduction_factor: int = Field(
+        2,
+        ge=2,
+        description="successive halving, Hyperband and Ray's ASHA: rungs at evaluations 1, f, f², ... "
+        "and a rung keeps the best 1/f of the trials that reached it (Optuna's and Ray's own default "
+        "is 4; 2 prunes least)",
+    )
     prune_among: Literal["same_length", "all"] | None = Field(
         None,
         description="which trials a trial's rung is compared with: those planned to validate as often "
@@ -193,6 +201,11 @@ class Space(BaseModel):
                 f"prune_among: found same_length with pruner {self.pruner}; expected pruner "
                 "successive_halving or median (Hyperband's brackets are Optuna's own), or prune_among: all"
             )
+        if "reduction_factor" in self.model_fields_set and self.pruner not in WITH_RUNGS:
+            raise ValueError(
+                f"reduction_factor: found {self.reduction_factor} with pruner {self.pruner}; expected "
+                "pruner successive_halving or hyperband (the median pruner has no rungs), or no reduction_factor"
+            )
         if self.objectives[0] != "metric":
             self.objectives = ["metric", *[o for o in self.objectives if o != "metric"]]
         return self
@@ -227,6 +240,8 @@ class Space(BaseModel):
             del dump["start"]
         if dump["prune_among"] is None:  # the default: likewise
             del dump["prune_among"]
+        if dump["reduction_factor"] == 2:  # the default: likewise
+            del dump["reduction_factor"]
         return dump
 
 

@@ -59,17 +59,17 @@ def sampler_for(ctx: Context, parallel: bool = False):
 def pruner_for(ctx: Context):
     """Successive halving (ASHA, Li et al. 2020; the default) or Hyperband (Li et al. 2018) over the
     trial's evaluations, which come after the same amount of training in every trial (`finish`):
-    rung r holds the trials that reached evaluation r; the weak ones stop there.
-    Hyperband splits the trials into log2(evaluations) + 1 brackets, and its last bracket never
+    rungs at evaluations 1, f, f², ... (f = `reduction_factor`), each keeping the best 1/f.
+    Hyperband splits the trials into log_f(evaluations) + 1 brackets, and its last bracket never
     prunes: with the few trials a CPU budget allows, a trial learning nothing ran to its end there.
     `prune_among: same_length` (the default of successive halving and median): a trial is compared
     only with trials planned to validate as often as it (`SameLength`)."""
-    n = ctx.max_evaluations
+    n, f = ctx.max_evaluations, ctx.space.reduction_factor
     kind = ctx.space.pruner
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n, reduction_factor=2)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=n, reduction_factor=f)
     if kind == "successive_halving":
-        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=f)
     elif kind == "median":
         pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     else:
