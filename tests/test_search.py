@@ -308,6 +308,7 @@ def test_plot_labels_never_overlap():
         ({"pruner": "hyperband", "prune_among": "same_length"}, [], ["prune_among", "hyperband"]),
         ({"pruner": "median", "reduction_factor": 4}, [], ["reduction_factor", "median"]),
         ({"reduction_factor": 1}, [], ["reduction_factor", "greater than or equal to 2"]),
+        ({"pruner": "none", "draw_rungs": True}, [], ["draw_rungs", "pruner none"]),
     ],
 )
 def test_bad_input_exits_2_before_writing(tmp_path, tiny_bert, sentiment_csv, extra, args, words):

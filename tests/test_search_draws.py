@@ -105,6 +105,26 @@ def test_a_pruned_trial_trains_no_other_draw(tmp_path, tiny_bert, sentiment_csv)
     assert not (Path(weak["run_dir"]) / "draws").exists() and "draw_values" not in weak
 
 
+def test_a_rung_between_draws_stops_a_trial_that_validates_once_a_draw(tmp_path, tiny_bert, sentiment_csv):
+    """With one validation a draw (`evaluations: 1`, as a SetFit-like trial) no rung inside a draw can
+    stop a trial; `draw_rungs: true` stops trial 1 (lr 1e-7: learns nothing) after its first draw,
+    below trial 0 there: pruned, draws 1-2 never trained."""
+    space = _few_shot_space(
+        tmp_path / "space.yaml", tiny_bert, sentiment_csv,
+        families={"full": {"lr": [0.005, 1e-7]}}, metric="loss", pruner="successive_halving",
+        evaluations=1, draw_rungs=True, enqueue=[{"full.lr": 0.005}, {"full.lr": 1e-7}], verdict={"top": 0},
+        train={"epochs": 4.0, "batch_size": 4, "warmup": 0.0, "weight_decay": 0.0, "schedule": "linear"},
+    )  # fmt: skip
+    lines: list[str] = []
+    root = run_search(str(space), [], str(tmp_path / "out"), trials=2, threads=1, echo=lines.append)
+    good, weak = _trials(root)
+    assert good["state"] == "complete" and len(good["draw_values"]) == 3 and good["evaluations"] == 1
+    assert weak["state"] == "pruned" and weak["evaluations"] == 1, lines
+    assert weak["draw_values"] == [weak["value"]] and weak["value"] > good["draw_values"][0]
+    assert "after 1 of 3 draws" in weak["error"] and not (Path(weak["run_dir"]) / "draws").exists()
+    assert any("pruned after 1 draw," in line for line in lines), lines
+
+
 def test_a_few_shot_base_without_validation_is_refused(tmp_path, tiny_bert, sentiment_csv):
     refused_before_writing(
         tmp_path, tiny_bert, sentiment_csv,

@@ -97,6 +97,14 @@ def test_same_length_pruning_is_refused_on_ray(tmp_path, tiny_bert, sentiment_cs
     )
 
 
+def test_draw_rungs_are_refused_on_ray(tmp_path, tiny_bert, sentiment_csv):
+    """Rungs between draws compare the trials' means in the local study; Ray's trials cannot."""
+    args = ["--backend", "ray"]
+    refused_before_writing(
+        tmp_path, tiny_bert, sentiment_csv, args, ["draw_rungs", "--backend ray"], draw_rungs=True
+    )
+
+
 def test_ray_backend_without_ray_says_how_to_install(tmp_path, tiny_bert, sentiment_csv, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -158,6 +158,12 @@ class Space(BaseModel):
         "and a rung keeps the best 1/f of the trials that reached it (Optuna's and Ray's own default "
         "is 4; 2 prunes least)",
     )
+    draw_rungs: bool = Field(
+        False,
+        description="a few-shot base (data.draws n): rungs between draws too -- after 1, f, f², ... "
+        "draws (before the last) a trial goes on only if its mean over them is among the best 1/f of "
+        "the trials' means after as many draws (successive halving with draws as the resource)",
+    )
     prune_among: Literal["same_length", "all"] | None = Field(
         None,
         description="which trials a trial's rung is compared with: those planned to validate as often "
@@ -206,6 +212,11 @@ class Space(BaseModel):
                 f"reduction_factor: found {self.reduction_factor} with pruner {self.pruner}; expected "
                 "pruner successive_halving or hyperband (the median pruner has no rungs), or no reduction_factor"
             )
+        if self.draw_rungs and self.pruner not in WITH_RUNGS:
+            raise ValueError(
+                f"draw_rungs: found true with pruner {self.pruner}; expected pruner successive_halving "
+                "or hyperband (the rungs keep the best 1/reduction_factor), or draw_rungs: false"
+            )
         if self.objectives[0] != "metric":
             self.objectives = ["metric", *[o for o in self.objectives if o != "metric"]]
         return self
@@ -242,6 +253,8 @@ class Space(BaseModel):
             del dump["prune_among"]
         if dump["reduction_factor"] == 2:  # the default: likewise
             del dump["reduction_factor"]
+        if not dump["draw_rungs"]:  # the default: likewise
+            del dump["draw_rungs"]
         return dump
 
 

@@ -237,6 +237,12 @@ def run_search(
             "same_length with --backend ray",
             "prune_among: all (Ray's ASHA compares every trial at a rung) or --backend local",
         )
+    if backend == "ray" and ctx.space.draw_rungs:
+        raise UserError(
+            f"{ctx.origin}: draw_rungs",
+            "true with --backend ray",
+            "draw_rungs: false (Ray's ASHA has rungs within a run only) or --backend local",
+        )
     if seeds is not None:
         if seeds < 1:
             raise UserError("--seeds", str(seeds), "a number of seeds >= 1")

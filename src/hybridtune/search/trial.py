@@ -182,7 +182,8 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
             "epochs": summary["epochs"],
         }
         if state == "complete" and ctx.draws > 1:
-            state = other_draws(ctx, recipe, run, info, out, trial.number, family)
+            rungs = trial if ctx.space.draw_rungs and not multi and isinstance(trial, optuna.Trial) else None
+            state = other_draws(ctx, recipe, run, info, out, trial.number, family, rungs)
     info |= {
         "state": state,
         "evaluations": callback.evaluations,
@@ -196,15 +197,23 @@ def run_trial(ctx: Context, trial: optuna.Trial, out: Path, on_evaluation=None) 
     return state, info
 
 
-def other_draws(ctx: Context, recipe, run: Path, info: dict, out: Path, number: int, family: str) -> str:
-    """A few-shot trial that completed draw 0 trains draws 1 .. n-1 (search/draws.py), unpruned;
-    `info` gets their best validation scores (`draw_values`) and their mean as the trial's value.
+def other_draws(
+    ctx: Context, recipe, run: Path, info: dict, out: Path, number: int, family: str, rungs=None
+) -> str:
+    """A few-shot trial that completed draw 0 trains draws 1 .. n-1 (search/draws.py); `info` gets
+    their best validation scores (`draw_values`) and their mean as the trial's value. With `rungs`
+    (the Optuna trial, `draw_rungs: true`) a rung between draws may stop it (`draw_rung`): pruned.
     Returns the trial's state: failed when a draw failed (its error in `info`)."""
     from hybridtune import run as one_run
 
     values, seconds = [info["value"]], info["train_seconds"]
     raw = recipe.model_dump(mode="json", exclude_unset=False)
     for d in range(1, ctx.draws):
+        why = draw_rung(ctx, rungs, values) if rungs is not None else None
+        if why:
+            info |= {"draw_values": values, "value": sum(values) / len(values), "error": why}
+            info["train_seconds"] = round(seconds, 2)
+            return "pruned"
         target = draws.run_dir(run, d)
         tags = {"trial": number, "family": family, "draw": d}
         drawn, callbacks = fresh_run(
@@ -219,8 +228,40 @@ def other_draws(ctx: Context, recipe, run: Path, info: dict, out: Path, number: 
             shutil.rmtree(target / "checkpoints", ignore_errors=True)
         values.append(summary["best_validation"])
         seconds += summary["train_seconds"]
+    if rungs is not None:
+        draw_rung(ctx, rungs, values)  # the trial's mean after every draw, for the trials after it
     info |= {"draw_values": values, "value": sum(values) / len(values), "train_seconds": round(seconds, 2)}
     return "complete"
+
+
+DRAW_MEANS = "draw_means"  # a trial's user attribute: its mean validation score after 1, 2, ... draws
+
+
+def draw_rung(ctx: Context, trial: optuna.Trial, values: list[float]) -> str | None:
+    """After len(values) draws: the trial's mean over them is recorded (`draw_means`); at a rung — 1,
+    f, f², ... draws (f = reduction_factor), before the last draw — why the trial stops, or None.
+    Successive halving's rule, as Optuna's SuccessiveHalvingPruner applies it at a rung within a run:
+    among the means of every trial that reached this many draws, this one's included, it goes on when
+    among the best len // f (the best one while fewer than f have)."""
+    k, f = len(values), ctx.space.reduction_factor
+    means = [*trial.user_attrs.get(DRAW_MEANS, [])[: k - 1], sum(values) / k]
+    trial.set_user_attr(DRAW_MEANS, means)
+    if k >= ctx.draws or f ** round(math.log(k, f)) != k:
+        return None
+    others = [
+        t.user_attrs[DRAW_MEANS][k - 1]
+        for t in trial.study.get_trials(deepcopy=False)
+        if t.number != trial.number and len(t.user_attrs.get(DRAW_MEANS, [])) >= k
+    ]
+    maximize = ctx.space.directions(ctx.metric)[0] == "maximize"
+    competing = sorted([*others, means[-1]], reverse=maximize)
+    bar = competing[max(len(competing) // f, 1) - 1]
+    if (means[-1] >= bar) if maximize else (means[-1] <= bar):
+        return None
+    return (
+        f"stopped after {k} of {ctx.draws} draws: mean validation {ctx.metric} {means[-1]:.4f}, not among "
+        f"the best 1/{f} of {len(competing)} trials after as many draws (needed {bar:.4f}; draw_rungs)"
+    )
 
 
 def record(study, trial, ctx: Context, state: str, info: dict, count: str, echo, root: Path) -> None:
@@ -244,7 +285,9 @@ def record(study, trial, ctx: Context, state: str, info: dict, count: str, echo,
         )
     elif state == "pruned":
         study.tell(trial, state=TrialState.PRUNED)
-        echo(f"{head}: pruned at evaluation {info['evaluations']}, {info['seconds']:.1f} s")
+        n = len(info.get("draw_values", []))  # stopped at a rung between draws (draw_rungs)
+        at = f"after {n} draw{'s' * (n > 1)}" if n else f"at evaluation {info['evaluations']}"
+        echo(f"{head}: pruned {at}, {info['seconds']:.1f} s")
     else:
         study.tell(trial, state=TrialState.FAIL)
         echo(f"{head}: failed ({info.get('error', 'no value')})")
