@@ -206,14 +206,13 @@ def other_draws(
     Returns the trial's state: failed when a draw failed (its error in `info`)."""
     from hybridtune import run as one_run
 
-    values, seconds = [info["value"]], info["train_seconds"]
+    values, seconds, state = [info["value"]], info["train_seconds"], "complete"
     raw = recipe.model_dump(mode="json", exclude_unset=False)
     for d in range(1, ctx.draws):
         why = draw_rung(ctx, rungs, values) if rungs is not None else None
         if why:
-            info |= {"draw_values": values, "value": sum(values) / len(values), "error": why}
-            info["train_seconds"] = round(seconds, 2)
-            return "pruned"
+            info["error"], state = why, "pruned"
+            break
         target = draws.run_dir(run, d)
         tags = {"trial": number, "family": family, "draw": d}
         drawn, callbacks = fresh_run(
@@ -228,23 +227,24 @@ def other_draws(
             shutil.rmtree(target / "checkpoints", ignore_errors=True)
         values.append(summary["best_validation"])
         seconds += summary["train_seconds"]
-    if rungs is not None:
-        draw_rung(ctx, rungs, values)  # the trial's mean after every draw, for the trials after it
+    if state == "complete" and rungs is not None:
+        draw_rung(ctx, rungs, values)  # the trial's means after every draw, for the trials after it
     info |= {"draw_values": values, "value": sum(values) / len(values), "train_seconds": round(seconds, 2)}
-    return "complete"
+    return state
 
 
 DRAW_MEANS = "draw_means"  # a trial's user attribute: its mean validation score after 1, 2, ... draws
 
 
 def draw_rung(ctx: Context, trial: optuna.Trial, values: list[float]) -> str | None:
-    """After len(values) draws: the trial's mean over them is recorded (`draw_means`); at a rung — 1,
+    """After len(values) draws: the trial's means after 1 .. len(values) draws are recorded
+    (`draw_means`); at a rung — 1,
     f, f², ... draws (f = reduction_factor), before the last draw — why the trial stops, or None.
     Successive halving's rule, as Optuna's SuccessiveHalvingPruner applies it at a rung within a run:
     among the means of every trial that reached this many draws, this one's included, it goes on when
     among the best len // f (the best one while fewer than f have)."""
     k, f = len(values), ctx.space.reduction_factor
-    means = [*trial.user_attrs.get(DRAW_MEANS, [])[: k - 1], sum(values) / k]
+    means = [sum(values[:i]) / i for i in range(1, k + 1)]
     trial.set_user_attr(DRAW_MEANS, means)
     if k >= ctx.draws or f ** round(math.log(k, f)) != k:
         return None
