@@ -64,6 +64,12 @@ CANDIDATES = {
     # or end to end (the k = 8 search's second pick, docs/search.md "Few-shot data", was the former)
     "hybridtune setfit then head": ("setfit.yaml", ["contrastive.then=head", "train.epochs=10"]),
     "hybridtune setfit then all": ("setfit.yaml", ["contrastive.then=all", "train.epochs=10"]),
+    # the same at half SetFit's pairs (R 10): the contrastive stage is most of its time (at k = 64,
+    # 5,120 pairs, ~85 % of the training seconds), as the cheaper teacher of a student below
+    "hybridtune setfit then all R10": (
+        "setfit.yaml",
+        ["contrastive.then=all", "train.epochs=10", "contrastive.pairs=10"],
+    ),
     # the regularisers of docs/strategies.md on plain full fine-tuning, at few labels (issue: do they
     # help where overfitting is the whole problem?), each at its example recipe's setting
     "hybridtune full+rdrop": ("few_shot_full.yaml", ["rdrop.alpha=1.0"]),
@@ -82,6 +88,13 @@ DISTILLED = {
         "hybridtune setfit then all",
         "few_shot_full.yaml",
         ["train.epochs=2", "train.batch_size=32", "pooling.mode=mean", "distill.temperature=2.0",
+         "distill.alpha=0.5", "data.unlabeled=train_rest"],
+    ),
+    # teacher and student at about SetFit's time at k = 64: the teacher at R 10, the student 1 epoch
+    "hybridtune setfit then all R10 + distill 1 epoch": (
+        "hybridtune setfit then all R10",
+        "few_shot_full.yaml",
+        ["train.epochs=1", "train.batch_size=32", "pooling.mode=mean", "distill.temperature=2.0",
          "distill.alpha=0.5", "data.unlabeled=train_rest"],
     ),
 }  # fmt: skip
