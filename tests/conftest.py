@@ -32,6 +32,7 @@ SLOW_FIRST = (
     "test_distributed.py",
     "test_bundled.py",
     "test_ensemble.py",
+    "test_ensemble_trunk.py",
     "test_strategies_peft.py",
     "test_distill.py",
     "test_distill_cli.py",
