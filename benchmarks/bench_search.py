@@ -23,13 +23,18 @@ by one through `hybridtune train`.
    Run on a quiet machine; the CPU is named in the output.
 
 `--from SEARCH_DIR` skips step 1 and reads a finished search's trials and verdict (e.g. one run with
-`--one-by-one 0` first, so that the search and its one-by-one reruns can run in separate sittings).
+`--one-by-one 0` first, so that the search and its one-by-one reruns can run in separate sittings);
+the search's wall time is then the one this script saved beside it (bench.json), if it ran it.
+`--scratch DIR` puts the one-by-one runs there; a run whose report.json is there already is read,
+not trained again (to go on after an interruption). Of each run only report.json is kept: a few-shot
+space's runs are ~300 MB each with their checkpoints, tens of GB for a search's trials.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -38,6 +43,46 @@ import yaml
 from common import PYTHON, machine, run_child
 
 from hybridtune.search import draws
+
+
+def trials_span(search_dir: Path) -> float:
+    """Seconds from the study's first trial start to its last trial end (Optuna's timestamps): the
+    search's wall time less its start-up and its end, where this script did not time the search."""
+    import optuna
+
+    from hybridtune.search.study import journal
+
+    storage = journal(search_dir)
+    (name,) = optuna.get_all_study_names(storage)
+    trials = optuna.load_study(study_name=name, storage=storage).trials
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    return (max(ends) - min(t.datetime_start for t in trials)).total_seconds()
+
+
+def alone_run(recipe: Path, run: Path, draw: int | None) -> dict:
+    """`hybridtune train RECIPE` into `run` (on `draw`), timed; only its report.json is kept, with the
+    wall time beside it (`alone.json`): a run finished before is read, not trained again."""
+    timed = run / "alone.json"
+    if timed.is_file():
+        return json.loads(timed.read_text())
+    shutil.rmtree(run, ignore_errors=True)  # an interrupted run: again from the start
+    alone = run_child(
+        [
+            PYTHON,
+            "-m",
+            "hybridtune",
+            "train",
+            str(recipe),
+            f"output.dir={run.parent}",
+            f"output.name={run.name}",
+            *([f"data.draw={draw}"] if draw is not None else []),
+        ]
+    )
+    for path in run.iterdir():
+        if path.name != "report.json":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    timed.write_text(json.dumps(alone))
+    return alone
 
 
 def main() -> None:
@@ -51,11 +96,15 @@ def main() -> None:
     parser.add_argument("--one-by-one", type=int, default=5, help="trials rerun through `hybridtune train`")
     parser.add_argument("--out", default=None)
     parser.add_argument("--from", dest="done", default=None, help="a finished search dir: no new search")
+    parser.add_argument("--scratch", default=None, help="the one-by-one runs' dir (finished ones are reused)")
     opts = parser.parse_args()
     if opts.budget is None and opts.trials is None:
         opts.budget = "60m"
     if opts.done:
-        out, cmd, searched = Path(opts.done), None, None
+        out, cmd = Path(opts.done), None
+        saved = out.parent / "bench.json"
+        searched = json.loads(saved.read_text()) if saved.is_file() else None
+        span = trials_span(out)
     else:
         out = Path(opts.out or tempfile.mkdtemp(prefix="bench-search-")) / "search"
         cmd = [
@@ -70,7 +119,8 @@ def main() -> None:
             str(opts.seeds),
         ]
         cmd += ["--budget", opts.budget] if opts.budget else ["--trials", str(opts.trials)]
-        searched = run_child(cmd)
+        searched, span = run_child(cmd), None
+        (out.parent / "bench.json").write_text(json.dumps(searched))
     trials = json.loads((out / "trials.json").read_text())["trials"]
     states = {s: sum(t["state"] == s for t in trials) for s in ("complete", "pruned", "fail")}
     verdict_path = out / "verdict.json"
@@ -78,7 +128,7 @@ def main() -> None:
 
     chosen = [t for t in trials if t["state"] in ("complete", "pruned")][: opts.one_by_one]
     one_by_one = []
-    scratch = Path(tempfile.mkdtemp(prefix="bench-search-train-"))
+    scratch = Path(opts.scratch or tempfile.mkdtemp(prefix="bench-search-train-"))
     for t in chosen:
         recipe = Path(t["run_dir"]) / "recipe.yaml"
         walls, trains, values = [], [], []
@@ -86,18 +136,7 @@ def main() -> None:
         # without the search, a user scores a recipe on every draw, each to its end
         for d in draws.scored(yaml.safe_load(recipe.read_text())):
             name = f"t{t['number']}" + (f"-d{d}" if d is not None else "")
-            alone = run_child(
-                [
-                    PYTHON,
-                    "-m",
-                    "hybridtune",
-                    "train",
-                    str(recipe),
-                    f"output.dir={scratch}",
-                    f"output.name={name}",
-                    *([f"data.draw={d}"] if d is not None else []),
-                ]
-            )
+            alone = alone_run(recipe, scratch / name, d)
             report = json.loads((scratch / name / "report.json").read_text())
             walls.append(alone["wall_s"])
             trains.append(report["train_seconds"])
@@ -164,6 +203,11 @@ def main() -> None:
         print(
             f"the whole search, wall {searched['wall_s']:.1f} s, against every trial one by one: "
             f"{total_alone / searched['wall_s']:.2f}x"
+        )
+    elif span and len(one_by_one) == len(finished) and not verdict_path.is_file():
+        print(
+            f"the search's trials, first start to last end {span:.1f} s (study timestamps: the search "
+            f"untimed, its start-up and end left out), against every trial one by one: {total_alone / span:.2f}x"
         )
     best_in = (
         max(r["search_val"] for r in one_by_one if r["state"] == "complete")
