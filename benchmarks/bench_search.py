@@ -25,8 +25,9 @@ by one through `hybridtune train`.
 `--from SEARCH_DIR` skips step 1 and reads a finished search's trials and verdict (e.g. one run with
 `--one-by-one 0` first, so that the search and its one-by-one reruns can run in separate sittings);
 the search's wall time is then the one this script saved beside it (bench.json), if it ran it.
-`--scratch DIR` puts the one-by-one runs there; a run whose report.json is there already is read,
-not trained again (to go on after an interruption). Of each run only report.json is kept: a few-shot
+`--scratch DIR` puts the one-by-one runs there; a run finished there before (its report.json and its
+wall time, alone.json) is read, not trained again, to go on after an interruption; a run cut off
+midway is trained again from the start. Of each run only those two files are kept: a few-shot
 space's runs are ~300 MB each with their checkpoints, tens of GB for a search's trials.
 """
 
