@@ -80,8 +80,10 @@ def alone_run(recipe: Path, run: Path, draw: int | None) -> dict:
         ]
     )
     for path in run.iterdir():
-        if path.name != "report.json":
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.name != "report.json":
+            path.unlink()
     timed.write_text(json.dumps(alone))
     return alone
 
@@ -105,7 +107,7 @@ def main() -> None:
         out, cmd = Path(opts.done), None
         saved = out.parent / "bench.json"
         searched = json.loads(saved.read_text()) if saved.is_file() else None
-        span = trials_span(out)
+        span = None if searched else trials_span(out)  # the study's timestamps where the search was untimed
     else:
         out = Path(opts.out or tempfile.mkdtemp(prefix="bench-search-")) / "search"
         cmd = [

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from pathlib import Path
 
 from hybridtune.report.stats import paired
 
@@ -25,7 +26,7 @@ def by_draw(files: list[str]) -> dict[str, dict[int, dict]]:
     """side -> draw -> its row, over every file (one data set and k each)."""
     sides: dict[str, dict[int, dict]] = {}
     for name in files:
-        result = json.loads(open(name, encoding="utf-8").read())
+        result = json.loads(Path(name).read_text(encoding="utf-8"))
         for table in result["tables"]:
             for side, rows in table["runs"].items():
                 for draw, row in zip(result["draws"], rows, strict=True):

@@ -238,8 +238,8 @@ DRAW_MEANS = "draw_means"  # a trial's user attribute: its mean validation score
 
 def draw_rung(ctx: Context, trial: optuna.Trial, values: list[float]) -> str | None:
     """After len(values) draws: the trial's means after 1 .. len(values) draws are recorded
-    (`draw_means`); at a rung — 1,
-    f, f², ... draws (f = reduction_factor), before the last draw — why the trial stops, or None.
+    (`draw_means`); at a rung — 1, f, f², ... draws (f = reduction_factor), before the last draw —
+    why the trial stops, or None.
     Successive halving's rule, as Optuna's SuccessiveHalvingPruner applies it at a rung within a run:
     among the means of every trial that reached this many draws, this one's included, it goes on when
     among the best len // f (the best one while fewer than f have)."""
