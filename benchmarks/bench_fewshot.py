@@ -70,6 +70,12 @@ CANDIDATES = {
         "setfit.yaml",
         ["contrastive.then=all", "train.epochs=10", "contrastive.pairs=10"],
     ),
+    # R 10 at the contrastive lr the few-shot searches moved SetFit's 2e-5 to on validation labels
+    # (4.5e-5 with 32 and with 16 per class, 4.2e-5 with draw rungs: docs/search.md), not on test draws
+    "hybridtune setfit then all R10 lr 4.5e-5": (
+        "setfit.yaml",
+        ["contrastive.then=all", "train.epochs=10", "contrastive.pairs=10", "contrastive.lr=4.5e-5"],
+    ),
     # the regularisers of docs/strategies.md on plain full fine-tuning, at few labels (issue: do they
     # help where overfitting is the whole problem?), each at its example recipe's setting
     "hybridtune full+rdrop": ("few_shot_full.yaml", ["rdrop.alpha=1.0"]),
