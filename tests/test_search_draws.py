@@ -166,10 +166,10 @@ def test_the_shipped_spaces_are_valid():
     root = Path(__file__).parent.parent / "spaces"
     spaces = {p.name: load_space(str(p)) for p in sorted(root.glob("*.yaml"))}
     assert {"light.yaml", "few_shot.yaml"} <= set(spaces)
-    ctx = resolve(spaces["few_shot.yaml"], "spaces/few_shot.yaml")
-    assert ctx.draws == 5 and ctx.n_train == 16  # 8 per class, 2 classes
-    assert spaces["few_shot.yaml"].enqueue[0]["parts.contrastive.then"] == "none"
     few = spaces["few_shot.yaml"]
+    ctx = resolve(few, "spaces/few_shot.yaml")
+    assert ctx.draws == 5 and ctx.n_train == 16  # 8 per class, 2 classes
+    assert few.enqueue[0]["parts.contrastive.then"] == "none"
     assert few.draw_rungs and few.reduction_factor == 4 and few.pruner == "successive_halving"
     assert few.base["data"]["validation_shots"] == 16
 
