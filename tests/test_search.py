@@ -15,6 +15,7 @@ import yaml
 
 from hybridtune.recipe import load_recipe, validate_recipe
 from hybridtune.search import run_search
+from hybridtune.search.budget import stop_line
 from hybridtune.search.report import non_dominated
 from hybridtune.search.space import FAMILIES, Space, recipe_dict
 from hybridtune.search.verdict import paired
@@ -185,6 +186,23 @@ def test_weak_trials_are_pruned_early(tmp_path, tiny_bert, sentiment_csv):
     ]
     assert max(steps) < 36  # stopped before the end of its 36 steps
     assert any("trial 1" in line and "pruned at evaluation" in line for line in lines)
+
+
+def test_the_budget_stops_the_search_and_says_by_how_much_it_ran_over(tmp_path, tiny_bert, sentiment_csv):
+    """--budget: no trial starts once the time left is less than the shortest trial; a trial is never
+    cut short, so the last one may run past the budget, and the stop line then says by how much."""
+    space = _space(
+        tmp_path / "space.yaml", tiny_bert, sentiment_csv, families={"full": {"lr": 0.005}},
+        start="none", pruner="none", verdict={"top": 0},
+        train={"epochs": 8.0, "batch_size": 16, "warmup": 0.0, "weight_decay": 0.0, "schedule": "linear"},
+    )  # fmt: skip
+    lines: list[str] = []
+    root = run_search(str(space), [], str(tmp_path / "out"), budget="1s", threads=1, echo=lines.append)
+    (trial,) = _trials(root)  # 96 steps and 4 validations: past the 1-second budget, which held one trial
+    assert trial["state"] == "complete" and trial["seconds"] > 1.0
+    (stop,) = [line for line in lines if line.startswith("budget:")]
+    assert stop.startswith("budget: spent, the last trial ran ") and stop.endswith(" s past it; stopping")
+    assert stop_line(4.6, "no new trial") == "budget: 5 s left, less than the shortest trial; no new trial"
 
 
 def test_kill_9_mid_search_and_resume_keeps_finished_trials(tmp_path, tiny_bert, sentiment_csv):

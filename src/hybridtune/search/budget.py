@@ -27,6 +27,14 @@ def parse_budget(text: str | None) -> float | None:
     return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
 
 
+def stop_line(left: float, then: str) -> str:
+    """What a search says when the budget left cannot hold its shortest trial; `left` < 0 when the
+    last trial ran past the budget (a trial is never cut short)."""
+    if left < 0:
+        return f"budget: spent, the last trial ran {-left:.0f} s past it; {then}"
+    return f"budget: {left:.0f} s left, less than the shortest trial; {then}"
+
+
 def cheapest_trial_seconds(ctx: Context) -> float:
     """A lower bound on one trial's time, measured here: the smallest planned number of steps times
     one forward pass of the base model on a training batch (every trial's step does at least that),

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hybridtune.errors import UserError
+from hybridtune.search.budget import stop_line
 from hybridtune.search.setup import Context
 
 INSTALL = "pip install 'hybridtune[ray]'"
@@ -190,8 +191,7 @@ def _searcher_class():
             if self.deadline is not None and self.deadline - time.monotonic() < min(
                 self.durations, default=0
             ):
-                left = self.deadline - time.monotonic()
-                self.echo(f"budget: {max(left, 0):.0f} s left, less than the shortest trial; no new trial")
+                self.echo(stop_line(self.deadline - time.monotonic(), "no new trial"))
                 self.deadline = -math.inf  # said once
                 return Searcher.FINISHED
             if self.deadline == -math.inf:

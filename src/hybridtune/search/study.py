@@ -27,7 +27,7 @@ from hybridtune import rundir
 from hybridtune.errors import UserError
 from hybridtune.rundir import CACHE_DIR_ENV
 from hybridtune.search import lr_range
-from hybridtune.search.budget import cheapest_trial_seconds, parse_budget
+from hybridtune.search.budget import cheapest_trial_seconds, parse_budget, stop_line
 from hybridtune.search.setup import LENGTH, Context, load_space, resolve
 from hybridtune.search.space import start_trials
 
@@ -326,7 +326,7 @@ def _loop(
         if seconds is not None:
             durations = [t.user_attrs["seconds"] for t in done if "seconds" in t.user_attrs]
             if seconds - spent < (min(durations) if durations else 0.0):
-                echo(f"budget: {seconds - spent:.0f} s left, less than the shortest trial; stopping")
+                echo(stop_line(seconds - spent, "stopping"))
                 break
         started = time.perf_counter()
         _one_trial(study, ctx, root, run_trial, len(done), n_trials, echo)
