@@ -202,7 +202,10 @@ def test_the_budget_stops_the_search_and_says_by_how_much_it_ran_over(tmp_path, 
     assert trial["state"] == "complete" and trial["seconds"] > 1.0
     (stop,) = [line for line in lines if line.startswith("budget:")]
     assert stop.startswith("budget: spent, the last trial ran ") and stop.endswith(" s past it; stopping")
-    assert stop_line(4.6, "no new trial") == "budget: 5 s left, less than the shortest trial; no new trial"
+    assert stop_line(4.6, [9.0, 7.0], "no new trial") == (
+        "budget: 5 s left, less than the shortest trial; no new trial"
+    )
+    assert stop_line(7.0, [9.0, 7.0], "stopping") is None and stop_line(0.5, [], "stopping") is None
 
 
 def test_kill_9_mid_search_and_resume_keeps_finished_trials(tmp_path, tiny_bert, sentiment_csv):

@@ -27,9 +27,13 @@ def parse_budget(text: str | None) -> float | None:
     return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[m[2]]
 
 
-def stop_line(left: float, then: str) -> str:
-    """What a search says when the budget left cannot hold its shortest trial; `left` < 0 when the
-    last trial ran past the budget (a trial is never cut short)."""
+def stop_line(left: float, durations: list[float], then: str) -> str | None:
+    """The rule both backends start trials by: none once the budget left (`left` seconds) cannot hold
+    the shortest finished trial (`durations`; with none finished, until the budget is spent). Returns
+    what the search says then, or None to go on. `left` < 0 when the last trial ran past the budget
+    (a trial is never cut short)."""
+    if left >= min(durations, default=0.0):
+        return None
     if left < 0:
         return f"budget: spent, the last trial ran {-left:.0f} s past it; {then}"
     return f"budget: {left:.0f} s left, less than the shortest trial; {then}"

@@ -188,14 +188,14 @@ def _searcher_class():
             self.count = len(done)
 
         def suggest(self, trial_id: str):
-            if self.deadline is not None and self.deadline - time.monotonic() < min(
-                self.durations, default=0
-            ):
-                self.echo(stop_line(self.deadline - time.monotonic(), "no new trial"))
-                self.deadline = -math.inf  # said once
+            if self.deadline == -math.inf:  # the budget's stop, said already
                 return Searcher.FINISHED
-            if self.deadline == -math.inf:
-                return Searcher.FINISHED
+            if self.deadline is not None:
+                line = stop_line(self.deadline - time.monotonic(), self.durations, "no new trial")
+                if line:
+                    self.echo(line)
+                    self.deadline = -math.inf  # said once
+                    return Searcher.FINISHED
             return super().suggest(trial_id)
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:

@@ -325,8 +325,8 @@ def _loop(
             break
         if seconds is not None:
             durations = [t.user_attrs["seconds"] for t in done if "seconds" in t.user_attrs]
-            if seconds - spent < (min(durations) if durations else 0.0):
-                echo(stop_line(seconds - spent, "stopping"))
+            if line := stop_line(seconds - spent, durations, "stopping"):
+                echo(line)
                 break
         started = time.perf_counter()
         _one_trial(study, ctx, root, run_trial, len(done), n_trials, echo)
