@@ -335,8 +335,11 @@ def on_cluster(cluster: Cluster, echo):
         try:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
-            for ref in refs:
-                ray.cancel(ref)
+            # the other runs are not cancelled here: ray.cancel on a task whose reply is arriving
+            # aborts this process in Ray 2.60 (task_manager.cc "Tried to complete task that was not
+            # pending"; it took down a test worker). The search ends with this error; on a Ray it
+            # started, cluster.close() (ray.shutdown) stops them, and a joined cluster stops a job's
+            # tasks when its driver exits.
             if isinstance(e.cause, Exception):
                 raise e.cause from None
             raise
