@@ -379,3 +379,28 @@ def test_benchmark_smoke():
     ]
     assert len(rows) == 3, proc.stdout
     assert "CPU: " in proc.stdout
+
+
+def test_within_said_once_each_distinct_report_is_printed_once(capsys):
+    """A search's trials read the same data: `said_once` keeps the report to its first; another
+    report (another max_length, a few-shot draw) is still said; outside it every run says its own."""
+    from hybridtune.data import long_texts
+
+    def report(max_length: int) -> dict:
+        train = {"texts": 10, "cut_share": 0.2, "kept_share": 0.9, "longest": 40}
+        return {
+            "max_length": max_length,
+            "long_texts": "truncate",
+            "splits": {"train": train},
+            "warning": None,
+        }
+
+    with long_texts.said_once():
+        for max_length in (16, 16, 32, 16):
+            long_texts.announce(report(max_length))
+    err = capsys.readouterr().err
+    assert err.count("(data.max_length 16, truncate): train 20.0 % of 10 texts cut") == 1, err
+    assert err.count("(data.max_length 32, truncate)") == 1, err
+    long_texts.announce(report(16))
+    long_texts.announce(report(16))
+    assert capsys.readouterr().err.count("(data.max_length 16, truncate)") == 2

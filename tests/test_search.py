@@ -164,9 +164,10 @@ def test_paired_interval_and_words():
     assert paired([0.5, 0.5, 0.5], [0.7, 0.72, 0.71], higher_is_better=False)["verdict"] == "better"  # a loss
 
 
-def test_weak_trials_are_pruned_early(tmp_path, tiny_bert, sentiment_csv):
+def test_weak_trials_are_pruned_early(tmp_path, tiny_bert, sentiment_csv, capsys):
     """Successive halving on the validation loss: trial 1 (lr 1e-7 learns nothing) is stopped at a
-    rung before its end; its run dir says so; no traceback, no test evaluation."""
+    rung before its end; its run dir says so; no traceback, no test evaluation. What max_length cuts
+    is said once, by the first trial (both read the same data)."""
     space = _space(
         tmp_path / "space.yaml", tiny_bert, sentiment_csv,
         families={"full": {"lr": [0.005, 1e-7]}}, metric="loss", pruner="successive_halving",
@@ -186,6 +187,7 @@ def test_weak_trials_are_pruned_early(tmp_path, tiny_bert, sentiment_csv):
     ]
     assert max(steps) < 36  # stopped before the end of its 36 steps
     assert any("trial 1" in line and "pruned at evaluation" in line for line in lines)
+    assert capsys.readouterr().err.count("long texts (data.max_length") == 1
 
 
 def test_the_budget_stops_the_search_and_says_by_how_much_it_ran_over(tmp_path, tiny_bert, sentiment_csv):

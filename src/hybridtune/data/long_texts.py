@@ -24,8 +24,9 @@ with one extra call without truncation.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -253,9 +254,30 @@ def report_lines(truncation: dict | None) -> list[str]:
     return lines
 
 
+_SAID: ContextVar[set[tuple[str, ...]] | None] = ContextVar("long_texts_said", default=None)
+
+
+@contextmanager
+def said_once() -> Iterator[None]:
+    """Within it, `announce` prints each distinct report once: a search's trials read the same data,
+    so its first trial says what max_length cuts and the others do not repeat it (a trial whose
+    data differs, another max_length or few-shot draw, still says its own)."""
+    token = _SAID.set(set())
+    try:
+        yield
+    finally:
+        _SAID.reset(token)
+
+
 def announce(truncation: dict | None) -> None:
     """Print the report on stderr (stdout stays for a command's --json output)."""
-    for line in report_lines(truncation):
+    lines = tuple(report_lines(truncation))
+    said = _SAID.get()
+    if said is not None:
+        if lines in said:
+            return
+        said.add(lines)
+    for line in lines:
         print(line, file=sys.stderr, flush=True)
 
 

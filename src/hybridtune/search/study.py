@@ -24,6 +24,7 @@ from typing import Any
 import optuna
 
 from hybridtune import rundir
+from hybridtune.data import long_texts
 from hybridtune.errors import UserError
 from hybridtune.rundir import CACHE_DIR_ENV
 from hybridtune.search import lr_range
@@ -277,7 +278,8 @@ def run_search(
     # 2 cores were measured 8x slower each, docs/search.md)
     torch.set_num_threads(threads)
     try:
-        _loop(ctx, root, seconds, n_trials, resuming, echo, cluster)
+        with long_texts.said_once():  # what max_length cuts: said by the first trial, not by each
+            _loop(ctx, root, seconds, n_trials, resuming, echo, cluster)
     finally:  # this process (a Python caller's) gets its settings back
         if cluster is not None:
             cluster.close()
