@@ -73,6 +73,22 @@ def test_report_warns_past_the_threshold(tok):
     assert long_texts.report({"train": None}, cfg) is None  # a task that does not count
 
 
+def test_within_said_once_each_distinct_report_is_printed_once(capsys):
+    """A search's trials read the same data: `said_once` keeps the report to its first; another
+    report (another max_length, a few-shot draw) is still said; outside it every run says its own."""
+    counts = {"texts": 10, "cut": 1, "tokens": 100, "kept": 95, "windows": 10, "longest": 20,
+              "cut_share": 0.1, "kept_share": 0.95}  # fmt: skip
+    with long_texts.said_once():
+        for max_length in (16, 16, 32, 16):
+            long_texts.announce(long_texts.report({"train": counts}, DataConfig(max_length=max_length)))
+    err = capsys.readouterr().err
+    assert err.count("(data.max_length 16, truncate): train 10.0 % of 10 texts cut") == 1, err
+    assert err.count("(data.max_length 32, truncate)") == 1, err
+    for _ in range(2):
+        long_texts.announce(long_texts.report({"train": counts}, DataConfig(max_length=16)))
+    assert capsys.readouterr().err.count("(data.max_length 16, truncate)") == 2
+
+
 def test_truncate_is_the_tokenizers_own_truncation(tok):
     texts = [_words(n) for n in (1, 5, 6, 7, 40)]
     columns, _ = long_texts.encode_texts(tok, texts, None, DataConfig(max_length=8))
@@ -379,28 +395,3 @@ def test_benchmark_smoke():
     ]
     assert len(rows) == 3, proc.stdout
     assert "CPU: " in proc.stdout
-
-
-def test_within_said_once_each_distinct_report_is_printed_once(capsys):
-    """A search's trials read the same data: `said_once` keeps the report to its first; another
-    report (another max_length, a few-shot draw) is still said; outside it every run says its own."""
-    from hybridtune.data import long_texts
-
-    def report(max_length: int) -> dict:
-        train = {"texts": 10, "cut_share": 0.2, "kept_share": 0.9, "longest": 40}
-        return {
-            "max_length": max_length,
-            "long_texts": "truncate",
-            "splits": {"train": train},
-            "warning": None,
-        }
-
-    with long_texts.said_once():
-        for max_length in (16, 16, 32, 16):
-            long_texts.announce(report(max_length))
-    err = capsys.readouterr().err
-    assert err.count("(data.max_length 16, truncate): train 20.0 % of 10 texts cut") == 1, err
-    assert err.count("(data.max_length 32, truncate)") == 1, err
-    long_texts.announce(report(16))
-    long_texts.announce(report(16))
-    assert capsys.readouterr().err.count("(data.max_length 16, truncate)") == 2
