@@ -159,13 +159,16 @@ def test_a_setfit_like_trial_is_scored_on_validation(tmp_path, tiny_bert, sentim
 
 
 def test_the_shipped_spaces_are_valid():
-    """spaces/*.yaml load as they ship; few_shot.yaml's base is a 5-draw one, with SetFit's recipe enqueued
+    """spaces/*.yaml load as they ship; light_long.yaml trains every trial 3 epochs; few_shot.yaml's base is a 5-draw one, with SetFit's recipe enqueued
     and the rungs between draws on (docs/search.md, measured 4.00x at these settings)."""
     from hybridtune.search.setup import load_space, resolve
 
     root = Path(__file__).parent.parent / "spaces"
     spaces = {p.name: load_space(str(p)) for p in sorted(root.glob("*.yaml"))}
-    assert {"light.yaml", "few_shot.yaml"} <= set(spaces)
+    assert {"light.yaml", "light_long.yaml", "few_shot.yaml"} <= set(spaces)
+    long = spaces["light_long.yaml"]  # one length: every trial 3 epochs, rungs at 1/2, 1 and 2 epochs
+    assert long.train.fewest_epochs == 3 and long.train.epochs.corners() == [3.0] and long.evaluations == 6
+    assert set(long.chosen()) == {"lora", "dora", "adapters"} and long.verdict.light == 2.0
     few = spaces["few_shot.yaml"]
     ctx = resolve(few, "spaces/few_shot.yaml")
     assert ctx.draws == 5 and ctx.n_train == 16  # 8 per class, 2 classes
