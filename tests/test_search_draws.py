@@ -159,8 +159,9 @@ def test_a_setfit_like_trial_is_scored_on_validation(tmp_path, tiny_bert, sentim
 
 
 def test_the_shipped_spaces_are_valid():
-    """spaces/*.yaml load as they ship; light_long.yaml trains every trial 3 epochs; few_shot.yaml's base is a 5-draw one, with SetFit's recipe enqueued
-    and the rungs between draws on (docs/search.md, measured 4.00x at these settings)."""
+    """spaces/*.yaml load as they ship; light_long.yaml trains every trial 3 epochs; few_shot.yaml's
+    base is a 5-draw one, with SetFit's recipe enqueued and the rungs between draws on (docs/search.md,
+    measured 4.00x at these settings)."""
     from hybridtune.search.setup import load_space, resolve
 
     root = Path(__file__).parent.parent / "spaces"
