@@ -1,5 +1,6 @@
 """Write the docs' key tables from the schema (the parts' and other sections' pydantic fields): those
-of docs/strategies.md, and of the feature pages in DOCS (docs/few_shot.md: `self_training`).
+of docs/strategies.md, and of the feature pages in DOCS (docs/few_shot.md: `self_training`;
+docs/search.md: what each part's `search` tries).
 
 Each table sits between two marker comments, which name what it shows:
 
@@ -7,6 +8,7 @@ Each table sits between two marker comments, which name what it shows:
     ...                                       description); a key path from the Recipe, `[]` = an item
     <!-- end generated -->                    of a list section
     <!-- generated: parts -->                 the parts in their order of application, with their hooks
+    <!-- generated: search parts -->          the parts that declare `search`, with its settings
 
     python scripts/gen_strategy_tables.py           # rewrite the DOCS
     python scripts/gen_strategy_tables.py --check   # exit 1 when a file differs (tests/test_doc_tables.py)
@@ -27,7 +29,7 @@ from pydantic_core import PydanticUndefined
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "strategies.md"
-DOCS = (DOC, ROOT / "docs" / "few_shot.md")  # every page with a generated block
+DOCS = (DOC, ROOT / "docs" / "few_shot.md", ROOT / "docs" / "search.md")  # every page with a generated block
 BLOCK = re.compile(r"(<!-- generated: (?P<what>[^>]*?) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
 
 
@@ -81,6 +83,26 @@ def parts_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def _setting(value) -> str:
+    """A space setting as docs/search.md writes it: a value, [choices], or low … high (log)."""
+    if isinstance(value, dict):
+        return f"{value['low']:g} … {value['high']:g}" + (" (log)" if value.get("log") else "")
+    if isinstance(value, list):
+        return "[" + ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + "]"
+    return str(value)
+
+
+def search_parts_table() -> str:
+    from hybridtune.strategy import PARTS
+
+    rows = ["| part | what `search` tries (on or off per trial) |", "|---|---|"]
+    for key, part in PARTS.items():
+        if part.search is not None:
+            settings = ", ".join(f"`{name}` {_setting(v)}" for name, v in part.search.items())
+            rows.append(f"| `{key}` | {settings} |")
+    return "\n".join(rows) + "\n"
+
+
 def render(text: str) -> str:
     """`text` with every generated block rewritten from the schema."""
 
@@ -88,6 +110,8 @@ def render(text: str) -> str:
         what = match["what"].strip()
         if what == "parts":
             body = parts_table()
+        elif what == "search parts":
+            body = search_parts_table()
         elif what.startswith("keys "):
             body = keys_table(what[5:].strip())
         else:

@@ -67,6 +67,13 @@ def test_a_part_is_on_or_off_and_its_settings_exist_only_when_on(registered):
     assert parse_parts({"head_l2": None}) == {} and parse_parts({"head_l2": {"use": False}}) == {}
 
 
+def test_search_as_a_parts_settings_is_what_the_part_declares(registered):
+    parts = parse_parts({"head_l2": "search", "rdrop": {"alpha": 0.5}})
+    assert parts["head_l2"] == parse_parts({"head_l2": SEARCH})["head_l2"] == Space().parts["head_l2"]
+    assert parts["head_l2"]["alpha"].low == 0.01 and parts["head_l2"]["alpha"].high == 1.0
+    assert parts["rdrop"]["alpha"].choices == (0.5,)  # the others as written
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -81,6 +88,11 @@ def test_a_part_is_on_or_off_and_its_settings_exist_only_when_on(registered):
         ),
         ({"head_l2": {"alpha": ["a", "b"]}}, "parts.head_l2.alpha: found 'a' (str); expected a float"),
         ({"head_l2": [1]}, "parts.head_l2: found [1]; expected a mapping"),
+        (
+            {"head_l2": "serach"},
+            "parts.head_l2: found 'serach'; expected a mapping of its settings or 'search'",
+        ),
+        ({"rdrop": "search", "freeze": "search"}, "parts.freeze: found 'search', but the part declares no"),
     ],
 )
 def test_a_bad_part_setting_names_its_key_path(registered, raw, message):

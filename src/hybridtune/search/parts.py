@@ -4,6 +4,7 @@ sampling, ... — any strategy part that declares the settings a search should t
     parts:                     # default: every part that declares `search` (strategy/<key>.py)
       rdrop: {alpha: {low: 0.1, high: 5.0, log: true}}   # on or off per trial, then its settings
       label_loss: {use: true, smoothing: [0.05, 0.1]}     # use: true = in every trial
+      l2sp: search                                       # on or off, its declared `search` settings
       mixout: null                                       # (or leave it out) never
 
 Nothing here names a part: a setting is a field of the part's config class (a dotted path for a
@@ -28,11 +29,23 @@ from hybridtune.errors import did_you_mean
 from hybridtune.search.params import Param, parse_param
 
 USE = "use"
+DECLARED = "search"  # `key: search`: the settings the part declares (Part.search), as the default space
 
 
 def default_parts() -> dict[str, dict]:
     """Every registered part that declares the settings a search should try."""
-    return {key: dict(part.search) for key, part in strategy.PARTS.items() if part.search is not None}
+    return {key: declared(key) for key, part in strategy.PARTS.items() if part.search is not None}
+
+
+def declared(key: str) -> dict:
+    """The search settings part `key` declares (`parts: {key: search}`); ValueError if it has none."""
+    search = strategy.PARTS[key].search
+    if search is None:
+        raise ValueError(
+            f"parts.{key}: found {DECLARED!r}, but the part declares no search settings; expected a "
+            "mapping of its settings"
+        )
+    return dict(search)
 
 
 def _field(config: type[BaseModel], path: str) -> tuple[type, Any]:
@@ -94,8 +107,12 @@ def parse_parts(raw: Any) -> dict[str, dict[str, Param]]:
             raise ValueError(
                 f"parts.{key}: found an unknown part; expected a part key{_hint(key, strategy.PARTS)}"
             )
+        if settings == DECLARED:
+            settings = declared(key)
         if not isinstance(settings, dict):
-            raise ValueError(f"parts.{key}: found {settings!r}; expected a mapping of its settings")
+            raise ValueError(
+                f"parts.{key}: found {settings!r}; expected a mapping of its settings or {DECLARED!r}"
+            )
         config = strategy.PARTS[key].config
         params: dict[str, Param] = {USE: parse_param(settings.get(USE, [False, True]), bool)}
         for path, value in settings.items():
