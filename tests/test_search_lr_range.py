@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from hybridtune.search import run_search
-from hybridtune.search.lr_range import CEILING, DIVERGE, lr_at, narrowed, run_test, suggestions
+from hybridtune.search.lr_range import CEILING, DIVERGE, bounds, lr_at, narrowed, run_test, suggestions
 from hybridtune.search.params import Param
 from hybridtune.search.setup import load_space, resolve
-from hybridtune.search.space import LrRangeTest
+from hybridtune.search.space import LrRangeTest, Space
 
 from .test_search import _space, refused_before_writing
 
@@ -56,8 +56,8 @@ def test_a_huge_high_lr_stops_the_test_at_divergence(tmp_path, tiny_bert, sentim
 
 
 def test_trials_sample_inside_the_narrowed_range_and_resume_reuses_it(tmp_path, tiny_bert, sentiment_csv):
-    """full: the default lr range, replaced by the window; lora: the space file's range, which the
-    window is cut to (or kept); bitfit: a fixed lr, not tested. A second invocation reruns no test
+    """full: its default lr range, which the window is cut to (or kept: `within: family`); lora: the
+    space file's range, likewise; bitfit: a fixed lr, not tested. A second invocation reruns no test
     and samples from the same ranges."""
     families = {
         "full": {},
@@ -78,20 +78,21 @@ def test_trials_sample_inside_the_narrowed_range_and_resume_reuses_it(tmp_path, 
     assert set(results) == {"full", "lora"}
     assert any("bitfit: its lr is fixed in the space file; not tested" in line for line in lines)
     config = LrRangeTest(**test)
-    full, lora = results["full"], results["lora"]
-    s = full["suggestion"]
-    assert 1e-4 <= s <= 1.0
-    assert full["range"] == {
-        "low": pytest.approx(max(s / 3, 1e-4)), "high": pytest.approx(min(s * 3, 1.0, CEILING)), "log": True
-    }  # fmt: skip
-    own = Param(low=1e-3, high=3e-2, log=True)
-    window, _ = narrowed(lora["suggestion"], config, None)
-    if max(window.low, own.low) < min(window.high, own.high):
-        assert (lora["range"]["low"], lora["range"]["high"]) == (
-            pytest.approx(max(window.low, own.low)), pytest.approx(min(window.high, own.high))
-        )  # fmt: skip
-    else:
-        assert (lora["range"]["low"], lora["range"]["high"]) == (1e-3, 3e-2) and "kept" in lora["note"]
+    assert 1e-4 <= results["full"]["suggestion"] <= 1.0
+    for family, own in (
+        ("full", Param(low=1e-5, high=1e-4, log=True)),
+        ("lora", Param(low=1e-3, high=3e-2, log=True)),
+    ):
+        record = results[family]
+        assert record["before"] == own.to_yaml() | {"log": True}
+        window, _ = narrowed(record["suggestion"], config, None)
+        if max(window.low, own.low) < min(window.high, own.high):
+            assert (record["range"]["low"], record["range"]["high"]) == (
+                pytest.approx(max(window.low, own.low)), pytest.approx(min(window.high, own.high))
+            )  # fmt: skip
+        else:
+            assert (record["range"]["low"], record["range"]["high"]) == (own.low, own.high)
+            assert "kept" in record["note"]
     assert (out / "lr_range.png").stat().st_size > 0
     assert 'id="lr_range"' in (out / "report.html").read_text()
 
@@ -128,6 +129,26 @@ def test_suggestion_rules_and_the_window():
     assert (cut.low, cut.high, note) == (5e-4, 3e-3, None)
     own = Param(low=1e-1, high=0.5, log=True)
     assert narrowed(1e-3, test, own)[0] is own and "kept" in narrowed(1e-3, test, own)[1]
+
+
+def test_the_window_keeps_to_the_familys_range_unless_within_test():
+    """`within: family` (default): the default lr range bounds the window as a space file's does;
+    `within: test`: only a range the space file sets does."""
+    space = Space.model_validate({"families": {"adapters": {}, "lora": {"lr": {"low": 1e-3, "high": 1e-2}}}})
+    adapters, lora = space.chosen()["adapters"], space.chosen()["lora"]
+    default = LrRangeTest()
+    assert bounds(adapters, default) == adapters.lr == Param(low=1e-4, high=3e-3, log=True)
+    assert bounds(lora, default) == bounds(lora, LrRangeTest(within="test")) == lora.lr
+    assert bounds(adapters, LrRangeTest(within="test")) is None
+    # the light-long search's adapters test (docs/search.md): suggestion 3.76e-3
+    cut, _ = narrowed(3.76e-3, default, bounds(adapters, default))
+    assert (cut.low, cut.high) == (pytest.approx(3.76e-3 / 3), 3e-3)
+    assert narrowed(3.76e-3, default, None)[0].high == pytest.approx(3 * 3.76e-3)
+    assert "within" not in Space.model_validate({"lr_range_test": True}).identity()["lr_range_test"]
+    assert (
+        Space.model_validate({"lr_range_test": {"within": "test"}}).identity()["lr_range_test"]["within"]
+        == "test"
+    )
 
 
 def test_typical_values_of_a_setting():

@@ -96,6 +96,11 @@ class LrRangeTest(BaseModel):
     suggest: Literal["minimum", "steepest"] = Field(
         "minimum", description="the lowest smoothed loss's lr / 10, or where the loss falls fastest"
     )
+    within: Literal["family", "test"] = Field(
+        "family",
+        description="family: the window is cut to the family's lr range (the space file's or the "
+        "default); test: it replaces the default range (a space file's range still cuts it)",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> LrRangeTest:
@@ -255,6 +260,8 @@ class Space(BaseModel):
             del dump["reduction_factor"]
         if not dump["draw_rungs"]:  # the default: likewise
             del dump["draw_rungs"]
+        if dump.get("lr_range_test", {}).get("within") == "family":  # the default: likewise
+            del dump["lr_range_test"]["within"]
         return dump
 
 
