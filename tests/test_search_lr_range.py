@@ -168,6 +168,7 @@ def test_typical_values_of_a_setting():
         ({"high": 50}, ["lr_range_test.high", "less than or equal to 10"]),
         ({"factor": 1}, ["lr_range_test.factor", "greater than 1"]),
         ({"suggest": "valley"}, ["lr_range_test.suggest", "minimum", "steepest"]),
+        ({"within": "default"}, ["lr_range_test.within", "'family'", "'test'"]),
         ("yes", ["lr_range_test", "true, false or a mapping"]),
     ],
 )
