@@ -76,6 +76,12 @@ CANDIDATES = {
         "setfit.yaml",
         ["contrastive.then=all", "train.epochs=10", "contrastive.pairs=10", "contrastive.lr=4.5e-5"],
     ),
+    # R 10 with 3 end-to-end epochs: picked among 1, 3 and 10 on validation labels (250 per class from
+    # the validation split, draws 0-4: benchmarks/fewshot_screen.py, docs/few_shot.md), not on test draws
+    "hybridtune setfit then all R10 3 epochs": (
+        "setfit.yaml",
+        ["contrastive.then=all", "train.epochs=3", "contrastive.pairs=10"],
+    ),
     # the regularisers of docs/strategies.md on plain full fine-tuning, at few labels (issue: do they
     # help where overfitting is the whole problem?), each at its example recipe's setting
     "hybridtune full+rdrop": ("few_shot_full.yaml", ["rdrop.alpha=1.0"]),
