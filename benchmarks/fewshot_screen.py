@@ -24,6 +24,8 @@ from statistics import mean, stdev
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PYTHON, ROOT, machine, run_child  # noqa: E402
 
+from hybridtune.report.stats import paired  # noqa: E402
+
 
 def last_validation(run_dir: Path) -> float:
     """The validation accuracy (%) of a run's last evaluation, from its metrics.jsonl."""
@@ -53,14 +55,18 @@ def screen(args: argparse.Namespace) -> dict[str, dict[int, float]]:
 
 def table(scores: dict[str, dict[int, float]], setting: str) -> str:
     first = next(iter(scores.values()))
-    lines = [f"| {setting} | validation accuracy % per draw | mean ± sd | paired Δ vs the first, pt |"]
+    draws = sorted(first)
+    lines = [
+        f"| {setting} | validation accuracy % per draw | mean ± sd | paired Δ vs the first, pt (95 % CI) |"
+    ]
     lines.append("|---|---|---:|---:|")
     for value, by_draw in scores.items():
-        accs = [by_draw[d] for d in sorted(by_draw)]
-        delta = mean(by_draw[d] - first[d] for d in by_draw)
+        accs = [by_draw[d] for d in draws]
+        p = paired(accs, [first[d] for d in draws])
+        interval = f" ({p['low']:+.2f}, {p['high']:+.2f})" if p["low"] is not None else ""
         spread = f" ± {stdev(accs):.2f}" if len(accs) > 1 else ""
         lines.append(
-            f"| {value} | {', '.join(f'{a:.2f}' for a in accs)} | {mean(accs):.2f}{spread} | {delta:+.2f} |"
+            f"| {value} | {', '.join(f'{a:.2f}' for a in accs)} | {mean(accs):.2f}{spread} | {p['mean']:+.2f}{interval} |"
         )
     return "\n".join(lines)
 
