@@ -1,7 +1,7 @@
 """Few-shot: SetFit vs hybridtune on the very same k-shot draws (docs/few_shot.md).
 
     # SetFit lives in an environment of its own (it pins its own sentence-transformers/transformers):
-    python -m venv /tmp/setfit-env && /tmp/setfit-env/bin/pip install torch setfit==1.2.0
+    python -m venv /tmp/setfit-env && /tmp/setfit-env/bin/pip install torch==2.13.0 setfit==1.2.0
     python benchmarks/bench_fewshot.py --setfit-python /tmp/setfit-env/bin/python
     python benchmarks/bench_fewshot.py --smoke          # hybridtune's side only, seconds: a wiring check
 
@@ -268,6 +268,8 @@ def main() -> None:
                     if not any(o.startswith("data.augment") for o in CANDIDATES.get(side, ("", []))[1]):
                         assert row["train_rows"] == k * n_classes, (side, row["train_rows"])  # the draw only
                     sides.setdefault(side, []).append(row)
+                progress = {**results, "partial": {"dataset": name, "k": k, "runs": sides}}
+                Path(a.out).write_text(json.dumps(progress, indent=1))  # a cut-off run keeps its draws
             summary = {side: summarise(rows) for side, rows in sides.items()}
             ours = [s for s in summary if s.startswith("hybridtune")]
             best = max(ours, key=lambda s: summary[s]["mean"])
