@@ -83,6 +83,19 @@ def test_the_runs_last_evaluation_never_stops_it():
     assert not at_chance.pruned and at_chance.why is None
 
 
+def test_no_rung_stops_a_trial_at_chance_at_its_first_evaluation():
+    """At its first evaluation a trial no better than the constant answer has not started to learn:
+    the rungs do not stop it there; from its second evaluation they do, as they stop a trial above
+    chance at its first. Without a floor (no label column) the rungs judge every evaluation."""
+    at_chance = PruningCallback(_Pruner(), "accuracy", prune=True, floor=0.5)
+    assert _evaluate(at_chance, [0.49, 0.7]) == [False, True]
+    assert at_chance.pruned and at_chance.why is None  # the rungs stopped it, not the floor
+    learning = PruningCallback(_Pruner(), "accuracy", prune=True, floor=0.5)
+    assert _evaluate(learning, [0.51]) == [True]
+    no_floor = PruningCallback(_Pruner(), "accuracy", prune=True, floor=None)
+    assert _evaluate(no_floor, [0.49]) == [True]
+
+
 def test_a_search_stops_trials_at_the_constant_answers_score(tmp_path, tiny_bert):
     """A validation split of one label: the constant answer scores 100 %, so no trial can beat it and
     every trial stops at its second of 4 evaluations, saying why; without a floor they would all run on
