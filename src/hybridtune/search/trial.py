@@ -85,7 +85,7 @@ class PruningCallback(TrainerCallback):
         """The first evaluation at chance is no evidence either way, for the rungs as for the floor: a
         trial there has not started to learn yet (warm-up, a staged run's head), and a rung would rank
         it against others at chance on a difference of one or two texts. So no rung stops it there; the
-        floor and the rungs judge it from its second evaluation on (in a search on 2,000 IMDB reviews,
+        floor judges it from its second evaluation on, the rungs from their next rung (in a search on 2,000 IMDB reviews,
         the full fine-tuning that ended at 82.4 % was at chance at its first, as were the 14 of 26
         trials the rungs stopped there; docs/search.md)."""
         return self.floor is not None and self.evaluations == 1 and value <= self.floor + 1e-9
