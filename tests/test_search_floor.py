@@ -44,7 +44,10 @@ class _Trial:
 
 
 class _Pruner(_Trial):
+    asked = 0
+
     def should_prune(self):
+        self.asked += 1  # asking records the rung's value (Optuna's successive halving)
         return True  # the pruner's rungs would stop it at every evaluation
 
 
@@ -90,6 +93,7 @@ def test_no_rung_stops_a_trial_at_chance_at_its_first_evaluation():
     at_chance = PruningCallback(_Pruner(), "accuracy", prune=True, floor=0.5)
     assert _evaluate(at_chance, [0.49, 0.7]) == [False, True]
     assert at_chance.pruned and at_chance.why is None  # the rungs stopped it, not the floor
+    assert at_chance.trial.asked == 2  # the spared first evaluation still reached the rung
     learning = PruningCallback(_Pruner(), "accuracy", prune=True, floor=0.5)
     assert _evaluate(learning, [0.51]) == [True]
     no_floor = PruningCallback(_Pruner(), "accuracy", prune=True, floor=None)

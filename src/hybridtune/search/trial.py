@@ -67,28 +67,24 @@ class PruningCallback(TrainerCallback):
         self.trial.report(value, self.evaluations)
         if state.global_step >= state.max_steps:
             return  # the run's last evaluation: stopping now saves nothing and would throw the run away
-        if self.at_chance(value):
+        # at chance: no better than the constant answer
+        at_chance = self.floor is not None and value <= self.floor + 1e-9
+        if at_chance and self.evaluations >= 2:
             self.why = (
                 f"stopped at evaluation {self.evaluations}: validation {self.metric} {value:.4f} is no "
                 f"better than always answering the most frequent label ({self.floor:.4f})"
             )
-        if self.why or (self.trial.should_prune() and not self.unjudged(value)):
+        # should_prune() first, always: it records this rung's value for the trials after this one.
+        # A first evaluation at chance is no evidence either way, for the rungs as for the floor: the
+        # trial has not started to learn yet (warm-up, a staged run's head), and a rung would rank it
+        # against others at chance on one or two texts. So no rung stops it there; the floor judges it
+        # from its second evaluation on, the rungs from their next rung (in a search on 2,000 IMDB
+        # reviews, the full fine-tuning that ended at 82.4 % was at chance at its first, as were the 14
+        # of 26 trials the rungs stopped there; docs/search.md).
+        unjudged = at_chance and self.evaluations == 1
+        if self.why or (self.trial.should_prune() and not unjudged):
             self.pruned = True
             control.should_training_stop = True
-
-    def at_chance(self, value: float) -> bool:
-        """From the second evaluation on, a score no better than the constant answer's (the first may
-        come before a staged run trains its body, or within warm-up)."""
-        return self.floor is not None and self.evaluations >= 2 and value <= self.floor + 1e-9
-
-    def unjudged(self, value: float) -> bool:
-        """The first evaluation at chance is no evidence either way, for the rungs as for the floor: a
-        trial there has not started to learn yet (warm-up, a staged run's head), and a rung would rank
-        it against others at chance on a difference of one or two texts. So no rung stops it there; the
-        floor judges it from its second evaluation on, the rungs from their next rung (in a search on 2,000 IMDB reviews,
-        the full fine-tuning that ended at 82.4 % was at chance at its first, as were the 14 of 26
-        trials the rungs stopped there; docs/search.md)."""
-        return self.floor is not None and self.evaluations == 1 and value <= self.floor + 1e-9
 
 
 def trial_recipe(ctx: Context, trial: Any, out: Path):
