@@ -220,6 +220,12 @@ def _train_held(
     for key, value in strategy.training_args(recipe).items():
         setattr(args, key, value)
     if search_trial:  # the best validation metric is Trainer's own bookkeeping, with or without saves
+        if args.load_best_model_at_end and recipe.train.early_stopping.patience:  # engine.py adds it only
+            # where the best model is loaded at the end: here it stops where `hybridtune train` would
+            from transformers import EarlyStoppingCallback
+
+            patience = recipe.train.early_stopping.patience
+            callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=patience)]
         args.save_strategy, args.load_best_model_at_end = "no", False
     cache, datasets = None, prep.datasets
     if prep.trunk_depth:
