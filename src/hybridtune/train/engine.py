@@ -30,6 +30,7 @@ from hybridtune.data.long_texts import DOC
 from hybridtune.errors import TrainingStopped
 from hybridtune.rundir import DISK_ERRORS, disk_error
 from hybridtune.train.checkpoints import KILL_ENV, KillAt, checkpoints, save_checkpoint
+from hybridtune.train.eval_order import LengthOrder
 from hybridtune.train.precision import resolve_precision
 from hybridtune.train.resume import EpochSeededLengthGroupedSampler, RestoreLoggingWindow
 
@@ -102,6 +103,11 @@ class HybridTrainer(Trainer):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
         return sampler
+
+    def _get_eval_sampler(self, eval_dataset):
+        """Trainer's; its length-grouped one sorted whole (train/eval_order.py: it grouped nothing)."""
+        sampler = super()._get_eval_sampler(eval_dataset)
+        return LengthOrder(sampler.lengths) if type(sampler) is LengthGroupedSampler else sampler
 
     def _save_checkpoint(self, model, trial):
         """Atomic: written to a temp dir, renamed when complete (train/checkpoints.py). Distributed
