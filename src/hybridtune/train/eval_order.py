@@ -1,4 +1,5 @@
-"""The validation and test batches, every example sorted by length.
+"""Trainer's validation batches, every example sorted by length (the test report has its own
+length-ordered loop: tasks/classification.py `logits_of`).
 
 Trainer's length-grouped sampler (`train.group_by_length`, on by default) sorts within mega-batches
 of min(n // (4 x batch), 50) batches, at least one. At the default eval batch of 128 on a validation
