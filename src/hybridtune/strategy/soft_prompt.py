@@ -30,9 +30,7 @@ Saved as final/soft_prompt.safetensors + final/soft_prompt.json next to the base
 
 from __future__ import annotations
 
-import inspect
 import json
-import types
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +41,7 @@ from torch import nn
 
 from hybridtune.errors import UserError
 from hybridtune.model.anatomy import unwrap
-from hybridtune.strategy.base import Part
+from hybridtune.strategy.base import Part, patch_forward
 
 ATTR = "soft_prompt"
 WEIGHTS, CONFIG = "soft_prompt.safetensors", "soft_prompt.json"
@@ -116,26 +114,6 @@ def _cached(past) -> bool:
     return bool(length() if callable(length) else len(past))
 
 
-def _forward_with_prompt(base: nn.Module):
-    """An instance `forward` that extends the inputs, then runs the model's own forward. It holds
-    the unbound function, not the bound method, so that a deep copy of the model runs its own copy."""
-    original = getattr(base.forward, "__func__", type(base).forward)
-    signature = inspect.signature(base.forward)
-
-    def forward(self, *args, **kwargs):
-        bound = signature.bind_partial(*args, **kwargs)
-        inputs = dict(bound.arguments)
-        for name, param in signature.parameters.items():
-            if param.kind is inspect.Parameter.VAR_KEYWORD:
-                inputs.update(inputs.pop(name, {}))
-        return original(self, **getattr(self, ATTR).extend(inputs))
-
-    # Trainer reads the signature to keep only the model's columns: the unbound function, so that
-    # inspect drops `self` and nothing else
-    forward.__wrapped__ = original
-    return types.MethodType(forward, base)
-
-
 def _initial(config: SoftPromptConfig, embeddings: nn.Embedding, tokenizer) -> torch.Tensor:
     n, table = config.num_virtual_tokens, embeddings.weight.detach()
     if config.init == "random":
@@ -170,7 +148,9 @@ def _attach(model: nn.Module, weight: torch.Tensor, placeholder_id: int) -> Soft
     prompt = SoftPrompt(weight, placeholder_id)
     base.add_module(ATTR, prompt)
     base.get_input_embeddings().register_forward_hook(prompt.hook)
-    base.forward = _forward_with_prompt(base)
+    # the model's own forward on the extended inputs (patch_forward holds the unbound function, so a
+    # deep copy of the model runs its own copy, and keeps the signature Trainer picks columns by)
+    patch_forward(base, lambda self, inner, inputs: inner(**getattr(self, ATTR).extend(inputs)))
     return prompt
 
 
