@@ -7,7 +7,8 @@ slower measurement came from the code or from the machine.
 Each revision is checked out into a temporary git worktree and run with this checkout's .venv
 (`PYTHONPATH=<worktree>/src`), so only revisions whose runtime dependencies match the lock of this
 checkout compare fairly. The default work is the default compare's full fine-tuning run (1 epoch of
-the bundled Rotten Tomatoes, 4 validations). Rounds alternate the revisions (A B A B ...) so that a
+the bundled Rotten Tomatoes, 4 validations: `train.epochs=1 train.eval_steps=54`); key=value
+overrides given on the command line replace those two. Rounds alternate the revisions (A B A B ...) so that a
 machine drifting during the sitting weighs on every side alike. Printed per revision: the wall time
 of each `hybridtune train` process, report.json's `train_seconds`, and the test accuracy (the same
 on every revision unless the change was meant to alter the scores).
