@@ -13,10 +13,11 @@ import optuna
 import pytest
 import yaml
 
+from hybridtune import tasks
 from hybridtune.recipe import load_recipe, validate_recipe
 from hybridtune.search import run_search
 from hybridtune.search.budget import stop_line
-from hybridtune.search.report import non_dominated
+from hybridtune.search.report import non_dominated, validation_note
 from hybridtune.search.space import FAMILIES, Space, recipe_dict
 from hybridtune.search.verdict import paired
 
@@ -86,6 +87,21 @@ def test_outputs_and_every_trial_recipe_is_valid(searched):
     assert not (searched / "cache").exists()
     html = (searched / "report.html").read_text()
     assert 'id="trials"' in html and 'id="verdict"' in html and "data:image/png;base64," in html
+    # the size of the split the trials were ranked on, and what a difference on it can show
+    recipe = load_recipe(Path(trials[0]["run_dir"]) / "recipe.yaml")
+    n = len(tasks.for_recipe(recipe).load_splits(recipe.data).validation)
+    assert f"The validation split has {n} texts: " in html
+    assert f"about {100 * (0.1 / n) ** 0.5:.1f} pt (one standard error)" in html
+
+
+def test_the_validation_note():
+    assert validation_note(500, "accuracy") == (
+        " The validation split has 500 texts: between two recipes that disagree on a tenth of them,"
+        " about 1.4 pt (one standard error) is the draw of the texts alone."
+    )
+    assert validation_note(853, "accuracy").count("about 1.1 pt") == 1
+    assert validation_note(300, "f1") == " The validation split has 300 texts."  # no accuracy, no formula
+    assert validation_note(0, "accuracy") == ""
 
 
 def test_a_trial_recipe_retrained_gives_its_score(searched, tmp_path):

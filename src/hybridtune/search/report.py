@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import html
+import math
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,21 @@ def lr_range_section(root: Path) -> str:
     return "<h2>LR range test (before the search)</h2>" + img + _table(header, body, "lr_range")
 
 
+def validation_note(n: int, metric: str) -> str:
+    """How many texts the trials were ranked on and, for accuracy, the noise of a difference on them:
+    two recipes that disagree on a tenth of n texts differ by about sqrt(0.1 / n) (one standard error
+    of a paired difference) from the draw of the texts alone (docs/search.md, "The verdict")."""
+    if n <= 0:
+        return ""
+    note = f" The validation split has {n} texts"
+    if metric == "accuracy":
+        note += (
+            f": between two recipes that disagree on a tenth of them, about {100 * math.sqrt(0.1 / n):.1f} pt"
+            " (one standard error) is the draw of the texts alone"
+        )
+    return note + "."
+
+
 def html_report(
     ctx: Context, rows, front: set[int], images: dict, recipes: dict, verdict: dict | None, lr_range: str = ""
 ) -> str:
@@ -268,6 +284,7 @@ def html_report(
     intro = (
         f"{len(rows)} trials ({counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed) "
         f"on the validation split; objectives: {', '.join(ctx.space.objectives)}; metric: validation {ctx.metric}."
+        + validation_note(ctx.n_validation, ctx.metric)
     )
     parts = [f"<h1>hybridtune search: {html.escape(name)}</h1><p>{html.escape(intro)}</p>"]
     if verdict:

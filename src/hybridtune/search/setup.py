@@ -62,6 +62,7 @@ class Context:
     # no better than it at its second evaluation or later stops (search/trial.py); None: no floor
     floor: float | None = None
     draws: int = 1  # a few-shot base (data.shots, data.draws n): each recipe on n draws (search/draws.py)
+    n_validation: int = 0  # the validation split's texts: what a difference in its score can show (report)
 
     @property
     def blocks(self) -> int:
@@ -253,6 +254,7 @@ def resolve(space: Space, origin: str) -> Context:
         metric=metric,
         facts=model_facts(recipe.model.name, recipe.task),
         n_train=len(splits.train),
+        n_validation=len(splits.validation),
         seed=recipe.train.seed,
         explicit_eval_steps=bool((raw.get("train") or {}).get("eval_steps")),
         report_to=list(recipe.train.report_to),
