@@ -219,14 +219,6 @@ def _train_held(
         without_validation(args)
     for key, value in strategy.training_args(recipe).items():
         setattr(args, key, value)
-    if search_trial:  # the best validation metric is Trainer's own bookkeeping, with or without saves
-        if args.load_best_model_at_end and recipe.train.early_stopping.patience:  # engine.py adds it only
-            # where the best model is loaded at the end: here it stops where `hybridtune train` would
-            from transformers import EarlyStoppingCallback
-
-            patience = recipe.train.early_stopping.patience
-            callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience=patience)]
-        args.save_strategy, args.load_best_model_at_end = "no", False
     cache, datasets = None, prep.datasets
     if prep.trunk_depth:
         cache = trunk_cache.TrunkCache(
@@ -305,6 +297,10 @@ def _train(
     if main:  # every check has passed (the run dir too): the run starts by saying what max_length cuts
         long_texts.announce(prep.truncation)
 
+    stop_early = args.load_best_model_at_end  # the result is the best model (not AdaLoRA's final one)
+    if search_trial:  # the best validation metric is Trainer's own bookkeeping, with or without saves:
+        # a trial saves nothing and loads no best model, but stops where `hybridtune train` would
+        args.save_strategy, args.load_best_model_at_end = "no", False
     trainer = make_trainer(
         prep.model,
         prep.tokenizer,
@@ -319,6 +315,7 @@ def _train(
         resume_from=checkpoint,
         trunk_cache=cache,
         progress=not search_trial,
+        stop_early=stop_early,
     )
     resumed_epoch = rundir.read_json(checkpoint / "trainer_state.json")["epoch"] if checkpoint else 0.0
     zero_shot = None

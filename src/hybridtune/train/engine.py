@@ -336,10 +336,13 @@ def make_trainer(
     resume_from: Path | None = None,
     trunk_cache=None,
     progress: bool = True,
+    stop_early: bool | None = None,
 ) -> Trainer:
     """The run's HybridTrainer with its callbacks; `trunk_cache` (train/trunk_cache.py), when given,
     keeps its row column in the batches and follows the frozen depth (after the stage switch);
-    `resume_from`: the checkpoint a resumed run goes on from (its logging window, TensorBoard purge)."""
+    `resume_from`: the checkpoint a resumed run goes on from (its logging window, TensorBoard purge);
+    `stop_early`: whether the recipe's early stopping applies (default: where the best model is loaded
+    at the end; a search trial loads none, run.py, but stops where the recipe alone would)."""
     from hybridtune.rundir import step_of
     from hybridtune.strategy.stages import StageCallback
     from hybridtune.train.trunk_cache import ROW, TrunkCacheCallback
@@ -358,7 +361,9 @@ def make_trainer(
                 callbacks.append(run_callback(recipe, run_dir))
     if plan.stages is not None:
         callbacks.append(StageCallback(plan.stages, plan.base_names, run_dir / "metrics.jsonl"))
-    if recipe.train.early_stopping.patience and args.load_best_model_at_end:  # not without validation
+    if stop_early is None:
+        stop_early = args.load_best_model_at_end  # not without validation, not for a final-model result
+    if recipe.train.early_stopping.patience and stop_early:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.train.early_stopping.patience))
     if os.environ.get(KILL_ENV):  # the test hook, after StageCallback (checkpoints.py)
         callbacks.append(KillAt(plan.stages.starts if plan.stages is not None else None))
