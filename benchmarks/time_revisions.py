@@ -25,7 +25,7 @@ from pathlib import Path
 
 from common import PYTHON, ROOT, machine, run_child
 
-DEFAULT_OVERRIDES = ["train.epochs=1", "train.eval_steps=54"]  # compare.DEFAULT_SUITE's
+from hybridtune.compare import DEFAULT_SUITE
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="full.yaml", help="a file of recipes/ at each revision")
     ap.add_argument("--rounds", type=int, default=2)
     args, overrides = ap.parse_known_args()
-    overrides = overrides or DEFAULT_OVERRIDES
+    overrides = overrides or DEFAULT_SUITE["overrides"]
     print(machine())
     rows: dict[str, list[dict]] = {rev: [] for rev in args.revs}
     with tempfile.TemporaryDirectory(prefix="bench-revs-") as tmp:
@@ -68,10 +68,10 @@ def main() -> None:
                 )
     print(f"\n{args.recipe} {' '.join(overrides)}, {args.rounds} rounds, medians:")
     first = args.revs[0]
+    base = statistics.median(r["train_s"] for r in rows[first])
     for rev, rs in rows.items():
         wall = statistics.median(r["wall_s"] for r in rs)
         train = statistics.median(r["train_s"] for r in rs)
-        base = statistics.median(r["train_s"] for r in rows[first])
         accs = sorted({round(100 * r["test_accuracy"], 2) for r in rs})
         print(
             f"  {rev}: wall {wall:.1f} s, train {train:.1f} s ({base / train:.2f}x {first}'s speed), "
